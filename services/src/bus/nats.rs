@@ -1,0 +1,219 @@
+//! The bus over NATS: core NATS for publish/subscribe and request/reply,
+//! JetStream for the durable sample stream, and a JetStream key-value
+//! bucket for leases.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull, kv, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{Acker, Bus, BusError, Deliveries, Delivery, Message, StreamSpec, Subscription};
+
+/// A bus over one NATS connection, which reconnects by itself.
+#[derive(Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl NatsBus {
+    /// Connects to `url` (a comma-separated list of servers works), waiting
+    /// for the first connection and retrying for ever afterwards.
+    ///
+    /// # Errors
+    /// The URL is malformed or the first connection failed.
+    pub async fn connect(url: &str, name: &str) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                tracing::info!(%event, "nats connection event");
+            })
+            .connect(url)
+            .await
+            .map_err(BusError::other)?;
+        let js = jetstream::new(client.clone());
+        Ok(Self { client, js })
+    }
+
+    /// The underlying NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    fn map_sub(sub: async_nats::Subscriber) -> Subscription {
+        Box::pin(sub.map(|m| Message {
+            subject: m.subject.to_string(),
+            payload: m.payload,
+            reply: m.reply.map(|r| r.to_string()),
+        }))
+    }
+
+    async fn lease_bucket(&self, bucket: &str, ttl: Duration) -> Result<kv::Store, BusError> {
+        match self.js.get_key_value(bucket).await {
+            Ok(store) => Ok(store),
+            Err(_) => self
+                .js
+                .create_key_value(kv::Config {
+                    bucket: bucket.to_owned(),
+                    history: 1,
+                    max_age: ttl,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(BusError::other),
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
+        self.client
+            .publish(subject.to_owned(), payload)
+            .await
+            .map_err(BusError::other)
+    }
+
+    async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
+        let sub = self
+            .client
+            .subscribe(subject.to_owned())
+            .await
+            .map_err(BusError::other)?;
+        Ok(Self::map_sub(sub))
+    }
+
+    async fn queue_subscribe(&self, subject: &str, queue: &str) -> Result<Subscription, BusError> {
+        let sub = self
+            .client
+            .queue_subscribe(subject.to_owned(), queue.to_owned())
+            .await
+            .map_err(BusError::other)?;
+        Ok(Self::map_sub(sub))
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, BusError> {
+        let req = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(timeout));
+        match self.client.send_request(subject.to_owned(), req).await {
+            Ok(m) => Ok(m.payload),
+            Err(e) => Err(match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    BusError::NoResponders(subject.to_owned())
+                }
+                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(subject.to_owned()),
+                _ => BusError::other(e),
+            }),
+        }
+    }
+
+    async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: spec.name.clone(),
+                subjects: vec![spec.subjects.clone()],
+                storage: stream::StorageType::File,
+                max_age: spec.max_age,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(BusError::other)?;
+        Ok(())
+    }
+
+    async fn persist(&self, subject: &str, payload: Bytes, msg_id: &str) -> Result<(), BusError> {
+        let ack = self
+            .js
+            .send_publish(
+                subject.to_owned(),
+                jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .message_id(msg_id),
+            )
+            .await
+            .map_err(BusError::other)?;
+        ack.await.map_err(BusError::other)?;
+        Ok(())
+    }
+
+    async fn consume(&self, stream: &str, durable: &str) -> Result<Deliveries, BusError> {
+        let stream = self.js.get_stream(stream).await.map_err(BusError::other)?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                durable,
+                pull::Config {
+                    durable_name: Some(durable.to_owned()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(BusError::other)?;
+        let messages = consumer.messages().await.map_err(BusError::other)?;
+        Ok(Box::pin(messages.map(|m| {
+            let m = m.map_err(BusError::other)?;
+            let redeliveries = m.info().map(|i| i.delivered.max(1) as u64 - 1).unwrap_or(0);
+            let payload = m.payload.clone();
+            Ok(Delivery::new(payload, redeliveries, Box::new(NatsAcker(m))))
+        })))
+    }
+
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BusError> {
+        let (bucket, key) = name.split_once('/').unwrap_or(("pingapp_leases", name));
+        let kv = self.lease_bucket(bucket, ttl).await?;
+        let value = Bytes::copy_from_slice(holder.as_bytes());
+        match kv.entry(key).await.map_err(BusError::other)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                if e.value.as_ref() != holder.as_bytes() {
+                    return Ok(false);
+                }
+                Ok(kv.update(key, value, e.revision).await.is_ok())
+            }
+            _ => Ok(kv.create(key, value).await.is_ok()),
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        self.client.flush().await.map_err(BusError::other)
+    }
+}
+
+struct NatsAcker(jetstream::Message);
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<(), BusError> {
+        // Double ack waits for the server's confirmation, so an ack lost in
+        // a reconnect is reported instead of silently dropped.
+        self.0
+            .double_ack()
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))
+    }
+
+    async fn nak(&self, delay: Duration) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| BusError::Other(e.to_string()))
+    }
+}

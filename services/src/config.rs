@@ -1,0 +1,206 @@
+//! Command-line and environment configuration shared by every binary.
+//!
+//! Every flag also reads an environment variable. A missing or malformed
+//! setting stops the binary with one line naming it and exit status 2.
+
+use std::fmt::Display;
+
+use clap::{Args, Parser, ValueEnum};
+
+/// Exit status for a bad setting.
+pub const EXIT_BAD_CONFIG: i32 = 2;
+
+/// Parses the command line (and environment) into `T`, or exits: status 0
+/// for `--help` / `--version`, else one line naming the bad setting and
+/// status 2.
+pub fn parse<T: Parser>() -> T {
+    match T::try_parse() {
+        Ok(t) => t,
+        Err(e) => exit_on_clap_error(e),
+    }
+}
+
+/// Prints a clap error as one line (or help as is) and exits.
+pub fn exit_on_clap_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        std::process::exit(0);
+    }
+    let rendered = e.render().to_string();
+    let line = one_line(&rendered);
+    eprintln!("{line}");
+    std::process::exit(EXIT_BAD_CONFIG);
+}
+
+/// Folds clap's multi-line error into one line, dropping usage hints.
+pub fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Stops the binary because `setting` is unusable: one line, status 2.
+pub fn fail(setting: &str, why: impl Display) -> ! {
+    eprintln!("error: invalid value for {setting}: {why}");
+    std::process::exit(EXIT_BAD_CONFIG);
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging flags every binary has.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "PINGAPP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Checks a database URL: `postgres://`, `postgresql://` or `sqlite:`.
+///
+/// # Errors
+/// A one-line explanation, for clap to show.
+pub fn parse_database_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") || s.starts_with("sqlite:") {
+        Ok(s.to_owned())
+    } else {
+        Err("expected a postgres://, postgresql:// or sqlite: URL".to_owned())
+    }
+}
+
+/// Checks a Postgres URL (the recorder needs Postgres).
+///
+/// # Errors
+/// A one-line explanation, for clap to show.
+pub fn parse_postgres_url(s: &str) -> Result<String, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        Ok(s.to_owned())
+    } else {
+        Err("expected a postgres:// URL".to_owned())
+    }
+}
+
+/// Checks a NATS URL list (`nats://host:port`, comma-separated).
+///
+/// # Errors
+/// A one-line explanation, for clap to show.
+pub fn parse_nats_url(s: &str) -> Result<String, String> {
+    for part in s.split(',') {
+        let part = part.trim();
+        let rest = part
+            .strip_prefix("nats://")
+            .or_else(|| part.strip_prefix("tls://"))
+            .or_else(|| part.strip_prefix("ws://"))
+            .unwrap_or(part);
+        let host_port = rest.rsplit('@').next().unwrap_or(rest);
+        if host_port.is_empty() || host_port.contains('/') && !host_port.ends_with('/') {
+            return Err(format!("{part:?} is not a NATS server address"));
+        }
+        if let Some((_, port)) = host_port.trim_end_matches('/').rsplit_once(':') {
+            if port.parse::<u16>().is_err() {
+                return Err(format!("{part:?} has a bad port"));
+            }
+        }
+    }
+    Ok(s.to_owned())
+}
+
+/// Parses a subject prefix: one NATS token of letters, digits, `-` and `_`.
+///
+/// # Errors
+/// A one-line explanation, for clap to show.
+pub fn parse_subject_prefix(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err("expected letters, digits, '-' or '_'".to_owned())
+    }
+}
+
+/// Parses a duration given in seconds with an optional unit: `90`, `90s`,
+/// `15m`, `12h`, `30d`.
+///
+/// # Errors
+/// A one-line explanation, for clap to show.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 12h or 30d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m, h or d)")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_fold_to_one_line() {
+        let text = "error: invalid value 'x' for '--listen <LISTEN>': invalid socket address syntax\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line(text),
+            "error: invalid value 'x' for '--listen <LISTEN>': invalid socket address syntax"
+        );
+        let text = "error: the following required arguments were not provided:\n  --nats-url <NATS_URL>\n\nUsage: gateway --nats-url <NATS_URL>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line(text),
+            "error: the following required arguments were not provided: --nats-url <NATS_URL>"
+        );
+    }
+
+    #[test]
+    fn urls_and_durations() {
+        assert!(parse_database_url("sqlite://pingapp.db").is_ok());
+        assert!(parse_database_url("postgres://u@h/db").is_ok());
+        assert!(parse_database_url("mysql://h").is_err());
+        assert!(parse_postgres_url("sqlite://x").is_err());
+        assert!(parse_nats_url("nats://127.0.0.1:4222").is_ok());
+        assert!(parse_nats_url("127.0.0.1:4222,nats://b:4223").is_ok());
+        assert!(parse_nats_url("nats://h:notaport").is_err());
+        assert!(parse_nats_url("").is_err());
+        assert_eq!(
+            parse_duration("15m"),
+            Ok(std::time::Duration::from_secs(900))
+        );
+        assert_eq!(
+            parse_duration("30d"),
+            Ok(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(
+            parse_duration("250ms"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_subject_prefix("t_1-a").is_ok());
+        assert!(parse_subject_prefix("a.b").is_err());
+    }
+}

@@ -1,0 +1,304 @@
+//! Messages the services exchange over the bus. JSON, so a `nats sub`
+//! shows what travels; each type says on which subject it travels and who
+//! publishes it (see `docs/architecture.md`).
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::stats::DelayStats;
+
+/// Encodes a bus message.
+pub fn encode<T: Serialize>(msg: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(msg).expect("bus messages serialize"))
+}
+
+/// Decodes a bus message.
+///
+/// # Errors
+/// The payload is not a valid `T`.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(payload)
+}
+
+/// A public client as the roster knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RosterClient {
+    /// Its id.
+    pub channel_name: String,
+    /// Its display name.
+    pub name: String,
+    /// The gateway it is connected to.
+    pub gateway: String,
+    /// When it connected, Unix ms.
+    pub connected_at_ms: i64,
+    /// Its latest delay statistics, once it has reported one.
+    #[serde(default)]
+    pub stats: Option<DelayStats>,
+}
+
+/// What a gateway tells presence, on `{prefix}.presence.gw.{gateway}`.
+/// One subject per gateway keeps its reports in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayReport {
+    /// The reporting gateway's id.
+    pub gateway: String,
+    /// Increases by one with every report of this gateway's process, so
+    /// presence can tell a stale heartbeat from a newer event.
+    pub seq: u64,
+    /// What happened.
+    pub update: GatewayUpdate,
+}
+
+/// The content of a [`GatewayReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GatewayUpdate {
+    /// A public client joined.
+    Connect {
+        /// The client.
+        client: RosterClient,
+    },
+    /// A public client renamed itself.
+    Rename {
+        /// Its id.
+        channel_name: String,
+        /// The new name.
+        name: String,
+    },
+    /// A public client left.
+    Disconnect {
+        /// Its id.
+        channel_name: String,
+    },
+    /// The public clients whose delay changed in the last roster tick.
+    Delays {
+        /// New statistics by client id.
+        delays: BTreeMap<String, DelayStats>,
+    },
+    /// Every public client of the gateway, sent periodically and on request;
+    /// presence rebuilds its roster from these and expires a gateway whose
+    /// heartbeats stop.
+    Heartbeat {
+        /// All public clients of the gateway.
+        clients: Vec<RosterClient>,
+        /// How often heartbeats come; presence expires the gateway after
+        /// three missed ones.
+        interval_ms: u64,
+    },
+    /// The gateway is shutting down: all its clients are gone.
+    Goodbye,
+}
+
+/// What presence tells every gateway, on `{prefix}.broadcast`. One subject
+/// keeps every client's events in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Broadcast {
+    /// A client joined.
+    Connect {
+        /// The client.
+        client: RosterClient,
+    },
+    /// A client renamed itself.
+    Rename {
+        /// Its id.
+        channel_name: String,
+        /// The new name.
+        name: String,
+    },
+    /// A client left or was expired.
+    Disconnect {
+        /// Its id.
+        channel_name: String,
+    },
+    /// Coalesced delay updates of one roster tick.
+    Delays {
+        /// New statistics by client id.
+        delays: BTreeMap<String, DelayStats>,
+    },
+    /// The whole roster: gateways reconcile their copy with it (sent when a
+    /// presence replica takes over, and periodically).
+    Snapshot {
+        /// Every public client.
+        clients: Vec<RosterClient>,
+    },
+}
+
+/// Reply to a roster request on `{prefix}.presence.roster`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RosterReply {
+    /// Every public client.
+    pub clients: Vec<RosterClient>,
+}
+
+/// A client as the recorder stores it: whether it is public and the digest
+/// of its token, so history reads can be authorized on any gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// Its id.
+    pub channel_name: String,
+    /// Public clients' samples are readable by anyone.
+    pub public: bool,
+    /// SHA-256 hex of the client's token (v2 clients only).
+    pub token_digest: Option<String>,
+    /// The gateway it connected to.
+    pub gateway: String,
+    /// When it connected, Unix µs.
+    pub connected_at_us: i64,
+}
+
+/// One delay sample accepted by a gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    /// The client's id.
+    pub channel_name: String,
+    /// The gateway's own counter of this client's samples: with the id, the
+    /// unique key that makes redelivery harmless.
+    pub n: u64,
+    /// The ping the client says it measured.
+    pub seq: Option<u64>,
+    /// When the gateway accepted it, Unix µs.
+    pub at_us: i64,
+    /// The delay in milliseconds.
+    pub delay_ms: f64,
+    /// Whether the client is public (private samples never enter stats).
+    pub public: bool,
+}
+
+/// A batch of records a gateway persists on `{prefix}.samples.{gateway}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecordBatch {
+    /// The gateway that accepted these records.
+    pub gateway: String,
+    /// New clients (written before the samples).
+    #[serde(default)]
+    pub clients: Vec<ClientRecord>,
+    /// Accepted samples.
+    #[serde(default)]
+    pub samples: Vec<SampleRecord>,
+}
+
+impl RecordBatch {
+    /// No records at all.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty() && self.samples.is_empty()
+    }
+}
+
+/// A history request on `{prefix}.recorder.samples`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplesQuery {
+    /// Whose samples.
+    pub channel_name: String,
+    /// The bearer token presented, if any.
+    pub token: Option<String>,
+    /// Only samples at or after this time, Unix µs.
+    pub since_us: Option<i64>,
+    /// At most this many, oldest first.
+    pub limit: u32,
+}
+
+/// One persisted sample as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSample {
+    /// When it was accepted, Unix µs.
+    pub at_us: i64,
+    /// Milliseconds.
+    pub delay_ms: f64,
+    /// The client's ping sequence number.
+    pub seq: Option<u64>,
+}
+
+/// Reply to a [`SamplesQuery`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum SamplesReply {
+    /// The client exists and the caller may read it.
+    Found {
+        /// Oldest first.
+        samples: Vec<StoredSample>,
+    },
+    /// Unknown id, or a private client without its token.
+    NotFound,
+    /// The recorder could not answer.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A statistics request on `{prefix}.recorder.stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsQuery {
+    /// How far back, seconds.
+    pub window_s: u64,
+    /// Bucket width, seconds.
+    pub bucket_s: u64,
+}
+
+/// Public samples of one time bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsBucket {
+    /// Bucket start, Unix µs.
+    pub start_us: i64,
+    /// Number of samples.
+    pub count: u64,
+    /// Smallest delay, ms.
+    pub min: f64,
+    /// Median, ms.
+    pub p50: f64,
+    /// 95th percentile, ms.
+    pub p95: f64,
+    /// 99th percentile, ms.
+    pub p99: f64,
+    /// Largest delay, ms.
+    pub max: f64,
+}
+
+/// Reply to a [`StatsQuery`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum StatsReply {
+    /// Buckets with at least one sample, oldest first.
+    Ok {
+        /// The buckets.
+        buckets: Vec<StatsBucket>,
+    },
+    /// The recorder could not answer.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_round_trip() {
+        let r = GatewayReport {
+            gateway: "g".into(),
+            seq: 3,
+            update: GatewayUpdate::Heartbeat {
+                clients: vec![RosterClient {
+                    channel_name: "a".into(),
+                    name: "A".into(),
+                    gateway: "g".into(),
+                    connected_at_ms: 1,
+                    stats: None,
+                }],
+                interval_ms: 2000,
+            },
+        };
+        assert_eq!(decode::<GatewayReport>(&encode(&r)).unwrap(), r);
+        let b = Broadcast::Disconnect {
+            channel_name: "a".into(),
+        };
+        assert_eq!(decode::<Broadcast>(&encode(&b)).unwrap(), b);
+        let q = SamplesReply::NotFound;
+        assert_eq!(decode::<SamplesReply>(&encode(&q)).unwrap(), q);
+    }
+}

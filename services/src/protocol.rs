@@ -1,0 +1,661 @@
+//! The browser wire protocol (SPEC section 3): JSON text frames keyed by
+//! `"command"`. v1 is the original Django Channels app's protocol, kept
+//! byte-compatible; v2 adds a welcome, sequence numbers, a roster snapshot,
+//! coalesced delay updates and error frames.
+//!
+//! Parsing borrows from the frame, so the ping path does not allocate.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::DelayStats;
+
+/// Longest accepted name, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Largest accepted delay sample, in milliseconds.
+pub const MAX_DELAY_MS: f64 = 60_000.0;
+
+/// Which page a connection belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Page {
+    /// Sees only its own delay; never in the roster.
+    Private,
+    /// In the roster; sees everyone.
+    Public,
+}
+
+impl Page {
+    /// The page's name as in URLs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Page::Private => "private",
+            Page::Public => "public",
+        }
+    }
+}
+
+/// The protocol version a connection speaks (`?v=2` selects v2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// The original app's protocol.
+    V1,
+    /// Our extension.
+    V2,
+}
+
+impl Version {
+    /// The version as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::V1 => "1",
+            Version::V2 => "2",
+        }
+    }
+}
+
+/// The codes of error frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, not an object, no string `command`, a binary frame, or a
+    /// field of the wrong type.
+    BadJson,
+    /// A `command` this endpoint does not know.
+    UnknownCommand,
+    /// `delay_time` missing or not a finite number in 0..=60000.
+    BadDelay,
+    /// `name` missing, empty after trimming, too long, or with control
+    /// characters.
+    BadName,
+}
+
+impl ErrorCode {
+    /// The code as sent on the wire and used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownCommand => "unknown_command",
+            ErrorCode::BadDelay => "bad_delay",
+            ErrorCode::BadName => "bad_name",
+        }
+    }
+}
+
+/// A rejected client frame: the error frame's code and detail.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {detail}", code.as_str())]
+pub struct ProtocolError {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub detail: Cow<'static, str>,
+}
+
+impl ProtocolError {
+    fn new(code: ErrorCode, detail: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    /// The error frame for this error.
+    pub fn to_frame(&self) -> String {
+        serde_json::to_string(&ServerMessage::Error {
+            code: self.code,
+            detail: self.detail.to_string(),
+        })
+        .expect("error frames serialize")
+    }
+}
+
+/// A valid command from a browser.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientCommand {
+    /// Answer at once with a pong.
+    Ping {
+        /// Echoed in the pong when present.
+        seq: Option<u64>,
+    },
+    /// The client's measured delay.
+    DelayTime {
+        /// Milliseconds, finite, within 0..=60000.
+        delay_ms: f64,
+        /// The ping this sample measured, when the client says.
+        seq: Option<u64>,
+    },
+    /// Rename this client.
+    ChangeName {
+        /// Trimmed, 1..=64 characters, no control characters.
+        name: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawCommand<'a> {
+    #[serde(borrow)]
+    command: Cow<'a, str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    delay_time: Option<serde_json::Value>,
+    #[serde(default, borrow)]
+    name: Option<NameField<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NameField<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Other(#[allow(dead_code)] serde::de::IgnoredAny),
+}
+
+/// Parses and validates one text frame from a browser.
+///
+/// # Errors
+/// A [`ProtocolError`] whose code says what is wrong; the connection stays
+/// open and the caller sends [`ProtocolError::to_frame`].
+pub fn parse_client(text: &str) -> Result<ClientCommand, ProtocolError> {
+    let raw: RawCommand<'_> = serde_json::from_str(text).map_err(|e| {
+        let detail = if e.is_data() && !text.trim_start().starts_with('{') {
+            "expected a JSON object".to_owned()
+        } else {
+            e.to_string()
+        };
+        ProtocolError::new(ErrorCode::BadJson, detail)
+    })?;
+    match raw.command.as_ref() {
+        "ping" => Ok(ClientCommand::Ping { seq: raw.seq }),
+        "delay_time" => {
+            let delay_ms = validate_delay(raw.delay_time.as_ref())?;
+            Ok(ClientCommand::DelayTime {
+                delay_ms,
+                seq: raw.seq,
+            })
+        }
+        "change_name" => {
+            let name = match raw.name {
+                Some(NameField::Text(s)) => validate_name(&s)?,
+                Some(NameField::Other(_)) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::BadName,
+                        "name must be a string",
+                    ));
+                }
+                None => return Err(ProtocolError::new(ErrorCode::BadName, "name is missing")),
+            };
+            Ok(ClientCommand::ChangeName { name })
+        }
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownCommand,
+            format!("unknown command {:?}", truncate(other, 40)),
+        )),
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> &str {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn validate_delay(v: Option<&serde_json::Value>) -> Result<f64, ProtocolError> {
+    let Some(v) = v else {
+        return Err(ProtocolError::new(
+            ErrorCode::BadDelay,
+            "delay_time is missing",
+        ));
+    };
+    let Some(ms) = v.as_f64() else {
+        return Err(ProtocolError::new(
+            ErrorCode::BadDelay,
+            "delay_time must be a number",
+        ));
+    };
+    if !ms.is_finite() || !(0.0..=MAX_DELAY_MS).contains(&ms) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadDelay,
+            "delay_time must be a finite number of milliseconds in 0..=60000",
+        ));
+    }
+    Ok(ms)
+}
+
+/// Validates a requested name and returns it trimmed.
+///
+/// # Errors
+/// [`ErrorCode::BadName`] when empty after trimming, over 64 characters, or
+/// holding control characters.
+pub fn validate_name(name: &str) -> Result<String, ProtocolError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(ProtocolError::new(ErrorCode::BadName, "name is empty"));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(ProtocolError::new(
+            ErrorCode::BadName,
+            "name is longer than 64 characters",
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadName,
+            "name contains control characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// The v1 pong without a sequence number, the most common frame of all.
+pub const PONG_V1: &str = r#"{"command":"pong"}"#;
+
+/// Writes a pong into `out` (cleared first): v1 echoes `seq` when sent, v2
+/// adds `server_time` (Unix ms).
+pub fn write_pong(out: &mut String, seq: Option<u64>, server_time_ms: Option<i64>) {
+    out.clear();
+    out.push_str(r#"{"command":"pong""#);
+    if let Some(seq) = seq {
+        let _ = write!(out, r#","seq":{seq}"#);
+    }
+    if let Some(t) = server_time_ms {
+        let _ = write!(out, r#","server_time":{t}"#);
+    }
+    out.push('}');
+}
+
+/// A delay as the v1 protocol shows it: a number, or `"-"` before the
+/// first sample. Whole numbers serialize without a fraction, as the
+/// original app echoed the integers its pages sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct V1Delay(pub Option<f64>);
+
+impl Serialize for V1Delay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            None => s.serialize_str("-"),
+            Some(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => s.serialize_i64(x as i64),
+            Some(x) => s.serialize_f64(x),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for V1Delay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => Ok(V1Delay(n.as_f64())),
+            serde_json::Value::String(s) if s == "-" => Ok(V1Delay(None)),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a number or \"-\", got {other}"
+            ))),
+        }
+    }
+}
+
+/// One client in a v1 `delay_times` roster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct V1RosterEntry {
+    /// Display name.
+    pub name: String,
+    /// Latest delay, or `"-"`.
+    pub delay_time: V1Delay,
+}
+
+/// One client in a v2 `roster` snapshot; numbers are milliseconds, `null`
+/// before the first sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct V2RosterEntry {
+    /// Display name.
+    pub name: String,
+    /// The gateway the client is connected to.
+    pub gateway: String,
+    /// Latest delay.
+    pub delay_time: Option<f64>,
+    /// Median of recent samples.
+    pub median: Option<f64>,
+    /// Jitter of recent samples.
+    pub jitter: Option<f64>,
+}
+
+/// Every message the server sends to a browser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Reply to a ping.
+    Pong {
+        /// Echo of the ping's seq.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        /// Server clock, Unix ms (v2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        server_time: Option<i64>,
+    },
+    /// v2: the first frame of every connection.
+    Welcome {
+        /// This client's id.
+        channel_name: String,
+        /// This client's name (its id at first).
+        name: String,
+        /// The gateway serving this connection.
+        gateway: String,
+        /// How often the page should ping.
+        ping_interval_ms: u64,
+        /// After how long without a pong a ping counts as lost.
+        ping_timeout_ms: u64,
+        /// Secret that lets this client read its own history.
+        token: String,
+        /// `public` or `private`.
+        page: Page,
+    },
+    /// v1 public: the full roster, in reply to `delay_time`.
+    DelayTimes {
+        /// Every public client by id.
+        delay_times: BTreeMap<String, V1RosterEntry>,
+    },
+    /// v2 public: the roster once, after welcome.
+    Roster {
+        /// Every public client by id.
+        clients: BTreeMap<String, V2RosterEntry>,
+    },
+    /// A client joined the public page.
+    Connect {
+        /// Its id.
+        channel_name: String,
+        /// Its name.
+        name: String,
+        /// Its gateway (extra key; v1 pages ignore it).
+        #[serde(default)]
+        gateway: String,
+    },
+    /// A public client renamed itself.
+    ChangeName {
+        /// Its id.
+        channel_name: String,
+        /// The new name.
+        name: String,
+    },
+    /// A public client left, or its gateway died.
+    Disconnect {
+        /// Its id.
+        channel_name: String,
+    },
+    /// v2 public: the clients whose delay changed since the last tick.
+    Delays {
+        /// Changed clients by id.
+        delay_times: BTreeMap<String, DelayStats>,
+    },
+    /// v2: the server-measured round trip of a WebSocket keepalive.
+    ServerRtt {
+        /// Milliseconds.
+        rtt_ms: f64,
+    },
+    /// The frame was rejected; the connection stays open.
+    Error {
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        detail: String,
+    },
+}
+
+impl ServerMessage {
+    /// The JSON text of this message.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server messages serialize")
+    }
+}
+
+/// WebSocket close codes the gateway uses.
+pub mod close_code {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// Policy violation: the client sent too many messages.
+    pub const POLICY: u16 = 1008;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// Service restart: the gateway is draining; reconnect elsewhere.
+    pub const RESTART: u16 = 1012;
+    /// Try again later: the client fell behind and its queue overflowed.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// Going away: the client was silent too long.
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_client(text).unwrap_err().code
+    }
+
+    #[test]
+    fn parses_every_v1_command() {
+        assert_eq!(
+            parse_client(r#"{"command":"ping"}"#),
+            Ok(ClientCommand::Ping { seq: None })
+        );
+        assert_eq!(
+            parse_client(r#"{"command":"delay_time","delay_time":12}"#),
+            Ok(ClientCommand::DelayTime {
+                delay_ms: 12.0,
+                seq: None
+            })
+        );
+        assert_eq!(
+            parse_client(r#"{"command":"change_name","name":"  Ann "}"#),
+            Ok(ClientCommand::ChangeName { name: "Ann".into() })
+        );
+    }
+
+    #[test]
+    fn parses_v2_fields_and_ignores_extra_keys() {
+        assert_eq!(
+            parse_client(r#"{"command":"ping","seq":7,"extra":[1,2]}"#),
+            Ok(ClientCommand::Ping { seq: Some(7) })
+        );
+        assert_eq!(
+            parse_client(r#"{"delay_time":12.345,"seq":8,"command":"delay_time"}"#),
+            Ok(ClientCommand::DelayTime {
+                delay_ms: 12.345,
+                seq: Some(8)
+            })
+        );
+        assert_eq!(
+            parse_client(r#"{"command":"change_name","name":"J\u00fcrgen \ud83d\ude00"}"#),
+            Ok(ClientCommand::ChangeName {
+                name: "Jürgen 😀".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_json() {
+        for text in [
+            "",
+            "ping",
+            "{",
+            "[]",
+            "42",
+            r#""ping""#,
+            r#"{"cmd":"ping"}"#,
+            r#"{"command":5}"#,
+            r#"{"command":"ping","seq":-1}"#,
+            r#"{"command":"ping","seq":"x"}"#,
+            // JSON has no infinity: an overflowing number is malformed JSON.
+            r#"{"command":"delay_time","delay_time":1e999}"#,
+        ] {
+            assert_eq!(code(text), ErrorCode::BadJson, "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_command() {
+        assert_eq!(code(r#"{"command":"pong"}"#), ErrorCode::UnknownCommand);
+        assert_eq!(code(r#"{"command":""}"#), ErrorCode::UnknownCommand);
+        let e = parse_client(&format!(r#"{{"command":"{}"}}"#, "x".repeat(500))).unwrap_err();
+        assert!(e.detail.len() < 100, "detail is bounded: {}", e.detail);
+    }
+
+    #[test]
+    fn bad_delay() {
+        for text in [
+            r#"{"command":"delay_time"}"#,
+            r#"{"command":"delay_time","delay_time":"12"}"#,
+            r#"{"command":"delay_time","delay_time":null}"#,
+            r#"{"command":"delay_time","delay_time":-0.5}"#,
+            r#"{"command":"delay_time","delay_time":60000.01}"#,
+        ] {
+            assert_eq!(code(text), ErrorCode::BadDelay, "{text}");
+        }
+        assert!(parse_client(r#"{"command":"delay_time","delay_time":60000}"#).is_ok());
+        assert!(parse_client(r#"{"command":"delay_time","delay_time":0}"#).is_ok());
+    }
+
+    #[test]
+    fn bad_name() {
+        let long = "é".repeat(65);
+        for text in [
+            r#"{"command":"change_name"}"#.to_owned(),
+            r#"{"command":"change_name","name":"   "}"#.to_owned(),
+            r#"{"command":"change_name","name":42}"#.to_owned(),
+            r#"{"command":"change_name","name":"a\u0007b"}"#.to_owned(),
+            r#"{"command":"change_name","name":"a\nb"}"#.to_owned(),
+            format!(r#"{{"command":"change_name","name":"{long}"}}"#),
+        ] {
+            assert_eq!(code(&text), ErrorCode::BadName, "{text}");
+        }
+        let ok = "é".repeat(64);
+        assert!(parse_client(&format!(r#"{{"command":"change_name","name":"{ok}"}}"#)).is_ok());
+    }
+
+    #[test]
+    fn error_frames_name_code_and_detail() {
+        let frame = parse_client("nope").unwrap_err().to_frame();
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["command"], "error");
+        assert_eq!(v["code"], "bad_json");
+        assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+
+    #[test]
+    fn pongs() {
+        let mut s = String::new();
+        write_pong(&mut s, None, None);
+        assert_eq!(s, PONG_V1);
+        write_pong(&mut s, Some(3), None);
+        assert_eq!(s, r#"{"command":"pong","seq":3}"#);
+        write_pong(&mut s, Some(4), Some(1_700_000_000_000));
+        assert_eq!(
+            s,
+            r#"{"command":"pong","seq":4,"server_time":1700000000000}"#
+        );
+        let parsed: ServerMessage = serde_json::from_str(&s).unwrap();
+        assert_eq!(
+            parsed,
+            ServerMessage::Pong {
+                seq: Some(4),
+                server_time: Some(1_700_000_000_000)
+            }
+        );
+    }
+
+    #[test]
+    fn v1_messages_are_exactly_the_original_shapes() {
+        let mut roster = BTreeMap::new();
+        roster.insert(
+            "a".to_owned(),
+            V1RosterEntry {
+                name: "a".into(),
+                delay_time: V1Delay(None),
+            },
+        );
+        roster.insert(
+            "b".to_owned(),
+            V1RosterEntry {
+                name: "Bob".into(),
+                delay_time: V1Delay(Some(12.0)),
+            },
+        );
+        roster.insert(
+            "c".to_owned(),
+            V1RosterEntry {
+                name: "C".into(),
+                delay_time: V1Delay(Some(1.5)),
+            },
+        );
+        assert_eq!(
+            ServerMessage::DelayTimes {
+                delay_times: roster
+            }
+            .to_json(),
+            r#"{"command":"delay_times","delay_times":{"a":{"name":"a","delay_time":"-"},"b":{"name":"Bob","delay_time":12},"c":{"name":"C","delay_time":1.5}}}"#
+        );
+        assert_eq!(
+            ServerMessage::ChangeName {
+                channel_name: "a".into(),
+                name: "N".into()
+            }
+            .to_json(),
+            r#"{"command":"change_name","channel_name":"a","name":"N"}"#
+        );
+        assert_eq!(
+            ServerMessage::Disconnect {
+                channel_name: "a".into()
+            }
+            .to_json(),
+            r#"{"command":"disconnect","channel_name":"a"}"#
+        );
+        let connect: serde_json::Value = serde_json::from_str(
+            &ServerMessage::Connect {
+                channel_name: "a".into(),
+                name: "a".into(),
+                gateway: "g".into(),
+            }
+            .to_json(),
+        )
+        .unwrap();
+        assert_eq!(connect["command"], "connect");
+        assert_eq!(connect["channel_name"], "a");
+        assert_eq!(connect["name"], "a");
+    }
+
+    #[test]
+    fn v2_messages_round_trip() {
+        let msgs = vec![
+            ServerMessage::Welcome {
+                channel_name: "id".into(),
+                name: "id".into(),
+                gateway: "gw".into(),
+                ping_interval_ms: 1000,
+                ping_timeout_ms: 3000,
+                token: "t".into(),
+                page: Page::Public,
+            },
+            ServerMessage::Delays {
+                delay_times: [(
+                    "id".to_owned(),
+                    DelayStats {
+                        delay_time: 1.0,
+                        median: 2.0,
+                        jitter: 0.5,
+                    },
+                )]
+                .into(),
+            },
+            ServerMessage::ServerRtt { rtt_ms: 0.25 },
+            ServerMessage::Error {
+                code: ErrorCode::BadName,
+                detail: "x".into(),
+            },
+        ];
+        for m in msgs {
+            let back: ServerMessage = serde_json::from_str(&m.to_json()).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+}
