@@ -1,0 +1,321 @@
+//! Command-line flags of `loadgen` ([`Args`]) and the validated run settings
+//! ([`Config`]) the runner takes. Every flag also reads a `PINGAPP_*`
+//! environment variable; booleans accept true/false, yes/no, on/off, 1/0.
+
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+use url::Url;
+
+use crate::duration::parse_duration;
+
+/// Longest run accepted, so a typo cannot start a load test that never ends.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Highest per-client ping rate accepted (pings per second).
+const MAX_RATE: f64 = 10_000.0;
+/// Slowest connect ramp accepted (connections per second).
+const MIN_RAMP: f64 = 0.01;
+
+/// Which PingApp page the simulated clients open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Page {
+    /// `/ws/private/`: each client sees only its own delay.
+    Private,
+    /// `/ws/public/`: clients join the shared roster and get its broadcasts.
+    Public,
+}
+
+impl Page {
+    /// The page name as it appears in the endpoint path.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Page::Private => "private",
+            Page::Public => "public",
+        }
+    }
+}
+
+/// WebSocket protocol version the clients speak (SPEC section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// The original app's messages; pongs are matched to pings by order.
+    #[value(name = "1")]
+    V1,
+    /// `?v=2`: a `welcome` frame first, pings carry `seq` and pongs echo it.
+    #[value(name = "2")]
+    V2,
+}
+
+impl Protocol {
+    /// The version number, `1` or `2`.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::V1 => 1,
+            Protocol::V2 => 2,
+        }
+    }
+}
+
+/// Simulated PingApp clients: connect, ping, and report RTT percentiles,
+/// throughput, errors and broadcast delivery latency.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "loadgen", version, about, long_about = None)]
+pub struct Args {
+    /// Target base URL; takes precedence over --url
+    #[arg(value_name = "URL")]
+    pub target: Option<String>,
+
+    /// Target base URL; clients connect to {url}/ws/{page}/ (ws:// or http://)
+    #[arg(long, env = "PINGAPP_URL", default_value = "ws://127.0.0.1:8000")]
+    pub url: String,
+
+    /// Number of simulated clients
+    #[arg(long, env = "PINGAPP_CLIENTS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub clients: u32,
+
+    /// Page the clients open
+    #[arg(long, env = "PINGAPP_PAGE", value_enum, default_value_t = Page::Private)]
+    pub page: Page,
+
+    /// Protocol version (2 adds ?v=2 and ping sequence numbers)
+    #[arg(long, env = "PINGAPP_PROTOCOL", value_enum, default_value_t = Protocol::V2)]
+    pub protocol: Protocol,
+
+    /// Length of the measurement window, after all clients connected (500ms, 10s, 2m)
+    #[arg(long, env = "PINGAPP_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Pings per second per client; 0 = closed loop (next ping as soon as the pong arrives)
+    #[arg(long, env = "PINGAPP_RATE", default_value_t = 1.0)]
+    pub rate: f64,
+
+    /// New connections per second while connecting
+    #[arg(long, env = "PINGAPP_RAMP", default_value_t = 500.0)]
+    pub ramp: f64,
+
+    /// Only connect and hold the connections (no pings), e.g. to measure memory
+    #[arg(long, env = "PINGAPP_IDLE", value_parser = BoolishValueParser::new())]
+    pub idle: bool,
+
+    /// Print one JSON summary object on stdout instead of the human summary
+    #[arg(long, env = "PINGAPP_JSON", value_parser = BoolishValueParser::new())]
+    pub json: bool,
+
+    /// Send a delay_time frame after each pong, like the pages do [default: true for --page public]
+    #[arg(long, env = "PINGAPP_SEND_DELAY", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub send_delay: Option<bool>,
+
+    /// Public page: one client renames itself every second and every client
+    /// records how long the change_name broadcast took to arrive
+    #[arg(long, env = "PINGAPP_MEASURE_BROADCAST", value_parser = BoolishValueParser::new())]
+    pub measure_broadcast: bool,
+}
+
+/// A setting that parses but makes no sense.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// The target URL is unusable.
+    #[error("--url {url:?}: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--rate` is negative, not finite or too high.
+    #[error("--rate must be a number from 0 to {MAX_RATE}, got {0}")]
+    Rate(f64),
+    /// `--ramp` is not a positive finite number.
+    #[error("--ramp must be a number from {MIN_RAMP} up, got {0}")]
+    Ramp(f64),
+    /// `--duration` is zero or longer than a week.
+    #[error("--duration must be more than 0 and at most 7 days")]
+    Duration,
+    /// `--measure-broadcast` was asked for on the private page.
+    #[error("--measure-broadcast needs --page public (private clients get no broadcasts)")]
+    BroadcastNeedsPublic,
+}
+
+/// Validated settings of one run; see [`Args`] for what each one means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Base URL without a trailing slash, e.g. `ws://127.0.0.1:8000`.
+    pub base_url: String,
+    /// Number of simulated clients.
+    pub clients: u32,
+    /// Page the clients open.
+    pub page: Page,
+    /// Protocol version.
+    pub protocol: Protocol,
+    /// Length of the measurement window.
+    pub duration: Duration,
+    /// Pings per second per client; 0 means closed loop.
+    pub rate: f64,
+    /// Connections opened per second.
+    pub ramp: f64,
+    /// Hold connections without pinging.
+    pub idle: bool,
+    /// Print the summary as JSON.
+    pub json: bool,
+    /// Send `delay_time` after each pong.
+    pub send_delay: bool,
+    /// Measure `change_name` broadcast delivery latency.
+    pub measure_broadcast: bool,
+    /// Print a progress line to stderr every second.
+    pub progress: bool,
+}
+
+impl Args {
+    /// Checks the flags and resolves defaults that depend on other flags.
+    ///
+    /// # Errors
+    ///
+    /// Returns the first [`ConfigError`] found.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let url = self.target.unwrap_or(self.url);
+        let base_url = normalize_base_url(&url)?;
+        if !(self.rate.is_finite() && (0.0..=MAX_RATE).contains(&self.rate)) {
+            return Err(ConfigError::Rate(self.rate));
+        }
+        if !(self.ramp.is_finite() && self.ramp >= MIN_RAMP) {
+            return Err(ConfigError::Ramp(self.ramp));
+        }
+        if self.duration.is_zero() || self.duration > MAX_DURATION {
+            return Err(ConfigError::Duration);
+        }
+        if self.measure_broadcast && self.page != Page::Public {
+            return Err(ConfigError::BroadcastNeedsPublic);
+        }
+        Ok(Config {
+            base_url,
+            clients: self.clients,
+            page: self.page,
+            protocol: self.protocol,
+            duration: self.duration,
+            rate: self.rate,
+            ramp: self.ramp,
+            idle: self.idle,
+            json: self.json,
+            send_delay: self.send_delay.unwrap_or(self.page == Page::Public),
+            measure_broadcast: self.measure_broadcast,
+            progress: true,
+        })
+    }
+}
+
+impl Config {
+    /// The endpoint every client connects to: `{base}/ws/{page}/`, plus
+    /// `?v=2` for protocol 2.
+    pub fn ws_url(&self) -> String {
+        let query = match self.protocol {
+            Protocol::V1 => "",
+            Protocol::V2 => "?v=2",
+        };
+        format!("{}/ws/{}/{query}", self.base_url, self.page.as_str())
+    }
+}
+
+/// Accepts `ws://` (and `http://`, mapped to `ws://`) base URLs, possibly
+/// with a path prefix, and returns them without a trailing slash.
+fn normalize_base_url(input: &str) -> Result<String, ConfigError> {
+    let error = |reason: &str| ConfigError::Url {
+        url: input.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut url = Url::parse(input).map_err(|e| error(&e.to_string()))?;
+    match url.scheme() {
+        "ws" => {}
+        "http" => url
+            .set_scheme("ws")
+            .map_err(|()| error("cannot map http:// to ws://"))?,
+        "wss" | "https" => return Err(error("TLS is not supported; use ws://")),
+        _ => return Err(error("the scheme must be ws://")),
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(error("the base URL must not have a query or fragment"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["loadgen"];
+        argv.extend_from_slice(args);
+        Args::try_parse_from(argv)
+            .expect("flags parse")
+            .into_config()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.ws_url(), "ws://127.0.0.1:8000/ws/private/?v=2");
+        assert_eq!(config.clients, 10);
+        assert_eq!(config.duration, Duration::from_secs(10));
+        assert!((config.rate - 1.0).abs() < f64::EPSILON);
+        assert!((config.ramp - 500.0).abs() < f64::EPSILON);
+        assert!(!config.send_delay);
+        assert!(!config.idle && !config.json && !config.measure_broadcast);
+    }
+
+    #[test]
+    fn builds_endpoint_urls() {
+        let config = parse(&[
+            "http://example:9/prefix/",
+            "--page",
+            "public",
+            "--protocol",
+            "1",
+        ])
+        .unwrap();
+        assert_eq!(config.ws_url(), "ws://example:9/prefix/ws/public/");
+        assert!(config.send_delay, "public page sends delay_time by default");
+        let config = parse(&[
+            "--url",
+            "ws://h:1",
+            "--page",
+            "public",
+            "--send-delay=false",
+        ])
+        .unwrap();
+        assert_eq!(config.ws_url(), "ws://h:1/ws/public/?v=2");
+        assert!(!config.send_delay);
+        assert!(parse(&["--send-delay"]).unwrap().send_delay);
+    }
+
+    #[test]
+    fn rejects_bad_settings() {
+        assert!(matches!(parse(&["wss://h"]), Err(ConfigError::Url { .. })));
+        assert!(matches!(
+            parse(&["ws://h/?x=1"]),
+            Err(ConfigError::Url { .. })
+        ));
+        assert!(matches!(
+            parse(&["not a url"]),
+            Err(ConfigError::Url { .. })
+        ));
+        assert_eq!(parse(&["--rate=-1"]), Err(ConfigError::Rate(-1.0)));
+        assert!(matches!(
+            parse(&["--rate", "NaN"]),
+            Err(ConfigError::Rate(_))
+        ));
+        assert_eq!(parse(&["--ramp", "0"]), Err(ConfigError::Ramp(0.0)));
+        assert_eq!(parse(&["--duration", "0s"]), Err(ConfigError::Duration));
+        assert_eq!(
+            parse(&["--measure-broadcast"]),
+            Err(ConfigError::BroadcastNeedsPublic)
+        );
+        assert!(Args::try_parse_from(["loadgen", "--clients", "0"]).is_err());
+        assert!(Args::try_parse_from(["loadgen", "--protocol", "3"]).is_err());
+        assert!(Args::try_parse_from(["loadgen", "--duration", "10"]).is_err());
+    }
+}

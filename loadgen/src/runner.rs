@@ -1,0 +1,351 @@
+//! One run from start to summary: connects at the ramp rate, opens the
+//! measurement window once every client connected or failed, stops after
+//! `--duration` (or on a signal), drains, and folds every client's counters
+//! into a [`Summary`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tokio::sync::Notify;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::Config;
+use crate::client;
+use crate::summary::{
+    BroadcastStats, ErrorCounts, LatencyStats, Summary, new_histogram, per_second,
+};
+
+/// A ping with no pong for this long counts as a timeout.
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP connect plus WebSocket handshake must finish within this.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the window ends, how long clients wait for in-flight pongs.
+pub(crate) const DRAIN: Duration = Duration::from_secs(2);
+/// How long a client waits for the server's close frame.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the designated client renames itself with `--measure-broadcast`.
+pub(crate) const RENAME_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Live counters, updated by every client and read by the progress line and
+/// the summary. Relaxed ordering: each is an independent tally.
+#[derive(Default)]
+pub(crate) struct Counters {
+    /// Clients whose connect attempt finished, either way.
+    pub(crate) attempted: AtomicU64,
+    /// Clients whose handshake succeeded.
+    pub(crate) connected: AtomicU64,
+    /// Connections open right now.
+    pub(crate) open: AtomicU64,
+    pub(crate) connect_failed: AtomicU64,
+    /// Every answered ping, window or not (for the progress line).
+    pub(crate) pongs: AtomicU64,
+    /// Pings sent in the window.
+    pub(crate) pings_sent: AtomicU64,
+    /// Pings sent in the window and answered.
+    pub(crate) pings: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) unexpected_pongs: AtomicU64,
+    pub(crate) server_errors: AtomicU64,
+    pub(crate) closed_by_server: AtomicU64,
+    pub(crate) renames_sent: AtomicU64,
+}
+
+/// State shared by the runner and every client task.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    /// The endpoint, computed once.
+    pub(crate) url: String,
+    /// Cancelled when the window ends (or on a signal): clients stop
+    /// pinging, drain and close.
+    pub(crate) stop: CancellationToken,
+    /// Set when the window opens; pings sent before it are warm-up.
+    pub(crate) window_start: OnceLock<Instant>,
+    /// Taken by the first client to connect when measuring broadcasts: it is
+    /// the one that renames itself.
+    pub(crate) renamer_claimed: AtomicBool,
+    pub(crate) counters: Counters,
+    /// Woken by the client whose attempt completes the ramp.
+    all_attempted: Notify,
+    connect_error_logged: AtomicBool,
+    rtt: Mutex<Histogram<u64>>,
+    broadcast: Mutex<Histogram<u64>>,
+    closed_by_server: Mutex<BTreeMap<u16, u64>>,
+    frames: Mutex<BTreeMap<String, u64>>,
+}
+
+/// Locks a mutex that only guards counters, ignoring poisoning (a panicked
+/// holder cannot leave a tally inconsistent).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn new(config: Config) -> Self {
+        Self {
+            url: config.ws_url(),
+            config,
+            stop: CancellationToken::new(),
+            window_start: OnceLock::new(),
+            renamer_claimed: AtomicBool::new(false),
+            counters: Counters::default(),
+            all_attempted: Notify::new(),
+            connect_error_logged: AtomicBool::new(false),
+            rtt: Mutex::new(new_histogram()),
+            broadcast: Mutex::new(new_histogram()),
+            closed_by_server: Mutex::new(BTreeMap::new()),
+            frames: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Whether the measurement window is open right now.
+    pub(crate) fn in_window(&self) -> bool {
+        self.window_start.get().is_some() && !self.stop.is_cancelled()
+    }
+
+    /// Marks one connect attempt as finished, waking the runner after the last.
+    pub(crate) fn attempt_finished(&self) {
+        let done = self.counters.attempted.fetch_add(1, Relaxed) + 1;
+        if done == u64::from(self.config.clients) {
+            self.all_attempted.notify_one();
+        }
+    }
+
+    pub(crate) fn connected(&self) {
+        self.counters.connected.fetch_add(1, Relaxed);
+        self.counters.open.fetch_add(1, Relaxed);
+        self.attempt_finished();
+    }
+
+    /// Counts a failed connect; the first one is also printed, since a
+    /// wrong URL otherwise only shows up as a number.
+    pub(crate) fn connect_failed(&self, error: &dyn fmt::Display) {
+        self.counters.connect_failed.fetch_add(1, Relaxed);
+        if !self.connect_error_logged.swap(true, Relaxed) {
+            eprintln!(
+                "loadgen: connect to {} failed: {error} (further failures are only counted)",
+                self.url
+            );
+        }
+        self.attempt_finished();
+    }
+
+    pub(crate) fn closed_by_server(&self, code: u16) {
+        self.counters.closed_by_server.fetch_add(1, Relaxed);
+        *lock(&self.closed_by_server).entry(code).or_default() += 1;
+    }
+
+    pub(crate) fn record_rtt(&self, micros: u64) {
+        lock(&self.rtt).saturating_record(micros.max(1));
+    }
+
+    pub(crate) fn record_broadcast(&self, micros: u64) {
+        lock(&self.broadcast).saturating_record(micros.max(1));
+    }
+
+    /// Called once per client when it is done: closes its gauge slot and
+    /// merges its frame counts.
+    pub(crate) fn client_finished(&self, frames: impl IntoIterator<Item = (String, u64)>) {
+        self.counters.open.fetch_sub(1, Relaxed);
+        let mut all = lock(&self.frames);
+        for (command, n) in frames {
+            *all.entry(command).or_default() += n;
+        }
+    }
+
+    fn live_errors(&self) -> u64 {
+        let c = &self.counters;
+        [
+            &c.connect_failed,
+            &c.timeouts,
+            &c.unexpected_pongs,
+            &c.server_errors,
+            &c.closed_by_server,
+        ]
+        .iter()
+        .map(|counter| counter.load(Relaxed))
+        .sum()
+    }
+}
+
+/// The once-a-second progress line on stderr.
+struct Progress {
+    enabled: bool,
+    started: Instant,
+    last_at: Instant,
+    last_pongs: u64,
+}
+
+impl Progress {
+    fn report(&mut self, shared: &Shared, phase: &str) {
+        let now = Instant::now();
+        let pongs = shared.counters.pongs.load(Relaxed);
+        let rate = per_second(pongs - self.last_pongs, (now - self.last_at).as_secs_f64());
+        (self.last_at, self.last_pongs) = (now, pongs);
+        if self.enabled {
+            eprintln!(
+                "loadgen: {phase:<5} {:>6.1}s  connected {}/{}  pings/s {rate:.0}  errors {}",
+                (now - self.started).as_secs_f64(),
+                shared.counters.open.load(Relaxed),
+                shared.config.clients,
+                shared.live_errors()
+            );
+        }
+    }
+}
+
+/// Runs the load test described by `config` and returns its summary.
+///
+/// Clients connect at `config.ramp` per second; each starts pinging as soon
+/// as it is connected. The measurement window opens once every client has
+/// connected or failed and lasts `config.duration`; only pings sent inside
+/// it count towards the RTT statistics and the ping rate. Then clients stop
+/// pinging, wait up to 2 s for pongs in flight, and close with code 1000.
+///
+/// `shutdown` (e.g. SIGINT) ends the window early; during the ramp it skips
+/// the window. A run where no client connected still returns a summary,
+/// with `clients_connected == 0`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Summary {
+    let clients = u64::from(config.clients);
+    let shared = Arc::new(Shared::new(config));
+    let tracker = TaskTracker::new();
+    let started = Instant::now();
+    tokio::pin!(shutdown);
+
+    tracker.spawn(connect_all(Arc::clone(&shared), tracker.clone(), started));
+    tracker.close();
+
+    let mut progress = Progress {
+        enabled: shared.config.progress,
+        started,
+        last_at: started,
+        last_pongs: 0,
+    };
+    let mut tick = interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+
+    // Ramp: wait until every client connected or failed.
+    let mut interrupted = false;
+    while shared.counters.attempted.load(Relaxed) < clients {
+        tokio::select! {
+            () = shared.all_attempted.notified() => {}
+            _ = tick.tick() => progress.report(&shared, "ramp"),
+            () = &mut shutdown => {
+                interrupted = true;
+                break;
+            }
+        }
+    }
+    let ramp_end = Instant::now();
+    let connected = shared.counters.connected.load(Relaxed);
+
+    // Window.
+    let mut window = Duration::ZERO;
+    if interrupted {
+        eprintln!("loadgen: interrupted while connecting");
+    } else if connected == 0 {
+        eprintln!("loadgen: no client could connect to {}", shared.url);
+    } else {
+        if shared.config.progress {
+            eprintln!(
+                "loadgen: all clients connected: {connected}/{clients} ({} failed) in {:.2}s; measuring for {:?}",
+                shared.counters.connect_failed.load(Relaxed),
+                (ramp_end - started).as_secs_f64(),
+                shared.config.duration
+            );
+        }
+        let _ = shared.window_start.set(ramp_end);
+        let end = ramp_end + shared.config.duration;
+        loop {
+            tokio::select! {
+                () = sleep_until(end) => break,
+                _ = tick.tick() => progress.report(&shared, "run"),
+                () = &mut shutdown => {
+                    eprintln!("loadgen: interrupted, stopping early");
+                    break;
+                }
+            }
+        }
+        window = ramp_end.elapsed();
+    }
+
+    // Drain: clients finish in-flight pings and close.
+    shared.stop.cancel();
+    let hard_deadline = Instant::now() + DRAIN + CLOSE_TIMEOUT + Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            () = tracker.wait() => break,
+            _ = tick.tick() => progress.report(&shared, "drain"),
+            () = sleep_until(hard_deadline) => {
+                eprintln!(
+                    "loadgen: {} connections did not close in time; their frame counts are missing",
+                    shared.counters.open.load(Relaxed)
+                );
+                break;
+            }
+        }
+    }
+
+    summarize(
+        &shared,
+        (ramp_end - started).as_secs_f64(),
+        window.as_secs_f64(),
+    )
+}
+
+/// Spawns one client task per `1 / ramp` seconds until all are started or
+/// the run stops.
+async fn connect_all(shared: Arc<Shared>, tracker: TaskTracker, started: Instant) {
+    let spacing = 1.0 / shared.config.ramp;
+    for index in 0..shared.config.clients {
+        let at = started + Duration::from_secs_f64(f64::from(index) * spacing);
+        tokio::select! {
+            biased;
+            () = shared.stop.cancelled() => return,
+            () = sleep_until(at) => {}
+        }
+        tracker.spawn(client::run(index, Arc::clone(&shared)));
+    }
+}
+
+fn summarize(shared: &Shared, ramp_secs: f64, duration_secs: f64) -> Summary {
+    let c = &shared.counters;
+    let config = &shared.config;
+    let errors = ErrorCounts {
+        connect_failed: c.connect_failed.load(Relaxed),
+        closed_by_server: lock(&shared.closed_by_server).clone(),
+        timeouts: c.timeouts.load(Relaxed),
+        unexpected_pongs: c.unexpected_pongs.load(Relaxed),
+        server_errors: c.server_errors.load(Relaxed),
+    };
+    let pings = c.pings.load(Relaxed);
+    Summary {
+        target: shared.url.clone(),
+        page: config.page,
+        protocol: config.protocol.number(),
+        rate_per_client: config.rate,
+        idle: config.idle,
+        send_delay: config.send_delay,
+        clients_requested: u64::from(config.clients),
+        clients_connected: c.connected.load(Relaxed),
+        ramp_secs,
+        duration_secs,
+        pings_sent: c.pings_sent.load(Relaxed),
+        pings,
+        pings_per_sec: per_second(pings, duration_secs),
+        rtt_us: LatencyStats::from_histogram(&lock(&shared.rtt)),
+        errors_total: errors.total(),
+        errors,
+        broadcast: config.measure_broadcast.then(|| BroadcastStats {
+            renames_sent: c.renames_sent.load(Relaxed),
+            latency_us: LatencyStats::from_histogram(&lock(&shared.broadcast)),
+        }),
+        frames_by_command: lock(&shared.frames).clone(),
+    }
+}

@@ -1,0 +1,402 @@
+//! The end-of-run report: latency statistics, throughput and error counts,
+//! printable for people ([`std::fmt::Display`]) and as stable JSON
+//! ([`serde::Serialize`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::cli::Page;
+
+/// Highest latency a histogram can hold, in microseconds (one minute);
+/// larger values are clamped to it.
+const HISTOGRAM_MAX_US: u64 = 60_000_000;
+
+/// An empty latency histogram in microseconds: 1 µs to 60 s, three
+/// significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3).expect("constant bounds are valid")
+}
+
+/// Pings (or anything) per second; 0 when no time elapsed.
+pub fn per_second(count: u64, secs: f64) -> f64 {
+    if secs > 0.0 { count as f64 / secs } else { 0.0 }
+}
+
+/// A latency distribution in microseconds. Every field but `samples` is
+/// `null` when there was no sample. Percentiles are the highest value of
+/// their histogram bucket, so `p50 <= p90 <= p99 <= p999 <= max` always holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LatencyStats {
+    /// Number of samples.
+    pub samples: u64,
+    /// Smallest sample.
+    pub min: Option<u64>,
+    /// Arithmetic mean, rounded to 0.1 µs.
+    pub mean: Option<f64>,
+    /// Median.
+    pub p50: Option<u64>,
+    /// 90th percentile.
+    pub p90: Option<u64>,
+    /// 99th percentile.
+    pub p99: Option<u64>,
+    /// 99.9th percentile.
+    pub p999: Option<u64>,
+    /// Largest sample.
+    pub max: Option<u64>,
+}
+
+impl LatencyStats {
+    /// Summarizes a histogram of microsecond samples.
+    pub fn from_histogram(histogram: &Histogram<u64>) -> Self {
+        if histogram.is_empty() {
+            return Self {
+                samples: 0,
+                min: None,
+                mean: None,
+                p50: None,
+                p90: None,
+                p99: None,
+                p999: None,
+                max: None,
+            };
+        }
+        let quantile = |q| Some(histogram.value_at_quantile(q));
+        Self {
+            samples: histogram.len(),
+            min: Some(histogram.min()),
+            mean: Some((histogram.mean() * 10.0).round() / 10.0),
+            p50: quantile(0.5),
+            p90: quantile(0.9),
+            p99: quantile(0.99),
+            p999: quantile(0.999),
+            max: Some(histogram.max()),
+        }
+    }
+}
+
+/// Errors by kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ErrorCounts {
+    /// Clients whose TCP connect or WebSocket handshake failed or took over 10 s.
+    pub connect_failed: u64,
+    /// Connections the server ended, by close code. `1005` is a close frame
+    /// without a code; `1006` is a connection lost without a close frame
+    /// (reset, EOF, a write that failed or stalled for 5 s).
+    pub closed_by_server: BTreeMap<u16, u64>,
+    /// Pings with no pong within 5 s.
+    pub timeouts: u64,
+    /// Pongs with no ping in flight, or (v2) with the wrong `seq`, e.g. late
+    /// pongs of pings that already timed out.
+    pub unexpected_pongs: u64,
+    /// `{"command":"error"}` frames received.
+    pub server_errors: u64,
+}
+
+impl ErrorCounts {
+    /// Sum of all kinds.
+    pub fn total(&self) -> u64 {
+        self.connect_failed
+            + self.closed_by_server.values().sum::<u64>()
+            + self.timeouts
+            + self.unexpected_pongs
+            + self.server_errors
+    }
+}
+
+/// Broadcast delivery latency (`--measure-broadcast`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BroadcastStats {
+    /// `change_name` messages the designated client sent in the window.
+    pub renames_sent: u64,
+    /// From the send time embedded in the name to its arrival, per
+    /// receiving client; ideally `renames_sent` × connected clients samples.
+    pub latency_us: LatencyStats,
+}
+
+/// The result of one run.
+///
+/// JSON keys (stable, snake_case):
+///
+/// - `target`: the endpoint URL the clients used
+/// - `page`: `"private"` or `"public"`; `protocol`: `1` or `2`
+/// - `rate_per_client`: pings per second per client, `0` = closed loop;
+///   `idle`, `send_delay`: the flags in effect
+/// - `clients_requested`, `clients_connected`: clients asked for and those
+///   whose handshake succeeded
+/// - `ramp_secs`: time from start until every client connected or failed
+/// - `duration_secs`: actual length of the measurement window
+/// - `pings_sent`: pings sent in the window; `pings`: those answered (the
+///   samples of `rtt_us`); `pings_per_sec`: `pings / duration_secs`
+/// - `rtt_us`: `{samples, min, mean, p50, p90, p99, p999, max}` in µs,
+///   `null` values without samples
+/// - `errors_total` and `errors`: `{connect_failed, closed_by_server:
+///   {CODE: n}, timeouts, unexpected_pongs, server_errors}`
+/// - `broadcast`: `null`, or with `--measure-broadcast`
+///   `{renames_sent, latency_us: {…same keys as rtt_us}}`
+/// - `frames_by_command`: `{COMMAND: n}` over every frame received,
+///   including during ramp and drain; `_binary`, `_unparsed` (not JSON
+///   with a string `command`), `_ws_ping` (WebSocket Ping control frames)
+///   and `_other` (commands beyond the first 32 unknown ones) are not
+///   server commands
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Endpoint URL.
+    pub target: String,
+    /// Page opened.
+    pub page: Page,
+    /// Protocol version, 1 or 2.
+    pub protocol: u8,
+    /// Pings per second per client; 0 means closed loop.
+    pub rate_per_client: f64,
+    /// Whether clients only held their connections.
+    pub idle: bool,
+    /// Whether clients sent `delay_time` after each pong.
+    pub send_delay: bool,
+    /// Clients asked for.
+    pub clients_requested: u64,
+    /// Clients whose handshake succeeded.
+    pub clients_connected: u64,
+    /// Seconds until every client connected or failed.
+    pub ramp_secs: f64,
+    /// Actual length of the measurement window in seconds.
+    pub duration_secs: f64,
+    /// Pings sent in the window.
+    pub pings_sent: u64,
+    /// Pings sent in the window and answered.
+    pub pings: u64,
+    /// Answered pings per second over the window.
+    pub pings_per_sec: f64,
+    /// Round-trip times of the answered pings.
+    pub rtt_us: LatencyStats,
+    /// `errors.total()`.
+    pub errors_total: u64,
+    /// Errors by kind.
+    pub errors: ErrorCounts,
+    /// Broadcast delivery latency, with `--measure-broadcast`.
+    pub broadcast: Option<BroadcastStats>,
+    /// Frames received, by `command`.
+    pub frames_by_command: BTreeMap<String, u64>,
+}
+
+/// Formats an optional value, `-` for none.
+struct Opt<T>(Option<T>);
+
+impl<T: fmt::Display> fmt::Display for Opt<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(value) => value.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+impl fmt::Display for LatencyStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (min {}, mean {}, {} samples)",
+            Opt(self.p50),
+            Opt(self.p90),
+            Opt(self.p99),
+            Opt(self.p999),
+            Opt(self.max),
+            Opt(self.min),
+            Opt(self.mean),
+            self.samples
+        )
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = if self.idle {
+            "idle, no pings".to_owned()
+        } else if self.rate_per_client == 0.0 {
+            "closed loop".to_owned()
+        } else {
+            format!("rate {}/s per client", self.rate_per_client)
+        };
+        let delay = if self.send_delay {
+            ", delay_time after each pong"
+        } else {
+            ""
+        };
+        writeln!(
+            f,
+            "target     {} ({} page, protocol v{}, {mode}{delay})",
+            self.target,
+            self.page.as_str(),
+            self.protocol
+        )?;
+        writeln!(
+            f,
+            "clients    {} requested, {} connected, {} failed to connect; ramp {:.2} s",
+            self.clients_requested,
+            self.clients_connected,
+            self.errors.connect_failed,
+            self.ramp_secs
+        )?;
+        writeln!(f, "duration   {:.2} s", self.duration_secs)?;
+        writeln!(
+            f,
+            "pings      {} sent, {} answered, {:.1} pings/s",
+            self.pings_sent, self.pings, self.pings_per_sec
+        )?;
+        writeln!(f, "rtt µs     {}", self.rtt_us)?;
+        let closed = if self.errors.closed_by_server.is_empty() {
+            "none".to_owned()
+        } else {
+            let codes: Vec<String> = self
+                .errors
+                .closed_by_server
+                .iter()
+                .map(|(code, n)| format!("{n}×{code}"))
+                .collect();
+            codes.join(" ")
+        };
+        writeln!(
+            f,
+            "errors     {} ({} connect failed, {} timeouts, {} unexpected pongs, {} server errors, closed by server: {closed})",
+            self.errors_total,
+            self.errors.connect_failed,
+            self.errors.timeouts,
+            self.errors.unexpected_pongs,
+            self.errors.server_errors
+        )?;
+        if let Some(broadcast) = &self.broadcast {
+            writeln!(
+                f,
+                "broadcast  {} renames; delivery µs {}",
+                broadcast.renames_sent, broadcast.latency_us
+            )?;
+        }
+        let frames: Vec<String> = self
+            .frames_by_command
+            .iter()
+            .map(|(command, n)| format!("{command} {n}"))
+            .collect();
+        writeln!(
+            f,
+            "frames     {}",
+            if frames.is_empty() {
+                "none".to_owned()
+            } else {
+                frames.join(", ")
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn histogram(values: impl IntoIterator<Item = u64>) -> Histogram<u64> {
+        let mut h = new_histogram();
+        for v in values {
+            h.saturating_record(v);
+        }
+        h
+    }
+
+    #[test]
+    fn percentiles_of_a_uniform_distribution() {
+        let stats = LatencyStats::from_histogram(&histogram(1..=1000));
+        assert_eq!(stats.samples, 1000);
+        assert_eq!(stats.min, Some(1));
+        assert_eq!(stats.p50, Some(500));
+        assert_eq!(stats.p90, Some(900));
+        assert_eq!(stats.p99, Some(990));
+        assert_eq!(stats.p999, Some(999));
+        assert_eq!(stats.max, Some(1000));
+        assert_eq!(stats.mean, Some(500.5));
+    }
+
+    #[test]
+    fn percentiles_are_ordered_and_bucketed() {
+        // 99 fast samples and one slow outlier, beyond 3-digit precision.
+        let stats = LatencyStats::from_histogram(&histogram(
+            std::iter::repeat_n(120, 99).chain([1_234_567]),
+        ));
+        let (p50, p99, p999, max) = (
+            stats.p50.unwrap(),
+            stats.p99.unwrap(),
+            stats.p999.unwrap(),
+            stats.max.unwrap(),
+        );
+        assert_eq!(p50, 120);
+        assert_eq!(p99, 120);
+        assert!(p99 <= p999 && p999 <= max);
+        assert!((1_234_567..1_236_000).contains(&max), "max {max}");
+    }
+
+    #[test]
+    fn empty_and_clamped_histograms() {
+        let stats = LatencyStats::from_histogram(&new_histogram());
+        assert_eq!(stats.samples, 0);
+        assert_eq!(stats.p50, None);
+        let json = serde_json::to_value(&stats).unwrap();
+        assert!(json["p99"].is_null());
+
+        let stats = LatencyStats::from_histogram(&histogram([u64::MAX]));
+        assert!(stats.max.unwrap() >= HISTOGRAM_MAX_US);
+    }
+
+    #[test]
+    fn rates_and_totals() {
+        assert!((per_second(500, 2.0) - 250.0).abs() < 1e-9);
+        assert_eq!(per_second(5, 0.0), 0.0);
+        let errors = ErrorCounts {
+            connect_failed: 1,
+            closed_by_server: BTreeMap::from([(1008, 2), (1006, 3)]),
+            timeouts: 4,
+            unexpected_pongs: 5,
+            server_errors: 6,
+        };
+        assert_eq!(errors.total(), 21);
+        assert_eq!(ErrorCounts::default().total(), 0);
+    }
+
+    #[test]
+    fn json_keys_and_human_text() {
+        let summary = Summary {
+            target: "ws://h/ws/public/?v=2".into(),
+            page: Page::Public,
+            protocol: 2,
+            rate_per_client: 0.0,
+            idle: false,
+            send_delay: true,
+            clients_requested: 2,
+            clients_connected: 2,
+            ramp_secs: 0.01,
+            duration_secs: 2.0,
+            pings_sent: 10,
+            pings: 10,
+            pings_per_sec: 5.0,
+            rtt_us: LatencyStats::from_histogram(&histogram([100, 200])),
+            errors_total: 1,
+            errors: ErrorCounts {
+                closed_by_server: BTreeMap::from([(1012, 1)]),
+                ..ErrorCounts::default()
+            },
+            broadcast: Some(BroadcastStats {
+                renames_sent: 1,
+                latency_us: LatencyStats::from_histogram(&histogram([300, 400])),
+            }),
+            frames_by_command: BTreeMap::from([("pong".into(), 10)]),
+        };
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["page"], "public");
+        assert_eq!(json["errors"]["closed_by_server"]["1012"], 1);
+        assert_eq!(json["broadcast"]["latency_us"]["max"], 400);
+        assert_eq!(json["rtt_us"]["p50"], 100);
+        let text = summary.to_string();
+        assert!(text.contains("closed loop"), "{text}");
+        assert!(text.contains("closed by server: 1×1012"), "{text}");
+        assert!(text.contains("broadcast  1 renames"), "{text}");
+        assert!(text.contains("frames     pong 10"), "{text}");
+    }
+}

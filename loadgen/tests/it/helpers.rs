@@ -1,0 +1,153 @@
+//! Test servers: the real `echo-server` binary on a random port, and a
+//! small in-process stand-in for PingApp's public page that broadcasts.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use loadgen::{Args, Config};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_tungstenite::accept_async;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Run settings from loadgen flags, with the progress line off.
+pub fn config(url: &str, flags: &[&str]) -> Config {
+    let mut argv = vec!["loadgen", url];
+    argv.extend_from_slice(flags);
+    let mut config = <Args as clap::Parser>::try_parse_from(argv)
+        .expect("flags parse")
+        .into_config()
+        .expect("flags are valid");
+    config.progress = false;
+    config
+}
+
+/// The `echo-server` binary, listening on a random loopback port; killed on drop.
+pub struct EchoProcess {
+    child: Child,
+    // Kept open so the server never writes into a closed pipe.
+    _stdout: BufReader<ChildStdout>,
+    pub addr: SocketAddr,
+}
+
+impl EchoProcess {
+    pub fn start() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_echo-server"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env_remove("PINGAPP_LISTEN")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("echo-server starts");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read the first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("a socket address");
+        Self {
+            child,
+            _stdout: stdout,
+            addr,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits up to 5 s for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "echo-server did not exit within 5 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A stand-in for PingApp's public page, enough for loadgen: sends
+/// `welcome` and a WebSocket Ping, broadcasts `connect` and `change_name`
+/// to everyone, answers pings. With `close_with`, it closes each
+/// connection with that code at its first ping instead.
+pub async fn start_fake_public(close_with: Option<u16>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (broadcasts, _) = broadcast::channel::<String>(1024);
+    tokio::spawn(async move {
+        let mut next_id = 0_u32;
+        while let Ok((stream, _)) = listener.accept().await {
+            next_id += 1;
+            let id = format!("c{next_id}");
+            let broadcasts = broadcasts.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = accept_async(stream).await else {
+                    return;
+                };
+                let mut inbox = broadcasts.subscribe();
+                let welcome = json!({"command": "welcome", "channel_name": id, "name": id,
+                    "gateway": "fake", "ping_interval_ms": 1000, "token": "t"});
+                let _ = ws.send(Message::text(welcome.to_string())).await;
+                let _ = ws.send(Message::Ping(b"keepalive".to_vec().into())).await;
+                let _ = broadcasts.send(
+                    json!({"command": "connect", "channel_name": id, "name": id}).to_string(),
+                );
+                loop {
+                    tokio::select! {
+                        message = ws.next() => {
+                            let Some(Ok(message)) = message else { return };
+                            let Message::Text(text) = message else { continue };
+                            let Ok(frame) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+                            match frame["command"].as_str() {
+                                Some("ping") => {
+                                    if let Some(code) = close_with {
+                                        let close = CloseFrame { code: CloseCode::from(code), reason: "test".into() };
+                                        let _ = ws.close(Some(close)).await;
+                                        continue;
+                                    }
+                                    let pong = json!({"command": "pong", "seq": frame["seq"], "server_time": 0});
+                                    let _ = ws.send(Message::text(pong.to_string())).await;
+                                }
+                                Some("change_name") => {
+                                    let renamed = json!({"command": "change_name", "channel_name": id, "name": frame["name"]});
+                                    let _ = broadcasts.send(renamed.to_string());
+                                }
+                                _ => {}
+                            }
+                        }
+                        Ok(text) = inbox.recv() => {
+                            let _ = ws.send(Message::text(text)).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

@@ -1,0 +1,339 @@
+//! Integration tests of the loadgen package: the real `echo-server` binary,
+//! loadgen driven through its library entry point and as a binary.
+
+mod helpers;
+
+use std::net::TcpListener;
+use std::process::Command;
+
+use futures_util::{SinkExt, StreamExt};
+use helpers::{EchoProcess, config, start_fake_public};
+use loadgen::Summary;
+use serde_json::Value;
+use tokio_tungstenite::connect_async;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The shutdown future for library runs that should last their full duration.
+fn never() -> std::future::Pending<()> {
+    std::future::pending()
+}
+
+fn assert_sane_rtt(summary: &Summary) {
+    let rtt = &summary.rtt_us;
+    assert!(summary.pings > 0, "no pings counted: {summary:#?}");
+    assert_eq!(rtt.samples, summary.pings);
+    let (min, p50, p90, p99, p999, max) = (
+        rtt.min.unwrap(),
+        rtt.p50.unwrap(),
+        rtt.p90.unwrap(),
+        rtt.p99.unwrap(),
+        rtt.p999.unwrap(),
+        rtt.max.unwrap(),
+    );
+    assert!(0 < min && min <= p50, "{rtt:?}");
+    assert!(
+        p50 <= p90 && p90 <= p99 && p99 <= p999 && p999 <= max,
+        "{rtt:?}"
+    );
+    assert!(max < 5_000_000, "a loopback RTT over 5 s: {rtt:?}");
+}
+
+#[tokio::test]
+async fn echo_server_answers_like_pingapp_on_any_path() {
+    let echo = EchoProcess::start();
+    let (mut ws, _) = connect_async(format!("{}/any/path/?v=2", echo.url()))
+        .await
+        .unwrap();
+
+    // delay_time gets no reply: the first frame back is the pong.
+    ws.send(Message::text(
+        r#"{"command":"delay_time","delay_time":1.5,"seq":6}"#,
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::text(r#"{"command":"ping","seq":7}"#))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(reply))) = ws.next().await else {
+        panic!("no pong")
+    };
+    let pong: Value = serde_json::from_str(reply.as_str()).unwrap();
+    assert_eq!(pong["command"], "pong");
+    assert_eq!(pong["seq"], 7);
+    assert!(pong["server_time"].as_u64().unwrap() > 1_600_000_000_000);
+
+    ws.send(Message::text(r#"{"command":"ping"}"#))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(reply))) = ws.next().await else {
+        panic!("no pong")
+    };
+    assert_eq!(reply.as_str(), r#"{"command":"pong"}"#);
+}
+
+#[tokio::test]
+async fn echo_server_closes_with_1012_and_exits_zero_on_sigterm() {
+    let mut echo = EchoProcess::start();
+    let (mut ws, _) = connect_async(echo.url()).await.unwrap();
+    ws.send(Message::text(r#"{"command":"ping"}"#))
+        .await
+        .unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+
+    let status = tokio::task::spawn_blocking(move || echo.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1012),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_v2_at_a_fixed_rate() {
+    let echo = EchoProcess::start();
+    let summary = loadgen::run(
+        config(
+            &echo.url(),
+            &["--clients", "3", "--duration", "1s", "--rate", "20"],
+        ),
+        never(),
+    )
+    .await;
+
+    assert_eq!(summary.target, format!("{}/ws/private/?v=2", echo.url()));
+    assert_eq!(
+        (summary.clients_requested, summary.clients_connected),
+        (3, 3)
+    );
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    assert_sane_rtt(&summary);
+    assert_eq!(summary.pings, summary.pings_sent);
+    // 3 clients × 20/s × 1 s; generous below, as a busy machine lags.
+    assert!(
+        (30..=66).contains(&summary.pings),
+        "pings {}",
+        summary.pings
+    );
+    assert!(
+        (summary.duration_secs - 1.0).abs() < 0.5,
+        "{}",
+        summary.duration_secs
+    );
+    assert!(summary.frames_by_command["pong"] >= summary.pings);
+    assert!(summary.broadcast.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_v1_closed_loop_with_delay_reports() {
+    let echo = EchoProcess::start();
+    let summary = loadgen::run(
+        config(
+            &echo.url(),
+            &[
+                "--clients",
+                "2",
+                "--duration",
+                "1s",
+                "--rate",
+                "0",
+                "--page",
+                "public",
+                "--protocol",
+                "1",
+            ],
+        ),
+        never(),
+    )
+    .await;
+
+    assert_eq!(summary.target, format!("{}/ws/public/", echo.url()));
+    assert!(
+        summary.send_delay,
+        "public page sends delay_time by default"
+    );
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    assert_sane_rtt(&summary);
+    assert!(
+        summary.pings > 100,
+        "closed loop should far exceed 1/s: {}",
+        summary.pings
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_hold_connections_without_pinging() {
+    let echo = EchoProcess::start();
+    let summary = loadgen::run(
+        config(
+            &echo.url(),
+            &["--clients", "3", "--duration", "500ms", "--idle"],
+        ),
+        never(),
+    )
+    .await;
+
+    assert_eq!(summary.clients_connected, 3);
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    assert_eq!(
+        (summary.pings_sent, summary.pings, summary.rtt_us.samples),
+        (0, 0, 0)
+    );
+    assert_eq!(summary.rtt_us.p50, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measures_broadcast_delivery_on_the_public_page() {
+    let addr = start_fake_public(None).await;
+    let summary = loadgen::run(
+        config(
+            &format!("ws://{addr}"),
+            &[
+                "--clients",
+                "4",
+                "--duration",
+                "2500ms",
+                "--rate",
+                "5",
+                "--page",
+                "public",
+                "--measure-broadcast",
+            ],
+        ),
+        never(),
+    )
+    .await;
+
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    assert_sane_rtt(&summary);
+    let broadcast = summary.broadcast.as_ref().expect("broadcast stats");
+    assert!(broadcast.renames_sent >= 2, "{broadcast:?}");
+    let samples = broadcast.latency_us.samples;
+    // Every client gets every rename, except perhaps the last one, which
+    // may land after a client already closed.
+    assert!(samples <= broadcast.renames_sent * 4, "{broadcast:?}");
+    assert!(samples >= (broadcast.renames_sent - 1) * 4, "{broadcast:?}");
+    let latency = &broadcast.latency_us;
+    assert!(
+        latency.p50.unwrap() <= latency.p99.unwrap()
+            && latency.p99.unwrap() <= latency.max.unwrap()
+    );
+    let frames = &summary.frames_by_command;
+    assert_eq!(frames["welcome"], 4);
+    assert_eq!(frames["_ws_ping"], 4);
+    assert!(frames["connect"] >= 4, "{frames:?}");
+    assert!(frames["change_name"] >= samples, "{frames:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_connections_closed_by_the_server() {
+    let addr = start_fake_public(Some(1008)).await;
+    let summary = loadgen::run(
+        config(
+            &format!("ws://{addr}"),
+            &[
+                "--clients",
+                "2",
+                "--duration",
+                "500ms",
+                "--rate",
+                "10",
+                "--page",
+                "public",
+            ],
+        ),
+        never(),
+    )
+    .await;
+
+    assert_eq!(summary.clients_connected, 2);
+    assert_eq!(
+        summary.errors.closed_by_server.get(&1008),
+        Some(&2),
+        "{:?}",
+        summary.errors
+    );
+    assert_eq!(summary.errors_total, 2);
+}
+
+#[test]
+fn binary_prints_one_json_summary() {
+    let echo = EchoProcess::start();
+    let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            &echo.url(),
+            "--clients",
+            "3",
+            "--duration",
+            "1s",
+            "--rate",
+            "10",
+            "--json",
+        ])
+        .output()
+        .expect("loadgen runs");
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let json: Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(json["clients_connected"], 3);
+    assert_eq!(json["errors_total"], 0);
+    assert!(json["pings"].as_u64().unwrap() > 0);
+    assert!(json["pings_per_sec"].as_f64().unwrap() > 0.0);
+    let rtt = &json["rtt_us"];
+    let p = |key: &str| {
+        rtt[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("rtt_us.{key} in {rtt}"))
+    };
+    assert!(
+        0 < p("p50")
+            && p("p50") <= p("p90")
+            && p("p90") <= p("p99")
+            && p("p99") <= p("p999")
+            && p("p999") <= p("max")
+    );
+    assert!(json["broadcast"].is_null());
+    assert!(json["frames_by_command"]["pong"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn binary_exits_1_when_no_client_connects() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            &format!("ws://127.0.0.1:{port}"),
+            "--clients",
+            "2",
+            "--duration",
+            "1s",
+            "--json",
+        ])
+        .output()
+        .expect("loadgen runs");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let json: Value = serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+    assert_eq!(json["clients_connected"], 0);
+    assert_eq!(json["errors"]["connect_failed"], 2);
+}
+
+#[test]
+fn binary_exits_2_on_a_bad_setting() {
+    for bad in [
+        &["--duration", "10"][..],
+        &["--page", "public", "--rate=-1"],
+        &["https://example.invalid"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args(bad)
+            .output()
+            .expect("loadgen runs");
+        assert_eq!(output.status.code(), Some(2), "{bad:?}: {output:?}");
+        assert!(output.stdout.is_empty());
+    }
+}
