@@ -113,10 +113,10 @@ pub fn parse_nats_url(s: &str) -> Result<String, String> {
         if host_port.is_empty() || host_port.contains('/') && !host_port.ends_with('/') {
             return Err(format!("{part:?} is not a NATS server address"));
         }
-        if let Some((_, port)) = host_port.trim_end_matches('/').rsplit_once(':') {
-            if port.parse::<u16>().is_err() {
-                return Err(format!("{part:?} has a bad port"));
-            }
+        if let Some((_, port)) = host_port.trim_end_matches('/').rsplit_once(':')
+            && port.parse::<u16>().is_err()
+        {
+            return Err(format!("{part:?} has a bad port"));
         }
     }
     Ok(s.to_owned())
@@ -157,6 +157,21 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m, h or d)")),
     };
     Ok(std::time::Duration::from_secs(secs))
+}
+
+/// The machine's host name (`HOSTNAME`, else `/etc/hostname`, else
+/// `localhost`): the default id of a gateway or replica.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 #[cfg(test)]

@@ -56,17 +56,30 @@ impl NatsBus {
     async fn lease_bucket(&self, bucket: &str, ttl: Duration) -> Result<kv::Store, BusError> {
         match self.js.get_key_value(bucket).await {
             Ok(store) => Ok(store),
-            Err(_) => self
-                .js
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_owned(),
-                    history: 1,
-                    max_age: ttl,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(BusError::other),
+            Err(_) => {
+                // The bucket's stream is created directly, with the settings
+                // `create_key_value` would use: that call first reads the
+                // account info, which async-nats fails to parse from servers
+                // before 2.10.
+                self.js
+                    .get_or_create_stream(stream::Config {
+                        name: format!("KV_{bucket}"),
+                        subjects: vec![format!("$KV.{bucket}.>")],
+                        max_messages_per_subject: 1,
+                        max_age: ttl,
+                        duplicate_window: ttl.min(Duration::from_secs(120)),
+                        storage: stream::StorageType::File,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: stream::DiscardPolicy::New,
+                        num_replicas: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(BusError::other)?;
+                self.js.get_key_value(bucket).await.map_err(BusError::other)
+            }
         }
     }
 }
