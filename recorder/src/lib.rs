@@ -1,0 +1,277 @@
+//! The recorder: consumes every delay sample from the durable stream
+//! (a JetStream consumer shared by all replicas, or the in-memory bus of the
+//! standalone binary), writes them to the [`store`] in batches, acknowledges
+//! only after commit, and answers history and statistics queries.
+//!
+//! [`Recorder::build`] sets everything up (stream, consumer, query
+//! subscriptions, readiness check); [`Recorder::run`] works until the
+//! shutdown token is cancelled, then finishes the batch in hand.
+//!
+//! ```no_run
+//! # async fn demo(bus: services::bus::SharedBus) -> anyhow::Result<()> {
+//! use recorder::{Recorder, RecorderConfig};
+//! let store = recorder::store::connect("sqlite::memory:").await?;
+//! let cfg = RecorderConfig::new(services::subjects::Subjects::new("pingapp"));
+//! let readiness = services::admin::Readiness::new();
+//! let registry = prometheus::Registry::new();
+//! let recorder = Recorder::build(cfg, bus, store, &registry, readiness.clone()).await?;
+//! readiness.set_started();
+//! recorder.run(tokio_util::sync::CancellationToken::new()).await
+//! # }
+//! ```
+
+mod consumer;
+mod metrics;
+pub mod queries;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use services::admin::Readiness;
+use services::bus::{Deliveries, SharedBus, StreamSpec, Subscription};
+use services::subjects::Subjects;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::consumer::Consumer;
+use crate::metrics::Metrics;
+use crate::queries::{Kind, Responder};
+use crate::store::Store;
+
+/// The queue group the replicas answer queries in.
+pub const QUEUE_GROUP: &str = "recorder";
+
+/// How often the database is pinged for readiness.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How the recorder works.
+#[derive(Debug, Clone)]
+pub struct RecorderConfig {
+    /// The subjects (and stream and consumer names) of the deployment.
+    pub subjects: Subjects,
+    /// An insert is made once this many samples are gathered (default 5000)…
+    pub batch_max_samples: usize,
+    /// …or this long after the first delivery of the batch (default 50 ms).
+    pub batch_wait: Duration,
+    /// Samples older than this are deleted (default 30 days; zero keeps
+    /// them for ever).
+    pub retention: Duration,
+    /// How often old samples are deleted (default 1 min).
+    pub prune_interval: Duration,
+    /// The stream drops unconsumed batches older than this (default 7
+    /// days): how long the recorders may all be down without loss.
+    pub stream_max_age: Duration,
+}
+
+impl RecorderConfig {
+    /// The defaults, for the deployment of `subjects`.
+    pub fn new(subjects: Subjects) -> Self {
+        Self {
+            subjects,
+            batch_max_samples: 5_000,
+            batch_wait: Duration::from_millis(50),
+            retention: Duration::from_secs(30 * 86_400),
+            prune_interval: Duration::from_secs(60),
+            stream_max_age: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// Whether the database is usable, for the synchronous readiness check:
+/// the last ping answered, and inserts are not failing.
+#[derive(Debug)]
+pub(crate) struct DbHealth {
+    ping_ok: AtomicBool,
+    inserts_failing: AtomicBool,
+}
+
+impl DbHealth {
+    fn new(ping_ok: bool) -> Self {
+        Self {
+            ping_ok: AtomicBool::new(ping_ok),
+            inserts_failing: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.ping_ok.load(Ordering::Relaxed) && !self.inserts_failing.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_inserts_failing(&self, failing: bool) {
+        self.inserts_failing.store(failing, Ordering::Relaxed);
+    }
+}
+
+/// A built recorder, ready to [`run`](Recorder::run).
+pub struct Recorder {
+    cfg: RecorderConfig,
+    bus: SharedBus,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    health: Arc<DbHealth>,
+    deliveries: Deliveries,
+    samples_sub: Subscription,
+    stats_sub: Subscription,
+}
+
+impl Recorder {
+    /// Creates the sample stream if missing, starts consuming it through the
+    /// shared durable consumer, subscribes to the queries in queue group
+    /// [`QUEUE_GROUP`], registers the metrics in `registry` and adds the
+    /// readiness check "database". The caller marks `readiness` started
+    /// once everything it runs is built.
+    ///
+    /// # Errors
+    /// The stream, consumer or subscriptions could not be set up.
+    pub async fn build(
+        cfg: RecorderConfig,
+        bus: SharedBus,
+        store: Arc<dyn Store>,
+        registry: &prometheus::Registry,
+        readiness: Readiness,
+    ) -> anyhow::Result<Recorder> {
+        let subjects = &cfg.subjects;
+        let stream = subjects.samples_stream();
+        bus.ensure_stream(&StreamSpec {
+            name: stream.clone(),
+            subjects: subjects.all_samples(),
+            max_age: cfg.stream_max_age,
+        })
+        .await
+        .with_context(|| format!("creating the stream {stream}"))?;
+        let deliveries = bus
+            .consume(&stream, &subjects.recorder_durable())
+            .await
+            .with_context(|| format!("consuming the stream {stream}"))?;
+        let samples_sub = bus
+            .queue_subscribe(&subjects.query_samples(), QUEUE_GROUP)
+            .await
+            .context("subscribing to history queries")?;
+        let stats_sub = bus
+            .queue_subscribe(&subjects.query_stats(), QUEUE_GROUP)
+            .await
+            .context("subscribing to statistics queries")?;
+        let health = Arc::new(DbHealth::new(store.ping().await));
+        let h = health.clone();
+        readiness.add_check("database", move || h.is_up());
+        Ok(Recorder {
+            metrics: Arc::new(Metrics::new(registry)),
+            cfg,
+            bus,
+            store,
+            health,
+            deliveries,
+            samples_sub,
+            stats_sub,
+        })
+    }
+
+    /// Consumes, answers queries and prunes until `shutdown` is cancelled;
+    /// then stops taking deliveries and queries, commits and acknowledges
+    /// the batch in hand, waits for the answers in flight, and returns.
+    ///
+    /// # Errors
+    /// None so far: failures of the bus or the database are retried.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        let stop = shutdown.child_token();
+        let responder = Responder {
+            bus: self.bus.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+        };
+        tracker.spawn(responder.clone().serve(
+            Kind::Samples,
+            self.samples_sub,
+            stop.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(responder.serve(Kind::Stats, self.stats_sub, stop.clone(), tracker.clone()));
+        tracker.spawn(ping_loop(
+            self.store.clone(),
+            self.health.clone(),
+            stop.clone(),
+        ));
+        if !self.cfg.retention.is_zero() {
+            tracker.spawn(prune_loop(
+                self.store.clone(),
+                self.metrics.clone(),
+                self.cfg.retention,
+                self.cfg.prune_interval,
+                stop.clone(),
+            ));
+        }
+        let consumer = Arc::new(Consumer {
+            bus: self.bus,
+            stream: self.cfg.subjects.samples_stream(),
+            durable: self.cfg.subjects.recorder_durable(),
+            store: self.store,
+            metrics: self.metrics,
+            health: self.health,
+            batch_max_samples: self.cfg.batch_max_samples,
+            batch_wait: self.cfg.batch_wait,
+        });
+        consumer.run(self.deliveries, shutdown).await;
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        Ok(())
+    }
+}
+
+/// Keeps the readiness check's view of the database fresh.
+async fn ping_loop(store: Arc<dyn Store>, health: Arc<DbHealth>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ok = store.ping().await;
+        if ok != health.ping_ok.swap(ok, Ordering::Relaxed) {
+            if ok {
+                tracing::info!("database reachable again");
+            } else {
+                tracing::warn!("database unreachable");
+            }
+        }
+    }
+}
+
+/// Deletes samples older than the retention every `interval`.
+async fn prune_loop(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    retention: Duration,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let retention_us = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    let interval = if interval.is_zero() {
+        Duration::from_secs(60)
+    } else {
+        interval
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = services::unix_us().saturating_sub(retention_us);
+        match store.prune(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.pruned.inc_by(n);
+                tracing::info!(samples = n, "pruned samples past retention");
+            }
+            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The recorder's Prometheus families, all prefixed `pingapp_recorder_`.
+
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
+use services::metrics::{BATCH_SIZES, FAST_SECONDS, counter, gauge, histogram};
+
+const NO_LABELS: &[&str] = &[];
+
+/// Every metric the recorder updates.
+pub(crate) struct Metrics {
+    /// New samples committed.
+    pub samples_persisted: IntCounter,
+    /// Samples that were already stored (redelivered or re-sent batches).
+    pub duplicates: IntCounter,
+    /// Record batches (bus messages) committed.
+    pub batches: IntCounter,
+    /// Samples per store insert.
+    pub batch_size: Histogram,
+    /// Time of successful store inserts.
+    pub insert_duration: Histogram,
+    /// Store inserts that failed.
+    pub database_errors: IntCounter,
+    /// Deliveries the stream had delivered before.
+    pub redeliveries: IntCounter,
+    /// Deliveries that were not a record batch (acknowledged and dropped).
+    pub undecodable: IntCounter,
+    /// Record batches the database refused as invalid data (dropped).
+    pub rejected: IntCounter,
+    /// Deliveries received and not yet acknowledged.
+    pub consumer_pending: IntGauge,
+    /// Samples deleted by retention.
+    pub pruned: IntCounter,
+    /// History and statistics queries by kind and outcome.
+    pub queries: IntCounterVec,
+}
+
+impl Metrics {
+    /// Registers the families in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        let c = |name: &str, help: &str| {
+            counter(
+                registry,
+                &format!("pingapp_recorder_{name}"),
+                help,
+                NO_LABELS,
+            )
+            .with_label_values(NO_LABELS)
+        };
+        let h = |name: &str, help: &str, buckets: &[f64]| {
+            histogram(
+                registry,
+                &format!("pingapp_recorder_{name}"),
+                help,
+                NO_LABELS,
+                buckets,
+            )
+            .with_label_values(NO_LABELS)
+        };
+        Self {
+            samples_persisted: c(
+                "samples_persisted_total",
+                "New samples committed to the database.",
+            ),
+            duplicates: c(
+                "duplicates_total",
+                "Samples delivered again that were already stored.",
+            ),
+            batches: c("batches_total", "Record batches (bus messages) committed."),
+            batch_size: h("batch_size", "Samples per database insert.", BATCH_SIZES),
+            insert_duration: h(
+                "insert_duration_seconds",
+                "Duration of successful database inserts.",
+                FAST_SECONDS,
+            ),
+            database_errors: c("database_errors_total", "Database inserts that failed."),
+            redeliveries: c(
+                "redeliveries_total",
+                "Deliveries that the stream had delivered before.",
+            ),
+            undecodable: c(
+                "undecodable_total",
+                "Stream messages that were not a record batch (acknowledged and dropped).",
+            ),
+            rejected: c(
+                "rejected_total",
+                "Record batches the database refused as invalid data (acknowledged and dropped).",
+            ),
+            consumer_pending: gauge(
+                registry,
+                "pingapp_recorder_consumer_pending",
+                "Deliveries received and not yet acknowledged.",
+                NO_LABELS,
+            )
+            .with_label_values(NO_LABELS),
+            pruned: c("pruned_total", "Samples deleted by retention."),
+            queries: counter(
+                registry,
+                "pingapp_recorder_queries_total",
+                "History and statistics queries answered, by kind and outcome.",
+                &["kind", "outcome"],
+            ),
+        }
+    }
+
+    /// Counts one query.
+    pub fn query(&self, kind: &str, outcome: &str) {
+        self.queries.with_label_values(&[kind, outcome]).inc();
+    }
+}

@@ -1,0 +1,210 @@
+//! The query responders: history ([`SamplesQuery`]) and statistics
+//! ([`StatsQuery`]) requests over the bus, answered by whichever replica of
+//! the queue group gets them. Bad input is answered with the `Error`
+//! variant, never a panic; a request without a reply subject is ignored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use services::bus::{Message, SharedBus, Subscription};
+use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply, decode, encode};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::DbHealth;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+/// The most buckets one statistics answer holds: keeps the reply well under
+/// NATS's default 1 MiB payload limit.
+pub const MAX_BUCKETS: u64 = 5_000;
+
+/// Queries answered at once per kind; more wait in the subscription.
+const CONCURRENCY: usize = 8;
+
+/// What the responders share.
+#[derive(Clone)]
+pub(crate) struct Responder {
+    pub bus: SharedBus,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<DbHealth>,
+}
+
+/// Which query a subscription carries.
+#[derive(Clone, Copy)]
+pub(crate) enum Kind {
+    Samples,
+    Stats,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Samples => "samples",
+            Kind::Stats => "stats",
+        }
+    }
+}
+
+impl Responder {
+    /// Answers the requests of `sub` until `stop`, a few at a time; the
+    /// answers in flight are tracked by `tracker`.
+    pub async fn serve(
+        self,
+        kind: Kind,
+        mut sub: Subscription,
+        stop: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let limit = Arc::new(Semaphore::new(CONCURRENCY));
+        loop {
+            let msg = tokio::select! {
+                () = stop.cancelled() => return,
+                msg = sub.next() => msg,
+            };
+            let Some(msg) = msg else {
+                tracing::warn!(kind = kind.label(), "query subscription closed");
+                return;
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let this = self.clone();
+            tracker.spawn(async move {
+                this.answer(kind, msg).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn answer(&self, kind: Kind, msg: Message) {
+        let Some(reply) = msg.reply else {
+            self.metrics.query(kind.label(), "no_reply");
+            return;
+        };
+        let (payload, outcome) = match kind {
+            Kind::Samples => {
+                let (answer, outcome) = self.samples(&msg.payload).await;
+                (encode(&answer), outcome)
+            }
+            Kind::Stats => {
+                let (answer, outcome) = self.stats(&msg.payload).await;
+                (encode(&answer), outcome)
+            }
+        };
+        self.metrics.query(kind.label(), outcome);
+        if let Err(e) = self.bus.publish(&reply, payload).await {
+            tracing::warn!(error = %e, kind = kind.label(), "could not send a query answer");
+        }
+    }
+
+    async fn samples(&self, payload: &[u8]) -> (SamplesReply, &'static str) {
+        let q: SamplesQuery = match decode(payload) {
+            Ok(q) => q,
+            Err(e) => {
+                let message = format!("bad request: {e}");
+                return (SamplesReply::Error { message }, "bad_request");
+            }
+        };
+        if !self.health.is_up() {
+            return (unavailable_samples(), "error");
+        }
+        match self.store.samples(&q).await {
+            Ok(Some(samples)) => (SamplesReply::Found { samples }, "found"),
+            Ok(None) => (SamplesReply::NotFound, "not_found"),
+            Err(StoreError::InvalidQuery(why)) => {
+                let message = format!("bad request: {why}");
+                (SamplesReply::Error { message }, "bad_request")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "history query failed");
+                (unavailable_samples(), "error")
+            }
+        }
+    }
+
+    async fn stats(&self, payload: &[u8]) -> (StatsReply, &'static str) {
+        let (window, bucket) = match decode::<StatsQuery>(payload)
+            .map_err(|e| e.to_string())
+            .and_then(|q| validate_stats(&q))
+        {
+            Ok(wb) => wb,
+            Err(e) => {
+                let message = format!("bad request: {e}");
+                return (StatsReply::Error { message }, "bad_request");
+            }
+        };
+        if !self.health.is_up() {
+            return (unavailable_stats(), "error");
+        }
+        match self.store.stats(window, bucket, services::unix_us()).await {
+            Ok(buckets) => (StatsReply::Ok { buckets }, "ok"),
+            Err(StoreError::InvalidQuery(why)) => {
+                let message = format!("bad request: {why}");
+                (StatsReply::Error { message }, "bad_request")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "statistics query failed");
+                (unavailable_stats(), "error")
+            }
+        }
+    }
+}
+
+fn unavailable_samples() -> SamplesReply {
+    SamplesReply::Error {
+        message: "database unavailable".into(),
+    }
+}
+
+fn unavailable_stats() -> StatsReply {
+    StatsReply::Error {
+        message: "database unavailable".into(),
+    }
+}
+
+/// Checks a statistics query: positive window and bucket, at most
+/// [`MAX_BUCKETS`] buckets. Returns the window and bucket width.
+///
+/// # Errors
+/// Why the query is refused, for the caller to show.
+pub fn validate_stats(q: &StatsQuery) -> Result<(Duration, Duration), String> {
+    if q.window_s == 0 {
+        return Err("window must be positive".into());
+    }
+    if q.bucket_s == 0 {
+        return Err("bucket must be positive".into());
+    }
+    if q.window_s.div_ceil(q.bucket_s) > MAX_BUCKETS {
+        return Err(format!(
+            "window / bucket gives more than {MAX_BUCKETS} buckets"
+        ));
+    }
+    Ok((
+        Duration::from_secs(q.window_s),
+        Duration::from_secs(q.bucket_s),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_queries_are_validated() {
+        let q = |window_s, bucket_s| StatsQuery { window_s, bucket_s };
+        assert_eq!(
+            validate_stats(&q(3600, 60)),
+            Ok((Duration::from_secs(3600), Duration::from_secs(60)))
+        );
+        assert!(validate_stats(&q(0, 60)).is_err());
+        assert!(validate_stats(&q(60, 0)).is_err());
+        assert!(validate_stats(&q(u64::MAX, 1)).is_err());
+        assert!(validate_stats(&q(MAX_BUCKETS, 1)).is_ok());
+        assert!(validate_stats(&q(MAX_BUCKETS + 1, 1)).is_err());
+        assert!(validate_stats(&q(u64::MAX, u64::MAX)).is_ok());
+    }
+}

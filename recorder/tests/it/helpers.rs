@@ -1,0 +1,397 @@
+//! Test fixtures: a fresh database per test (a SQLite temp file, or a new
+//! database on the machine's Postgres server), a NATS bus with a random
+//! subject prefix, a recorder running in the background, and sample data.
+//!
+//! Logs stay silent unless `TEST_LOG` is set. Postgres and NATS must be
+//! running; a test that cannot reach them fails and says how to fix it.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use recorder::store::Store;
+use recorder::store::postgres::PgStore;
+use recorder::store::sqlite::SqliteStore;
+use recorder::{Recorder, RecorderConfig};
+use services::admin::Readiness;
+use services::bus::nats::NatsBus;
+use services::bus::{Bus, SharedBus};
+use services::messages::{ClientRecord, RecordBatch, SampleRecord};
+use services::subjects::Subjects;
+use sqlx::Connection;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Default server for the Postgres tests.
+pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Default server for the NATS tests.
+pub const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
+
+/// Installs the log subscriber when `TEST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        services::telemetry::init(services::config::LogFormat::Text);
+    }
+}
+
+fn random_name(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+/// A SQLite database in a temporary file, deleted on drop.
+pub struct TestSqlite {
+    /// The store over it.
+    pub store: Arc<SqliteStore>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestSqlite {
+    /// A new, migrated database.
+    pub async fn new() -> Self {
+        init_logs();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("recorder.db").display());
+        let store = SqliteStore::connect(&url).await.expect("open SQLite");
+        Self {
+            store: Arc::new(store),
+            _dir: dir,
+        }
+    }
+
+    /// The store as the service sees it.
+    pub fn dyn_store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+}
+
+/// A fresh database on the machine's Postgres server, dropped on drop.
+pub struct TestPg {
+    /// The store over it.
+    pub store: Arc<PgStore>,
+    /// Its URL.
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl TestPg {
+    /// Creates `test_<random>` and migrates it.
+    ///
+    /// # Panics
+    /// Postgres is not reachable: start it or set `PINGAPP_TEST_DATABASE_URL`.
+    pub async fn new() -> Self {
+        init_logs();
+        let admin_url =
+            std::env::var("PINGAPP_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG.to_owned());
+        let mut admin = match tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::PgConnection::connect(&admin_url),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!(
+                "cannot reach PostgreSQL at {admin_url}: {e}. Start PostgreSQL \
+                 (e.g. `service postgresql start`) or set PINGAPP_TEST_DATABASE_URL \
+                 to a server where this user may CREATE DATABASE"
+            ),
+            Err(_) => panic!(
+                "timed out connecting to PostgreSQL at {admin_url}. Start PostgreSQL \
+                 or set PINGAPP_TEST_DATABASE_URL"
+            ),
+        };
+        let name = random_name("test_");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("CREATE DATABASE");
+        let _ = admin.close().await;
+        let url = with_database(&admin_url, &name);
+        let store = PgStore::connect(&url).await.expect("open Postgres");
+        Self {
+            store: Arc::new(store),
+            url,
+            admin_url,
+            name,
+        }
+    }
+
+    /// The store as the service sees it.
+    pub fn dyn_store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// How many samples are stored.
+    pub async fn count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM samples")
+            .fetch_one(self.store.pool())
+            .await
+            .expect("count samples")
+    }
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        // Best effort, from a thread of its own: Drop cannot await.
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Only things of the new thread's own runtime may be used there: the
+        // test's runtime is blocked in this drop.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut c)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// `url` with its database replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    format!("{base}/{name}{query}")
+}
+
+/// A NATS bus under a random subject prefix; the test's stream is deleted
+/// on drop.
+pub struct TestNats {
+    /// The bus.
+    pub bus: Arc<NatsBus>,
+    /// The test's subjects.
+    pub subjects: Subjects,
+    url: String,
+}
+
+impl TestNats {
+    /// Connects to the machine's NATS server.
+    ///
+    /// # Panics
+    /// NATS is not reachable: start nats-server with JetStream or set
+    /// `PINGAPP_TEST_NATS_URL`.
+    pub async fn new() -> Self {
+        init_logs();
+        let url =
+            std::env::var("PINGAPP_TEST_NATS_URL").unwrap_or_else(|_| DEFAULT_NATS.to_owned());
+        let bus = connect_nats(&url).await;
+        Self {
+            bus,
+            subjects: Subjects::new(&random_name("t")),
+            url,
+        }
+    }
+
+    /// Another connection to the same server (a second replica).
+    pub async fn connect_again(&self) -> Arc<NatsBus> {
+        connect_nats(&self.url).await
+    }
+
+    /// The bus as the service sees it.
+    pub fn shared(&self) -> SharedBus {
+        self.bus.clone()
+    }
+}
+
+async fn connect_nats(url: &str) -> Arc<NatsBus> {
+    let hint = "Start nats-server with JetStream (`start-stop-daemon --start --oknodo --background \
+                --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`) \
+                or set PINGAPP_TEST_NATS_URL";
+    let addr = url.trim_start_matches("nats://");
+    match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => panic!("cannot reach NATS at {url}: {e}. {hint}"),
+        Err(_) => panic!("timed out reaching NATS at {url}. {hint}"),
+    }
+    let bus = tokio::time::timeout(
+        Duration::from_secs(10),
+        NatsBus::connect(url, "recorder-test"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("timed out connecting to NATS at {url}. {hint}"))
+    .unwrap_or_else(|e| panic!("cannot connect to NATS at {url}: {e}. {hint}"));
+    Arc::new(bus)
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let stream = self.subjects.samples_stream();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                // A connection of this thread's runtime: the test's runtime
+                // is blocked in this drop.
+                let connect = async_nats::connect(url);
+                let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+                else {
+                    return;
+                };
+                let js = async_nats::jetstream::new(client);
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), js.delete_stream(&stream)).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A recorder running in the background.
+pub struct Running {
+    /// Its metrics.
+    pub registry: Registry,
+    /// Its readiness.
+    pub readiness: Readiness,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Builds a recorder with small batches and starts it.
+    pub async fn start(cfg: RecorderConfig, bus: SharedBus, store: Arc<dyn Store>) -> Running {
+        let registry = Registry::new();
+        let readiness = Readiness::new();
+        let recorder = Recorder::build(cfg, bus, store, &registry, readiness.clone())
+            .await
+            .expect("build recorder");
+        readiness.set_started();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(recorder.run(shutdown.clone()));
+        Running {
+            registry,
+            readiness,
+            shutdown,
+            task,
+        }
+    }
+
+    /// The value of an unlabelled metric (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        metric(&self.registry, name)
+    }
+
+    /// Starts the drain and waits for `run` to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("recorder stops in time")
+            .expect("recorder task")
+            .expect("recorder run");
+    }
+}
+
+/// The test configuration: short batch wait, no pruning.
+pub fn test_config(subjects: Subjects) -> RecorderConfig {
+    let mut cfg = RecorderConfig::new(subjects);
+    cfg.batch_wait = Duration::from_millis(20);
+    cfg.batch_max_samples = 500;
+    cfg.retention = Duration::ZERO;
+    cfg.stream_max_age = Duration::from_secs(3600);
+    cfg
+}
+
+/// The value of an unlabelled (or the sum of a labelled) metric.
+pub fn metric(registry: &Registry, name: &str) -> f64 {
+    services::metrics::render(registry)
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `check` until it holds, for at most `within`.
+///
+/// # Panics
+/// It never held; `what` says what was awaited.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client record.
+pub fn client(id: &str, public: bool, token: Option<&str>) -> ClientRecord {
+    ClientRecord {
+        channel_name: id.to_owned(),
+        public,
+        token_digest: token.map(services::ids::token_digest),
+        gateway: "gw1".to_owned(),
+        connected_at_us: 1_000,
+    }
+}
+
+/// Samples `ns` of client `id`: sample `n` is at `base_us + n` seconds with
+/// a delay of `n` ms.
+pub fn samples(
+    id: &str,
+    public: bool,
+    ns: std::ops::Range<u64>,
+    base_us: i64,
+) -> Vec<SampleRecord> {
+    ns.map(|n| SampleRecord {
+        channel_name: id.to_owned(),
+        n,
+        seq: Some(n * 10),
+        at_us: base_us + n as i64 * 1_000_000,
+        delay_ms: n as f64,
+        public,
+    })
+    .collect()
+}
+
+/// A batch from gateway `gw1`.
+pub fn batch(clients: Vec<ClientRecord>, samples: Vec<SampleRecord>) -> RecordBatch {
+    RecordBatch {
+        gateway: "gw1".to_owned(),
+        clients,
+        samples,
+    }
+}
+
+/// Persists `batch` on the stream under `msg_id`.
+pub async fn persist(bus: &dyn Bus, subjects: &Subjects, batch: &RecordBatch, msg_id: &str) {
+    bus.persist(
+        &subjects.samples("gw1"),
+        services::messages::encode(batch),
+        msg_id,
+    )
+    .await
+    .expect("persist");
+}

@@ -1,0 +1,8 @@
+//! The recorder's integration tests, in one binary: the store contract
+//! against SQLite and Postgres, and the service over NATS and the in-memory
+//! bus. Needs the machine's PostgreSQL and NATS (with JetStream) servers;
+//! see `it/helpers.rs` for the environment variables.
+
+mod helpers;
+mod service;
+mod store;

@@ -1,0 +1,543 @@
+//! The recorder service end to end: over the machine's NATS server with
+//! JetStream and Postgres, and over the in-memory bus with SQLite (the
+//! standalone composition).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use recorder::store::{InsertOutcome, Store, StoreError};
+use services::bus::memory::MemoryBus;
+use services::bus::{Bus, SharedBus};
+use services::messages::{
+    RecordBatch, SamplesQuery, SamplesReply, StatsBucket, StatsQuery, StatsReply, decode, encode,
+};
+use services::subjects::Subjects;
+
+use crate::helpers::{
+    Running, TestNats, TestPg, TestSqlite, batch, client, eventually, persist, samples, test_config,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn wave(id_prefix: &str, batches: usize, per_batch: u64) -> Vec<RecordBatch> {
+    (0..batches)
+        .map(|i| {
+            let id = format!("{id_prefix}{i}");
+            batch(
+                vec![client(&id, true, None)],
+                samples(&id, true, 0..per_batch, services::unix_us()),
+            )
+        })
+        .collect()
+}
+
+async fn wait_for_count(pg: &TestPg, expected: i64) {
+    eventually(WAIT, &format!("{expected} samples stored"), || async {
+        pg.count().await >= expected
+    })
+    .await;
+    // And not one more, even after redeliveries would have arrived.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(pg.count().await, expected);
+}
+
+async fn ask_samples(bus: &dyn Bus, subjects: &Subjects, q: &SamplesQuery) -> SamplesReply {
+    let reply = bus
+        .request(&subjects.query_samples(), encode(q), Duration::from_secs(5))
+        .await
+        .expect("history answer");
+    decode(&reply).expect("a SamplesReply")
+}
+
+async fn ask_stats(bus: &dyn Bus, subjects: &Subjects, payload: Bytes) -> StatsReply {
+    let reply = bus
+        .request(&subjects.query_stats(), payload, Duration::from_secs(5))
+        .await
+        .expect("stats answer");
+    decode(&reply).expect("a StatsReply")
+}
+
+fn history(id: &str, token: Option<&str>) -> SamplesQuery {
+    SamplesQuery {
+        channel_name: id.to_owned(),
+        token: token.map(str::to_owned),
+        since_us: None,
+        limit: 1000,
+    }
+}
+
+fn found(reply: SamplesReply) -> usize {
+    match reply {
+        SamplesReply::Found { samples } => samples.len(),
+        other => panic!("expected Found, got {other:?}"),
+    }
+}
+
+/// Two replicas share the durable consumer; a batch persisted twice under
+/// different message ids is stored once.
+#[tokio::test]
+async fn batches_are_stored_exactly_once_by_two_replicas() {
+    // Arrange
+    let nats = TestNats::new().await;
+    let pg = TestPg::new().await;
+    let a = Running::start(
+        test_config(nats.subjects.clone()),
+        nats.shared(),
+        pg.dyn_store(),
+    )
+    .await;
+    let bus_b: SharedBus = nats.connect_again().await;
+    let b = Running::start(test_config(nats.subjects.clone()), bus_b, pg.dyn_store()).await;
+    let batches = wave("c", 20, 50);
+    // Act
+    for (i, x) in batches.iter().enumerate() {
+        persist(&*nats.bus, &nats.subjects, x, &format!("m{i}")).await;
+    }
+    persist(&*nats.bus, &nats.subjects, &batches[3], "m3-again").await;
+    persist(&*nats.bus, &nats.subjects, &batches[7], "m7-again").await;
+    // Assert
+    wait_for_count(&pg, 1000).await;
+    let dups = || {
+        a.metric("pingapp_recorder_duplicates_total")
+            + b.metric("pingapp_recorder_duplicates_total")
+    };
+    eventually(
+        WAIT,
+        "both re-sent batches counted as duplicates",
+        || async { dups() >= 100.0 },
+    )
+    .await;
+    assert_eq!(dups(), 100.0);
+    let persisted = a.metric("pingapp_recorder_samples_persisted_total")
+        + b.metric("pingapp_recorder_samples_persisted_total");
+    assert_eq!(persisted, 1000.0);
+    assert_eq!(a.metric("pingapp_recorder_consumer_pending"), 0.0);
+    assert_eq!(b.metric("pingapp_recorder_consumer_pending"), 0.0);
+    assert!(a.readiness.status().is_ok());
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A recorder stopped in the middle of the stream is replaced by a new one
+/// that resumes where it stopped: nothing lost, nothing twice.
+#[tokio::test]
+async fn a_new_recorder_resumes_where_the_old_one_stopped() {
+    let nats = TestNats::new().await;
+    let pg = TestPg::new().await;
+    let first = Running::start(
+        test_config(nats.subjects.clone()),
+        nats.connect_again().await,
+        pg.dyn_store(),
+    )
+    .await;
+    for (i, x) in wave("one", 10, 30).iter().enumerate() {
+        persist(&*nats.bus, &nats.subjects, x, &format!("one{i}")).await;
+    }
+    wait_for_count(&pg, 300).await;
+    first.stop().await;
+    // A stopped replica's outstanding pull requests would swallow new
+    // messages until the ack wait (30 s) brings them back; the server drops
+    // them once it sees the connection gone.
+    no_pull_requests_waiting(&nats).await;
+    // While no recorder runs, the stream keeps what gateways send.
+    for (i, x) in wave("two", 10, 30).iter().enumerate() {
+        persist(&*nats.bus, &nats.subjects, x, &format!("two{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(pg.count().await, 300);
+    let second = Running::start(
+        test_config(nats.subjects.clone()),
+        nats.connect_again().await,
+        pg.dyn_store(),
+    )
+    .await;
+    wait_for_count(&pg, 600).await;
+    assert_eq!(second.metric("pingapp_recorder_duplicates_total"), 0.0);
+    second.stop().await;
+}
+
+async fn no_pull_requests_waiting(nats: &TestNats) {
+    let js = async_nats::jetstream::new(nats.bus.client().clone());
+    let stream = js.get_stream(nats.subjects.samples_stream()).await.unwrap();
+    eventually(
+        WAIT,
+        "no pull request of the stopped recorder left",
+        || async {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer(&nats.subjects.recorder_durable())
+                .await
+                .unwrap();
+            consumer.info().await.unwrap().num_waiting == 0
+        },
+    )
+    .await;
+}
+
+/// History and statistics are answered over the bus; a private client's
+/// history needs its token.
+#[tokio::test]
+async fn history_and_stats_are_answered_over_nats() {
+    let nats = TestNats::new().await;
+    let pg = TestPg::new().await;
+    let rec = Running::start(
+        test_config(nats.subjects.clone()),
+        nats.shared(),
+        pg.dyn_store(),
+    )
+    .await;
+    let now = services::unix_us();
+    let mut private = samples("priv", false, 0..5, now - 60_000_000);
+    private[0].delay_ms = 50_000.0;
+    let b = batch(
+        vec![
+            client("pub", true, None),
+            client("priv", false, Some("tok")),
+        ],
+        [samples("pub", true, 1..11, now - 60_000_000), private].concat(),
+    );
+    persist(&*nats.bus, &nats.subjects, &b, "q1").await;
+    wait_for_count(&pg, 15).await;
+    let (bus, s) = (&*nats.bus, &nats.subjects);
+
+    assert_eq!(found(ask_samples(bus, s, &history("pub", None)).await), 10);
+    assert_eq!(
+        found(ask_samples(bus, s, &history("priv", Some("tok"))).await),
+        5
+    );
+    for q in [
+        history("priv", None),
+        history("priv", Some("nope")),
+        history("ghost", None),
+    ] {
+        assert_eq!(
+            ask_samples(bus, s, &q).await,
+            SamplesReply::NotFound,
+            "{q:?}"
+        );
+    }
+    let bad = bus
+        .request(
+            &s.query_samples(),
+            Bytes::from_static(b"{not json"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(decode(&bad).unwrap(), SamplesReply::Error { .. }));
+
+    let q = encode(&StatsQuery {
+        window_s: 3600,
+        bucket_s: 3600,
+    });
+    let StatsReply::Ok { buckets } = ask_stats(bus, s, q).await else {
+        panic!("stats failed");
+    };
+    let total: u64 = buckets.iter().map(|b| b.count).sum();
+    assert_eq!(total, 10, "only the public samples: {buckets:?}");
+    assert!(
+        buckets
+            .iter()
+            .all(|b: &StatsBucket| b.max <= 10.0 && b.min >= 1.0)
+    );
+    let bad = encode(&StatsQuery {
+        window_s: 3600,
+        bucket_s: 0,
+    });
+    assert!(matches!(
+        ask_stats(bus, s, bad).await,
+        StatsReply::Error { .. }
+    ));
+    let garbage = Bytes::from_static(b"\xff");
+    assert!(matches!(
+        ask_stats(bus, s, garbage).await,
+        StatsReply::Error { .. }
+    ));
+    assert_eq!(
+        rec.metric("pingapp_recorder_queries_total"),
+        9.0,
+        "every query counted"
+    );
+    rec.stop().await;
+}
+
+/// A message that is not a record batch, and a batch the database refuses
+/// (a NUL byte in text), are dropped; the messages after them still arrive.
+#[tokio::test]
+async fn poison_messages_do_not_block_the_stream() {
+    let nats = TestNats::new().await;
+    let pg = TestPg::new().await;
+    let mut cfg = test_config(nats.subjects.clone());
+    cfg.batch_wait = Duration::from_millis(200); // gather all three in one insert
+    let rec = Running::start(cfg, nats.shared(), pg.dyn_store()).await;
+    let subject = nats.subjects.samples("gw1");
+    nats.bus
+        .persist(&subject, Bytes::from_static(b"garbage"), "p1")
+        .await
+        .unwrap();
+    let refused = batch(
+        vec![client("nul\0id", true, None)],
+        samples("nul\0id", true, 0..3, 0),
+    );
+    persist(&*nats.bus, &nats.subjects, &refused, "p2").await;
+    let good = batch(
+        vec![client("good", true, None)],
+        samples("good", true, 0..7, 0),
+    );
+    persist(&*nats.bus, &nats.subjects, &good, "p3").await;
+
+    wait_for_count(&pg, 7).await;
+    assert_eq!(rec.metric("pingapp_recorder_undecodable_total"), 1.0);
+    eventually(WAIT, "the refused batch dropped", || async {
+        rec.metric("pingapp_recorder_rejected_total") == 1.0
+    })
+    .await;
+    assert_eq!(rec.metric("pingapp_recorder_consumer_pending"), 0.0);
+    rec.stop().await;
+}
+
+/// The standalone composition: the in-memory bus and SQLite.
+#[tokio::test]
+async fn standalone_over_the_memory_bus_and_sqlite() {
+    let bus = MemoryBus::new();
+    let shared: SharedBus = Arc::new(bus.clone());
+    let db = TestSqlite::new().await;
+    let subjects = Subjects::new("mem");
+    let rec = Running::start(
+        test_config(subjects.clone()),
+        shared.clone(),
+        db.dyn_store(),
+    )
+    .await;
+    let now = services::unix_us();
+    let b = batch(
+        vec![client("a", true, None), client("p", false, Some("t"))],
+        [
+            samples("a", true, 0..4, now - 1_000_000),
+            samples("p", false, 0..2, now),
+        ]
+        .concat(),
+    );
+    persist(&bus, &subjects, &b, "x").await;
+    persist(&bus, &subjects, &b, "x-again").await;
+    bus.persist(
+        &subjects.samples("gw1"),
+        Bytes::from_static(b"nope"),
+        "junk",
+    )
+    .await
+    .unwrap();
+
+    eventually(WAIT, "history readable", || async {
+        matches!(ask_samples(&bus, &subjects, &history("a", None)).await,
+            SamplesReply::Found { samples } if samples.len() == 4)
+    })
+    .await;
+    assert_eq!(
+        found(ask_samples(&bus, &subjects, &history("p", Some("t"))).await),
+        2
+    );
+    assert_eq!(
+        ask_samples(&bus, &subjects, &history("p", None)).await,
+        SamplesReply::NotFound
+    );
+    let StatsReply::Ok { buckets } = ask_stats(
+        &bus,
+        &subjects,
+        encode(&StatsQuery {
+            window_s: 600,
+            bucket_s: 60,
+        }),
+    )
+    .await
+    else {
+        panic!("stats failed");
+    };
+    assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 4);
+    let absurd = encode(&StatsQuery {
+        window_s: u64::MAX,
+        bucket_s: u64::MAX,
+    });
+    let StatsReply::Error { message } = ask_stats(&bus, &subjects, absurd).await else {
+        panic!("an absurd bucket is refused");
+    };
+    assert!(message.starts_with("bad request"), "{message}");
+    eventually(WAIT, "duplicate batch counted", || async {
+        rec.metric("pingapp_recorder_duplicates_total") == 6.0
+    })
+    .await;
+    assert_eq!(rec.metric("pingapp_recorder_undecodable_total"), 1.0);
+    rec.stop().await;
+}
+
+/// A store that fails while `down` is set, as a database outage does.
+struct Flaky {
+    inner: Arc<dyn Store>,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl Store for Flaky {
+    async fn insert(&self, batches: &[RecordBatch]) -> Result<InsertOutcome, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Database(sqlx::Error::PoolTimedOut));
+        }
+        self.inner.insert(batches).await
+    }
+    async fn samples(
+        &self,
+        q: &SamplesQuery,
+    ) -> Result<Option<Vec<services::messages::StoredSample>>, StoreError> {
+        self.inner.samples(q).await
+    }
+    async fn stats(
+        &self,
+        window: Duration,
+        bucket: Duration,
+        now_us: i64,
+    ) -> Result<Vec<StatsBucket>, StoreError> {
+        self.inner.stats(window, bucket, now_us).await
+    }
+    async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        self.inner.prune(older_than_us).await
+    }
+    async fn ping(&self) -> bool {
+        !self.down.load(Ordering::SeqCst) && self.inner.ping().await
+    }
+}
+
+async fn stored(store: &dyn Store, id: &str) -> usize {
+    store
+        .samples(&history(id, None))
+        .await
+        .unwrap()
+        .map_or(0, |s| s.len())
+}
+
+/// While the database is down the batch is retried, not acknowledged, and
+/// readiness says so; once it is back everything is stored once.
+#[tokio::test]
+async fn a_database_outage_loses_nothing() {
+    let bus = MemoryBus::new();
+    let db = TestSqlite::new().await;
+    let flaky = Arc::new(Flaky {
+        inner: db.dyn_store(),
+        down: AtomicBool::new(false),
+    });
+    let subjects = Subjects::new("outage");
+    let rec = Running::start(
+        test_config(subjects.clone()),
+        Arc::new(bus.clone()),
+        flaky.clone(),
+    )
+    .await;
+    assert!(rec.readiness.status().is_ok());
+    flaky.down.store(true, Ordering::SeqCst);
+    persist(
+        &bus,
+        &subjects,
+        &batch(vec![client("a", true, None)], samples("a", true, 0..9, 0)),
+        "1",
+    )
+    .await;
+
+    eventually(WAIT, "insert retried", || async {
+        rec.metric("pingapp_recorder_database_errors_total") >= 3.0
+    })
+    .await;
+    assert_eq!(rec.readiness.status(), Err("database down".into()));
+    assert_eq!(
+        rec.metric("pingapp_recorder_consumer_pending"),
+        1.0,
+        "held, not acknowledged"
+    );
+    assert_eq!(stored(&*db.store, "a").await, 0);
+
+    flaky.down.store(false, Ordering::SeqCst);
+    eventually(WAIT, "stored after the outage", || async {
+        stored(&*db.store, "a").await == 9
+    })
+    .await;
+    eventually(WAIT, "ready again", || async {
+        rec.readiness.status().is_ok()
+    })
+    .await;
+    assert_eq!(rec.metric("pingapp_recorder_consumer_pending"), 0.0);
+    rec.stop().await;
+}
+
+/// Shutdown during an outage hands the deliveries back to the stream, and
+/// the next recorder stores them.
+#[tokio::test]
+async fn shutdown_during_an_outage_hands_deliveries_back() {
+    let bus = MemoryBus::new();
+    let db = TestSqlite::new().await;
+    let flaky = Arc::new(Flaky {
+        inner: db.dyn_store(),
+        down: AtomicBool::new(true),
+    });
+    let subjects = Subjects::new("handback");
+    let rec = Running::start(
+        test_config(subjects.clone()),
+        Arc::new(bus.clone()),
+        flaky.clone(),
+    )
+    .await;
+    persist(
+        &bus,
+        &subjects,
+        &batch(vec![client("a", true, None)], samples("a", true, 0..4, 0)),
+        "1",
+    )
+    .await;
+    eventually(WAIT, "insert failing", || async {
+        rec.metric("pingapp_recorder_database_errors_total") >= 1.0
+    })
+    .await;
+    rec.stop().await;
+
+    let next = Running::start(
+        test_config(subjects.clone()),
+        Arc::new(bus.clone()),
+        db.dyn_store(),
+    )
+    .await;
+    eventually(WAIT, "stored by the next recorder", || async {
+        stored(&*db.store, "a").await == 4
+    })
+    .await;
+    assert_eq!(next.metric("pingapp_recorder_redeliveries_total"), 1.0);
+    next.stop().await;
+}
+
+/// Shutdown commits and acknowledges the batch being gathered.
+#[tokio::test]
+async fn shutdown_commits_the_batch_in_hand() {
+    let bus = MemoryBus::new();
+    let db = TestSqlite::new().await;
+    let subjects = Subjects::new("drain");
+    let mut cfg = test_config(subjects.clone());
+    cfg.batch_wait = Duration::from_secs(60);
+    let rec = Running::start(cfg, Arc::new(bus.clone()), db.dyn_store()).await;
+    persist(
+        &bus,
+        &subjects,
+        &batch(vec![client("a", true, None)], samples("a", true, 0..5, 0)),
+        "1",
+    )
+    .await;
+    eventually(WAIT, "delivery in hand", || async {
+        rec.metric("pingapp_recorder_consumer_pending") == 1.0
+    })
+    .await;
+    assert_eq!(stored(&*db.store, "a").await, 0, "still gathering");
+    let registry = rec.registry.clone();
+    rec.stop().await;
+    assert_eq!(stored(&*db.store, "a").await, 5);
+    assert_eq!(
+        crate::helpers::metric(&registry, "pingapp_recorder_consumer_pending"),
+        0.0
+    );
+}

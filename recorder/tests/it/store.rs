@@ -1,0 +1,462 @@
+//! The store contract, written once and run against SQLite and Postgres.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use recorder::store::{InsertOutcome, Store};
+use services::messages::{SampleRecord, SamplesQuery, StatsBucket};
+
+use crate::helpers::{TestPg, TestSqlite, batch, client, samples};
+
+/// Runs each contract test against both backends, each on a fresh database.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = crate::helpers::TestSqlite::new().await;
+                    super::$name(db.dyn_store()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = crate::helpers::TestPg::new().await;
+                    super::$name(db.dyn_store()).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    inserts_are_idempotent,
+    large_inserts_span_several_statements,
+    private_history_needs_the_token,
+    history_is_oldest_first_with_since_and_limit,
+    stats_cover_public_samples_per_bucket,
+    prune_deletes_old_samples_and_clients,
+);
+
+fn query(id: &str, token: Option<&str>) -> SamplesQuery {
+    SamplesQuery {
+        channel_name: id.to_owned(),
+        token: token.map(str::to_owned),
+        since_us: None,
+        limit: 10_000,
+    }
+}
+
+async fn count(store: &dyn Store, id: &str) -> usize {
+    store
+        .samples(&query(id, None))
+        .await
+        .expect("read")
+        .map_or(0, |s| s.len())
+}
+
+async fn inserts_are_idempotent(store: Arc<dyn Store>) {
+    // Arrange
+    let first = batch(vec![client("a", true, None)], samples("a", true, 0..100, 0));
+    // Act and assert: new, then all duplicates.
+    let o = store.insert(std::slice::from_ref(&first)).await.unwrap();
+    assert_eq!(
+        o,
+        InsertOutcome {
+            inserted: 100,
+            duplicates: 0
+        }
+    );
+    let o = store.insert(std::slice::from_ref(&first)).await.unwrap();
+    assert_eq!(
+        o,
+        InsertOutcome {
+            inserted: 0,
+            duplicates: 100
+        }
+    );
+    // Overlapping batches in one call, and a duplicate inside one batch.
+    let mut dup_inside = samples("a", true, 150..160, 0);
+    dup_inside.extend(samples("a", true, 155..160, 0));
+    let o = store
+        .insert(&[
+            batch(vec![], samples("a", true, 50..150, 0)),
+            batch(vec![client("b", true, None)], samples("b", true, 0..10, 0)),
+            batch(vec![], dup_inside),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        InsertOutcome {
+            inserted: 70,
+            duplicates: 55
+        }
+    );
+    assert_eq!(count(&*store, "a").await, 160);
+    assert_eq!(count(&*store, "b").await, 10);
+    // Nothing at all.
+    assert_eq!(store.insert(&[]).await.unwrap(), InsertOutcome::default());
+    let o = store.insert(&[batch(vec![], vec![])]).await.unwrap();
+    assert_eq!(o, InsertOutcome::default());
+    // A known client is kept as it was first stored.
+    store
+        .insert(&[batch(vec![client("a", false, Some("t"))], vec![])])
+        .await
+        .unwrap();
+    assert_eq!(count(&*store, "a").await, 160, "a stays public");
+    // Extreme counters round-trip; a missing seq stays missing.
+    let odd = vec![
+        SampleRecord {
+            channel_name: "c".into(),
+            n: u64::MAX,
+            seq: Some(u64::MAX),
+            at_us: 5,
+            delay_ms: 0.125,
+            public: true,
+        },
+        SampleRecord {
+            channel_name: "c".into(),
+            n: 0,
+            seq: None,
+            at_us: 6,
+            delay_ms: 60_000.0,
+            public: true,
+        },
+    ];
+    store
+        .insert(&[batch(vec![client("c", true, None)], odd)])
+        .await
+        .unwrap();
+    let got = store.samples(&query("c", None)).await.unwrap().unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].at_us, got[0].seq, got[0].delay_ms),
+        (5, Some(u64::MAX), 0.125)
+    );
+    assert_eq!(
+        (got[1].at_us, got[1].seq, got[1].delay_ms),
+        (6, None, 60_000.0)
+    );
+}
+
+async fn large_inserts_span_several_statements(store: Arc<dyn Store>) {
+    // More rows than one statement takes, on either backend.
+    let clients: Vec<_> = (0..12_000)
+        .map(|i| client(&format!("c{i}"), true, None))
+        .collect();
+    let first = batch(clients, samples("a", true, 0..12_000, 0));
+    let o = store.insert(std::slice::from_ref(&first)).await.unwrap();
+    assert_eq!(
+        o,
+        InsertOutcome {
+            inserted: 12_000,
+            duplicates: 0
+        }
+    );
+    let o = store
+        .insert(&[first, batch(vec![], samples("a", true, 12_000..25_000, 0))])
+        .await
+        .unwrap();
+    assert_eq!(
+        o,
+        InsertOutcome {
+            inserted: 13_000,
+            duplicates: 12_000
+        }
+    );
+    assert_eq!(count(&*store, "a").await, 10_000, "capped at MAX_SAMPLES");
+    assert_eq!(count(&*store, "c11999").await, 0);
+    assert!(
+        store
+            .samples(&query("c11999", None))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+async fn private_history_needs_the_token(store: Arc<dyn Store>) {
+    // Arrange: a public client, a private one with a token, a private v1
+    // client without one, and samples without a client row.
+    store
+        .insert(&[batch(
+            vec![
+                client("pub", true, None),
+                client("priv", false, Some("secret")),
+                client("v1", false, None),
+            ],
+            [
+                samples("pub", true, 0..3, 0),
+                samples("priv", false, 0..4, 0),
+                samples("v1", false, 0..2, 0),
+                samples("orphan-pub", true, 0..2, 0),
+                samples("orphan-priv", false, 0..2, 0),
+            ]
+            .concat(),
+        )])
+        .await
+        .unwrap();
+    let read = |id: &'static str, token: Option<&'static str>| {
+        let store = store.clone();
+        async move {
+            store
+                .samples(&query(id, token))
+                .await
+                .unwrap()
+                .map(|s| s.len())
+        }
+    };
+    // Public: anyone, token or not.
+    assert_eq!(read("pub", None).await, Some(3));
+    assert_eq!(read("pub", Some("whatever")).await, Some(3));
+    // Private: only with the right token; otherwise exactly like unknown.
+    assert_eq!(read("priv", Some("secret")).await, Some(4));
+    assert_eq!(read("priv", None).await, None);
+    assert_eq!(read("priv", Some("wrong")).await, None);
+    let digest = services::ids::token_digest("secret");
+    let with_digest = store.samples(&query("priv", Some(&digest))).await.unwrap();
+    assert_eq!(with_digest, None, "the stored digest is not a token");
+    assert_eq!(read("nobody", None).await, None);
+    assert_eq!(read("nobody", Some("secret")).await, None);
+    // A private client without a token is readable by nobody.
+    assert_eq!(read("v1", None).await, None);
+    assert_eq!(read("v1", Some("")).await, None);
+    // No client row: the samples' own flag decides.
+    assert_eq!(read("orphan-pub", None).await, Some(2));
+    assert_eq!(read("orphan-priv", None).await, None);
+}
+
+async fn history_is_oldest_first_with_since_and_limit(store: Arc<dyn Store>) {
+    // Arrange: samples inserted out of order.
+    let mut s = samples("a", true, 0..20, 1_000_000_000);
+    s.reverse();
+    s.swap(3, 11);
+    store
+        .insert(&[batch(vec![client("a", true, None)], s)])
+        .await
+        .unwrap();
+    // Oldest first.
+    let all = store.samples(&query("a", None)).await.unwrap().unwrap();
+    let times: Vec<i64> = all.iter().map(|s| s.at_us).collect();
+    let mut sorted = times.clone();
+    sorted.sort_unstable();
+    assert_eq!(times, sorted);
+    assert_eq!(all.len(), 20);
+    assert_eq!(all[0].delay_ms, 0.0);
+    assert_eq!(all[0].seq, Some(0));
+    // since: at or after.
+    let q = SamplesQuery {
+        since_us: Some(1_000_000_000 + 15 * 1_000_000),
+        ..query("a", None)
+    };
+    let recent = store.samples(&q).await.unwrap().unwrap();
+    assert_eq!(
+        recent.iter().map(|s| s.delay_ms).collect::<Vec<_>>(),
+        [15.0, 16.0, 17.0, 18.0, 19.0]
+    );
+    // limit: the oldest `limit`.
+    let q = SamplesQuery {
+        limit: 3,
+        ..query("a", None)
+    };
+    let first = store.samples(&q).await.unwrap().unwrap();
+    assert_eq!(
+        first.iter().map(|s| s.delay_ms).collect::<Vec<_>>(),
+        [0.0, 1.0, 2.0]
+    );
+    let q = SamplesQuery {
+        limit: 0,
+        ..query("a", None)
+    };
+    assert_eq!(store.samples(&q).await.unwrap(), Some(vec![]));
+    // Since in the future: found, but empty.
+    let q = SamplesQuery {
+        since_us: Some(i64::MAX),
+        ..query("a", None)
+    };
+    assert_eq!(store.samples(&q).await.unwrap(), Some(vec![]));
+}
+
+async fn stats_cover_public_samples_per_bucket(store: Arc<dyn Store>) {
+    // Arrange: minute buckets; `now` is 10 s into the third minute.
+    const MIN: i64 = 60_000_000;
+    let t0 = 1_700_000_040 * 1_000_000; // a multiple of a minute
+    assert_eq!(t0 % MIN, 0);
+    let now = t0 + 2 * MIN + 10_000_000;
+    let sample = |id: &str, n: u64, at_us: i64, delay_ms: f64, public: bool| SampleRecord {
+        channel_name: id.into(),
+        n,
+        seq: None,
+        at_us,
+        delay_ms,
+        public,
+    };
+    let mut s = Vec::new();
+    // Bucket t0: 1..=200 ms, shuffled in time within the minute.
+    for i in 1..=200u64 {
+        let at = t0 + ((i * 7919) % 200) as i64 * 250_000;
+        s.push(sample("p", i, at, i as f64, true));
+    }
+    // Bucket t0 + 2 min: three samples.
+    for (i, d) in [(1000u64, 30.0), (1001, 10.0), (1002, 20.0)] {
+        s.push(sample("p", i, t0 + 2 * MIN + 1_000, d, true));
+    }
+    // Private samples with extreme values in both buckets: never counted.
+    s.push(sample("q", 1, t0 + 5, 9_999.0, false));
+    s.push(sample("q", 2, t0 + 2 * MIN, 0.001, false));
+    // Public, but outside the window.
+    s.push(sample("p", 2000, t0 - 5 * MIN, 0.5, true));
+    store
+        .insert(&[batch(
+            vec![client("p", true, None), client("q", false, Some("k"))],
+            s,
+        )])
+        .await
+        .unwrap();
+
+    // Act
+    let window = Duration::from_secs(3 * 60);
+    let buckets = store
+        .stats(window, Duration::from_secs(60), now)
+        .await
+        .unwrap();
+
+    // Assert: nearest-rank percentiles, empty buckets left out.
+    assert_eq!(
+        buckets,
+        vec![
+            StatsBucket {
+                start_us: t0,
+                count: 200,
+                min: 1.0,
+                p50: 100.0,
+                p95: 190.0,
+                p99: 198.0,
+                max: 200.0,
+            },
+            StatsBucket {
+                start_us: t0 + 2 * MIN,
+                count: 3,
+                min: 10.0,
+                p50: 20.0,
+                p95: 30.0,
+                p99: 30.0,
+                max: 30.0,
+            },
+        ]
+    );
+    // A wider window reaches the old sample; the window start need not be
+    // aligned, the buckets are.
+    let wide = store
+        .stats(Duration::from_secs(10 * 60), Duration::from_secs(60), now)
+        .await
+        .unwrap();
+    assert_eq!(wide.len(), 3);
+    assert_eq!(wide[0].start_us, t0 - 5 * MIN);
+    assert_eq!((wide[0].count, wide[0].min, wide[0].max), (1, 0.5, 0.5));
+    // One bucket for everything.
+    let one = store
+        .stats(window, Duration::from_secs(3600), now)
+        .await
+        .unwrap();
+    assert_eq!(one.iter().map(|b| b.count).sum::<u64>(), 203);
+    // Nothing in an empty window; a zero bucket is refused.
+    let none = store
+        .stats(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            t0 + 10 * MIN,
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let err = store.stats(window, Duration::ZERO, now).await.unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+}
+
+async fn prune_deletes_old_samples_and_clients(store: Arc<dyn Store>) {
+    // Arrange: "old" has only old samples, "mixed" old and new ones,
+    // "fresh" connected after the cutoff without samples yet.
+    let cutoff = 1_000_000_000;
+    let mut fresh = client("fresh", true, None);
+    fresh.connected_at_us = cutoff + 1;
+    store
+        .insert(&[batch(
+            vec![
+                client("old", true, None),
+                client("mixed", true, None),
+                fresh,
+            ],
+            [
+                samples("old", true, 0..5, cutoff - 100_000_000),
+                samples("mixed", true, 0..3, cutoff - 3_000_000),
+                samples("mixed", true, 3..6, cutoff),
+            ]
+            .concat(),
+        )])
+        .await
+        .unwrap();
+    // Act
+    let pruned = store.prune(cutoff).await.unwrap();
+    // Assert
+    assert_eq!(pruned, 8);
+    assert_eq!(
+        store.samples(&query("old", None)).await.unwrap(),
+        None,
+        "client gone too"
+    );
+    assert_eq!(count(&*store, "mixed").await, 3);
+    assert_eq!(
+        store.samples(&query("fresh", None)).await.unwrap(),
+        Some(vec![])
+    );
+    assert_eq!(store.prune(cutoff).await.unwrap(), 0);
+}
+
+/// The stores are usable through `connect` by URL, too.
+#[tokio::test]
+async fn connect_picks_the_backend_by_scheme() {
+    let sqlite = TestSqlite::new().await;
+    assert!(sqlite.store.ping().await);
+    let mem = recorder::store::connect("sqlite::memory:").await.unwrap();
+    mem.insert(&[batch(
+        vec![client("m", true, None)],
+        samples("m", true, 0..3, 0),
+    )])
+    .await
+    .unwrap();
+    assert_eq!(
+        count(&*mem, "m").await,
+        3,
+        "one connection keeps one in-memory database"
+    );
+    let pg = TestPg::new().await;
+    let again = recorder::store::connect(&pg.url)
+        .await
+        .expect("migrations run twice");
+    assert!(again.ping().await);
+    assert!(recorder::store::connect("mysql://x").await.is_err());
+}
+
+/// Several replicas starting at once migrate one after the other.
+#[tokio::test]
+async fn concurrent_migrations_are_safe() {
+    // Arrange: an empty database (the fixture migrated it; undo that).
+    let pg = TestPg::new().await;
+    sqlx::query("DROP TABLE samples, clients, _sqlx_migrations")
+        .execute(pg.store.pool())
+        .await
+        .unwrap();
+    // Act: four replicas start at once.
+    let opens = (0..4).map(|_| recorder::store::connect(&pg.url));
+    let results = futures_util::future::join_all(opens).await;
+    // Assert
+    for r in results {
+        r.expect("every replica starts");
+    }
+    assert_eq!(pg.count().await, 0);
+}
