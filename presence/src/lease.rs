@@ -1,0 +1,70 @@
+//! Leadership: one presence replica at a time publishes broadcasts. The
+//! lease is renewed every third of its time to live; the replica counts
+//! itself active only until `ttl` after the start of its last successful
+//! renewal, so when the bus is unreachable it steps down before another
+//! replica can take the lapsed lease (no split brain).
+
+use std::time::Duration;
+
+use services::bus::SharedBus;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Renews the lease `name` for `holder` until `stop`, publishing on `tx`
+/// until when this replica holds it (`None`: another replica holds it).
+/// The value only notifies when holding starts or stops; renewals update it
+/// silently.
+pub(crate) async fn renew(
+    bus: SharedBus,
+    name: String,
+    holder: String,
+    ttl: Duration,
+    tx: watch::Sender<Option<Instant>>,
+    stop: CancellationToken,
+) {
+    let every = ttl / 3;
+    let mut failing = false;
+    loop {
+        let started = Instant::now();
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(every, bus.try_lease(&name, &holder, ttl)) => r,
+        };
+        match attempt {
+            Ok(Ok(held)) => {
+                if failing {
+                    tracing::info!(lease = %name, "lease renewal works again");
+                    failing = false;
+                }
+                let until = held.then_some(started + ttl);
+                tx.send_if_modified(|v| {
+                    let changed = v.is_some() != until.is_some();
+                    *v = until;
+                    changed
+                });
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(lease = %name, error = %e, "lease renewal failed");
+                }
+                failing = true;
+            }
+            Err(_) => {
+                if !failing {
+                    tracing::warn!(lease = %name, "lease renewal timed out");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(started + every) => {}
+        }
+    }
+}
+
+/// Whether a lease held until `until` is held at `now`.
+pub(crate) fn holds(until: Option<Instant>, now: Instant) -> bool {
+    until.is_some_and(|u| now < u)
+}

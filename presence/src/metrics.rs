@@ -1,0 +1,109 @@
+//! The presence metrics, all prefixed `pingapp_presence_`.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
+use services::messages::{Broadcast, GatewayUpdate};
+use services::metrics::{counter, gauge};
+
+/// Every metric presence keeps.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    pub roster_size: IntGauge,
+    pub gateways: IntGauge,
+    pub events: IntCounterVec,
+    pub broadcasts: IntCounterVec,
+    pub heartbeats: IntCounter,
+    pub stale_heartbeats: IntCounter,
+    pub heartbeats_missed: IntCounter,
+    pub expirations: IntCounter,
+    pub expired_clients: IntCounter,
+    pub active: IntGauge,
+    pub bad_reports: IntCounter,
+}
+
+impl Metrics {
+    /// Registers the families in `registry`.
+    ///
+    /// # Panics
+    /// A family of the same name is already registered there.
+    pub fn register(registry: &Registry) -> Self {
+        let single = |name: &str, help: &str| {
+            counter(registry, name, help, &[]).with_label_values::<&str>(&[])
+        };
+        let level = |name: &str, help: &str| {
+            gauge(registry, name, help, &[]).with_label_values::<&str>(&[])
+        };
+        Self {
+            roster_size: level(
+                "pingapp_presence_roster_size",
+                "Public clients in the roster.",
+            ),
+            gateways: level(
+                "pingapp_presence_gateways",
+                "Gateways that report to presence.",
+            ),
+            events: counter(
+                registry,
+                "pingapp_presence_events_total",
+                "Gateway reports received, by kind.",
+                &["kind"],
+            ),
+            broadcasts: counter(
+                registry,
+                "pingapp_presence_broadcasts_total",
+                "Broadcasts published, by kind.",
+                &["kind"],
+            ),
+            heartbeats: single(
+                "pingapp_presence_heartbeats_total",
+                "Gateway heartbeats applied.",
+            ),
+            stale_heartbeats: single(
+                "pingapp_presence_stale_heartbeats_total",
+                "Gateway heartbeats ignored because a newer event was already applied.",
+            ),
+            heartbeats_missed: single(
+                "pingapp_presence_heartbeats_missed_total",
+                "Heartbeat intervals that passed without a gateway's heartbeat (approximate).",
+            ),
+            expirations: single(
+                "pingapp_presence_expirations_total",
+                "Gateways expired after missing their heartbeats.",
+            ),
+            expired_clients: single(
+                "pingapp_presence_expired_clients_total",
+                "Clients removed because their gateway expired.",
+            ),
+            active: level(
+                "pingapp_presence_active",
+                "1 while this replica holds the lease and publishes broadcasts.",
+            ),
+            bad_reports: single(
+                "pingapp_presence_bad_reports_total",
+                "Gateway reports that could not be decoded.",
+            ),
+        }
+    }
+}
+
+/// The `kind` label of a report.
+pub(crate) fn update_kind(u: &GatewayUpdate) -> &'static str {
+    match u {
+        GatewayUpdate::Connect { .. } => "connect",
+        GatewayUpdate::Rename { .. } => "rename",
+        GatewayUpdate::Disconnect { .. } => "disconnect",
+        GatewayUpdate::Delays { .. } => "delays",
+        GatewayUpdate::Heartbeat { .. } => "heartbeat",
+        GatewayUpdate::Goodbye => "goodbye",
+    }
+}
+
+/// The `kind` label of a broadcast.
+pub(crate) fn broadcast_kind(b: &Broadcast) -> &'static str {
+    match b {
+        Broadcast::Connect { .. } => "connect",
+        Broadcast::Rename { .. } => "rename",
+        Broadcast::Disconnect { .. } => "disconnect",
+        Broadcast::Delays { .. } => "delays",
+        Broadcast::Snapshot { .. } => "snapshot",
+    }
+}

@@ -1,0 +1,387 @@
+//! The presence service: the [`Roster`] wired to the bus, the clock and the
+//! leader lease.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use services::admin::Readiness;
+use services::bus::{Message, SharedBus, Subscription};
+use services::messages::{Broadcast, GatewayReport, RosterReply, decode, encode};
+use services::subjects::Subjects;
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::lease;
+use crate::metrics::{Metrics, broadcast_kind, update_kind};
+use crate::roster::{Outcome, Roster};
+
+/// How often silent gateways are looked for.
+const EXPIRY_CHECK: Duration = Duration::from_millis(500);
+
+/// The queue group of the roster request subscribers.
+const QUEUE: &str = "presence";
+
+/// How presence runs.
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    /// The deployment's subjects.
+    pub subjects: Subjects,
+    /// This replica's name in the leader lease; unique per replica.
+    pub replica_id: String,
+    /// How often coalesced delay updates are published.
+    pub roster_tick: Duration,
+    /// How long after start clients learned from heartbeats are added
+    /// without a connect broadcast (the pages already have them).
+    pub warmup: Duration,
+    /// The leader lease lapses this long after its last renewal; it is
+    /// renewed every third of it.
+    pub lease_ttl: Duration,
+    /// How often the active replica re-publishes the whole roster, so that
+    /// lost broadcasts heal.
+    pub snapshot_interval: Duration,
+}
+
+impl PresenceConfig {
+    /// The defaults: 500 ms roster tick, 2.5 s warm-up, 6 s lease, 30 s
+    /// snapshots, and a random replica id.
+    pub fn new(subjects: Subjects) -> Self {
+        Self {
+            subjects,
+            replica_id: format!("presence-{}", services::ids::new_client_id()),
+            roster_tick: Duration::from_millis(500),
+            warmup: Duration::from_millis(2500),
+            lease_ttl: Duration::from_secs(6),
+            snapshot_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A replica id that is unique per process: the host name and the pid.
+pub fn default_replica_id() -> String {
+    format!("{}-{}", services::config::host_name(), std::process::id())
+}
+
+/// A built presence service, subscribed and ready to [`Presence::run`].
+pub struct Presence {
+    cfg: PresenceConfig,
+    bus: SharedBus,
+    metrics: Metrics,
+    reports: Subscription,
+    requests: Subscription,
+}
+
+impl Presence {
+    /// Subscribes to every gateway's reports and (in the queue group
+    /// `presence`) to roster requests, registers the metrics in `registry`
+    /// and adds the readiness check `nats`. Does not mark `readiness`
+    /// started: the caller does, once everything it runs is built.
+    ///
+    /// # Errors
+    /// A duration in `cfg` is zero, or subscribing failed.
+    ///
+    /// # Panics
+    /// The presence metrics are already registered in `registry`.
+    pub async fn build(
+        cfg: PresenceConfig,
+        bus: SharedBus,
+        registry: &prometheus::Registry,
+        readiness: Readiness,
+    ) -> anyhow::Result<Presence> {
+        if cfg.roster_tick.is_zero() || cfg.lease_ttl.is_zero() || cfg.snapshot_interval.is_zero() {
+            bail!("presence: roster tick, lease ttl and snapshot interval must be positive");
+        }
+        let reports = bus
+            .subscribe(&cfg.subjects.all_gateway_reports())
+            .await
+            .context("subscribing to gateway reports")?;
+        let requests = bus
+            .queue_subscribe(&cfg.subjects.roster_request(), QUEUE)
+            .await
+            .context("subscribing to roster requests")?;
+        let metrics = Metrics::register(registry);
+        let b = bus.clone();
+        readiness.add_check("nats", move || b.is_connected());
+        Ok(Presence {
+            cfg,
+            bus,
+            metrics,
+            reports,
+            requests,
+        })
+    }
+
+    /// Runs until `shutdown` is cancelled: asks every gateway for a
+    /// heartbeat, warms up, then keeps the roster and (while holding the
+    /// lease) publishes broadcasts. Nothing is released on shutdown: the
+    /// lease lapses and another replica takes over.
+    ///
+    /// # Errors
+    /// A subscription ended: the bus is gone for good.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Presence {
+            cfg,
+            bus,
+            metrics,
+            mut reports,
+            mut requests,
+        } = self;
+        let start = Instant::now();
+        let warm_until = start + cfg.warmup;
+
+        // Stops the lease task however this function returns.
+        let stop = shutdown.child_token();
+        let _stop_guard = stop.clone().drop_guard();
+        let (lease_tx, lease_rx) = watch::channel(None);
+        tokio::spawn(lease::renew(
+            bus.clone(),
+            format!("{}/presence", cfg.subjects.lease_bucket()),
+            cfg.replica_id.clone(),
+            cfg.lease_ttl,
+            lease_tx,
+            stop.clone(),
+        ));
+
+        let mut state = State {
+            bus,
+            subjects: cfg.subjects.clone(),
+            metrics,
+            roster: Roster::new(warm_until),
+            lease: lease_rx,
+            active: false,
+            warmed: false,
+            bus_down: false,
+        };
+        state.metrics.active.set(0);
+        state.publish_sync().await;
+        tracing::info!(
+            replica = %cfg.replica_id,
+            warmup_ms = cfg.warmup.as_millis() as u64,
+            "presence started; asked gateways for heartbeats"
+        );
+
+        let mut expiry = tokio::time::interval(EXPIRY_CHECK);
+        expiry.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(cfg.roster_tick);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut snapshots =
+            tokio::time::interval_at(start + cfg.snapshot_interval, cfg.snapshot_interval);
+        snapshots.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let warmup = tokio::time::sleep_until(warm_until);
+        tokio::pin!(warmup);
+
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = reports.next() => Event::Report(m.context("gateway report subscription ended")?),
+                m = requests.next() => Event::Request(m.context("roster request subscription ended")?),
+                _ = expiry.tick() => Event::Expiry,
+                _ = tick.tick() => Event::Tick,
+                _ = snapshots.tick() => Event::Snapshot,
+                () = &mut warmup, if !state.warmed => Event::Warm,
+                Ok(()) = state.lease.changed() => Event::Lease,
+            };
+            let now = Instant::now();
+            state.refresh_active(now).await;
+            match event {
+                Event::Report(m) => state.on_report(&m, now).await,
+                Event::Request(m) => state.on_request(m).await,
+                Event::Expiry => state.on_expiry(now).await,
+                Event::Tick => {
+                    if let Some(delays) = state.roster.take_delays() {
+                        state.publish(&delays).await;
+                    }
+                }
+                Event::Snapshot => {
+                    if state.warmed {
+                        state.publish_snapshot().await;
+                    }
+                }
+                Event::Warm => {
+                    state.warmed = true;
+                    tracing::info!(
+                        clients = state.roster.len(),
+                        gateways = state.roster.gateway_count(),
+                        active = state.active,
+                        "presence warmed up"
+                    );
+                    state.publish_snapshot().await;
+                }
+                Event::Lease => {}
+            }
+        }
+        tracing::info!(replica = %cfg.replica_id, "presence stopped");
+        state.metrics.active.set(0);
+        if let Err(e) = state.bus.flush().await {
+            tracing::debug!(error = %e, "flush on shutdown failed");
+        }
+        Ok(())
+    }
+}
+
+/// What woke the loop.
+enum Event {
+    Report(Message),
+    Request(Message),
+    Expiry,
+    Tick,
+    Snapshot,
+    Warm,
+    Lease,
+}
+
+/// The running service's state, owned by its one task.
+struct State {
+    bus: SharedBus,
+    subjects: Subjects,
+    metrics: Metrics,
+    roster: Roster,
+    /// Until when this replica holds the lease.
+    lease: watch::Receiver<Option<Instant>>,
+    /// Whether this replica publishes broadcasts (as of the last refresh).
+    active: bool,
+    /// Whether the warm-up is over.
+    warmed: bool,
+    /// Whether the bus was found disconnected at the last expiry check.
+    bus_down: bool,
+}
+
+impl State {
+    /// Re-evaluates leadership; a replica that becomes active after its
+    /// warm-up publishes a snapshot at once (during warm-up, the end of the
+    /// warm-up does).
+    async fn refresh_active(&mut self, now: Instant) {
+        let active = lease::holds(*self.lease.borrow_and_update(), now);
+        if active == self.active {
+            return;
+        }
+        self.active = active;
+        self.metrics.active.set(i64::from(active));
+        if active {
+            tracing::info!("presence replica is now active");
+            if self.warmed {
+                self.publish_snapshot().await;
+            }
+        } else {
+            tracing::info!("presence replica is no longer active");
+        }
+    }
+
+    async fn on_report(&mut self, m: &Message, now: Instant) {
+        let report: GatewayReport = match decode(&m.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.bad_reports.inc();
+                tracing::warn!(subject = %m.subject, error = %e, "bad gateway report");
+                return;
+            }
+        };
+        let kind = update_kind(&report.update);
+        self.metrics.events.with_label_values(&[kind]).inc();
+        let gateway = report.gateway.clone();
+        let seq = report.seq;
+        match self.roster.apply(report, now) {
+            Outcome::Applied(broadcasts) => {
+                if kind == "heartbeat" {
+                    self.metrics.heartbeats.inc();
+                }
+                for b in &broadcasts {
+                    self.publish(b).await;
+                }
+            }
+            Outcome::Stale => {
+                self.metrics.stale_heartbeats.inc();
+                tracing::debug!(%gateway, seq, "stale heartbeat ignored");
+            }
+        }
+        self.update_gauges();
+    }
+
+    async fn on_request(&mut self, m: Message) {
+        let Some(reply) = m.reply else {
+            tracing::debug!(subject = %m.subject, "roster request without a reply subject");
+            return;
+        };
+        let answer = encode(&RosterReply {
+            clients: self.roster.clients(),
+        });
+        if let Err(e) = self.bus.publish(&reply, answer).await {
+            tracing::warn!(error = %e, "could not answer a roster request");
+        }
+    }
+
+    async fn on_expiry(&mut self, now: Instant) {
+        // Cut off from the bus, presence hears no heartbeat; that says
+        // nothing about the gateways. Give them a fresh grace afterwards and
+        // ask for heartbeats at once.
+        if !self.bus.is_connected() {
+            self.bus_down = true;
+            return;
+        }
+        if self.bus_down {
+            self.bus_down = false;
+            self.roster.touch_all(now);
+            tracing::info!("bus connection is back; asking gateways for heartbeats");
+            self.publish_sync().await;
+            return;
+        }
+        let expiry = self.roster.expire(now);
+        self.metrics
+            .heartbeats_missed
+            .inc_by(expiry.missed_heartbeats);
+        if !expiry.gateways.is_empty() {
+            tracing::warn!(
+                gateways = ?expiry.gateways,
+                clients = expiry.clients,
+                "gateways stopped heartbeating; their clients are gone"
+            );
+            self.metrics
+                .expirations
+                .inc_by(expiry.gateways.len() as u64);
+            self.metrics.expired_clients.inc_by(expiry.clients as u64);
+        }
+        for b in &expiry.broadcasts {
+            self.publish(b).await;
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.roster_size.set(self.roster.len() as i64);
+        self.metrics
+            .gateways
+            .set(self.roster.gateway_count() as i64);
+    }
+
+    async fn publish_sync(&self) {
+        if let Err(e) = self
+            .bus
+            .publish(&self.subjects.presence_sync(), bytes::Bytes::new())
+            .await
+        {
+            tracing::warn!(error = %e, "could not ask gateways for heartbeats");
+        }
+    }
+
+    async fn publish_snapshot(&self) {
+        let snapshot = self.roster.snapshot();
+        self.publish(&snapshot).await;
+    }
+
+    /// Publishes `b` if this replica is active.
+    async fn publish(&self, b: &Broadcast) {
+        if !self.active {
+            return;
+        }
+        let kind = broadcast_kind(b);
+        match self
+            .bus
+            .publish(&self.subjects.broadcast(), encode(b))
+            .await
+        {
+            Ok(()) => self.metrics.broadcasts.with_label_values(&[kind]).inc(),
+            Err(e) => tracing::warn!(kind, error = %e, "could not publish a broadcast"),
+        }
+    }
+}

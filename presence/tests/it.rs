@@ -1,0 +1,675 @@
+//! Presence end to end: fake gateways publish reports, a subscriber on the
+//! broadcast subject watches what presence says. Over the real NATS server
+//! (`PINGAPP_TEST_NATS_URL`, default `nats://127.0.0.1:4222`; the tests fail
+//! if it is unreachable) and once over the in-memory bus. Every test uses
+//! its own subject prefix, so tests share nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use presence::{Presence, PresenceConfig};
+use prometheus::Registry;
+use services::admin::Readiness;
+use services::bus::memory::MemoryBus;
+use services::bus::nats::NatsBus;
+use services::bus::{Bus as _, BusError, SharedBus, Subscription};
+use services::messages::{
+    Broadcast, GatewayReport, GatewayUpdate, RosterClient, RosterReply, decode, encode,
+};
+use services::stats::DelayStats;
+use services::subjects::Subjects;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+const HEARTBEAT: Duration = Duration::from_millis(300);
+
+// ---------------------------------------------------------------- helpers
+
+fn nats_url() -> String {
+    std::env::var("PINGAPP_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// Logs are silent unless `TEST_LOG` is set.
+fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        services::telemetry::init(services::config::LogFormat::Text);
+    }
+}
+
+/// A connected bus to the test NATS server; panics with a clear message if
+/// the server is unreachable.
+async fn nats(name: &str) -> NatsBus {
+    init_logs();
+    let url = nats_url();
+    let first = url.split(',').next().unwrap_or_default().trim();
+    let addr = first
+        .trim_start_matches("nats://")
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/');
+    match timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => panic!("NATS is unreachable at {url} (set PINGAPP_TEST_NATS_URL): {e}"),
+        Err(_) => panic!("NATS is unreachable at {url} (set PINGAPP_TEST_NATS_URL): timed out"),
+    }
+    let bus = NatsBus::connect(&url, name)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to NATS at {url}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !bus.is_connected() {
+        assert!(
+            Instant::now() < deadline,
+            "NATS at {url} accepted TCP but the client never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bus
+}
+
+/// A round trip through the server: every subscription made on `bus` before
+/// is in place afterwards.
+async fn settle(bus: &SharedBus, subjects: &Subjects) {
+    let probe = format!("{}.nobody", subjects.prefix());
+    match bus
+        .request(&probe, bytes::Bytes::new(), Duration::from_secs(2))
+        .await
+    {
+        Err(BusError::NoResponders(_)) | Err(BusError::Timeout(_)) => {}
+        other => panic!("unexpected answer on {probe}: {other:?}"),
+    }
+}
+
+/// Subjects under a fresh random prefix.
+fn fresh_subjects() -> Subjects {
+    init_logs();
+    Subjects::new(&format!("t{}", services::ids::new_client_id()))
+}
+
+/// Short intervals keep the tests fast.
+fn test_config(subjects: &Subjects, replica: &str) -> PresenceConfig {
+    let mut cfg = PresenceConfig::new(subjects.clone());
+    cfg.replica_id = replica.to_owned();
+    cfg.roster_tick = Duration::from_millis(100);
+    cfg.warmup = Duration::from_millis(700);
+    cfg.lease_ttl = Duration::from_millis(1500);
+    cfg.snapshot_interval = Duration::from_secs(60);
+    cfg
+}
+
+/// Best effort: the lease bucket of the test's prefix goes away.
+async fn delete_lease_bucket(bus: &NatsBus, subjects: &Subjects) {
+    let js = async_nats::jetstream::new(bus.client().clone());
+    let _ = js.delete_key_value(subjects.lease_bucket()).await;
+}
+
+/// One running presence replica.
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+    registry: Registry,
+}
+
+impl Running {
+    async fn start(cfg: PresenceConfig, bus: SharedBus) -> Self {
+        let registry = Registry::new();
+        let readiness = Readiness::new();
+        let p = Presence::build(cfg, bus, &registry, readiness.clone())
+            .await
+            .expect("presence builds");
+        readiness.set_started();
+        assert_eq!(readiness.status(), Ok(()), "ready once built and connected");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(p.run(stop.clone()));
+        Self {
+            stop,
+            task,
+            registry,
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            // A family is either a gauge or a counter; the other reads 0.
+            .map(|m| m.get_gauge().get_value() + m.get_counter().get_value())
+            .sum()
+    }
+
+    fn is_active(&self) -> bool {
+        self.metric("pingapp_presence_active") == 1.0
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("presence stops promptly")
+            .expect("presence task did not panic")
+            .expect("presence returns Ok on shutdown");
+    }
+}
+
+/// What a fake gateway knows; events and heartbeats take their `seq` under
+/// the same lock as the client list, as a real gateway must.
+struct GwState {
+    seq: u64,
+    clients: Vec<RosterClient>,
+}
+
+/// A gateway as presence sees it: reports on its subject, a heartbeat
+/// every [`HEARTBEAT`] and on every sync request.
+struct FakeGateway {
+    id: String,
+    bus: SharedBus,
+    subjects: Subjects,
+    state: Arc<Mutex<GwState>>,
+    heartbeats: Option<JoinHandle<()>>,
+}
+
+impl FakeGateway {
+    async fn start(bus: SharedBus, subjects: &Subjects, id: &str) -> Self {
+        let state = Arc::new(Mutex::new(GwState {
+            seq: 0,
+            clients: Vec::new(),
+        }));
+        let mut sync = bus.subscribe(&subjects.presence_sync()).await.unwrap();
+        settle(&bus, subjects).await;
+        let (b, s, st, gw) = (bus.clone(), subjects.clone(), state.clone(), id.to_owned());
+        let heartbeats = tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEARTBEAT);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    Some(_) = sync.next() => {}
+                }
+                let mut st = st.lock().await;
+                let clients = st.clients.clone();
+                send(
+                    &b,
+                    &s,
+                    &gw,
+                    &mut st,
+                    GatewayUpdate::Heartbeat {
+                        clients,
+                        interval_ms: HEARTBEAT.as_millis() as u64,
+                    },
+                )
+                .await;
+            }
+        });
+        Self {
+            id: id.to_owned(),
+            bus,
+            subjects: subjects.clone(),
+            state,
+            heartbeats: Some(heartbeats),
+        }
+    }
+
+    fn client(&self, id: &str) -> RosterClient {
+        RosterClient {
+            channel_name: id.to_owned(),
+            name: id.to_owned(),
+            gateway: self.id.clone(),
+            connected_at_ms: services::unix_ms(),
+            stats: None,
+        }
+    }
+
+    async fn report(&self, update: GatewayUpdate) {
+        let mut st = self.state.lock().await;
+        match &update {
+            GatewayUpdate::Connect { client } => st.clients.push(client.clone()),
+            GatewayUpdate::Disconnect { channel_name } => {
+                st.clients.retain(|c| &c.channel_name != channel_name)
+            }
+            GatewayUpdate::Rename { channel_name, name } => {
+                for c in st
+                    .clients
+                    .iter_mut()
+                    .filter(|c| &c.channel_name == channel_name)
+                {
+                    c.name.clone_from(name);
+                }
+            }
+            _ => {}
+        }
+        send(&self.bus, &self.subjects, &self.id, &mut st, update).await;
+    }
+
+    async fn connect(&self, id: &str) -> RosterClient {
+        let client = self.client(id);
+        self.report(GatewayUpdate::Connect {
+            client: client.clone(),
+        })
+        .await;
+        client
+    }
+
+    /// The gateway dies without a goodbye.
+    fn kill(&mut self) {
+        if let Some(h) = self.heartbeats.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for FakeGateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn send(
+    bus: &SharedBus,
+    subjects: &Subjects,
+    gw: &str,
+    st: &mut GwState,
+    update: GatewayUpdate,
+) {
+    st.seq += 1;
+    let report = GatewayReport {
+        gateway: gw.to_owned(),
+        seq: st.seq,
+        update,
+    };
+    bus.publish(&subjects.gateway_reports(gw), encode(&report))
+        .await
+        .expect("report published");
+}
+
+/// Everything presence broadcasts.
+struct Watcher {
+    sub: Subscription,
+}
+
+impl Watcher {
+    async fn start(bus: &SharedBus, subjects: &Subjects) -> Self {
+        let sub = bus.subscribe(&subjects.broadcast()).await.unwrap();
+        settle(bus, subjects).await;
+        Self { sub }
+    }
+
+    async fn next(&mut self, within: Duration) -> Option<Broadcast> {
+        let m = timeout(within, self.sub.next()).await.ok()??;
+        Some(decode(&m.payload).expect("broadcasts decode"))
+    }
+
+    /// Waits for the first broadcast matching `pred`; returns it and every
+    /// broadcast seen before it.
+    async fn wait_for(
+        &mut self,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&Broadcast) -> bool,
+    ) -> (Broadcast, Vec<Broadcast>) {
+        let deadline = Instant::now() + within;
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left).await {
+                Some(b) if pred(&b) => return (b, before),
+                Some(b) => before.push(b),
+                None => panic!("no {what} within {within:?}; saw {before:?}"),
+            }
+        }
+    }
+
+    /// Waits for the connects of all of `ids`, in any order: reports of
+    /// different gateways travel on different connections.
+    async fn wait_connects(&mut self, ids: &[&str]) {
+        let mut missing: BTreeSet<&str> = ids.iter().copied().collect();
+        while !missing.is_empty() {
+            let (b, _) = self
+                .wait_for(SOON, "connects", |b| matches!(b, Broadcast::Connect { .. }))
+                .await;
+            if let Broadcast::Connect { client } = b {
+                missing.remove(client.channel_name.as_str());
+            }
+        }
+    }
+
+    /// Every broadcast within `period`.
+    async fn collect(&mut self, period: Duration) -> Vec<Broadcast> {
+        let deadline = Instant::now() + period;
+        let mut seen = Vec::new();
+        while let Some(b) = self
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            seen.push(b);
+        }
+        seen
+    }
+}
+
+fn is_snapshot(b: &Broadcast) -> bool {
+    matches!(b, Broadcast::Snapshot { .. })
+}
+
+fn is_connect_of(id: &str) -> impl Fn(&Broadcast) -> bool + '_ {
+    move |b| matches!(b, Broadcast::Connect { client } if client.channel_name == id)
+}
+
+fn is_disconnect_of(id: &str) -> impl Fn(&Broadcast) -> bool + '_ {
+    move |b| matches!(b, Broadcast::Disconnect { channel_name } if channel_name == id)
+}
+
+fn snapshot_ids(b: &Broadcast) -> BTreeSet<String> {
+    match b {
+        Broadcast::Snapshot { clients } => clients.iter().map(|c| c.channel_name.clone()).collect(),
+        other => panic!("not a snapshot: {other:?}"),
+    }
+}
+
+fn ids(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+async fn roster(bus: &SharedBus, subjects: &Subjects) -> BTreeSet<String> {
+    let answer = bus
+        .request(
+            &subjects.roster_request(),
+            bytes::Bytes::new(),
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("presence answers roster requests");
+    let reply: RosterReply = decode(&answer).expect("roster reply decodes");
+    reply.clients.into_iter().map(|c| c.channel_name).collect()
+}
+
+const SOON: Duration = Duration::from_secs(3);
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test]
+async fn nats_events_are_broadcast() {
+    let subjects = fresh_subjects();
+    let admin = nats("admin").await;
+    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let gw_bus: SharedBus = Arc::new(nats("gateway").await);
+    let mut watcher = Watcher::start(&watch_bus, &subjects).await;
+    let p = Running::start(
+        test_config(&subjects, "a"),
+        Arc::new(nats("presence").await),
+    )
+    .await;
+    // Arrange: the warm-up ends with an (empty) snapshot.
+    let (snap, _) = watcher
+        .wait_for(SOON, "warm-up snapshot", is_snapshot)
+        .await;
+    assert!(snapshot_ids(&snap).is_empty());
+    let gw = FakeGateway::start(gw_bus.clone(), &subjects, "gw-1").await;
+
+    // Connect.
+    let a = gw.connect("a").await;
+    let (b, before) = watcher.wait_for(SOON, "connect", is_connect_of("a")).await;
+    assert_eq!(b, Broadcast::Connect { client: a });
+    assert!(before.is_empty(), "nothing before the connect: {before:?}");
+    assert_eq!(roster(&gw_bus, &subjects).await, ids(&["a"]));
+
+    // Delays are coalesced into one broadcast with the latest numbers.
+    let stats = |ms: f64| DelayStats {
+        delay_time: ms,
+        median: ms,
+        jitter: 1.0,
+    };
+    for ms in [10.0, 11.0, 12.0] {
+        gw.report(GatewayUpdate::Delays {
+            delays: [("a".to_owned(), stats(ms))].into_iter().collect(),
+        })
+        .await;
+    }
+    let (b, _) = watcher
+        .wait_for(
+            SOON,
+            "delays of 12 ms",
+            |b| matches!(b, Broadcast::Delays { delays } if delays.get("a") == Some(&stats(12.0))),
+        )
+        .await;
+    let Broadcast::Delays { delays } = b else {
+        unreachable!()
+    };
+    assert_eq!(delays.len(), 1);
+
+    // A bad payload is counted and changes nothing.
+    gw_bus
+        .publish(
+            &subjects.gateway_reports("gw-1"),
+            bytes::Bytes::from_static(b"{nope"),
+        )
+        .await
+        .unwrap();
+
+    // Rename, then disconnect.
+    gw.report(GatewayUpdate::Rename {
+        channel_name: "a".into(),
+        name: "Ada".into(),
+    })
+    .await;
+    let (b, _) = watcher
+        .wait_for(SOON, "rename", |b| matches!(b, Broadcast::Rename { .. }))
+        .await;
+    assert_eq!(
+        b,
+        Broadcast::Rename {
+            channel_name: "a".into(),
+            name: "Ada".into()
+        }
+    );
+    gw.report(GatewayUpdate::Disconnect {
+        channel_name: "a".into(),
+    })
+    .await;
+    watcher
+        .wait_for(SOON, "disconnect", is_disconnect_of("a"))
+        .await;
+    assert!(roster(&gw_bus, &subjects).await.is_empty());
+    assert_eq!(p.metric("pingapp_presence_bad_reports_total"), 1.0);
+    assert!(p.metric("pingapp_presence_heartbeats_total") >= 1.0);
+
+    p.stop().await;
+    delete_lease_bucket(&admin, &subjects).await;
+}
+
+#[tokio::test]
+async fn nats_silent_gateway_is_expired() {
+    let subjects = fresh_subjects();
+    let admin = nats("admin").await;
+    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let mut watcher = Watcher::start(&watch_bus, &subjects).await;
+    let p = Running::start(
+        test_config(&subjects, "a"),
+        Arc::new(nats("presence").await),
+    )
+    .await;
+    watcher
+        .wait_for(SOON, "warm-up snapshot", is_snapshot)
+        .await;
+    let mut gw = FakeGateway::start(Arc::new(nats("gateway").await), &subjects, "gw-dies").await;
+    let survivor =
+        FakeGateway::start(Arc::new(nats("gateway2").await), &subjects, "gw-lives").await;
+    gw.connect("a").await;
+    gw.connect("b").await;
+    survivor.connect("c").await;
+    watcher.wait_connects(&["a", "b", "c"]).await;
+
+    // Act: the gateway dies without a goodbye, after presence learned its
+    // heartbeat interval (before that, the 2 s default applies).
+    tokio::time::sleep(2 * HEARTBEAT).await;
+    gw.kill();
+    let died = Instant::now();
+
+    // Assert: both its clients are disconnected within 10 s, the other
+    // gateway's client stays.
+    let mut gone = BTreeSet::new();
+    while gone.len() < 2 {
+        let left = Duration::from_secs(10).saturating_sub(died.elapsed());
+        match watcher.next(left).await {
+            Some(Broadcast::Disconnect { channel_name }) => {
+                gone.insert(channel_name);
+            }
+            Some(_) => {}
+            None => panic!("only {gone:?} disconnected within 10 s"),
+        }
+    }
+    assert_eq!(gone, ids(&["a", "b"]));
+    assert_eq!(roster(&watch_bus, &subjects).await, ids(&["c"]));
+    assert_eq!(p.metric("pingapp_presence_expirations_total"), 1.0);
+    assert_eq!(p.metric("pingapp_presence_expired_clients_total"), 2.0);
+    assert!(p.metric("pingapp_presence_heartbeats_missed_total") >= 2.0);
+    assert_eq!(p.metric("pingapp_presence_roster_size"), 1.0);
+
+    p.stop().await;
+    delete_lease_bucket(&admin, &subjects).await;
+}
+
+#[tokio::test]
+async fn nats_restart_is_invisible_to_pages() {
+    let subjects = fresh_subjects();
+    let admin = nats("admin").await;
+    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let mut watcher = Watcher::start(&watch_bus, &subjects).await;
+    let first = Running::start(
+        test_config(&subjects, "presence-0"),
+        Arc::new(nats("p1").await),
+    )
+    .await;
+    watcher
+        .wait_for(SOON, "warm-up snapshot", is_snapshot)
+        .await;
+    let g1 = FakeGateway::start(Arc::new(nats("g1").await), &subjects, "g1").await;
+    let g2 = FakeGateway::start(Arc::new(nats("g2").await), &subjects, "g2").await;
+    for (gw, id) in [(&g1, "a"), (&g1, "b"), (&g2, "c"), (&g2, "d")] {
+        gw.connect(id).await;
+    }
+    watcher.wait_connects(&["a", "b", "c", "d"]).await;
+
+    // Act: presence restarts (same replica id, as a restarted pod has) while
+    // the gateways keep heartbeating.
+    first.stop().await;
+    let second = Running::start(
+        test_config(&subjects, "presence-0"),
+        Arc::new(nats("p2").await),
+    )
+    .await;
+
+    // Assert: no page hears of a connect or disconnect; the snapshot after
+    // the warm-up holds the whole roster.
+    let (snap, before) = watcher
+        .wait_for(
+            Duration::from_secs(10),
+            "snapshot after restart",
+            is_snapshot,
+        )
+        .await;
+    assert!(
+        before.is_empty(),
+        "spurious broadcasts after restart: {before:?}"
+    );
+    assert_eq!(snapshot_ids(&snap), ids(&["a", "b", "c", "d"]));
+    let later = watcher.collect(Duration::from_secs(1)).await;
+    assert!(
+        later
+            .iter()
+            .all(|b| !matches!(b, Broadcast::Disconnect { .. } | Broadcast::Connect { .. })),
+        "spurious broadcasts after restart: {later:?}"
+    );
+    assert!(second.is_active());
+
+    second.stop().await;
+    delete_lease_bucket(&admin, &subjects).await;
+}
+
+#[tokio::test]
+async fn nats_two_replicas_broadcast_once_and_fail_over() {
+    let subjects = fresh_subjects();
+    let admin = nats("admin").await;
+    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let mut watcher = Watcher::start(&watch_bus, &subjects).await;
+    let a = Running::start(test_config(&subjects, "a"), Arc::new(nats("pa").await)).await;
+    let b = Running::start(test_config(&subjects, "b"), Arc::new(nats("pb").await)).await;
+    watcher
+        .wait_for(SOON, "warm-up snapshot", is_snapshot)
+        .await;
+    let gw = FakeGateway::start(Arc::new(nats("gw").await), &subjects, "gw").await;
+
+    // Exactly one broadcast per event.
+    gw.connect("x").await;
+    gw.report(GatewayUpdate::Rename {
+        channel_name: "x".into(),
+        name: "Xavier".into(),
+    })
+    .await;
+    let seen = watcher.collect(Duration::from_secs(1)).await;
+    let connects = seen.iter().filter(|b| is_connect_of("x")(b)).count();
+    let renames = seen
+        .iter()
+        .filter(|b| matches!(b, Broadcast::Rename { .. }))
+        .count();
+    assert_eq!((connects, renames), (1, 1), "saw {seen:?}");
+    assert_eq!(
+        u8::from(a.is_active()) + u8::from(b.is_active()),
+        1,
+        "exactly one active replica"
+    );
+
+    // Act: the active replica goes away.
+    let (gone, survivor) = if a.is_active() { (a, b) } else { (b, a) };
+    gone.stop().await;
+    let stopped = Instant::now();
+
+    // Assert: the other takes over within 10 s with a snapshot, no client
+    // lost, and broadcasts from then on.
+    let (snap, before) = watcher
+        .wait_for(Duration::from_secs(10), "takeover snapshot", is_snapshot)
+        .await;
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    assert!(before.is_empty(), "broadcasts during failover: {before:?}");
+    assert_eq!(snapshot_ids(&snap), ids(&["x"]));
+    assert!(survivor.is_active());
+    gw.connect("y").await;
+    let seen = watcher.collect(Duration::from_secs(1)).await;
+    assert_eq!(
+        seen.iter().filter(|b| is_connect_of("y")(b)).count(),
+        1,
+        "saw {seen:?}"
+    );
+
+    survivor.stop().await;
+    delete_lease_bucket(&admin, &subjects).await;
+}
+
+#[tokio::test]
+async fn memory_bus_end_to_end() {
+    let subjects = fresh_subjects();
+    let bus: SharedBus = Arc::new(MemoryBus::new());
+    let mut watcher = Watcher::start(&bus, &subjects).await;
+    let p = Running::start(test_config(&subjects, "mem"), bus.clone()).await;
+    watcher
+        .wait_for(SOON, "warm-up snapshot", is_snapshot)
+        .await;
+    let mut gw = FakeGateway::start(bus.clone(), &subjects, "gw").await;
+
+    let a = gw.connect("a").await;
+    let (b, _) = watcher.wait_for(SOON, "connect", is_connect_of("a")).await;
+    assert_eq!(b, Broadcast::Connect { client: a });
+    assert_eq!(roster(&bus, &subjects).await, ids(&["a"]));
+
+    tokio::time::sleep(2 * HEARTBEAT).await;
+    gw.kill();
+    watcher
+        .wait_for(Duration::from_secs(3), "expiry", is_disconnect_of("a"))
+        .await;
+    assert!(roster(&bus, &subjects).await.is_empty());
+    p.stop().await;
+}
