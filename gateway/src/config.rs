@@ -1,0 +1,106 @@
+//! The gateway's settings, shared as flags by the `gateway` and `pingapp`
+//! binaries.
+
+use std::time::Duration;
+
+use clap::Args;
+
+/// Protocol limits and timings (SPEC section 5). Every flag also reads a
+/// `PINGAPP_*` environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Largest accepted client frame, in bytes; a larger one closes the
+    /// connection with 1009.
+    #[arg(long, env = "PINGAPP_MAX_FRAME_BYTES", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub max_frame_bytes: u32,
+
+    /// Most client messages per second; more closes the connection with 1008.
+    #[arg(long, env = "PINGAPP_MAX_MESSAGES_PER_SECOND", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_messages_per_second: u32,
+
+    /// How often pages should ping, announced in the v2 welcome.
+    #[arg(long, env = "PINGAPP_PING_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub ping_interval_ms: u64,
+
+    /// How often coalesced delay updates go out.
+    #[arg(long, env = "PINGAPP_ROSTER_TICK_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub roster_tick_ms: u64,
+
+    /// How often the gateway sends WebSocket Ping frames.
+    #[arg(long, env = "PINGAPP_KEEPALIVE_INTERVAL_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub keepalive_interval_ms: u64,
+
+    /// A client silent this long is closed.
+    #[arg(long, env = "PINGAPP_IDLE_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    pub idle_timeout_ms: u64,
+
+    /// Frames queued for one client before it counts as too slow and is
+    /// dropped.
+    #[arg(long, env = "PINGAPP_OUTBOUND_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(4..=1_000_000))]
+    pub outbound_queue: u32,
+
+    /// How often the gateway tells presence all its public clients.
+    #[arg(long, env = "PINGAPP_HEARTBEAT_INTERVAL_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub heartbeat_interval_ms: u64,
+
+    /// How long a drain may take before the process exits anyway.
+    #[arg(long, env = "PINGAPP_DRAIN_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for GatewayArgs {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 4096,
+            max_messages_per_second: 50,
+            ping_interval_ms: 1000,
+            roster_tick_ms: 500,
+            keepalive_interval_ms: 5000,
+            idle_timeout_ms: 30_000,
+            outbound_queue: 1024,
+            heartbeat_interval_ms: 2000,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl GatewayArgs {
+    /// Keepalive interval.
+    pub fn keepalive_interval(&self) -> Duration {
+        Duration::from_millis(self.keepalive_interval_ms)
+    }
+
+    /// Idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// Roster tick.
+    pub fn roster_tick(&self) -> Duration {
+        Duration::from_millis(self.roster_tick_ms)
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
+    /// Drain timeout.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// After how long without a pong a page counts a ping as lost.
+    pub fn ping_timeout_ms(&self) -> u64 {
+        (self.ping_interval_ms * 3).max(1000)
+    }
+}

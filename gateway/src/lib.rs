@@ -1,0 +1,271 @@
+//! The PingApp gateway: serves the pages, the WebSocket endpoints and the
+//! HTTP API; answers every ping itself; forwards samples to the durable
+//! stream and presence events to presence; fans presence's broadcasts out
+//! to its own public clients.
+//!
+//! [`Gateway::build`] binds the listener (port 0 works in tests) and
+//! subscribes; [`Gateway::run`] serves until the shutdown token is
+//! cancelled, then drains: every client gets close 1012, pending samples
+//! are flushed, presence is told goodbye.
+
+pub mod api;
+pub mod config;
+pub mod connection;
+pub mod hub;
+pub mod metrics;
+pub mod mirror;
+pub mod pages;
+pub mod persist;
+pub mod presence_link;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::Response;
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use serde::Deserialize;
+use services::admin::Readiness;
+use services::bus::{SharedBus, StreamSpec};
+use services::messages::GatewayUpdate;
+use services::protocol::{Page, Version};
+use services::subjects::Subjects;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+pub use config::GatewayArgs;
+use metrics::GatewayMetrics;
+use persist::Batcher;
+use state::Shared;
+
+/// How long samples stay in the durable stream if no recorder takes them.
+pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
+
+/// Everything a gateway needs to start.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Limits and timings.
+    pub args: GatewayArgs,
+    /// This gateway's id, shown to clients and unique among gateways.
+    pub gateway_id: String,
+    /// Subject names.
+    pub subjects: Subjects,
+    /// Where to listen for browsers.
+    pub listen: SocketAddr,
+}
+
+/// A gateway, bound and subscribed, ready to [`Gateway::run`].
+pub struct Gateway {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    batcher: JoinHandle<()>,
+    readiness: Readiness,
+}
+
+impl Gateway {
+    /// Binds the listener, creates the durable stream if needed, and
+    /// subscribes to presence's subjects.
+    ///
+    /// # Errors
+    /// The address cannot be bound or the bus refuses the subscriptions.
+    pub async fn build(
+        cfg: GatewayConfig,
+        bus: SharedBus,
+        registry: &prometheus::Registry,
+        readiness: Readiness,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        bus.ensure_stream(&StreamSpec {
+            name: cfg.subjects.samples_stream(),
+            subjects: cfg.subjects.all_samples(),
+            max_age: STREAM_MAX_AGE,
+        })
+        .await
+        .context("creating the sample stream")?;
+        let broadcasts = bus
+            .subscribe(&cfg.subjects.broadcast())
+            .await
+            .context("subscribing to broadcasts")?;
+        let syncs = bus
+            .subscribe(&cfg.subjects.presence_sync())
+            .await
+            .context("subscribing to presence sync")?;
+
+        let metrics = GatewayMetrics::new(registry);
+        let stop = CancellationToken::new();
+        let (records_tx, records_rx) = mpsc::channel(persist::CHANNEL_CAPACITY);
+        let batcher = tokio::spawn(
+            Batcher {
+                bus: bus.clone(),
+                subject: cfg.subjects.samples(&cfg.gateway_id),
+                gateway_id: cfg.gateway_id.clone(),
+                metrics: metrics.clone(),
+                drain_timeout: cfg.args.drain_timeout(),
+            }
+            .run(records_rx),
+        );
+        let shared = Shared::new(
+            cfg.args,
+            cfg.gateway_id,
+            cfg.subjects,
+            bus.clone(),
+            metrics,
+            records_tx,
+            stop.clone(),
+        );
+        let tasks = vec![
+            tokio::spawn(presence_link::broadcasts(shared.clone(), broadcasts)),
+            tokio::spawn(presence_link::sync_requests(shared.clone(), syncs)),
+            tokio::spawn(presence_link::fetch_roster(shared.clone())),
+            tokio::spawn(presence_link::roster_ticks(shared.clone())),
+            tokio::spawn(presence_link::heartbeats(shared.clone())),
+        ];
+        let b = bus.clone();
+        readiness.add_check("nats", move || b.is_connected());
+        Ok(Self {
+            listener,
+            shared,
+            stop,
+            tasks,
+            batcher,
+            readiness,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains.
+    ///
+    /// # Errors
+    /// The listener failed.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Gateway {
+            listener,
+            shared,
+            stop,
+            tasks,
+            batcher,
+            readiness,
+        } = self;
+        let app = router(shared.clone());
+        readiness.set_started();
+        let drain = {
+            let readiness = readiness.clone();
+            let stop = stop.clone();
+            async move {
+                shutdown.cancelled().await;
+                readiness.set_draining();
+                stop.cancel();
+            }
+        };
+        // Pongs must leave at once, not wait for Nagle and delayed ACKs.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(drain)
+            .await
+            .context("serving")?;
+
+        // axum does not wait for upgraded connections: the tracker does.
+        let drain_timeout = shared.args.drain_timeout();
+        shared.tracker.close();
+        if tokio::time::timeout(drain_timeout, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout: some connections did not close in time");
+        }
+        for t in tasks {
+            t.abort();
+        }
+        shared.report(|_| Some(GatewayUpdate::Goodbye)).await;
+        let bus = shared.bus.clone();
+        // The last sender goes with `shared`: the batcher then flushes.
+        drop(shared);
+        if tokio::time::timeout(drain_timeout, batcher).await.is_err() {
+            tracing::error!("drain timeout: pending samples were not all stored");
+        }
+        let _ = bus.flush().await;
+        Ok(())
+    }
+}
+
+/// Every route of the public listener.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let mut app = Router::new()
+        .route("/ws/private/", get(ws_private))
+        .route("/ws/private", get(ws_private))
+        .route("/ws/public/", get(ws_public))
+        .route("/ws/public", get(ws_public))
+        .merge(api::router())
+        .merge(pages::router())
+        .with_state(shared);
+    for (name, value) in pages::SECURITY_HEADERS {
+        app = app.layer(SetResponseHeaderLayer::if_not_present(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        ));
+    }
+    app
+}
+
+#[derive(Deserialize)]
+struct WsParams {
+    v: Option<String>,
+}
+
+async fn ws_private(
+    ws: WebSocketUpgrade,
+    State(shared): State<Arc<Shared>>,
+    Query(p): Query<WsParams>,
+) -> Response {
+    upgrade(ws, shared, Page::Private, p)
+}
+
+async fn ws_public(
+    ws: WebSocketUpgrade,
+    State(shared): State<Arc<Shared>>,
+    Query(p): Query<WsParams>,
+) -> Response {
+    upgrade(ws, shared, Page::Public, p)
+}
+
+fn upgrade(ws: WebSocketUpgrade, shared: Arc<Shared>, page: Page, p: WsParams) -> Response {
+    let version = if p.v.as_deref() == Some("2") {
+        Version::V2
+    } else {
+        Version::V1
+    };
+    let max_frame = shared.args.max_frame_bytes as usize;
+    // Small buffers keep an idle connection cheap (tungstenite's defaults
+    // are 128 KiB per connection; the write buffer only grows while queued
+    // broadcasts are written, and a ping's pong is flushed at once); frames
+    // larger than our own limit but
+    // within tungstenite's still get a proper 1009 from us.
+    ws.read_buffer_size(4096)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(1 << 20)
+        .max_frame_size((max_frame * 4).max(64 * 1024))
+        .max_message_size((max_frame * 4).max(64 * 1024))
+        .on_upgrade(move |socket| {
+            let tracker = shared.tracker.clone();
+            tracker.track_future(connection::serve(socket, shared, page, version))
+        })
+}

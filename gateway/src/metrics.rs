@@ -1,0 +1,149 @@
+//! The gateway's Prometheus families (documented in `docs/metrics.md`).
+
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec, Registry};
+use services::metrics::{DELAY_SECONDS, FAST_SECONDS, counter, gauge, histogram};
+
+/// Every family the gateway exports.
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    /// Open connections by page and protocol version.
+    pub connections: IntGaugeVec,
+    /// Accepted connections by page and version.
+    pub connects: IntCounterVec,
+    /// Closed connections by close code.
+    pub disconnects: IntCounterVec,
+    /// Pings answered by version.
+    pub pings: IntCounterVec,
+    /// Time from receiving a ping to having written its pong.
+    pub ping_duration: HistogramVec,
+    /// Client-reported delays.
+    pub client_delay: HistogramVec,
+    /// Server-measured keepalive round trips.
+    pub server_rtt: HistogramVec,
+    /// Frames received by command.
+    pub messages_in: IntCounterVec,
+    /// Frames sent by command.
+    pub messages_out: IntCounterVec,
+    /// Error frames sent, by code.
+    pub errors: IntCounterVec,
+    /// Clients dropped because their outbound queue overflowed.
+    pub outbound_drops: IntCounterVec,
+    /// Time to hand one broadcast to every local client.
+    pub broadcast_fanout: HistogramVec,
+    /// Samples handed to the durable stream.
+    pub samples_persisted: IntCounterVec,
+    /// Failed attempts to persist a batch (retried).
+    pub persist_errors: IntCounterVec,
+    /// Samples accepted but not yet persisted.
+    pub samples_pending: IntGaugeVec,
+    /// Public clients in this gateway's copy of the roster.
+    pub roster_size: IntGaugeVec,
+}
+
+impl GatewayMetrics {
+    /// Registers every family in `r`.
+    pub fn new(r: &Registry) -> Self {
+        Self {
+            connections: gauge(
+                r,
+                "pingapp_gateway_connections",
+                "Open WebSocket connections.",
+                &["page", "version"],
+            ),
+            connects: counter(
+                r,
+                "pingapp_gateway_connects_total",
+                "Accepted WebSocket connections.",
+                &["page", "version"],
+            ),
+            disconnects: counter(
+                r,
+                "pingapp_gateway_disconnects_total",
+                "Closed WebSocket connections by close code.",
+                &["code"],
+            ),
+            pings: counter(
+                r,
+                "pingapp_gateway_pings_total",
+                "Pings answered.",
+                &["version"],
+            ),
+            ping_duration: histogram(
+                r,
+                "pingapp_gateway_ping_duration_seconds",
+                "Time from receiving a ping to having written its pong.",
+                &[],
+                FAST_SECONDS,
+            ),
+            client_delay: histogram(
+                r,
+                "pingapp_gateway_client_delay_seconds",
+                "Delays reported by clients.",
+                &["page"],
+                DELAY_SECONDS,
+            ),
+            server_rtt: histogram(
+                r,
+                "pingapp_gateway_server_rtt_seconds",
+                "Round trip of WebSocket keepalive pings.",
+                &[],
+                DELAY_SECONDS,
+            ),
+            messages_in: counter(
+                r,
+                "pingapp_gateway_messages_in_total",
+                "Client frames received by command.",
+                &["command"],
+            ),
+            messages_out: counter(
+                r,
+                "pingapp_gateway_messages_out_total",
+                "Frames sent to clients by command.",
+                &["command"],
+            ),
+            errors: counter(
+                r,
+                "pingapp_gateway_errors_total",
+                "Error frames sent to clients by code.",
+                &["code"],
+            ),
+            outbound_drops: counter(
+                r,
+                "pingapp_gateway_outbound_drops_total",
+                "Clients dropped because their outbound queue overflowed.",
+                &[],
+            ),
+            broadcast_fanout: histogram(
+                r,
+                "pingapp_gateway_broadcast_fanout_seconds",
+                "Time to hand one broadcast to every local client.",
+                &[],
+                FAST_SECONDS,
+            ),
+            samples_persisted: counter(
+                r,
+                "pingapp_gateway_samples_persisted_total",
+                "Samples stored in the durable stream.",
+                &[],
+            ),
+            persist_errors: counter(
+                r,
+                "pingapp_gateway_persist_errors_total",
+                "Failed attempts to store a batch (retried).",
+                &[],
+            ),
+            samples_pending: gauge(
+                r,
+                "pingapp_gateway_samples_pending",
+                "Samples accepted but not yet stored.",
+                &[],
+            ),
+            roster_size: gauge(
+                r,
+                "pingapp_gateway_roster_size",
+                "Public clients in this gateway's copy of the roster.",
+                &[],
+            ),
+        }
+    }
+}

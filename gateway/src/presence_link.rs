@@ -1,0 +1,222 @@
+//! The gateway's side of presence: roster ticks with coalesced delays,
+//! heartbeats, the start-up roster fetch, and the broadcast subscription
+//! that keeps the roster copy and fans every event out to local pages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::StreamExt;
+use services::bus::{BusError, Subscription};
+use services::messages::{Broadcast, GatewayUpdate, RosterReply, decode};
+use services::protocol::ServerMessage;
+
+use crate::hub::Audience;
+use crate::state::Shared;
+
+/// Sends one `Delays` report per roster tick with the clients whose delay
+/// changed; nothing when none did.
+pub async fn roster_ticks(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.args.roster_tick());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        shared
+            .report(|local| {
+                if local.dirty.is_empty() {
+                    return None;
+                }
+                let delays = local
+                    .dirty
+                    .drain()
+                    .filter_map(|id| {
+                        let stats = local.clients.get(&id)?.stats?;
+                        Some((id, stats))
+                    })
+                    .collect();
+                Some(GatewayUpdate::Delays { delays })
+            })
+            .await;
+    }
+}
+
+/// Sends a heartbeat with every local public client each interval, and at
+/// once when presence asks (after presence restarts).
+pub async fn heartbeats(shared: Arc<Shared>) {
+    let interval = shared.args.heartbeat_interval();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            _ = shared.heartbeat_now.notified() => {}
+        }
+        let interval_ms = interval.as_millis() as u64;
+        shared
+            .report(|local| {
+                Some(GatewayUpdate::Heartbeat {
+                    clients: local.clients.values().cloned().collect(),
+                    interval_ms,
+                })
+            })
+            .await;
+    }
+}
+
+/// Answers presence's request for heartbeats.
+pub async fn sync_requests(shared: Arc<Shared>, mut sub: Subscription) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            m = sub.next() => match m {
+                Some(_) => shared.heartbeat_now.notify_one(),
+                None => return,
+            }
+        }
+    }
+}
+
+/// Fetches the whole roster from presence, retrying until it answers.
+pub async fn fetch_roster(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let req = shared
+            .bus
+            .request(
+                &shared.subjects.roster_request(),
+                bytes::Bytes::new(),
+                Duration::from_secs(2),
+            )
+            .await;
+        match req.map(|p| decode::<RosterReply>(&p).map_err(BusError::other)) {
+            Ok(Ok(reply)) => {
+                apply(
+                    &shared,
+                    Broadcast::Snapshot {
+                        clients: reply.clients,
+                    },
+                );
+                return;
+            }
+            Ok(Err(e)) | Err(e) => tracing::debug!(error = %e, "roster not available yet"),
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Applies presence's broadcasts until the gateway drains.
+pub async fn broadcasts(shared: Arc<Shared>, mut sub: Subscription) {
+    loop {
+        let msg = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => return,
+            }
+        };
+        match decode::<Broadcast>(&msg.payload) {
+            Ok(b) => apply(&shared, b),
+            Err(e) => tracing::warn!(error = %e, "undecodable broadcast"),
+        }
+    }
+}
+
+/// Updates the roster copy with one broadcast and hands the resulting
+/// frames, each serialized once, to every local public connection.
+pub fn apply(shared: &Shared, b: Broadcast) {
+    let started = std::time::Instant::now();
+    let frames: Vec<(ServerMessage, Audience)> = {
+        let mut mirror = shared.mirror.lock().expect("mirror lock");
+        let frames = match b {
+            Broadcast::Connect { client } => {
+                let frame = ServerMessage::Connect {
+                    channel_name: client.channel_name.clone(),
+                    name: client.name.clone(),
+                    gateway: client.gateway.clone(),
+                };
+                mirror.upsert(client);
+                vec![(frame, Audience::All)]
+            }
+            Broadcast::Rename { channel_name, name } => {
+                mirror.rename(&channel_name, &name);
+                vec![(
+                    ServerMessage::ChangeName { channel_name, name },
+                    Audience::All,
+                )]
+            }
+            Broadcast::Disconnect { channel_name } => {
+                if shared.is_local(&channel_name) {
+                    // Presence lost track of a live local client (e.g. our
+                    // heartbeats were cut off); the next heartbeat restores it.
+                    tracing::debug!(%channel_name, "presence dropped a live local client");
+                }
+                mirror.remove(&channel_name);
+                vec![(ServerMessage::Disconnect { channel_name }, Audience::All)]
+            }
+            Broadcast::Delays { delays } => {
+                for (id, stats) in &delays {
+                    mirror.set_stats(id, *stats);
+                }
+                vec![(
+                    ServerMessage::Delays {
+                        delay_times: delays,
+                    },
+                    Audience::V2,
+                )]
+            }
+            Broadcast::Snapshot { clients } => mirror
+                .reconcile(clients, |id| shared.is_local(id))
+                .into_iter()
+                .map(|f| (f, Audience::All))
+                .collect(),
+        };
+        shared
+            .metrics
+            .roster_size
+            .with_label_values(&[] as &[&str])
+            .set(mirror.len() as i64);
+        frames
+    };
+    for (msg, audience) in frames {
+        let command = command_of(&msg);
+        let frame = Utf8Bytes::from(msg.to_json());
+        let dropped = shared.hub.fanout(&frame, audience);
+        if dropped > 0 {
+            shared
+                .metrics
+                .outbound_drops
+                .with_label_values(&[] as &[&str])
+                .inc_by(dropped as u64);
+        }
+        let _ = command;
+    }
+    shared
+        .metrics
+        .broadcast_fanout
+        .with_label_values(&[] as &[&str])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// The `command` of a server message, as a metric label.
+pub fn command_of(msg: &ServerMessage) -> &'static str {
+    match msg {
+        ServerMessage::Pong { .. } => "pong",
+        ServerMessage::Welcome { .. } => "welcome",
+        ServerMessage::DelayTimes { .. } => "delay_times",
+        ServerMessage::Roster { .. } => "roster",
+        ServerMessage::Connect { .. } => "connect",
+        ServerMessage::ChangeName { .. } => "change_name",
+        ServerMessage::Disconnect { .. } => "disconnect",
+        ServerMessage::Delays { .. } => "delays",
+        ServerMessage::ServerRtt { .. } => "server_rtt",
+        ServerMessage::Error { .. } => "error",
+    }
+}
