@@ -1,0 +1,324 @@
+// PingApp page script (entry module for /private/ and /public/).
+//
+// Reads <body data-page="private|public">, connects to /ws/<page>/?v=2 and
+// wires the connection to the statistics grid, the live chart, the history
+// chart (private) and the roster table and rename form (public).
+// Modules: stats.js (pure functions), connection.js (WebSocket, reconnect,
+// ping loop), chart.js (canvas), roster.js (table), history.js (recorder API).
+
+import { PingConnection } from "./connection.js";
+import { CanvasChart, historyChartDrawer, liveChartDrawer } from "./chart.js";
+import { HistoryPoller } from "./history.js";
+import { RosterTable } from "./roster.js";
+import {
+  LIVE_WINDOW,
+  RECENT_WINDOW,
+  SessionStats,
+  formatCount,
+  formatMs,
+  formatPercent,
+  isNum,
+  validateName,
+} from "./stats.js";
+
+/** The statistics cells: data-stat key, label, tooltip, formatter. */
+const STATS = [
+  { key: "last", label: "Last", fmt: formatMs },
+  { key: "min", label: "Min", fmt: formatMs },
+  { key: "median", label: "Median", fmt: formatMs },
+  { key: "p95", label: "p95", fmt: formatMs },
+  { key: "p99", label: "p99", fmt: formatMs },
+  { key: "jitter", label: "Jitter", fmt: formatMs, title: "Mean absolute difference of consecutive samples" },
+  { key: "loss", label: "Loss", fmt: formatPercent, title: "Pings with no pong within the timeout" },
+  { key: "count", label: "Samples", fmt: formatCount },
+  {
+    key: "server_rtt",
+    label: "Server-measured RTT",
+    fmt: formatMs,
+    title: "Measured by the server with WebSocket Ping control frames (every ~5 s)",
+    session: false,
+  },
+];
+
+const NAME_KEY = "pingapp.name";
+
+const $ = (id) => document.getElementById(id);
+
+function make(tag, props = {}, children = []) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "dataset") Object.assign(el.dataset, v);
+    else el[k] = v;
+  }
+  el.append(...children);
+  return el;
+}
+
+/** Builds the stats grid: per stat a session value and a "last 60" value. */
+function buildStatsGrid(container) {
+  const cells = new Map();
+  for (const s of STATS) {
+    const value = make("output", {
+      id: `stat-${s.key.replace("_", "-")}`,
+      className: "stat-value",
+      textContent: "–",
+      dataset: { stat: s.key, window: "session", value: "" },
+    });
+    const cell = make("div", { className: "stat", title: s.title ?? "" }, [
+      make("span", { className: "stat-label", textContent: s.label }),
+      value,
+    ]);
+    const entry = { session: value, recent: null, fmt: s.fmt };
+    if (s.session === false) {
+      cell.append(make("span", { className: "stat-recent", textContent: "every ~5 s" }));
+    } else {
+      const recent = make("output", {
+        id: `stat-recent-${s.key}`,
+        textContent: "–",
+        dataset: { stat: s.key, window: "recent", value: "" },
+      });
+      cell.append(make("span", { className: "stat-recent" }, [`last ${RECENT_WINDOW}: `, recent]));
+      entry.recent = recent;
+    }
+    cells.set(s.key, entry);
+    container.append(cell);
+  }
+  return cells;
+}
+
+function setOutput(el, value, fmt) {
+  if (!el) return;
+  const text = fmt(value);
+  if (el.textContent !== text) el.textContent = text;
+  const raw = isNum(value) ? String(value) : "";
+  if (el.dataset.value !== raw) el.dataset.value = raw;
+}
+
+/** Measures the performance.now() resolution (ms) with a short busy loop. */
+function timerResolution() {
+  let prev = performance.now();
+  const end = prev + 3;
+  let best = Infinity;
+  for (let changes = 0; changes < 30; ) {
+    const t = performance.now();
+    if (t !== prev) {
+      best = Math.min(best, t - prev);
+      prev = t;
+      changes += 1;
+    }
+    if (t > end) break;
+  }
+  return best;
+}
+
+function showTimer(el) {
+  if (!el) return;
+  const fine = window.crossOriginIsolated === true;
+  const res = timerResolution();
+  el.dataset.fine = String(fine);
+  if (isNum(res)) el.dataset.resolutionUs = String(Math.round(res * 1000));
+  el.textContent = `fine timer: ${fine ? "yes" : "no"}`;
+  el.title = `crossOriginIsolated: ${fine}; performance.now() step ≈ ${
+    isNum(res) ? `${(res * 1000).toFixed(0)} µs` : "unknown"
+  }`;
+}
+
+function loadName() {
+  try {
+    return sessionStorage.getItem(NAME_KEY);
+  } catch {
+    return null;
+  }
+}
+
+function saveName(name) {
+  try {
+    sessionStorage.setItem(NAME_KEY, name);
+  } catch {
+    /* storage disabled: the name is just not restored after a reconnect */
+  }
+}
+
+function main() {
+  const page = document.body.dataset.page;
+  if (page !== "private" && page !== "public") return;
+
+  showTimer($("timer-resolution"));
+
+  // ---- messages and status ---------------------------------------------
+  const messages = $("messages");
+  let messageTimer = 0;
+  const showMessage = (text, kind = "info", code = "") => {
+    if (!messages) return;
+    clearTimeout(messageTimer);
+    messages.textContent = text;
+    messages.dataset.kind = kind;
+    messages.dataset.code = code;
+    messages.hidden = false;
+    messageTimer = setTimeout(() => {
+      messages.hidden = true;
+      messages.textContent = "";
+      messages.dataset.code = "";
+    }, 12000);
+  };
+
+  const statusEl = $("status");
+  const statusText = $("status-text");
+  const retryBtn = $("retry-now");
+  const renameBtn = $("change-name");
+
+  // ---- statistics and live chart ---------------------------------------
+  const stats = new SessionStats(Math.max(RECENT_WINDOW, LIVE_WINDOW));
+  let serverRtt = null;
+  const cells = buildStatsGrid($("stats"));
+  let statsFrame = 0;
+  const renderStats = () => {
+    statsFrame = 0;
+    const all = stats.summary();
+    const recent = stats.recentSummary(RECENT_WINDOW);
+    for (const [key, c] of cells) {
+      if (key === "server_rtt") {
+        setOutput(c.session, serverRtt, c.fmt);
+        continue;
+      }
+      setOutput(c.session, all[key], c.fmt);
+      setOutput(c.recent, recent[key], c.fmt);
+    }
+  };
+  const scheduleStats = () => {
+    if (!statsFrame) statsFrame = requestAnimationFrame(renderStats);
+  };
+  renderStats();
+
+  const liveCanvas = $("live-chart");
+  const liveChart = liveCanvas
+    ? new CanvasChart(liveCanvas, liveChartDrawer(() => stats.lastOutcomes(LIVE_WINDOW)))
+    : null;
+
+  // ---- history (private page) ------------------------------------------
+  const historyCanvas = $("history-chart");
+  let historyPoints = [];
+  const historyChart = historyCanvas
+    ? new CanvasChart(historyCanvas, historyChartDrawer(() => historyPoints))
+    : null;
+  const historyStatus = $("history-status");
+  const history = historyChart
+    ? new HistoryPoller(
+        (points) => {
+          historyPoints = points;
+          historyChart.request();
+        },
+        (text, state) => {
+          if (!historyStatus) return;
+          historyStatus.textContent = text;
+          historyStatus.dataset.state = state;
+        },
+      )
+    : null;
+
+  // ---- roster and rename (public page) ---------------------------------
+  const rosterEl = $("roster");
+  const roster = rosterEl ? new RosterTable(rosterEl, $("client-count")) : null;
+  const nameInput = $("name");
+  let session = null;
+  let restoring = false; // the rename in flight restores the name after a reconnect
+
+  const setWhoami = () => {
+    const set = (id, v) => {
+      const el = $(id);
+      if (el) el.textContent = v;
+    };
+    set("self-name", session ? session.name : "–");
+    set("self-id", session ? session.id : "–");
+    set("self-gateway", session ? session.gateway || "–" : "–");
+  };
+
+  // ---- the connection --------------------------------------------------
+  const conn = new PingConnection(page, {
+    onStatus({ state, text }) {
+      if (statusEl.dataset.state !== state) statusEl.dataset.state = state;
+      if (statusText.textContent !== text) statusText.textContent = text;
+      if (retryBtn) retryBtn.hidden = state !== "reconnecting";
+      if (renameBtn) renameBtn.disabled = state !== "open";
+    },
+    onWelcome(s) {
+      session = { ...s };
+      setWhoami();
+      const interval = $("ping-interval");
+      if (interval) interval.textContent = (s.pingIntervalMs / 1000).toLocaleString();
+      if (roster) {
+        roster.setSelf(s.id);
+        const saved = loadName();
+        if (saved && saved !== s.name && validateName(saved).ok) {
+          restoring = conn.send({ command: "change_name", name: saved });
+        }
+      }
+      if (nameInput) nameInput.placeholder = s.name;
+      history?.start(s);
+      return roster ? roster.whenRendered() : undefined;
+    },
+    onSample({ seq, rtt }) {
+      stats.addSample(rtt, seq);
+      scheduleStats();
+      liveChart?.request();
+      history?.sampleSent();
+    },
+    onLoss({ seq }) {
+      stats.addLoss(seq);
+      scheduleStats();
+      liveChart?.request();
+    },
+    onServerRtt(ms) {
+      serverRtt = ms;
+      scheduleStats();
+    },
+    onServerError({ code, detail }) {
+      showMessage(detail ? `Server error (${code}): ${detail}` : `Server error (${code})`, "error", code);
+    },
+    onMessage(msg) {
+      if (!roster || !roster.handle(msg)) return;
+      if (msg.command === "change_name" && session && msg.channel_name === session.id) {
+        if (typeof msg.name !== "string") return;
+        const changed = session.name !== msg.name;
+        session.name = msg.name;
+        setWhoami();
+        if (nameInput) nameInput.placeholder = msg.name;
+        saveName(msg.name);
+        if (nameInput && nameInput.value.trim() === msg.name) nameInput.value = "";
+        if (changed && !restoring) showMessage(`Your name is now “${msg.name}”.`, "info", "renamed");
+        restoring = false;
+      }
+    },
+    onDisconnect() {
+      roster?.setStale(true);
+      history?.stop();
+    },
+  });
+
+  retryBtn?.addEventListener("click", () => conn.retryNow());
+
+  $("name-form")?.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const check = validateName(nameInput.value);
+    if (!check.ok) {
+      showMessage(check.error, "error", "client_bad_name");
+      return;
+    }
+    restoring = false;
+    if (!conn.send({ command: "change_name", name: check.name })) {
+      showMessage("Not connected; try again once the status says connected.", "error", "not_connected");
+      return;
+    }
+  });
+
+  window.addEventListener("pagehide", (ev) => {
+    if (ev.persisted) conn.stop();
+  });
+  window.addEventListener("pageshow", (ev) => {
+    if (ev.persisted) conn.start();
+  });
+
+  conn.start();
+}
+
+main();
