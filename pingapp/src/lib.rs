@@ -1,0 +1,140 @@
+//! PingApp standalone: gateway, presence and recorder in one process, over
+//! the in-memory bus (or NATS) with SQLite (or Postgres) storage. The same
+//! libraries as the distributed services; only the injected bus and store
+//! differ.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use gateway::{Gateway, GatewayArgs, GatewayConfig};
+use presence::{Presence, PresenceConfig};
+use recorder::{Recorder, RecorderConfig};
+use services::admin::{self, Readiness};
+use services::bus::SharedBus;
+use services::bus::memory::MemoryBus;
+use services::bus::nats::NatsBus;
+use services::config::{
+    LogArgs, parse_database_url, parse_duration, parse_nats_url, parse_subject_prefix,
+};
+use services::subjects::Subjects;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Command-line flags of the standalone binary.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pingapp",
+    version,
+    about = "PingApp: WebSocket latency, all in one process"
+)]
+pub struct Args {
+    /// Where browsers connect.
+    #[arg(long, env = "PINGAPP_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// The admin listener (/metrics, /livez, /readyz).
+    #[arg(long, env = "PINGAPP_ADMIN_LISTEN", default_value = "127.0.0.1:9000")]
+    pub admin_listen: SocketAddr,
+    /// Where samples are stored: sqlite:PATH or postgres://...
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://pingapp.db", value_parser = parse_database_url)]
+    pub database_url: String,
+    /// NATS server(s); unset: the in-memory bus.
+    #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
+    pub nats_url: Option<String>,
+    /// This gateway's id.
+    #[arg(long, env = "PINGAPP_GATEWAY_ID", default_value = "standalone")]
+    pub gateway_id: String,
+    /// Prefix of every bus subject.
+    #[arg(long, env = "PINGAPP_SUBJECT_PREFIX", default_value = "pingapp", value_parser = parse_subject_prefix)]
+    pub subject_prefix: String,
+    /// Samples older than this are deleted (0: keep for ever).
+    #[arg(long, env = "PINGAPP_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: std::time::Duration,
+    /// Gateway limits and timings.
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Runs the whole product until `shutdown` is cancelled, then drains in
+/// order: the gateway first (clients closed, samples flushed to the bus),
+/// then presence and the recorder (which stores what the gateway flushed).
+/// `on_ready` gets the bound addresses (public, admin).
+///
+/// # Errors
+/// A listener cannot be bound, or the bus or database cannot be reached.
+pub async fn run(
+    args: Args,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(SocketAddr, SocketAddr),
+) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    let readiness = Readiness::new();
+    let admin_listener = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding admin listener {}", args.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        registry.clone(),
+        readiness.clone(),
+        admin_stop.clone(),
+    ));
+
+    let bus: SharedBus = match &args.nats_url {
+        Some(url) => Arc::new(NatsBus::connect(url, "pingapp").await?),
+        None => Arc::new(MemoryBus::new()),
+    };
+    let store = recorder::store::connect(&args.database_url)
+        .await
+        .with_context(|| format!("opening the database {}", args.database_url))?;
+    let subjects = Subjects::new(&args.subject_prefix);
+
+    let mut recorder_cfg = RecorderConfig::new(subjects.clone());
+    recorder_cfg.retention = args.retention;
+    let recorder = Recorder::build(
+        recorder_cfg,
+        bus.clone(),
+        store,
+        &registry,
+        readiness.clone(),
+    )
+    .await?;
+    let mut presence_cfg = PresenceConfig::new(subjects.clone());
+    presence_cfg.roster_tick = args.gateway.roster_tick();
+    if args.nats_url.is_none() {
+        // Alone on an in-memory bus there is nobody to wait for.
+        presence_cfg.warmup = std::time::Duration::ZERO;
+    }
+    let presence = Presence::build(presence_cfg, bus.clone(), &registry, readiness.clone()).await?;
+    let gateway = Gateway::build(
+        GatewayConfig {
+            args: args.gateway,
+            gateway_id: args.gateway_id,
+            subjects,
+            listen: args.listen,
+        },
+        bus,
+        &registry,
+        readiness.clone(),
+    )
+    .await?;
+    on_ready(gateway.local_addr(), admin_addr);
+
+    let backend = CancellationToken::new();
+    let recorder = tokio::spawn(recorder.run(backend.clone()));
+    let presence = tokio::spawn(presence.run(backend.clone()));
+    let served = gateway.run(shutdown).await;
+    backend.cancel();
+    let (r, p) = tokio::join!(recorder, presence);
+    admin_stop.cancel();
+    let _ = admin.await;
+    served?;
+    r.context("recorder task")??;
+    p.context("presence task")??;
+    Ok(())
+}

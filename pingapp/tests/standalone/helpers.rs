@@ -1,0 +1,341 @@
+//! Test helpers: the real `pingapp` binary on random ports, and WebSocket
+//! and HTTP clients that talk to it like browsers do.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expectation may wait.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A running `pingapp` process, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    /// Public listener.
+    pub addr: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Keeps the database folder alive.
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `pingapp` with a fresh SQLite database and `extra` flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, extra)
+    }
+
+    /// Starts `pingapp` with the database in `dir`.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        let db = format!("sqlite://{}/pingapp.db", dir.path().display());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pingapp"))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--database-url", &db])
+            .args(["--roster-tick-ms", "50", "--heartbeat-interval-ms", "200"])
+            .args(extra)
+            .env_remove("NATS_URL")
+            .env_remove("DATABASE_URL")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(if std::env::var("TEST_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("start the pingapp binary");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        // "pingapp listening on http://ADDR (admin http://ADDR)"
+        let mut addrs = line.split("http://").skip(1).map(|s| {
+            s.trim_end_matches([')', '\n', ' '])
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        });
+        let addr = addrs
+            .next()
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let admin = addrs
+            .next()
+            .unwrap_or_else(|| panic!("no admin address in {line:?}"));
+        Server {
+            child: Some(child),
+            addr,
+            admin,
+            dir,
+        }
+    }
+
+    /// The HTTP base URL.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The admin base URL.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Connects a WebSocket client to `path` (e.g. `/ws/public/?v=2`).
+    pub async fn ws(&self, path: &str) -> Client {
+        Client::connect(self.addr, path).await
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        for _ in 0..300 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        panic!("pingapp did not exit within 15 s of SIGTERM");
+    }
+
+    /// Takes the database folder (after [`Server::terminate`]).
+    pub fn into_dir(mut self) -> tempfile::TempDir {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// GET a JSON document; returns status and body.
+    pub async fn get_json(&self, path: &str, bearer: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().get(self.url(path));
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// The value of one metric sample line starting with `prefix`, summed.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = reqwest::get(self.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A WebSocket client.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How a connection ended.
+#[derive(Debug, PartialEq)]
+pub enum Closed {
+    /// A close frame with this code.
+    Code(u16),
+    /// The connection ended without a close frame.
+    Abrupt,
+}
+
+impl Client {
+    /// Connects to `path` on `addr`.
+    pub async fn connect(addr: SocketAddr, path: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+            .await
+            .unwrap_or_else(|e| panic!("connect {path}: {e}"));
+        Client { ws }
+    }
+
+    /// Sends a JSON value as a text frame.
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    /// Sends raw text.
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws.send(Message::text(s.to_owned())).await.unwrap();
+    }
+
+    /// Sends a raw frame.
+    pub async fn send_msg(&mut self, m: Message) {
+        self.ws.send(m).await.unwrap();
+    }
+
+    /// The next text frame as JSON (control frames skipped).
+    pub async fn recv(&mut self) -> Value {
+        let fut = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
+                    Some(Ok(Message::Close(c))) => {
+                        panic!("closed while waiting for a frame: {c:?}")
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => panic!("error while waiting for a frame: {e}"),
+                    None => panic!("connection ended while waiting for a frame"),
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, fut)
+            .await
+            .expect("no frame within 10 s")
+    }
+
+    /// Frames until one with `command` satisfying `pred`; returns it.
+    pub async fn recv_until(&mut self, command: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["command"] == command && pred(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// Frames with `command` until `pred`, returning everything seen.
+    pub async fn collect_until(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let v = self.recv().await;
+            let done = pred(&v);
+            seen.push(v);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Reads until the connection closes; returns how.
+    pub async fn closed(&mut self) -> Closed {
+        let fut = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(Some(f)))) => return Closed::Code(u16::from(f.code)),
+                    Some(Ok(Message::Close(None))) => return Closed::Code(1005),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return Closed::Abrupt,
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, fut)
+            .await
+            .expect("not closed within 10 s")
+    }
+
+    /// Sends a v2 ping and returns the pong.
+    pub async fn ping(&mut self, seq: u64) -> Value {
+        self.send(serde_json::json!({"command":"ping","seq":seq}))
+            .await;
+        self.recv_until("pong", |v| v["seq"] == seq).await
+    }
+
+    /// Closes normally.
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+
+    /// The underlying stream, for tests that misbehave on purpose.
+    pub fn inner(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
+        &mut self.ws
+    }
+}
+
+/// A v2 public client past its welcome and roster; returns (client, id, token).
+pub async fn public_v2(server: &Server) -> (Client, String, String) {
+    let mut c = server.ws("/ws/public/?v=2").await;
+    let welcome = c.recv().await;
+    assert_eq!(welcome["command"], "welcome", "{welcome}");
+    let id = welcome["channel_name"].as_str().unwrap().to_owned();
+    let token = welcome["token"].as_str().unwrap().to_owned();
+    let roster = c.recv().await;
+    assert_eq!(roster["command"], "roster", "{roster}");
+    (c, id, token)
+}
+
+/// Like [`public_v2`], but over a socket with a 4 KiB receive buffer, for
+/// a client that will stop reading.
+pub async fn public_v2_small_buffer(server: &Server) -> (Client, String, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/ws/public/?v=2", server.addr);
+    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    let mut c = Client { ws };
+    let welcome = c.recv().await;
+    let id = welcome["channel_name"].as_str().unwrap().to_owned();
+    let token = welcome["token"].as_str().unwrap().to_owned();
+    c.recv().await;
+    (c, id, token)
+}
+
+/// The sending half of a client whose incoming frames are read and
+/// discarded by a background task (a client that sends a lot must still
+/// read, or it stalls itself).
+pub struct Sender {
+    sink: futures_util::stream::SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>,
+}
+
+impl Sender {
+    /// Sends a JSON value as a text frame.
+    pub async fn send(&mut self, v: Value) {
+        self.sink.send(Message::text(v.to_string())).await.unwrap();
+    }
+}
+
+impl Client {
+    /// Splits off a [`Sender`]; everything received is discarded.
+    pub fn into_sender(self) -> Sender {
+        let (sink, mut stream) = self.ws.split();
+        tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+        Sender { sink }
+    }
+}

@@ -1,0 +1,620 @@
+//! End-to-end tests of the standalone product: the real `pingapp` binary
+//! on random ports, spoken to over real WebSockets and HTTP.
+
+mod helpers;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use helpers::{Closed, Server, public_v2};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn v2_public_clients_see_each_others_connect_rename_delay_and_disconnect() {
+    let server = Server::start(&[]);
+    let (mut a, a_id, _) = public_v2(&server).await;
+    a.recv_until("connect", |v| v["channel_name"] == a_id.as_str())
+        .await;
+
+    let (mut b, b_id, _) = public_v2(&server).await;
+    let connect = a
+        .recv_until("connect", |v| v["channel_name"] == b_id.as_str())
+        .await;
+    assert_eq!(
+        connect["name"],
+        b_id.as_str(),
+        "a new client's name is its id"
+    );
+    assert_eq!(connect["gateway"], "standalone");
+
+    b.send(json!({"command":"change_name","name":"  Bob  "}))
+        .await;
+    let rename = a
+        .recv_until("change_name", |v| v["channel_name"] == b_id.as_str())
+        .await;
+    assert_eq!(rename["name"], "Bob", "names are trimmed");
+
+    b.send(json!({"command":"delay_time","delay_time":12.5,"seq":1}))
+        .await;
+    let delays = a
+        .recv_until("delays", |v| v["delay_times"].get(&b_id).is_some())
+        .await;
+    let d = &delays["delay_times"][&b_id];
+    assert_eq!(d["delay_time"], 12.5);
+    assert_eq!(d["median"], 12.5);
+    assert_eq!(d["jitter"], 0.0);
+
+    // A newcomer's roster holds both, with B's name and delay.
+    let (_c, _, _) = {
+        let mut c = server.ws("/ws/public/?v=2").await;
+        let welcome = c.recv().await;
+        let roster = c.recv().await;
+        assert_eq!(roster["command"], "roster");
+        let clients = roster["clients"].as_object().unwrap();
+        assert!(clients.contains_key(&a_id));
+        assert_eq!(clients[&b_id]["name"], "Bob");
+        assert_eq!(clients[&b_id]["delay_time"], 12.5);
+        assert_eq!(clients[&b_id]["gateway"], "standalone");
+        let id = welcome["channel_name"].as_str().unwrap().to_owned();
+        assert!(
+            clients.contains_key(&id),
+            "the roster includes the client itself"
+        );
+        (c, id, ())
+    };
+
+    b.close().await;
+    a.recv_until("disconnect", |v| v["channel_name"] == b_id.as_str())
+        .await;
+}
+
+#[tokio::test]
+async fn v1_clients_speak_exactly_the_original_protocol() {
+    let server = Server::start(&[]);
+    // The original page: no ?v=2, no seq.
+    let mut a = server.ws("/ws/public/").await;
+    let own = a.recv().await;
+    assert_eq!(
+        own["command"], "connect",
+        "the new client gets its own connect: {own}"
+    );
+    let a_id = own["channel_name"].as_str().unwrap().to_owned();
+    assert_eq!(own["name"], a_id.as_str());
+
+    a.send_text(r#"{"command":"ping"}"#).await;
+    let pong = a.recv_until("pong", |_| true).await;
+    assert_eq!(
+        pong,
+        json!({"command":"pong"}),
+        "v1 pong is exactly the original"
+    );
+
+    let mut b = server.ws("/ws/public").await;
+    let b_own = b.recv().await;
+    let b_id = b_own["channel_name"].as_str().unwrap().to_owned();
+    a.recv_until("connect", |v| v["channel_name"] == b_id.as_str())
+        .await;
+
+    // B has no sample yet: "-" in A's delay_times.
+    a.send_text(r#"{"command":"delay_time","delay_time":12}"#)
+        .await;
+    let times = a.recv_until("delay_times", |_| true).await;
+    assert_eq!(
+        times["delay_times"][&a_id],
+        json!({"name": a_id, "delay_time": 12}),
+        "integers stay integers, as the original echoed them"
+    );
+    assert_eq!(
+        times["delay_times"][&b_id],
+        json!({"name": b_id, "delay_time": "-"})
+    );
+
+    b.send_text(r#"{"command":"change_name","name":"Bee"}"#)
+        .await;
+    let rename = a
+        .recv_until("change_name", |v| v["channel_name"] == b_id.as_str())
+        .await;
+    assert_eq!(
+        rename,
+        json!({"command":"change_name","channel_name":b_id,"name":"Bee"})
+    );
+
+    // seq is echoed in v1 too, without server_time.
+    a.send_text(r#"{"command":"ping","seq":9}"#).await;
+    let pong = a.recv_until("pong", |_| true).await;
+    assert_eq!(pong, json!({"command":"pong","seq":9}));
+
+    b.close().await;
+    let gone = a
+        .recv_until("disconnect", |v| v["channel_name"] == b_id.as_str())
+        .await;
+    assert_eq!(gone, json!({"command":"disconnect","channel_name":b_id}));
+
+    // Private v1: ping/pong only, no broadcasts.
+    let mut p = server.ws("/ws/private/").await;
+    p.send_text(r#"{"command":"ping"}"#).await;
+    assert_eq!(p.recv().await, json!({"command":"pong"}));
+}
+
+#[tokio::test]
+async fn v2_pong_echoes_seq_with_server_time() {
+    let server = Server::start(&[]);
+    let mut c = server.ws("/ws/private/?v=2").await;
+    let welcome = c.recv().await;
+    assert_eq!(welcome["command"], "welcome");
+    assert_eq!(welcome["page"], "private");
+    assert_eq!(welcome["ping_interval_ms"], 1000);
+    assert_eq!(welcome["token"].as_str().unwrap().len(), 32);
+    let before = chrono_ms();
+    let pong = c.ping(41).await;
+    assert_eq!(pong["seq"], 41);
+    let t = pong["server_time"].as_i64().unwrap();
+    assert!(
+        t >= before - 1000 && t <= chrono_ms() + 1000,
+        "server_time is Unix ms: {t}"
+    );
+}
+
+fn chrono_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test]
+async fn private_clients_stay_private() {
+    let server = Server::start(&[]);
+    let (mut watcher, _, _) = public_v2(&server).await;
+    let mut v1_watcher = server.ws("/ws/public/").await;
+
+    let mut p = server.ws("/ws/private/?v=2").await;
+    let welcome = p.recv().await;
+    let p_id = welcome["channel_name"].as_str().unwrap().to_owned();
+    let token = welcome["token"].as_str().unwrap().to_owned();
+    for (i, d) in [5.0, 7.5, 6.25].iter().enumerate() {
+        p.send(json!({"command":"delay_time","delay_time":d,"seq":i}))
+            .await;
+    }
+    // Private clients may not rename: there is no roster to show a name in.
+    p.send(json!({"command":"change_name","name":"secret"}))
+        .await;
+    let err = p.recv_until("error", |_| true).await;
+    assert_eq!(err["code"], "unknown_command");
+
+    // A public sample after the private ones, so we know they were processed.
+    let (mut q, q_id, _) = public_v2(&server).await;
+    q.send(json!({"command":"delay_time","delay_time":3.0,"seq":1}))
+        .await;
+    let seen = watcher
+        .collect_until(|v| v["command"] == "delays" && v["delay_times"].get(&q_id).is_some())
+        .await;
+    for v in &seen {
+        assert!(
+            !v.to_string().contains(&p_id),
+            "private id in a broadcast: {v}"
+        );
+    }
+    v1_watcher
+        .send_text(r#"{"command":"delay_time","delay_time":1}"#)
+        .await;
+    let times = v1_watcher.recv_until("delay_times", |_| true).await;
+    assert!(times["delay_times"].get(&p_id).is_none());
+    assert!(times["delay_times"].get(&q_id).is_some());
+
+    let (status, roster) = server.get_json("/api/roster", None).await;
+    assert_eq!(status, 200);
+    assert!(!roster.to_string().contains(&p_id));
+    assert!(roster.to_string().contains(&q_id));
+
+    // The samples reach the recorder; then only the token opens them.
+    let path = format!("/api/clients/{p_id}/samples");
+    let samples = wait_for_samples(&server, &path, Some(&token), 3).await;
+    let values: Vec<f64> = samples
+        .iter()
+        .map(|s| s["delay_time"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values, vec![5.0, 7.5, 6.25], "oldest first");
+    assert_eq!(samples[0]["seq"], 0);
+    assert!(samples[0]["at"].as_str().unwrap().ends_with('Z'));
+    let unknown = server
+        .get_json("/api/clients/ffffffffffffffff/samples", None)
+        .await;
+    assert_eq!(unknown.0, 404);
+    assert_eq!(
+        server.get_json(&path, None).await,
+        unknown,
+        "no token: same as unknown"
+    );
+    assert_eq!(
+        server.get_json(&path, Some("wrong")).await,
+        unknown,
+        "wrong token: same as unknown"
+    );
+
+    // Stats count public samples only (q's 3.0 and the v1 watcher's 1),
+    // never p's 5, 7.5 and 6.25.
+    wait_for_samples(&server, &format!("/api/clients/{q_id}/samples"), None, 1).await;
+    let (status, stats) = server
+        .get_json("/api/stats?window=1h&bucket=1h", None)
+        .await;
+    assert_eq!(status, 200, "{stats}");
+    let buckets = stats["buckets"].as_array().unwrap();
+    let count: u64 = buckets.iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    assert_eq!(count, 2, "{stats}");
+    let max = buckets
+        .iter()
+        .map(|b| b["max"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert_eq!(max, 3.0, "{stats}");
+}
+
+async fn wait_for_samples(
+    server: &Server,
+    path: &str,
+    token: Option<&str>,
+    n: usize,
+) -> Vec<Value> {
+    for _ in 0..100 {
+        let (status, body) = server.get_json(path, token).await;
+        if status == 200 && body["samples"].as_array().unwrap().len() >= n {
+            return body["samples"].as_array().unwrap().clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{path} never had {n} samples");
+}
+
+#[tokio::test]
+async fn public_samples_are_readable_by_anyone_and_the_api_rejects_bad_parameters() {
+    let server = Server::start(&[]);
+    let (mut c, id, _) = public_v2(&server).await;
+    c.send(json!({"command":"delay_time","delay_time":1.5,"seq":1}))
+        .await;
+    c.send(json!({"command":"delay_time","delay_time":2.5,"seq":2}))
+        .await;
+    let path = format!("/api/clients/{id}/samples");
+    let samples = wait_for_samples(&server, &path, None, 2).await;
+    assert_eq!(samples.len(), 2);
+    let (_, one) = server.get_json(&format!("{path}?limit=1"), None).await;
+    assert_eq!(one["samples"].as_array().unwrap().len(), 1);
+    assert_eq!(one["channel_name"], id.as_str());
+    let future = server
+        .get_json(&format!("{path}?since=2999-01-01T00:00:00Z"), None)
+        .await;
+    assert_eq!(future.0, 200);
+    assert_eq!(future.1["samples"], json!([]));
+
+    for bad in [
+        format!("{path}?limit=0"),
+        format!("{path}?limit=abc"),
+        format!("{path}?since=yesterday"),
+        "/api/stats?window=1w".to_owned(),
+        "/api/stats?window=1h&bucket=2h".to_owned(),
+        "/api/stats?window=30d&bucket=1s".to_owned(),
+    ] {
+        let (status, body) = server.get_json(&bad, None).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"], "bad_request");
+    }
+
+    let (status, roster) = server.get_json("/api/roster", None).await;
+    assert_eq!(status, 200);
+    let me = roster["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["channel_name"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(me["gateway"], "standalone");
+    assert_eq!(me["delay_time"], 2.5);
+    assert!(me["connected_at"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn every_bad_input_is_answered_and_the_connection_lives_on() {
+    let server = Server::start(&[]);
+    for path in [
+        "/ws/public/?v=2",
+        "/ws/private/?v=2",
+        "/ws/public/",
+        "/ws/private/",
+    ] {
+        let mut c = server.ws(path).await;
+        let cases: Vec<(Message, &str)> = vec![
+            (Message::text("not json"), "bad_json"),
+            (Message::text("[1,2]"), "bad_json"),
+            (Message::text(r#"{"no":"command"}"#), "bad_json"),
+            (
+                Message::binary(b"{\"command\":\"ping\"}".to_vec()),
+                "bad_json",
+            ),
+            (Message::text(r#"{"command":"dance"}"#), "unknown_command"),
+            (
+                Message::text(r#"{"command":"delay_time","delay_time":"fast"}"#),
+                "bad_delay",
+            ),
+            (
+                Message::text(r#"{"command":"delay_time","delay_time":-1}"#),
+                "bad_delay",
+            ),
+            (
+                Message::text(r#"{"command":"delay_time","delay_time":60001}"#),
+                "bad_delay",
+            ),
+            (Message::text(r#"{"command":"delay_time"}"#), "bad_delay"),
+        ];
+        let mut cases = cases;
+        if path.starts_with("/ws/public") {
+            cases.push((
+                Message::text(r#"{"command":"change_name","name":"   "}"#),
+                "bad_name",
+            ));
+            cases.push((
+                Message::text(json!({"command":"change_name","name":"x".repeat(65)}).to_string()),
+                "bad_name",
+            ));
+            cases.push((
+                Message::text(r#"{"command":"change_name","name":"a\u0000b"}"#),
+                "bad_name",
+            ));
+            cases.push((Message::text(r#"{"command":"change_name"}"#), "bad_name"));
+        }
+        for (msg, code) in cases {
+            let shown = format!("{msg:?}");
+            c.send_msg(msg).await;
+            let err = c.recv_until("error", |_| true).await;
+            assert_eq!(err["code"], code, "{path} {shown}: {err}");
+            assert!(!err["detail"].as_str().unwrap().is_empty());
+        }
+        c.send_text(r#"{"command":"ping","seq":1}"#).await;
+        let pong = c.recv_until("pong", |_| true).await;
+        assert_eq!(pong["seq"], 1, "{path}: the connection lives on");
+    }
+    let errors = server.metric("pingapp_gateway_errors_total").await;
+    assert!(errors >= 40.0, "errors are counted: {errors}");
+}
+
+#[tokio::test]
+async fn oversize_frames_close_with_1009_and_floods_with_1008() {
+    let server = Server::start(&["--max-messages-per-second", "20"]);
+    let mut big = server.ws("/ws/public/?v=2").await;
+    big.recv().await;
+    big.send_text(&format!(
+        r#"{{"command":"ping","pad":"{}"}}"#,
+        "x".repeat(5000)
+    ))
+    .await;
+    assert_eq!(big.closed().await, Closed::Code(1009));
+
+    let mut huge = server.ws("/ws/private/").await;
+    let _ = huge
+        .inner()
+        .send(Message::text(format!(
+            r#"{{"command":"ping","pad":"{}"}}"#,
+            "x".repeat(200_000)
+        )))
+        .await;
+    assert_eq!(huge.closed().await, Closed::Code(1009));
+
+    let mut flood = server.ws("/ws/private/?v=2").await;
+    flood.recv().await;
+    for i in 0..40 {
+        if flood
+            .inner()
+            .send(Message::text(json!({"command":"ping","seq":i}).to_string()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(flood.closed().await, Closed::Code(1008));
+
+    // A well-behaved client on the same gateway is unaffected.
+    let mut ok = server.ws("/ws/private/?v=2").await;
+    ok.recv().await;
+    assert_eq!(ok.ping(1).await["seq"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_does_not_slow_the_others() {
+    let server = Server::start(&["--max-messages-per-second", "100000"]);
+    // The stalled client: a small receive buffer, and it never reads again.
+    let (stalled, _, _) = helpers::public_v2_small_buffer(&server).await;
+    let (mut reader, _, _) = public_v2(&server).await;
+    let (driver, driver_id, _) = public_v2(&server).await;
+    let mut driver = driver.into_sender();
+
+    // Enough broadcast volume (about 8 MB) to fill the stalled client's
+    // socket buffers and then its outbound queue, in rounds the reading
+    // client keeps up with.
+    let long = "n".repeat(58); // + 6 digits: the longest name allowed
+    let (rounds, per_round) = (120, 500);
+    let mut seen = 0;
+    for round in 0..rounds {
+        for i in 0..per_round {
+            driver
+                .send(json!({"command":"change_name","name":format!("{long}{round:03}{i:03}")}))
+                .await;
+        }
+        let last = format!("{long}{round:03}{:03}", per_round - 1);
+        loop {
+            let v = reader.recv().await;
+            if v["command"] == "change_name" && v["channel_name"] == driver_id.as_str() {
+                seen += 1;
+                if v["name"] == last.as_str() {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        rounds * per_round,
+        "the reading client got every broadcast"
+    );
+    assert_eq!(reader.ping(7).await["seq"], 7, "and its pings are answered");
+    let drops = server.metric("pingapp_gateway_outbound_drops_total").await;
+    assert!(
+        drops >= 1.0,
+        "the stalled client was dropped, not waited for"
+    );
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn keepalive_measures_server_rtt_and_silent_clients_are_closed() {
+    let server = Server::start(&[
+        "--keepalive-interval-ms",
+        "200",
+        "--idle-timeout-ms",
+        "1000",
+    ]);
+    // A reading client answers Ping frames (tungstenite does) and gets server_rtt.
+    let mut c = server.ws("/ws/private/?v=2").await;
+    c.recv().await;
+    let rtt = c.recv_until("server_rtt", |_| true).await;
+    assert!(rtt["rtt_ms"].as_f64().unwrap() >= 0.0);
+
+    // A client that stops reading also stops answering Pings: closed after 1 s.
+    let mut silent = server.ws("/ws/private/?v=2").await;
+    silent.recv().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The close frame may be lost with the reset of a socket that was
+    // never read; the metric says which code the gateway closed it with.
+    let _ = silent.closed().await;
+    assert!(
+        server
+            .metric("pingapp_gateway_disconnects_total{code=\"1001\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        server
+            .metric("pingapp_gateway_server_rtt_seconds_count")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_clients_with_1012_and_keeps_every_sample() {
+    let mut server = Server::start(&[]);
+    let mut c = server.ws("/ws/private/?v=2").await;
+    let welcome = c.recv().await;
+    let id = welcome["channel_name"].as_str().unwrap().to_owned();
+    let token = welcome["token"].as_str().unwrap().to_owned();
+    let n = 40;
+    for i in 0..n {
+        c.send(json!({"command":"delay_time","delay_time":i as f64 + 0.5,"seq":i}))
+            .await;
+    }
+    c.ping(1000).await; // everything before it was processed
+    let status = server.terminate();
+    assert_eq!(c.closed().await, Closed::Code(1012));
+    assert!(status.success(), "exit status {status:?}");
+
+    // Restart on the same database: every accepted sample is there.
+    let dir = server.into_dir();
+    let server = Server::start_in(dir, &[]);
+    let samples = wait_for_samples(
+        &server,
+        &format!("/api/clients/{id}/samples"),
+        Some(&token),
+        n,
+    )
+    .await;
+    assert_eq!(samples.len(), n);
+}
+
+#[tokio::test]
+async fn readiness_metrics_and_pages() {
+    let server = Server::start(&[]);
+    let ready = reqwest::get(server.admin_url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        reqwest::get(server.admin_url("/livez"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let mut c = server.ws("/ws/public/?v=2").await;
+    c.recv().await;
+    c.ping(1).await;
+    let metrics = reqwest::get(server.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for family in [
+        "pingapp_gateway_connections",
+        "pingapp_gateway_pings_total",
+        "pingapp_gateway_ping_duration_seconds_bucket",
+        "pingapp_gateway_messages_in_total",
+        "pingapp_gateway_messages_out_total",
+    ] {
+        assert!(metrics.contains(family), "missing {family}");
+    }
+    for (path, content_type) in [
+        ("/", "text/html"),
+        ("/private/", "text/html"),
+        ("/public/", "text/html"),
+        ("/static/pingapp.js", "text/javascript"),
+        ("/static/app.css", "text/css"),
+    ] {
+        let resp = reqwest::get(server.url(path)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let h = resp.headers();
+        assert!(
+            h["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(content_type),
+            "{path}"
+        );
+        assert_eq!(h["cross-origin-opener-policy"], "same-origin");
+        assert_eq!(h["cross-origin-embedder-policy"], "require-corp");
+        assert!(h.contains_key("content-security-policy"));
+    }
+    assert_eq!(
+        reqwest::get(server.url("/static/nope.js"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[test]
+fn bad_settings_stop_with_one_line_and_status_2() {
+    for args in [
+        vec!["--listen", "not-an-address"],
+        vec!["--database-url", "mysql://x"],
+        vec!["--max-frame-bytes", "0"],
+        vec!["--nats-url", "nats://h:port"],
+        vec!["--retention", "forever"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingapp"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        let flag = args[0];
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: the line names the setting: {stderr}"
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingapp"))
+        .env("PINGAPP_MAX_MESSAGES_PER_SECOND", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
