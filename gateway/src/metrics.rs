@@ -43,6 +43,35 @@ pub struct GatewayMetrics {
 impl GatewayMetrics {
     /// Registers every family in `r`.
     pub fn new(r: &Registry) -> Self {
+        let m = Self::register(r);
+        // Children exist (at zero) before their first event, so dashboards
+        // and alerts see every series from the start.
+        let none: &[&str] = &[];
+        for family in [&m.outbound_drops, &m.samples_persisted, &m.persist_errors] {
+            family.with_label_values(none);
+        }
+        m.samples_pending.with_label_values(none);
+        m.roster_size.with_label_values(none);
+        m.ping_duration.with_label_values(none);
+        m.server_rtt.with_label_values(none);
+        m.broadcast_fanout.with_label_values(none);
+        for code in ["1000", "1001", "1008", "1009", "1012", "1013"] {
+            m.disconnects.with_label_values(&[code]);
+        }
+        for code in ["bad_json", "unknown_command", "bad_delay", "bad_name"] {
+            m.errors.with_label_values(&[code]);
+        }
+        for page in ["private", "public"] {
+            m.client_delay.with_label_values(&[page]);
+            for version in ["1", "2"] {
+                m.connections.with_label_values(&[page, version]);
+                m.connects.with_label_values(&[page, version]);
+            }
+        }
+        m
+    }
+
+    fn register(r: &Registry) -> Self {
         Self {
             connections: gauge(
                 r,

@@ -618,3 +618,43 @@ fn bad_settings_stop_with_one_line_and_status_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn documented_metric_families_are_exposed() {
+    let server = Server::start(&[]);
+    // Traffic that touches every family: pings, samples, a rename, an error.
+    let (mut c, id, _) = public_v2(&server).await;
+    c.ping(1).await;
+    c.send(json!({"command":"delay_time","delay_time":4.0,"seq":1}))
+        .await;
+    c.send(json!({"command":"change_name","name":"m"})).await;
+    c.send_text("nope").await;
+    c.recv_until("error", |_| true).await;
+    wait_for_samples(&server, &format!("/api/clients/{id}/samples"), None, 1).await;
+    server
+        .get_json("/api/stats?window=1h&bucket=1h", None)
+        .await;
+
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .unwrap();
+    let families: Vec<&str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `pingapp_"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    assert!(families.len() > 30, "docs/metrics.md lists the families");
+    let text = reqwest::get(server.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for f in families {
+        let name = format!("pingapp_{f}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {name} "))),
+            "{name} is documented but not exposed"
+        );
+    }
+}
