@@ -17,6 +17,8 @@ use serde_json::json;
 use services::bus::BusError;
 use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply, decode, encode};
 
+use tracing::Instrument;
+
 use crate::state::Shared;
 
 /// Longest a query waits for the recorder.
@@ -158,13 +160,17 @@ async fn samples(
         since_us,
         limit,
     };
+    let span = tracing::info_span!("gateway.api.samples", channel_name = %id, limit);
+    let headers = services::telemetry::context_headers(&span);
     let reply = shared
         .bus
-        .request(
+        .request_with_headers(
             &shared.subjects.query_samples(),
             encode(&query),
+            headers,
             QUERY_TIMEOUT,
         )
+        .instrument(span)
         .await?;
     match decode::<SamplesReply>(&reply) {
         Ok(SamplesReply::Found { samples }) => {
@@ -217,13 +223,17 @@ async fn stats(
         )));
     }
     let query = StatsQuery { window_s, bucket_s };
+    let span = tracing::info_span!("gateway.api.stats", window_s, bucket_s);
+    let headers = services::telemetry::context_headers(&span);
     let reply = shared
         .bus
-        .request(
+        .request_with_headers(
             &shared.subjects.query_stats(),
             encode(&query),
+            headers,
             QUERY_TIMEOUT,
         )
+        .instrument(span)
         .await?;
     match decode::<StatsReply>(&reply) {
         Ok(StatsReply::Ok { buckets }) => {

@@ -43,7 +43,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Args = parse();
-    services::telemetry::init(args.log.log_format);
+    let _telemetry = services::telemetry::init(args.log.log_format, "gateway");
     let gateway_id = args.gateway_id.unwrap_or_else(services::config::host_name);
     let registry = prometheus::Registry::new();
     let readiness = Readiness::new();

@@ -13,6 +13,7 @@ use services::bus::SharedBus;
 use services::messages::{ClientRecord, RecordBatch, SampleRecord, encode};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::metrics::GatewayMetrics;
 
@@ -124,13 +125,32 @@ async fn persist(
     batch: RecordBatch,
     deadline: Option<Instant>,
 ) {
+    let span = tracing::info_span!(
+        "gateway.persist_batch",
+        batch = %msg_id,
+        samples = batch.samples.len(),
+        clients = batch.clients.len()
+    );
+    let headers = services::telemetry::context_headers(&span);
+    persist_traced(this, msg_id, batch, deadline, headers)
+        .instrument(span)
+        .await;
+}
+
+async fn persist_traced(
+    this: Arc<Batcher>,
+    msg_id: String,
+    batch: RecordBatch,
+    deadline: Option<Instant>,
+    headers: services::bus::Headers,
+) {
     let payload = encode(&batch);
     let n = batch.samples.len() as i64;
     let mut backoff = Duration::from_millis(50);
     loop {
         match this
             .bus
-            .persist(&this.subject, payload.clone(), &msg_id)
+            .persist_with_headers(&this.subject, payload.clone(), headers.clone(), &msg_id)
             .await
         {
             Ok(()) => {

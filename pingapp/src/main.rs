@@ -9,7 +9,7 @@ use pingapp::Args;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Args = services::config::parse();
-    services::telemetry::init(args.log.log_format);
+    let _telemetry = services::telemetry::init(args.log.log_format, "pingapp");
     let shutdown = services::shutdown::on_signal();
     pingapp::run(args, shutdown, |addr, admin| {
         // One line on stdout that scripts and tests wait for.

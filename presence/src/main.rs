@@ -44,7 +44,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Args = services::config::parse();
-    services::telemetry::init(args.log.log_format);
+    let _telemetry = services::telemetry::init(args.log.log_format, "presence");
     let shutdown = services::shutdown::on_signal();
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await

@@ -36,7 +36,7 @@ fn nats_url() -> String {
 /// Logs are silent unless `TEST_LOG` is set.
 fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
-        services::telemetry::init(services::config::LogFormat::Text);
+        let _ = services::telemetry::init(services::config::LogFormat::Text, "test");
     }
 }
 

@@ -64,7 +64,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if std::env::var_os("RUST_LOG").is_some() {
-        services::telemetry::init(services::config::LogFormat::Text);
+        let _ = services::telemetry::init(services::config::LogFormat::Text, "test");
     }
     let batches = make_batches(args.samples, args.batch.max(1));
     let total: usize = batches.iter().map(|b| b.samples.len()).sum();

@@ -16,9 +16,9 @@
 //! chose this over `nak` with a delay because it pulls nothing more into
 //! memory and does not churn every message of the stream through
 //! deliver-fail-nak cycles during an outage. If the outage outlasts the
-//! consumer's ack wait (30 s), JetStream hands the same messages out again
-//! (to this or another replica); the inserts are idempotent, so that only
-//! shows up in `duplicates_total`. On shutdown during an outage the held
+//! consumer's ack wait (30 s by default, `--ack-wait-ms`), JetStream hands
+//! the same messages out again (to this or another replica); the inserts
+//! are idempotent, so that only shows up in `duplicates_total`. On shutdown during an outage the held
 //! deliveries are `nak`ed so another replica takes them at once. Nothing is
 //! lost either way: a delivery leaves the stream only through an ack after
 //! its commit.
@@ -39,6 +39,7 @@ use services::messages::{RecordBatch, decode};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::DbHealth;
 use crate::metrics::Metrics;
@@ -74,6 +75,9 @@ struct Gathered {
     deliveries: Vec<Delivery>,
     batches: Vec<RecordBatch>,
     samples: usize,
+    /// One span per delivery, child of the gateway's span that persisted it
+    /// (trace context from the message headers); ends after the ack.
+    spans: Vec<tracing::Span>,
 }
 
 enum Commit {
@@ -180,6 +184,13 @@ impl Consumer {
         }
         match decode::<RecordBatch>(&d.payload) {
             Ok(b) => {
+                let span = tracing::info_span!(
+                    "recorder.record_batch",
+                    gateway = %b.gateway,
+                    samples = b.samples.len()
+                );
+                services::telemetry::set_parent_from(&span, &d.headers);
+                batch.spans.push(span);
                 batch.samples += b.samples.len();
                 batch.batches.push(b);
                 batch.deliveries.push(d);
@@ -194,6 +205,19 @@ impl Consumer {
 
     /// Inserts the batch and acknowledges its deliveries after the commit.
     async fn commit(&self, batch: Gathered, shutdown: &CancellationToken) {
+        let span = tracing::info_span!(
+            parent: batch.spans.first().and_then(|s| s.id()),
+            "recorder.insert",
+            batches = batch.batches.len(),
+            samples = batch.samples
+        );
+        for other in batch.spans.iter().skip(1) {
+            span.follows_from(other);
+        }
+        self.commit_traced(batch, shutdown).instrument(span).await;
+    }
+
+    async fn commit_traced(&self, batch: Gathered, shutdown: &CancellationToken) {
         match self.insert_retrying(&batch.batches, shutdown).await {
             Commit::Done(outcome) => {
                 self.record(outcome, batch.batches.len(), batch.samples);

@@ -41,6 +41,11 @@ struct Args {
     /// How long a batch waits for more samples, ms.
     #[arg(long, env = "PINGAPP_BATCH_WAIT_MS", default_value_t = 50)]
     batch_wait_ms: u64,
+    /// A sample batch delivered to a replica that neither acknowledged nor
+    /// refused it (it was killed) goes to a replica again after this, ms.
+    /// Applies when the durable consumer is created.
+    #[arg(long, env = "PINGAPP_ACK_WAIT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    ack_wait_ms: u64,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -48,14 +53,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Args = services::config::parse();
-    services::telemetry::init(args.log.log_format);
+    let _telemetry = services::telemetry::init(args.log.log_format, "recorder");
     let shutdown = services::shutdown::on_signal();
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding the admin listener {}", args.admin_listen))?;
     let bus = NatsBus::connect(&args.nats_url, "recorder")
         .await
-        .context("connecting to NATS")?;
+        .context("connecting to NATS")?
+        .with_ack_wait(Duration::from_millis(args.ack_wait_ms));
     let bus: SharedBus = std::sync::Arc::new(bus);
     let store =
         recorder::store::connect_retrying(&args.database_url, Duration::from_secs(60)).await?;

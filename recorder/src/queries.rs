@@ -12,6 +12,7 @@ use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply, dec
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::DbHealth;
 use crate::metrics::Metrics;
@@ -81,6 +82,13 @@ impl Responder {
     }
 
     async fn answer(&self, kind: Kind, msg: Message) {
+        // A child of the gateway's request span (trace context in headers).
+        let span = tracing::info_span!("recorder.query", kind = kind.label());
+        services::telemetry::set_parent_from(&span, &msg.headers);
+        self.answer_traced(kind, msg).instrument(span).await;
+    }
+
+    async fn answer_traced(&self, kind: Kind, msg: Message) {
         let Some(reply) = msg.reply else {
             self.metrics.query(kind.label(), "no_reply");
             return;

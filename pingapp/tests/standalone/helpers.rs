@@ -36,6 +36,11 @@ impl Server {
 
     /// Starts `pingapp` with the database in `dir`.
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// Starts `pingapp` with the database in `dir` and extra environment.
+    pub fn start_with_env(dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let db = format!("sqlite://{}/pingapp.db", dir.path().display());
         let mut child = Command::new(env!("CARGO_BIN_EXE_pingapp"))
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -48,6 +53,7 @@ impl Server {
                 "RUST_LOG",
                 std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(if std::env::var("TEST_LOG").is_ok() {
                 Stdio::inherit()

@@ -33,7 +33,7 @@ pub const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 /// Installs the log subscriber when `TEST_LOG` is set.
 pub fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
-        services::telemetry::init(services::config::LogFormat::Text);
+        let _ = services::telemetry::init(services::config::LogFormat::Text, "test");
     }
 }
 

@@ -1,9 +1,10 @@
 //! The in-memory bus of the standalone binary: same semantics as NATS within
 //! one process. Subscriptions are unbounded queues (the standalone process
 //! has no slow network consumer to protect against), the durable stream is
-//! a queue with redelivery on `nak`.
+//! a queue with redelivery on `nak` that drops a message id seen within the
+//! last [`DUPLICATE_WINDOW`], as JetStream does.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -15,7 +16,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream_shim::UnboundedReceiverStream;
 
 use super::{
-    Acker, Bus, BusError, Deliveries, Delivery, Message, StreamSpec, Subscription, subject_matches,
+    Acker, Bus, BusError, DUPLICATE_WINDOW, Deliveries, Delivery, Headers, Message, StreamSpec,
+    Subscription, subject_matches,
 };
 
 /// An in-process bus. Clones share the same bus.
@@ -39,10 +41,40 @@ struct Sub {
     tx: mpsc::UnboundedSender<Message>,
 }
 
+/// A stored message: payload, headers, times delivered before.
+type Queued = (Bytes, Headers, u64);
+
 struct MemStream {
     subjects: String,
-    queue: Mutex<VecDeque<(Bytes, u64)>>,
+    queue: Mutex<VecDeque<Queued>>,
     notify: Notify,
+    recent_ids: Mutex<RecentIds>,
+}
+
+/// Message ids persisted within the [`DUPLICATE_WINDOW`].
+#[derive(Default)]
+struct RecentIds {
+    ids: HashSet<String>,
+    by_age: VecDeque<(Instant, String)>,
+}
+
+impl RecentIds {
+    /// Remembers `id`; false if it was seen within the window.
+    fn insert(&mut self, id: &str, now: Instant) -> bool {
+        while let Some((at, _)) = self.by_age.front() {
+            if now.duration_since(*at) < DUPLICATE_WINDOW {
+                break;
+            }
+            if let Some((_, old)) = self.by_age.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        if !self.ids.insert(id.to_owned()) {
+            return false;
+        }
+        self.by_age.push_back((now, id.to_owned()));
+        true
+    }
 }
 
 impl MemoryBus {
@@ -99,10 +131,21 @@ impl MemoryBus {
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
+        self.publish_with_headers(subject, payload, Headers::new())
+            .await
+    }
+
+    async fn publish_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+    ) -> Result<(), BusError> {
         self.deliver(Message {
             subject: subject.to_owned(),
             payload,
             reply: None,
+            headers,
         });
         Ok(())
     }
@@ -121,6 +164,17 @@ impl Bus for MemoryBus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, BusError> {
+        self.request_with_headers(subject, payload, Headers::new(), timeout)
+            .await
+    }
+
+    async fn request_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+        timeout: Duration,
+    ) -> Result<Bytes, BusError> {
         let inbox = format!(
             "_INBOX.mem.{}",
             self.inner.next_id.fetch_add(1, Ordering::Relaxed)
@@ -130,6 +184,7 @@ impl Bus for MemoryBus {
             subject: subject.to_owned(),
             payload,
             reply: Some(inbox),
+            headers,
         });
         if !delivered {
             return Err(BusError::NoResponders(subject.to_owned()));
@@ -152,12 +207,24 @@ impl Bus for MemoryBus {
                     subjects: spec.subjects.clone(),
                     queue: Mutex::new(VecDeque::new()),
                     notify: Notify::new(),
+                    recent_ids: Mutex::new(RecentIds::default()),
                 })
             });
         Ok(())
     }
 
-    async fn persist(&self, subject: &str, payload: Bytes, _msg_id: &str) -> Result<(), BusError> {
+    async fn persist(&self, subject: &str, payload: Bytes, msg_id: &str) -> Result<(), BusError> {
+        self.persist_with_headers(subject, payload, Headers::new(), msg_id)
+            .await
+    }
+
+    async fn persist_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+        msg_id: &str,
+    ) -> Result<(), BusError> {
         let stream = self
             .inner
             .streams
@@ -167,11 +234,21 @@ impl Bus for MemoryBus {
             .find(|s| subject_matches(&s.subjects, subject))
             .cloned()
             .ok_or_else(|| BusError::Other(format!("no stream captures {subject}")))?;
+        let fresh = stream
+            .recent_ids
+            .lock()
+            .expect("bus lock")
+            .insert(msg_id, Instant::now());
+        if !fresh {
+            // A retry of a stored message: stored, as far as the caller
+            // is concerned.
+            return Ok(());
+        }
         stream
             .queue
             .lock()
             .expect("bus lock")
-            .push_back((payload, 0));
+            .push_back((payload, headers, 0));
         stream.notify.notify_one();
         Ok(())
     }
@@ -190,13 +267,15 @@ impl Bus for MemoryBus {
             |stream| async move {
                 loop {
                     let next = stream.queue.lock().expect("bus lock").pop_front();
-                    if let Some((payload, redeliveries)) = next {
+                    if let Some((payload, headers, redeliveries)) = next {
                         let acker = MemAcker {
                             stream: stream.clone(),
                             payload: payload.clone(),
+                            headers: headers.clone(),
                             redeliveries,
                         };
-                        let d = Delivery::new(payload, redeliveries, Box::new(acker));
+                        let d = Delivery::new(payload, redeliveries, Box::new(acker))
+                            .with_headers(headers);
                         return Some((Ok(d), stream));
                     }
                     stream.notify.notified().await;
@@ -229,6 +308,7 @@ impl Bus for MemoryBus {
 struct MemAcker {
     stream: Arc<MemStream>,
     payload: Bytes,
+    headers: Headers,
     redeliveries: u64,
 }
 
@@ -240,7 +320,11 @@ impl Acker for MemAcker {
 
     async fn nak(&self, delay: Duration) -> Result<(), BusError> {
         let stream = self.stream.clone();
-        let item = (self.payload.clone(), self.redeliveries + 1);
+        let item = (
+            self.payload.clone(),
+            self.headers.clone(),
+            self.redeliveries + 1,
+        );
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             stream.queue.lock().expect("bus lock").push_front(item);

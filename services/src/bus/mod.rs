@@ -18,6 +18,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
 
+/// Message headers: name and value pairs (W3C trace context travels here).
+pub type Headers = Vec<(String, String)>;
+
+/// How long the durable stream remembers a message id given to
+/// [`Bus::persist`]: a retry within this window is stored only once.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
 /// A message received on a subscription.
 #[derive(Debug, Clone)]
 pub struct Message {
@@ -27,6 +34,8 @@ pub struct Message {
     pub payload: Bytes,
     /// Where to send the answer, for a request.
     pub reply: Option<String>,
+    /// Its headers (empty when it had none).
+    pub headers: Headers,
 }
 
 /// The messages of one subscription, in publication order per publisher.
@@ -73,6 +82,8 @@ pub struct Delivery {
     pub payload: Bytes,
     /// How often it was delivered before (0 the first time).
     pub redeliveries: u64,
+    /// Its headers (empty when it had none).
+    pub headers: Headers,
     acker: Box<dyn Acker>,
 }
 
@@ -82,8 +93,15 @@ impl Delivery {
         Self {
             payload,
             redeliveries,
+            headers: Headers::new(),
             acker,
         }
+    }
+
+    /// The same delivery with `headers`.
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// Marks it processed.
@@ -150,10 +168,38 @@ pub trait Bus: Send + Sync + 'static {
     /// holds it; the lease lapses `ttl` after the last renewal.
     async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BusError>;
 
+    /// Like [`Bus::publish`], with headers.
+    async fn publish_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+    ) -> Result<(), BusError>;
+
+    /// Like [`Bus::request`], with headers on the request.
+    async fn request_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+        timeout: Duration,
+    ) -> Result<Bytes, BusError>;
+
+    /// Like [`Bus::persist`], with headers stored along.
+    async fn persist_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+        msg_id: &str,
+    ) -> Result<(), BusError>;
+
     /// Whether the connection to the bus is up.
     fn is_connected(&self) -> bool;
 
-    /// Waits until everything published so far has reached the server.
+    /// Waits until the server has processed everything sent so far:
+    /// publications are routed, and subscriptions made before are in place
+    /// (messages published afterwards, on any connection, reach them).
     async fn flush(&self) -> Result<(), BusError>;
 }
 

@@ -9,13 +9,25 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{Acker, Bus, BusError, Deliveries, Delivery, Message, StreamSpec, Subscription};
+use super::{
+    Acker, Bus, BusError, DUPLICATE_WINDOW, Deliveries, Delivery, Headers, Message, StreamSpec,
+    Subscription,
+};
+
+/// How long [`Bus::flush`] waits for the server's round trip.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a durable consumer waits for an acknowledgement before it
+/// delivers the message again, unless [`NatsBus::with_ack_wait`] says
+/// otherwise.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// A bus over one NATS connection, which reconnects by itself.
 #[derive(Clone)]
 pub struct NatsBus {
     client: async_nats::Client,
     js: jetstream::Context,
+    ack_wait: Duration,
 }
 
 impl NatsBus {
@@ -37,7 +49,20 @@ impl NatsBus {
             .await
             .map_err(BusError::other)?;
         let js = jetstream::new(client.clone());
-        Ok(Self { client, js })
+        Ok(Self {
+            client,
+            js,
+            ack_wait: DEFAULT_ACK_WAIT,
+        })
+    }
+
+    /// The same bus, creating durable consumers that deliver a message
+    /// again `ack_wait` after it went to a consumer that neither acked nor
+    /// nak'ed it (e.g. one killed mid-batch). Applies when [`Bus::consume`]
+    /// creates the consumer; an existing consumer keeps its setting.
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
     }
 
     /// The underlying NATS client.
@@ -50,6 +75,7 @@ impl NatsBus {
             subject: m.subject.to_string(),
             payload: m.payload,
             reply: m.reply.map(|r| r.to_string()),
+            headers: from_header_map(m.headers.as_ref()),
         }))
     }
 
@@ -67,7 +93,7 @@ impl NatsBus {
                         subjects: vec![format!("$KV.{bucket}.>")],
                         max_messages_per_subject: 1,
                         max_age: ttl,
-                        duplicate_window: ttl.min(Duration::from_secs(120)),
+                        duplicate_window: ttl.min(DUPLICATE_WINDOW),
                         storage: stream::StorageType::File,
                         allow_rollup: true,
                         deny_delete: true,
@@ -89,6 +115,21 @@ impl Bus for NatsBus {
     async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
         self.client
             .publish(subject.to_owned(), payload)
+            .await
+            .map_err(BusError::other)
+    }
+
+    async fn publish_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+    ) -> Result<(), BusError> {
+        if headers.is_empty() {
+            return self.publish(subject, payload).await;
+        }
+        self.client
+            .publish_with_headers(subject.to_owned(), to_header_map(&headers), payload)
             .await
             .map_err(BusError::other)
     }
@@ -117,9 +158,23 @@ impl Bus for NatsBus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, BusError> {
-        let req = async_nats::Request::new()
+        self.request_with_headers(subject, payload, Headers::new(), timeout)
+            .await
+    }
+
+    async fn request_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+        timeout: Duration,
+    ) -> Result<Bytes, BusError> {
+        let mut req = async_nats::Request::new()
             .payload(payload)
             .timeout(Some(timeout));
+        if !headers.is_empty() {
+            req = req.headers(to_header_map(&headers));
+        }
         match self.client.send_request(subject.to_owned(), req).await {
             Ok(m) => Ok(m.payload),
             Err(e) => Err(match e.kind() {
@@ -139,7 +194,7 @@ impl Bus for NatsBus {
                 subjects: vec![spec.subjects.clone()],
                 storage: stream::StorageType::File,
                 max_age: spec.max_age,
-                duplicate_window: Duration::from_secs(120),
+                duplicate_window: DUPLICATE_WINDOW,
                 ..Default::default()
             })
             .await
@@ -148,14 +203,26 @@ impl Bus for NatsBus {
     }
 
     async fn persist(&self, subject: &str, payload: Bytes, msg_id: &str) -> Result<(), BusError> {
+        self.persist_with_headers(subject, payload, Headers::new(), msg_id)
+            .await
+    }
+
+    async fn persist_with_headers(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+        msg_id: &str,
+    ) -> Result<(), BusError> {
+        let mut msg = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .message_id(msg_id);
+        for (k, v) in &headers {
+            msg = msg.header(k.as_str(), v.as_str());
+        }
         let ack = self
             .js
-            .send_publish(
-                subject.to_owned(),
-                jetstream::message::PublishMessage::build()
-                    .payload(payload)
-                    .message_id(msg_id),
-            )
+            .send_publish(subject.to_owned(), msg)
             .await
             .map_err(BusError::other)?;
         ack.await.map_err(BusError::other)?;
@@ -170,7 +237,7 @@ impl Bus for NatsBus {
                 pull::Config {
                     durable_name: Some(durable.to_owned()),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
+                    ack_wait: self.ack_wait,
                     max_ack_pending: 10_000,
                     ..Default::default()
                 },
@@ -182,7 +249,8 @@ impl Bus for NatsBus {
             let m = m.map_err(BusError::other)?;
             let redeliveries = m.info().map(|i| i.delivered.max(1) as u64 - 1).unwrap_or(0);
             let payload = m.payload.clone();
-            Ok(Delivery::new(payload, redeliveries, Box::new(NatsAcker(m))))
+            let headers = from_header_map(m.headers.as_ref());
+            Ok(Delivery::new(payload, redeliveries, Box::new(NatsAcker(m))).with_headers(headers))
         })))
     }
 
@@ -206,8 +274,37 @@ impl Bus for NatsBus {
     }
 
     async fn flush(&self) -> Result<(), BusError> {
-        self.client.flush().await.map_err(BusError::other)
+        self.client.flush().await.map_err(BusError::other)?;
+        // async-nats's flush only writes the buffer to the socket. A
+        // request nobody answers comes back (as "no responders") only after
+        // the server processed everything sent before it: the round trip
+        // nats.go's PING/PONG flush makes.
+        let probe = async_nats::Request::new().timeout(Some(FLUSH_TIMEOUT));
+        match self.client.send_request(self.client.new_inbox(), probe).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) => Err(BusError::other(e)),
+        }
     }
+}
+
+fn to_header_map(headers: &Headers) -> async_nats::HeaderMap {
+    let mut map = async_nats::HeaderMap::new();
+    for (k, v) in headers {
+        map.insert(k.as_str(), v.as_str());
+    }
+    map
+}
+
+/// Our headers of a NATS message; NATS's own (`Nats-*`) are left out.
+fn from_header_map(map: Option<&async_nats::HeaderMap>) -> Headers {
+    let Some(map) = map else {
+        return Headers::new();
+    };
+    map.iter()
+        .filter(|(k, _)| !k.to_string().starts_with("Nats-"))
+        .filter_map(|(k, values)| Some((k.to_string(), values.first()?.to_string())))
+        .collect()
 }
 
 struct NatsAcker(jetstream::Message);
