@@ -4,7 +4,8 @@
 // devicePixelRatio, redraws on resize and on a colour-scheme change, and
 // never draws more than once per animation frame (request() coalesces).
 // Colours come from CSS custom properties (--chart-*), so light and dark
-// themes live in app.css.
+// themes live in app.css. After each draw the canvas carries the number of
+// samples it shows in `data-points` (the browser tests read it).
 
 import {
   LIVE_WINDOW,
@@ -164,6 +165,9 @@ export function liveChartDrawer(getOutcomes) {
       ctx.fillText(label, Math.min(x, w - half - 1), plot.y + plot.h + 6);
     }
 
+    let drawn = 0;
+    for (const v of values) if (isNum(v)) drawn += 1;
+    ctx.canvas.dataset.points = String(drawn);
     if (!values.length) {
       emptyMessage(ctx, plot, theme, "waiting for samples…");
       return;
@@ -227,13 +231,16 @@ export function historyChartDrawer(getPoints) {
     let max = 0;
     for (const p of points) if (p.v > max) max = p.v;
     const y = yAxis(ctx, plot, max > 0 ? max * 1.08 : 1, theme);
+    ctx.canvas.dataset.points = String(points.length);
     if (!points.length) {
       emptyMessage(ctx, plot, theme, "no samples recorded yet");
       return;
     }
     let t0 = points[0].t;
     let t1 = points[points.length - 1].t;
-    if (t1 - t0 < 10000) t1 = t0 + 10000;
+    // At least 10 s wide; a shorter history sits at the right edge, newest
+    // last, like the live chart.
+    if (t1 - t0 < 10000) t0 = t1 - 10000;
     const pad = (t1 - t0) * 0.01;
     t0 -= pad;
     t1 += pad;

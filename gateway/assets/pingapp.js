@@ -35,7 +35,7 @@ const STATS = [
     key: "server_rtt",
     label: "Server-measured RTT",
     fmt: formatMs,
-    title: "Measured by the server with WebSocket Ping control frames (every ~5 s)",
+    title: "Measured by the server with WebSocket Ping control frames, every few seconds",
     session: false,
   },
 ];
@@ -70,7 +70,7 @@ function buildStatsGrid(container) {
     ]);
     const entry = { session: value, recent: null, fmt: s.fmt };
     if (s.session === false) {
-      cell.append(make("span", { className: "stat-recent", textContent: "every ~5 s" }));
+      cell.append(make("span", { className: "stat-recent", textContent: "by the server" }));
     } else {
       const recent = make("output", {
         id: `stat-recent-${s.key}`,
