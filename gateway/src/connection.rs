@@ -116,7 +116,7 @@ impl Connection {
                 .mirror
                 .lock()
                 .expect("mirror lock")
-                .upsert(me.clone());
+                .upsert_local(me.clone());
             shared
                 .report(|local| {
                     local.clients.insert(me.channel_name.clone(), me.clone());

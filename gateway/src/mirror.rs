@@ -2,7 +2,7 @@
 //! broadcasts. It answers v1 `delay_times`, the v2 `roster` snapshot and
 //! `/api/roster` without a round trip to presence.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use axum::extract::ws::Utf8Bytes;
 use services::messages::RosterClient;
@@ -13,6 +13,13 @@ use services::stats::DelayStats;
 #[derive(Default)]
 pub struct Mirror {
     clients: HashMap<String, RosterClient>,
+    /// This gateway's own clients, added when they connected, whose
+    /// `connect` broadcast has not come yet. Presence drops the events it
+    /// receives while no replica is active (at start, during a failover, or
+    /// while it is down); its next snapshot lists such a client, and only
+    /// then do the pages of this gateway, the client's own included, learn
+    /// of it.
+    unannounced: HashSet<String>,
     v1_cache: Option<Utf8Bytes>,
 }
 
@@ -27,8 +34,17 @@ impl Mirror {
         self.clients.is_empty()
     }
 
-    /// Adds or replaces a client.
+    /// Adds or replaces a client (a `connect` broadcast announced it).
     pub fn upsert(&mut self, client: RosterClient) {
+        self.v1_cache = None;
+        self.unannounced.remove(&client.channel_name);
+        self.clients.insert(client.channel_name.clone(), client);
+    }
+
+    /// Adds a client of this gateway that just connected, before presence
+    /// announces it.
+    pub fn upsert_local(&mut self, client: RosterClient) {
+        self.unannounced.insert(client.channel_name.clone());
         self.v1_cache = None;
         self.clients.insert(client.channel_name.clone(), client);
     }
@@ -36,6 +52,7 @@ impl Mirror {
     /// Removes a client; whether it was there.
     pub fn remove(&mut self, id: &str) -> bool {
         self.v1_cache = None;
+        self.unannounced.remove(id);
         self.clients.remove(id).is_some()
     }
 
@@ -99,7 +116,8 @@ impl Mirror {
 
     /// Replaces the roster with `snapshot`, except that clients for which
     /// `keep` is true (this gateway's own live clients) stay. Returns the
-    /// frames that tell pages about the difference.
+    /// frames that tell pages about the difference, and a `connect` for
+    /// each own client the snapshot lists that was never announced.
     pub fn reconcile(
         &mut self,
         snapshot: Vec<RosterClient>,
@@ -108,8 +126,14 @@ impl Mirror {
         let mut frames = Vec::new();
         let mut next: HashMap<String, RosterClient> = HashMap::with_capacity(snapshot.len());
         for c in snapshot {
+            let unannounced = self.unannounced.remove(&c.channel_name);
             match self.clients.get(&c.channel_name) {
                 None => frames.push(ServerMessage::Connect {
+                    channel_name: c.channel_name.clone(),
+                    name: c.name.clone(),
+                    gateway: c.gateway.clone(),
+                }),
+                Some(_) if unannounced => frames.push(ServerMessage::Connect {
                     channel_name: c.channel_name.clone(),
                     name: c.name.clone(),
                     gateway: c.gateway.clone(),
@@ -132,6 +156,7 @@ impl Mirror {
                 frames.push(ServerMessage::Disconnect { channel_name: id });
             }
         }
+        self.unannounced.retain(|id| next.contains_key(id));
         self.clients = next;
         self.v1_cache = None;
         frames
@@ -182,6 +207,37 @@ mod tests {
             },
         );
         assert!(m.v1_frame().as_str().contains(r#""delay_time":12}"#));
+    }
+
+    #[test]
+    fn reconcile_announces_own_clients_whose_connect_never_came() {
+        let mut m = Mirror::default();
+        m.upsert_local(client("announced", "a"));
+        m.upsert(client("announced", "a"));
+        m.upsert_local(client("missed", "m"));
+        m.upsert_local(client("too_new", "n"));
+        // Presence knows "missed" but never broadcast its connect;
+        // "too_new" reached presence after the snapshot was taken.
+        let snapshot = vec![client("announced", "a"), client("missed", "m")];
+        let frames = m.reconcile(snapshot.clone(), |id| id != "gone");
+        assert_eq!(
+            frames,
+            vec![ServerMessage::Connect {
+                channel_name: "missed".into(),
+                name: "m".into(),
+                gateway: "g".into(),
+            }]
+        );
+        assert_eq!(m.len(), 3, "own clients stay");
+        assert!(m.reconcile(snapshot, |_| true).is_empty(), "announced once");
+        // Its broadcast comes later: announced by the event, not again.
+        m.upsert(client("too_new", "n"));
+        let all = vec![
+            client("announced", "a"),
+            client("missed", "m"),
+            client("too_new", "n"),
+        ];
+        assert!(m.reconcile(all, |_| true).is_empty());
     }
 
     #[test]

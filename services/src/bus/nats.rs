@@ -274,17 +274,28 @@ impl Bus for NatsBus {
     }
 
     async fn flush(&self) -> Result<(), BusError> {
-        self.client.flush().await.map_err(BusError::other)?;
-        // async-nats's flush only writes the buffer to the socket. A
-        // request nobody answers comes back (as "no responders") only after
-        // the server processed everything sent before it: the round trip
-        // nats.go's PING/PONG flush makes.
-        let probe = async_nats::Request::new().timeout(Some(FLUSH_TIMEOUT));
-        match self.client.send_request(self.client.new_inbox(), probe).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-            Err(e) => Err(BusError::other(e)),
-        }
+        let round_trip = async {
+            self.client.flush().await.map_err(BusError::other)?;
+            // async-nats's flush only writes the buffer to the socket. A
+            // request nobody answers comes back (as "no responders") only
+            // after the server processed everything sent before it: the
+            // round trip nats.go's PING/PONG flush makes.
+            let probe = async_nats::Request::new().timeout(Some(FLUSH_TIMEOUT));
+            match self
+                .client
+                .send_request(self.client.new_inbox(), probe)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+                Err(e) => Err(BusError::other(e)),
+            }
+        };
+        // While disconnected, async-nats holds a flush until it reconnects:
+        // a draining service must not wait for that.
+        tokio::time::timeout(FLUSH_TIMEOUT, round_trip)
+            .await
+            .unwrap_or_else(|_| Err(BusError::Timeout("flush".to_owned())))
     }
 }
 

@@ -1,0 +1,633 @@
+//! The bus contract: one set of test functions, run against the in-memory
+//! bus of the standalone binary and against the NATS bus connected to a
+//! real `nats-server` (the test kit's, one per test on a port of its own),
+//! so the two implementations cannot drift apart.
+//!
+//! Every contract function takes a [`Harness`], which hands out connections
+//! to one bus: clones of the same [`MemoryBus`], or separate NATS
+//! connections (a second replica is a second connection).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use services::bus::memory::MemoryBus;
+use services::bus::nats::NatsBus;
+use services::bus::{BusError, Deliveries, Delivery, SharedBus, StreamSpec, Subscription};
+use testkit::NatsServer;
+use tokio::time::timeout;
+
+/// How long an expected message may take.
+const WAIT: Duration = Duration::from_secs(5);
+/// How long we listen to be sure nothing (more) arrives.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// Connections to one bus.
+struct Harness {
+    memory: Option<MemoryBus>,
+    nats: Option<NatsServer>,
+    /// Subjects of this test start with it.
+    prefix: String,
+}
+
+impl Harness {
+    async fn memory() -> Harness {
+        Harness {
+            memory: Some(MemoryBus::new()),
+            nats: None,
+            prefix: testkit::unique_prefix(),
+        }
+    }
+
+    async fn nats() -> Harness {
+        Harness {
+            memory: None,
+            nats: Some(NatsServer::start().await),
+            prefix: testkit::unique_prefix(),
+        }
+    }
+
+    /// A new connection to the bus.
+    async fn connect(&self) -> SharedBus {
+        if let Some(m) = &self.memory {
+            return Arc::new(m.clone());
+        }
+        let url = self.nats.as_ref().expect("a bus").url();
+        let bus = timeout(WAIT, NatsBus::connect(&url, "bus-contract"))
+            .await
+            .expect("connect in time")
+            .expect("connect to nats-server");
+        let bus: SharedBus = Arc::new(bus);
+        testkit::eventually(WAIT, "the NATS connection is up", || {
+            let b = bus.clone();
+            async move { b.is_connected() }
+        })
+        .await;
+        bus
+    }
+
+    fn subject(&self, rest: &str) -> String {
+        format!("{}.{rest}", self.prefix)
+    }
+
+    fn stream_spec(&self) -> StreamSpec {
+        StreamSpec {
+            name: format!("{}_S", self.prefix.to_uppercase()),
+            subjects: self.subject("durable.>"),
+            max_age: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Runs each contract function once per bus.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Harness::memory().await).await;
+                }
+            )*
+        }
+        mod nats {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Harness::nats().await).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    publish_reaches_every_subscriber_in_order,
+    wildcards_match_one_token_or_the_rest,
+    queue_groups_share_and_plain_subscribers_see_all,
+    request_reply_and_its_errors,
+    durable_stream_delivers_until_acknowledged,
+    nak_brings_a_message_back,
+    consumers_of_one_durable_share_the_work,
+    persist_deduplicates_by_message_id,
+    lease_has_one_holder_until_it_lapses,
+    a_new_connection_is_connected,
+);
+
+// ---------------------------------------------------------------- helpers
+
+async fn next(sub: &mut Subscription) -> services::bus::Message {
+    timeout(WAIT, sub.next())
+        .await
+        .expect("a message in time")
+        .expect("the subscription is open")
+}
+
+async fn assert_quiet(sub: &mut Subscription, what: &str) {
+    if let Ok(Some(m)) = timeout(QUIET, sub.next()).await {
+        panic!(
+            "{what}: unexpected message on {}: {:?}",
+            m.subject, m.payload
+        );
+    }
+}
+
+async fn next_delivery(d: &mut Deliveries) -> Delivery {
+    timeout(WAIT, d.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the consumer is open")
+        .expect("a delivery, not an error")
+}
+
+fn text(b: &Bytes) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+// ---------------------------------------------------------------- contract
+
+async fn publish_reaches_every_subscriber_in_order(h: Harness) {
+    let publisher = h.connect().await;
+    let other = h.connect().await;
+    let subject = h.subject("news");
+    let mut a = publisher.subscribe(&subject).await.unwrap();
+    let mut b = other.subscribe(&subject).await.unwrap();
+    other.flush().await.unwrap();
+    publisher.flush().await.unwrap();
+
+    for i in 0..20 {
+        publisher
+            .publish(&subject, Bytes::from(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for sub in [&mut a, &mut b] {
+        for i in 0..20 {
+            let m = next(sub).await;
+            assert_eq!(m.subject, subject);
+            assert_eq!(text(&m.payload), format!("m{i}"), "publication order");
+            assert_eq!(m.reply, None);
+        }
+    }
+    publisher
+        .publish(&h.subject("elsewhere"), Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert_quiet(&mut a, "another subject").await;
+
+    // Dropping a subscription unsubscribes; the others keep receiving.
+    drop(a);
+    publisher
+        .publish(&subject, Bytes::from_static(b"after"))
+        .await
+        .unwrap();
+    assert_eq!(text(&next(&mut b).await.payload), "after");
+}
+
+async fn wildcards_match_one_token_or_the_rest(h: Harness) {
+    let bus = h.connect().await;
+    let mut star = bus.subscribe(&h.subject("a.*.c")).await.unwrap();
+    let mut rest = bus.subscribe(&h.subject("a.>")).await.unwrap();
+    bus.flush().await.unwrap();
+
+    for s in ["a.b.c", "a.x.c", "a.b", "a.b.c.d", "b.b.c"] {
+        bus.publish(&h.subject(s), Bytes::from(s)).await.unwrap();
+    }
+    bus.flush().await.unwrap();
+    let got_star: Vec<String> = vec![
+        text(&next(&mut star).await.payload),
+        text(&next(&mut star).await.payload),
+    ];
+    assert_eq!(got_star, ["a.b.c", "a.x.c"]);
+    assert_quiet(&mut star, "`*` is exactly one token").await;
+    let mut got_rest = Vec::new();
+    for _ in 0..4 {
+        let m = next(&mut rest).await;
+        assert_eq!(m.subject, h.subject(&text(&m.payload)), "the real subject");
+        got_rest.push(text(&m.payload));
+    }
+    assert_eq!(got_rest, ["a.b.c", "a.x.c", "a.b", "a.b.c.d"]);
+    assert_quiet(&mut rest, "`>` needs at least one token and the prefix").await;
+
+    // `>` does not match the bare prefix.
+    bus.publish(&h.subject("a"), Bytes::from_static(b"bare"))
+        .await
+        .unwrap();
+    assert_quiet(&mut rest, "`a.>` against `a`").await;
+}
+
+async fn queue_groups_share_and_plain_subscribers_see_all(h: Harness) {
+    let publisher = h.connect().await;
+    let subject = h.subject("work");
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let conn = h.connect().await;
+        members.push(conn.queue_subscribe(&subject, "workers").await.unwrap());
+        conn.flush().await.unwrap();
+    }
+    let other_group_conn = h.connect().await;
+    let mut other_group = other_group_conn
+        .queue_subscribe(&subject, "auditors")
+        .await
+        .unwrap();
+    other_group_conn.flush().await.unwrap();
+    let mut plain = publisher.subscribe(&subject).await.unwrap();
+    publisher.flush().await.unwrap();
+
+    const N: usize = 60;
+    for i in 0..N {
+        publisher
+            .publish(&subject, Bytes::from(i.to_string()))
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+
+    for i in 0..N {
+        assert_eq!(text(&next(&mut plain).await.payload), i.to_string());
+        assert_eq!(text(&next(&mut other_group).await.payload), i.to_string());
+    }
+    // Collect what the members got: every message exactly once among them.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut per_member = Vec::new();
+    for m in &mut members {
+        let mut count = 0;
+        while let Ok(Some(msg)) = timeout(QUIET, m.next()).await {
+            *seen.entry(text(&msg.payload)).or_default() += 1;
+            count += 1;
+        }
+        per_member.push(count);
+    }
+    assert_eq!(
+        seen.len(),
+        N,
+        "every message reached the group: {per_member:?}"
+    );
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "each message reached exactly one member: {seen:?}"
+    );
+    assert!(
+        per_member.iter().filter(|&&c| c > 0).count() >= 2,
+        "the group shares the work: {per_member:?}"
+    );
+}
+
+async fn request_reply_and_its_errors(h: Harness) {
+    let client = h.connect().await;
+    let server = h.connect().await;
+    let subject = h.subject("echo");
+
+    // No subscriber at all: NoResponders, at once.
+    let started = std::time::Instant::now();
+    match client
+        .request(&subject, Bytes::from_static(b"hi"), Duration::from_secs(3))
+        .await
+    {
+        Err(BusError::NoResponders(s)) => assert_eq!(s, subject),
+        other => panic!("expected NoResponders, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "NoResponders does not wait for the timeout"
+    );
+
+    // A responder in a queue group answers.
+    let mut requests = server.queue_subscribe(&subject, "echo").await.unwrap();
+    server.flush().await.unwrap();
+    let responder = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            while let Some(m) = requests.next().await {
+                let reply = m.reply.expect("a request carries its reply subject");
+                let mut answer = b"echo:".to_vec();
+                answer.extend_from_slice(&m.payload);
+                server.publish(&reply, Bytes::from(answer)).await.unwrap();
+            }
+        })
+    };
+    for i in 0..5 {
+        let answer = client
+            .request(&subject, Bytes::from(format!("q{i}")), WAIT)
+            .await
+            .expect("an answer");
+        assert_eq!(text(&answer), format!("echo:q{i}"));
+    }
+    responder.abort();
+
+    // A subscriber that never answers: Timeout after the given time.
+    let silent_subject = h.subject("silent");
+    let _silent = server.subscribe(&silent_subject).await.unwrap();
+    server.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    match client
+        .request(
+            &silent_subject,
+            Bytes::from_static(b"?"),
+            Duration::from_millis(300),
+        )
+        .await
+    {
+        Err(BusError::Timeout(s)) => assert_eq!(s, silent_subject),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "waited {waited:?}"
+    );
+}
+
+async fn durable_stream_delivers_until_acknowledged(h: Harness) {
+    let bus = h.connect().await;
+    let spec = h.stream_spec();
+    bus.ensure_stream(&spec).await.unwrap();
+    bus.ensure_stream(&spec)
+        .await
+        .expect("ensure_stream is idempotent");
+
+    // Stored before anyone consumes: nothing is lost for lack of a reader.
+    for i in 0..10 {
+        bus.persist(
+            &h.subject(&format!("durable.gw{}", i % 2)),
+            Bytes::from(format!("s{i}")),
+            &format!("id-{i}"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let delivery = next_delivery(&mut d).await;
+        assert_eq!(delivery.redeliveries, 0, "first delivery");
+        got.push(text(&delivery.payload));
+        delivery.ack().await.unwrap();
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    assert_eq!(got, expected, "stream order");
+
+    // Acknowledged messages never come again, also not to a new consumer
+    // of the same durable; new ones do.
+    drop(d);
+    let other = h.connect().await;
+    let mut d = other.consume(&spec.name, "recorder").await.unwrap();
+    other
+        .persist(
+            &h.subject("durable.gw0"),
+            Bytes::from_static(b"later"),
+            "id-later",
+        )
+        .await
+        .unwrap();
+    let delivery = next_delivery(&mut d).await;
+    assert_eq!(text(&delivery.payload), "later");
+    delivery.ack().await.unwrap();
+    assert!(
+        timeout(QUIET, d.next()).await.is_err(),
+        "nothing acknowledged comes again"
+    );
+
+    // A subject outside the stream is refused, not silently dropped.
+    assert!(
+        bus.persist(&h.subject("nowhere"), Bytes::from_static(b"x"), "id-x")
+            .await
+            .is_err(),
+        "persisting outside every stream fails"
+    );
+}
+
+async fn nak_brings_a_message_back(h: Harness) {
+    let bus = h.connect().await;
+    let spec = h.stream_spec();
+    bus.ensure_stream(&spec).await.unwrap();
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    bus.persist(
+        &h.subject("durable.gw"),
+        Bytes::from_static(b"retry me"),
+        "n1",
+    )
+    .await
+    .unwrap();
+
+    let first = next_delivery(&mut d).await;
+    assert_eq!(first.redeliveries, 0);
+    let naked_at = std::time::Instant::now();
+    first.nak(Duration::from_millis(200)).await.unwrap();
+
+    let again = next_delivery(&mut d).await;
+    assert_eq!(text(&again.payload), "retry me");
+    assert!(again.redeliveries > 0, "a redelivery says so");
+    assert!(
+        naked_at.elapsed() >= Duration::from_millis(150),
+        "nak waits for its delay: {:?}",
+        naked_at.elapsed()
+    );
+    again.nak(Duration::ZERO).await.unwrap();
+    let third = next_delivery(&mut d).await;
+    assert!(third.redeliveries >= 2, "counts every redelivery");
+    third.ack().await.unwrap();
+    assert!(timeout(QUIET, d.next()).await.is_err(), "acked for good");
+}
+
+async fn consumers_of_one_durable_share_the_work(h: Harness) {
+    let a = h.connect().await;
+    let b = h.connect().await;
+    let spec = h.stream_spec();
+    a.ensure_stream(&spec).await.unwrap();
+    let mut da = a.consume(&spec.name, "recorder").await.unwrap();
+    let mut db = b.consume(&spec.name, "recorder").await.unwrap();
+
+    const N: usize = 200;
+    for i in 0..N {
+        a.persist(
+            &h.subject("durable.gw"),
+            Bytes::from(i.to_string()),
+            &format!("w{i}"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut from_a, mut from_b) = (0, 0);
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    while seen.len() < N {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {N} messages arrived",
+            seen.len()
+        );
+        let (delivery, from) = tokio::select! {
+            Some(d) = da.next() => (d, &mut from_a),
+            Some(d) = db.next() => (d, &mut from_b),
+            _ = tokio::time::sleep(QUIET) => continue,
+        };
+        let delivery = delivery.expect("a delivery");
+        *seen.entry(text(&delivery.payload)).or_default() += 1;
+        *from += 1;
+        delivery.ack().await.unwrap();
+    }
+    // Nothing arrives twice.
+    let extra = tokio::select! {
+        Some(d) = da.next() => Some(d),
+        Some(d) = db.next() => Some(d),
+        _ = tokio::time::sleep(QUIET) => None,
+    };
+    if let Some(Ok(d)) = extra {
+        panic!("delivered twice: {}", text(&d.payload));
+    }
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "each message went to one consumer"
+    );
+    assert_eq!(from_a + from_b, N);
+}
+
+async fn persist_deduplicates_by_message_id(h: Harness) {
+    let bus = h.connect().await;
+    let spec = h.stream_spec();
+    bus.ensure_stream(&spec).await.unwrap();
+    // A publisher retrying after a lost acknowledgement sends the same id.
+    for _ in 0..3 {
+        bus.persist(
+            &h.subject("durable.gw"),
+            Bytes::from_static(b"once"),
+            "same",
+        )
+        .await
+        .unwrap();
+    }
+    bus.persist(
+        &h.subject("durable.gw"),
+        Bytes::from_static(b"next"),
+        "other",
+    )
+    .await
+    .unwrap();
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    let got: Vec<String> = {
+        let mut v = Vec::new();
+        while let Ok(Some(Ok(delivery))) = timeout(QUIET * 2, d.next()).await {
+            v.push(text(&delivery.payload));
+            delivery.ack().await.unwrap();
+        }
+        v
+    };
+    assert_eq!(got, ["once", "next"], "a retried id is stored once");
+}
+
+async fn lease_has_one_holder_until_it_lapses(h: Harness) {
+    let a = h.connect().await;
+    let b = h.connect().await;
+    let lease = format!("{}_leases/presence", h.prefix);
+    let ttl = Duration::from_secs(1);
+
+    assert!(
+        a.try_lease(&lease, "a", ttl).await.unwrap(),
+        "a free lease is taken"
+    );
+    assert!(
+        !b.try_lease(&lease, "b", ttl).await.unwrap(),
+        "one holder at a time"
+    );
+    // The holder renews it, for longer than one ttl in all.
+    for _ in 0..4 {
+        tokio::time::sleep(ttl / 3).await;
+        assert!(
+            a.try_lease(&lease, "a", ttl).await.unwrap(),
+            "renewed by its holder"
+        );
+        assert!(
+            !b.try_lease(&lease, "b", ttl).await.unwrap(),
+            "still held by a"
+        );
+    }
+    // a stops renewing: b takes over once the ttl has passed, not before.
+    let last_renewal = std::time::Instant::now();
+    let mut taken = false;
+    while last_renewal.elapsed() < ttl * 4 {
+        if b.try_lease(&lease, "b", ttl).await.unwrap() {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(taken, "b took over the lapsed lease");
+    assert!(
+        last_renewal.elapsed() >= ttl - Duration::from_millis(100),
+        "taken over only after the ttl: {:?}",
+        last_renewal.elapsed()
+    );
+    assert!(!a.try_lease(&lease, "a", ttl).await.unwrap(), "a lost it");
+    assert!(b.try_lease(&lease, "b", ttl).await.unwrap());
+
+    // Leases of other names are independent.
+    let other = format!("{}_leases/other", h.prefix);
+    assert!(a.try_lease(&other, "a", ttl).await.unwrap());
+}
+
+async fn a_new_connection_is_connected(h: Harness) {
+    let bus = h.connect().await;
+    assert!(bus.is_connected());
+    bus.flush().await.unwrap();
+}
+
+// ---------------------------------------------------------------- NATS only
+
+/// The NATS bus notices an outage and recovers by itself; the durable
+/// stream (file storage) survives a server restart.
+#[tokio::test]
+async fn nats_reconnects_after_a_server_restart_and_keeps_the_stream() {
+    let mut h = Harness::nats().await;
+    let bus = h.connect().await;
+    let spec = h.stream_spec();
+    bus.ensure_stream(&spec).await.unwrap();
+    bus.persist(
+        &h.subject("durable.gw"),
+        Bytes::from_static(b"before"),
+        "b1",
+    )
+    .await
+    .unwrap();
+    let subject = h.subject("live");
+    let mut sub = bus.subscribe(&subject).await.unwrap();
+    bus.flush().await.unwrap();
+
+    let server = h.nats.as_mut().unwrap();
+    server.stop().await;
+    testkit::eventually(WAIT, "the bus notices the outage", || {
+        let b = bus.clone();
+        async move { !b.is_connected() }
+    })
+    .await;
+    server.start_again().await;
+    testkit::eventually(WAIT * 2, "the bus reconnects", || {
+        let b = bus.clone();
+        async move { b.is_connected() }
+    })
+    .await;
+
+    // Subscriptions are restored; the stream kept its message.
+    bus.flush().await.unwrap();
+    bus.publish(&subject, Bytes::from_static(b"again"))
+        .await
+        .unwrap();
+    assert_eq!(text(&next(&mut sub).await.payload), "again");
+    bus.persist(&h.subject("durable.gw"), Bytes::from_static(b"after"), "a1")
+        .await
+        .unwrap();
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    let mut got = BTreeSet::new();
+    for _ in 0..2 {
+        let delivery = next_delivery(&mut d).await;
+        got.insert(text(&delivery.payload));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        got,
+        BTreeSet::from(["before".to_owned(), "after".to_owned()])
+    );
+}

@@ -1,0 +1,554 @@
+//! The distributed deployment under test, and clients that talk to it like
+//! browsers do.
+//!
+//! A [`Deployment`] is one test's world: its own `nats-server` (temp dir,
+//! random port), its own database, its own subject prefix. Services are the
+//! real `gateway`, `presence` and `recorder` binaries, started with short
+//! timings so failures are detected in a second or two.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sqlx::Connection;
+use testkit::{Database, NatsServer, Service, free_addr, unique_prefix};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expectation may wait.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Gateways heartbeat this often; presence expires a gateway after three
+/// missed heartbeats.
+pub const HEARTBEAT_MS: u64 = 400;
+
+/// One test's deployment: NATS, a database, a subject prefix.
+pub struct Deployment {
+    /// The test's own NATS server.
+    pub nats: NatsServer,
+    /// The test's subject prefix.
+    pub prefix: String,
+    /// The database the recorder writes to.
+    pub db_url: String,
+    _db: Option<Database>,
+}
+
+impl Deployment {
+    /// NATS and a fresh database on the machine's PostgreSQL.
+    pub async fn new() -> Deployment {
+        let (nats, db) = tokio::join!(NatsServer::start(), testkit::fresh_database());
+        Deployment {
+            nats,
+            prefix: unique_prefix(),
+            db_url: db.url.clone(),
+            _db: Some(db),
+        }
+    }
+
+    /// NATS and the given database (e.g. on a [`testkit::PgCluster`]).
+    pub async fn with_database(db_url: String) -> Deployment {
+        Deployment {
+            nats: NatsServer::start().await,
+            prefix: unique_prefix(),
+            db_url,
+            _db: None,
+        }
+    }
+
+    /// Starts the gateway `id` and waits until it is ready.
+    pub async fn gateway(&self, id: &str) -> Node {
+        let (listen, admin) = (free_addr(), free_addr());
+        let svc = Service::command("gateway")
+            .label(format!("gateway {id}"))
+            .args(["--listen", &listen.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--nats-url", &self.nats.url()])
+            .args(["--subject-prefix", &self.prefix])
+            .args(["--gateway-id", id])
+            .args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()])
+            .args(["--roster-tick-ms", "100"])
+            .args(["--drain-timeout-ms", "3000"])
+            .spawn();
+        Node::ready(svc, Some(listen), admin).await
+    }
+
+    /// Starts a presence replica and waits until it is ready.
+    pub async fn presence(&self) -> Node {
+        let admin = free_addr();
+        let svc = Service::command("presence")
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--nats-url", &self.nats.url()])
+            .args(["--subject-prefix", &self.prefix])
+            .args(["--roster-tick-ms", "100"])
+            .args(["--lease-ttl-ms", "1500"])
+            .spawn();
+        Node::ready(svc, None, admin).await
+    }
+
+    /// Starts a recorder and waits until it is ready.
+    pub async fn recorder(&self) -> Node {
+        self.recorder_with_batch_wait(20).await
+    }
+
+    /// Starts a recorder that gathers deliveries for `batch_wait_ms` before
+    /// each insert, and waits until it is ready.
+    pub async fn recorder_with_batch_wait(&self, batch_wait_ms: u64) -> Node {
+        let admin = free_addr();
+        let svc = Service::command("recorder")
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--nats-url", &self.nats.url()])
+            .args(["--database-url", &self.db_url])
+            .args(["--subject-prefix", &self.prefix])
+            .args(["--batch-wait-ms", &batch_wait_ms.to_string()])
+            .args(["--ack-wait-ms", "2000"])
+            .args(["--retention", "0"])
+            .spawn();
+        Node::ready(svc, None, admin).await
+    }
+
+    /// The samples stored in the database: per client, `(n, seq)` pairs.
+    pub async fn stored(&self) -> BTreeMap<String, Vec<(i64, Option<i64>)>> {
+        stored(&self.db_url).await
+    }
+
+    /// How many sample rows the database holds.
+    pub async fn count(&self) -> i64 {
+        count(&self.db_url).await
+    }
+}
+
+/// Per client, the `(n, seq)` pairs stored in `samples`, ordered by `n`.
+pub async fn stored(db_url: &str) -> BTreeMap<String, Vec<(i64, Option<i64>)>> {
+    let mut conn = sqlx::PgConnection::connect(db_url)
+        .await
+        .expect("connect to the test database");
+    let rows: Vec<(String, i64, Option<i64>)> =
+        sqlx::query_as("SELECT channel_name, n, seq FROM samples ORDER BY channel_name, n")
+            .fetch_all(&mut conn)
+            .await
+            .expect("read samples");
+    let _ = conn.close().await;
+    let mut out: BTreeMap<String, Vec<(i64, Option<i64>)>> = BTreeMap::new();
+    for (id, n, seq) in rows {
+        out.entry(id).or_default().push((n, seq));
+    }
+    out
+}
+
+/// Rows in `samples` (0 while the recorder has not created the table yet).
+pub async fn count(db_url: &str) -> i64 {
+    let Ok(mut conn) = sqlx::PgConnection::connect(db_url).await else {
+        return 0;
+    };
+    let n = sqlx::query_scalar("SELECT count(*) FROM samples")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or(0);
+    let _ = conn.close().await;
+    n
+}
+
+/// Waits until the database holds exactly the samples `sent` (client id →
+/// number of samples, sent with `seq` 0, 1, 2, ...), then checks each was
+/// stored exactly once: `n` runs 1..=count and the seqs are the ones sent.
+pub async fn assert_stored_exactly_once(
+    db_url: &str,
+    sent: &BTreeMap<String, u64>,
+    within: Duration,
+) {
+    let expected: i64 = sent.values().map(|&n| n as i64).sum();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let n = count(db_url).await;
+        if n == expected {
+            break;
+        }
+        assert!(
+            n < expected,
+            "more rows ({n}) than samples sent ({expected})"
+        );
+        if tokio::time::Instant::now() > deadline {
+            panic!("only {n} of {expected} samples reached Postgres within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Redeliveries still in flight must not add anything.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored = stored(db_url).await;
+    let ids: BTreeSet<&String> = stored.keys().collect();
+    let sent_ids: BTreeSet<&String> = sent.keys().filter(|id| sent[*id] > 0).collect();
+    assert_eq!(ids, sent_ids, "samples of exactly the clients that sent");
+    for (id, rows) in &stored {
+        let k = sent[id];
+        let ns: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let seqs: BTreeSet<i64> = rows.iter().filter_map(|r| r.1).collect();
+        assert_eq!(ns, (1..=k as i64).collect::<Vec<_>>(), "client {id}: n");
+        assert_eq!(
+            seqs,
+            (0..k as i64).collect::<BTreeSet<_>>(),
+            "client {id}: every seq sent, once"
+        );
+    }
+}
+
+/// A service process with its addresses.
+pub struct Node {
+    /// The process.
+    pub svc: Service,
+    /// The public listener (gateways only).
+    pub addr: Option<SocketAddr>,
+    /// The admin listener.
+    pub admin: SocketAddr,
+}
+
+impl Node {
+    async fn ready(mut svc: Service, addr: Option<SocketAddr>, admin: SocketAddr) -> Node {
+        svc.wait_ready(admin).await;
+        Node { svc, addr, admin }
+    }
+
+    /// Starts the stopped process again (same flags and ports) and waits
+    /// until it is ready.
+    pub async fn start_again(&mut self) {
+        self.svc.start_again();
+        self.svc.wait_ready(self.admin).await;
+    }
+
+    /// The public listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("a gateway")
+    }
+
+    /// Connects a WebSocket client to `path`.
+    pub async fn ws(&self, path: &str) -> Client {
+        Client::connect(self.addr(), path).await
+    }
+
+    /// GET a JSON document from the public listener: status and body.
+    pub async fn get_json(&self, path: &str, bearer: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().get(format!("http://{}{path}", self.addr()));
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("HTTP request");
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    /// The ids in `/api/roster`.
+    pub async fn roster_ids(&self) -> BTreeSet<String> {
+        let (status, body) = self.get_json("/api/roster", None).await;
+        assert_eq!(status, 200, "{body}");
+        body["clients"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .map(|c| c["channel_name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Sum of the samples of metric `name` on the admin listener.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// A WebSocket client.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Its id (from its welcome or own connect).
+    pub id: String,
+    /// Its token (v2 only).
+    pub token: String,
+}
+
+impl Client {
+    /// Connects to `path` on `addr`.
+    pub async fn connect(addr: SocketAddr, path: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("connect {path}: timed out"))
+        .unwrap_or_else(|e| panic!("connect {path}: {e}"));
+        Client {
+            ws,
+            id: String::new(),
+            token: String::new(),
+        }
+    }
+
+    /// Sends a JSON value as a text frame.
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    /// The next text frame as JSON (control frames skipped).
+    pub async fn recv(&mut self) -> Value {
+        match self.recv_within(WAIT).await {
+            Some(v) => v,
+            None => panic!("no frame within {WAIT:?}"),
+        }
+    }
+
+    /// The next text frame, or `None` if none came within `within`.
+    pub async fn recv_within(&mut self, within: Duration) -> Option<Value> {
+        let fut = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
+                    Some(Ok(Message::Close(c))) => {
+                        panic!("closed while waiting for a frame: {c:?}")
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => panic!("error while waiting for a frame: {e}"),
+                    None => panic!("connection ended while waiting for a frame"),
+                }
+            }
+        };
+        tokio::time::timeout(within, fut).await.ok()
+    }
+
+    /// Frames until one with `command` satisfying `pred`; returns it.
+    pub async fn recv_until(&mut self, command: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_within(left).await {
+                Some(v) if v["command"] == command && pred(&v) => return v,
+                Some(_) => {}
+                None => panic!("no {command} frame as expected within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// Every frame until one satisfies `pred` (included), within `within`.
+    pub async fn collect_until(
+        &mut self,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_within(left).await {
+                Some(v) => {
+                    let done = pred(&v);
+                    seen.push(v);
+                    if done {
+                        return seen;
+                    }
+                }
+                None => panic!("the awaited frame did not come within {within:?}; saw {seen:?}"),
+            }
+        }
+    }
+
+    /// Every frame that arrives within `within`.
+    pub async fn collect_for(&mut self, within: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return seen;
+            }
+            match self.recv_within(left).await {
+                Some(v) => seen.push(v),
+                None => return seen,
+            }
+        }
+    }
+
+    /// Waits for the broadcast of its own connect (the echo presence sends
+    /// every page, the new one too).
+    pub async fn own_connect(&mut self) {
+        let id = self.id.clone();
+        self.recv_until("connect", |v| is(v, "connect", &id)).await;
+    }
+
+    /// Sends a v2 ping and waits (up to `within`) for its pong.
+    pub async fn ping_within(&mut self, seq: u64, within: Duration) -> Option<Value> {
+        self.send(json!({"command":"ping","seq":seq})).await;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_within(left).await {
+                Some(v) if v["command"] == "pong" && v["seq"] == seq => return Some(v),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+
+    /// Sends a delay sample.
+    pub async fn delay(&mut self, ms: f64, seq: u64) {
+        self.send(json!({"command":"delay_time","delay_time":ms,"seq":seq}))
+            .await;
+    }
+
+    /// Renames the client.
+    pub async fn rename(&mut self, name: &str) {
+        self.send(json!({"command":"change_name","name":name}))
+            .await;
+    }
+
+    /// Closes normally.
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+/// A v2 public client past its welcome and roster (returned too).
+pub async fn public_v2(node: &Node) -> (Client, Value) {
+    let mut c = node.ws("/ws/public/?v=2").await;
+    let welcome = c.recv().await;
+    assert_eq!(welcome["command"], "welcome", "{welcome}");
+    c.id = welcome["channel_name"].as_str().unwrap().to_owned();
+    c.token = welcome["token"].as_str().unwrap().to_owned();
+    let roster = c.recv().await;
+    assert_eq!(roster["command"], "roster", "{roster}");
+    (c, roster)
+}
+
+/// A v2 private client past its welcome.
+pub async fn private_v2(node: &Node) -> Client {
+    let mut c = node.ws("/ws/private/?v=2").await;
+    let welcome = c.recv().await;
+    assert_eq!(welcome["command"], "welcome", "{welcome}");
+    c.id = welcome["channel_name"].as_str().unwrap().to_owned();
+    c.token = welcome["token"].as_str().unwrap().to_owned();
+    c
+}
+
+/// A v1 public client (the original page), which learns its id from its
+/// own connect: the first connect of a client the gateway's roster did not
+/// hold before (a broadcast of an earlier connect may still be on its way
+/// to this gateway's pages).
+pub async fn public_v1(node: &Node) -> Client {
+    let before = node.roster_ids().await;
+    let mut c = node.ws("/ws/public/").await;
+    let own = c
+        .recv_until("connect", |v| {
+            v["channel_name"]
+                .as_str()
+                .is_some_and(|id| !before.contains(id))
+        })
+        .await;
+    c.id = own["channel_name"].as_str().unwrap().to_owned();
+    c
+}
+
+/// Whether frame `v` is `command` about client `id`.
+pub fn is(v: &Value, command: &str, id: &str) -> bool {
+    v["command"] == command && v["channel_name"] == id
+}
+
+/// Clients that send a delay sample every `every` (seq 0, 1, 2, ...) on a
+/// task of their own until stopped, reading and dropping what they get.
+pub struct Senders {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<(String, JoinHandle<u64>)>,
+    total: Arc<AtomicU64>,
+}
+
+impl Senders {
+    /// Starts sending on `clients`.
+    pub fn start(clients: Vec<Client>, every: Duration) -> Senders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let total = Arc::new(AtomicU64::new(0));
+        let tasks = clients
+            .into_iter()
+            .map(|c| {
+                let id = c.id.clone();
+                let (stop, total) = (stop.clone(), total.clone());
+                let task = tokio::spawn(async move {
+                    let (mut sink, mut stream) = c.ws.split();
+                    let reader =
+                        tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+                    let mut tick = tokio::time::interval(every);
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        tick.tick().await;
+                        let frame = json!({
+                            "command": "delay_time",
+                            "delay_time": 10.0 + (seq % 7) as f64,
+                            "seq": seq,
+                        });
+                        sink.send(Message::text(frame.to_string()))
+                            .await
+                            .expect("the gateway takes samples");
+                        seq += 1;
+                        total.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Keep the connection open a moment: the last samples
+                    // are read by the gateway before the close.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = sink.close().await;
+                    reader.abort();
+                    seq
+                });
+                (id, task)
+            })
+            .collect();
+        Senders { stop, tasks, total }
+    }
+
+    /// Samples sent so far, all clients together.
+    pub fn sent(&self) -> u64 {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    /// Stops sending; returns how many samples each client sent.
+    pub async fn stop(self) -> BTreeMap<String, u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut out = BTreeMap::new();
+        for (id, task) in self.tasks {
+            out.insert(id, task.await.expect("sender task"));
+        }
+        out
+    }
+}
+
+/// Polls until `check` holds, for at most `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    testkit::eventually(within, what, check).await;
+}

@@ -1,0 +1,525 @@
+//! End-to-end tests of the distributed services: the real `gateway`,
+//! `presence` and `recorder` binaries as processes, over a real
+//! `nats-server` (JetStream, file storage) and PostgreSQL, with clients
+//! speaking WebSocket and HTTP like browsers do. Each test owns its NATS
+//! server, database and subject prefix, so tests run in parallel.
+//!
+//! Run with `cargo build --workspace --bins && cargo test -p
+//! pingapp-testkit --test distributed` (the binaries must be built first).
+
+mod helpers;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use helpers::{
+    Deployment, HEARTBEAT_MS, Senders, WAIT, assert_stored_exactly_once, eventually, is,
+    private_v2, public_v1, public_v2,
+};
+use serde_json::json;
+use testkit::PgCluster;
+
+/// Clients send a sample this often: 40 a second, within the default limit
+/// of 50 messages a second.
+const SAMPLE_EVERY: Duration = Duration::from_millis(25);
+
+#[tokio::test]
+async fn v1_and_v2_clients_on_two_gateways_see_each_other() {
+    let d = Deployment::new().await;
+    let _presence = d.presence().await;
+    let (gw_a, gw_b) = tokio::join!(d.gateway("gw-a"), d.gateway("gw-b"));
+
+    // v2 on gateway A, v2 on gateway B.
+    let (mut a, _) = public_v2(&gw_a).await;
+    a.own_connect().await;
+    let (mut b, roster) = public_v2(&gw_b).await;
+    assert!(
+        roster["clients"].get(&a.id).is_some(),
+        "B's first roster holds A of the other gateway: {roster}"
+    );
+    assert_eq!(roster["clients"][&a.id]["gateway"], "gw-a");
+    let connect = a.recv_until("connect", |v| is(v, "connect", &b.id)).await;
+    assert_eq!(connect["gateway"], "gw-b");
+    assert_eq!(connect["name"], b.id.as_str());
+
+    // Rename and delays cross gateways.
+    b.rename("Bob").await;
+    let rename = a
+        .recv_until("change_name", |v| is(v, "change_name", &b.id))
+        .await;
+    assert_eq!(rename["name"], "Bob");
+    b.delay(12.5, 1).await;
+    let delays = a
+        .recv_until("delays", |v| v["delay_times"].get(&b.id).is_some())
+        .await;
+    assert_eq!(delays["delay_times"][&b.id]["delay_time"], 12.5);
+
+    // v1 on gateway A: its delay_times reply lists the clients of both.
+    let mut c = public_v1(&gw_a).await;
+    b.recv_until("connect", |v| is(v, "connect", &c.id)).await;
+    c.send(json!({"command":"delay_time","delay_time":7})).await;
+    let times = c.recv_until("delay_times", |_| true).await;
+    let t = &times["delay_times"];
+    assert_eq!(t[&c.id], json!({"name": c.id, "delay_time": 7}));
+    assert_eq!(t[&b.id], json!({"name": "Bob", "delay_time": 12.5}));
+    assert_eq!(t[&a.id], json!({"name": a.id, "delay_time": "-"}));
+
+    // v1 on gateway B, renamed: the v1 client on A sees the original frames.
+    let mut e = public_v1(&gw_b).await;
+    let connect = c.recv_until("connect", |v| is(v, "connect", &e.id)).await;
+    assert_eq!(connect["name"], e.id.as_str());
+    e.send(json!({"command":"change_name","name":"Eve"})).await;
+    let rename = c
+        .recv_until("change_name", |v| is(v, "change_name", &e.id))
+        .await;
+    assert_eq!(
+        rename,
+        json!({"command":"change_name","channel_name":e.id,"name":"Eve"})
+    );
+
+    // Both gateways' HTTP rosters agree.
+    let all: std::collections::BTreeSet<String> =
+        [&a.id, &b.id, &c.id, &e.id].into_iter().cloned().collect();
+    for gw in [&gw_a, &gw_b] {
+        eventually(WAIT, "the roster holds all four clients", || async {
+            gw.roster_ids().await == all
+        })
+        .await;
+    }
+
+    // Disconnects cross gateways too.
+    let (b_id, e_id) = (b.id.clone(), e.id.clone());
+    b.close().await;
+    a.recv_until("disconnect", |v| is(v, "disconnect", &b_id))
+        .await;
+    c.recv_until("disconnect", |v| is(v, "disconnect", &b_id))
+        .await;
+    e.close().await;
+    let gone = a
+        .recv_until("disconnect", |v| is(v, "disconnect", &e_id))
+        .await;
+    assert_eq!(gone, json!({"command":"disconnect","channel_name":e_id}));
+    for gw in [&gw_a, &gw_b] {
+        eventually(WAIT, "the roster lost B and E", || async {
+            let ids = gw.roster_ids().await;
+            !ids.contains(&b_id) && !ids.contains(&e_id) && ids.len() == 2
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn private_history_is_readable_through_either_gateway_with_its_token_only() {
+    let d = Deployment::new().await;
+    let (_presence, _recorder, gw_a, gw_b) = tokio::join!(
+        d.presence(),
+        d.recorder(),
+        d.gateway("gw-a"),
+        d.gateway("gw-b")
+    );
+
+    let mut p = private_v2(&gw_a).await;
+    for (i, ms) in [5.0, 7.5, 6.25].into_iter().enumerate() {
+        p.delay(ms, i as u64).await;
+    }
+    let (mut q, _) = public_v2(&gw_b).await;
+    q.delay(3.0, 1).await;
+
+    let path = format!("/api/clients/{}/samples", p.id);
+    for gw in [&gw_b, &gw_a] {
+        eventually(WAIT, "the private history, with its token", || async {
+            let (status, body) = gw.get_json(&path, Some(&p.token)).await;
+            status == 200 && body["samples"].as_array().is_some_and(|s| s.len() == 3)
+        })
+        .await;
+        let (_, body) = gw.get_json(&path, Some(&p.token)).await;
+        assert_eq!(body["channel_name"], p.id.as_str());
+        let delays: Vec<f64> = body["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["delay_time"].as_f64().unwrap())
+            .collect();
+        assert_eq!(delays, [5.0, 7.5, 6.25], "oldest first");
+        assert_eq!(body["samples"][2]["seq"], 2);
+    }
+
+    // Without the token, or with a wrong one: exactly like an unknown id.
+    let (unknown_status, unknown_body) = gw_b
+        .get_json("/api/clients/nobody-at-all/samples", None)
+        .await;
+    assert_eq!(unknown_status, 404);
+    for gw in [&gw_a, &gw_b] {
+        for bearer in [None, Some("wrong-token"), Some(q.token.as_str())] {
+            let (status, body) = gw.get_json(&path, bearer).await;
+            assert_eq!(status, 404, "bearer {bearer:?}: {body}");
+            assert_eq!(body, unknown_body, "indistinguishable from an unknown id");
+        }
+    }
+
+    // A public client's history is readable by anyone, on either gateway.
+    let public_path = format!("/api/clients/{}/samples", q.id);
+    for gw in [&gw_a, &gw_b] {
+        eventually(WAIT, "the public history, without a token", || async {
+            let (status, body) = gw.get_json(&public_path, None).await;
+            status == 200 && body["samples"].as_array().is_some_and(|s| s.len() == 1)
+        })
+        .await;
+    }
+    // The private client is in no roster.
+    for gw in [&gw_a, &gw_b] {
+        assert!(!gw.roster_ids().await.contains(&p.id));
+    }
+}
+
+#[tokio::test]
+async fn a_recorder_killed_mid_stream_loses_and_duplicates_nothing() {
+    let d = Deployment::new().await;
+    // Deliveries are gathered for a second before each insert, so the
+    // recorder nearly always holds some it has not acknowledged yet.
+    let (mut recorder, gw_a, gw_b) = tokio::join!(
+        d.recorder_with_batch_wait(1000),
+        d.gateway("gw-a"),
+        d.gateway("gw-b")
+    );
+    let mut clients = Vec::new();
+    for gw in [&gw_a, &gw_b, &gw_a, &gw_b] {
+        clients.push(private_v2(gw).await);
+    }
+    let senders = Senders::start(clients, SAMPLE_EVERY);
+
+    // Kill it while it is busy writing and holds unacknowledged deliveries.
+    eventually(WAIT, "samples are being stored", || async {
+        d.count().await > 50
+    })
+    .await;
+    eventually(WAIT, "the recorder holds deliveries", || async {
+        recorder.metric("pingapp_recorder_consumer_pending").await > 0.0
+    })
+    .await;
+    recorder.svc.kill();
+    let at_kill = senders.sent();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    recorder.start_again().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let sent = senders.stop().await;
+    assert!(
+        sent.values().sum::<u64>() > at_kill + 50,
+        "samples were sent after the kill too"
+    );
+
+    // Batches the killed process held come again after the ack wait (2 s).
+    assert_stored_exactly_once(&d.db_url, &sent, Duration::from_secs(20)).await;
+    let redelivered = recorder.metric("pingapp_recorder_redeliveries_total").await;
+    assert!(
+        redelivered > 0.0,
+        "what the killed recorder held came again: {redelivered} redeliveries, {} duplicates",
+        recorder.metric("pingapp_recorder_duplicates_total").await
+    );
+}
+
+#[tokio::test]
+async fn a_postgres_restart_loses_nothing() {
+    let mut pg = PgCluster::start().await;
+    let d = Deployment::with_database(pg.create_database().await).await;
+    let (recorder, gw_a, gw_b) = tokio::join!(d.recorder(), d.gateway("gw-a"), d.gateway("gw-b"));
+    let clients = vec![private_v2(&gw_a).await, private_v2(&gw_b).await];
+    let senders = Senders::start(clients, SAMPLE_EVERY);
+
+    eventually(WAIT, "samples are being stored", || async {
+        d.count().await > 20
+    })
+    .await;
+    // Longer than the recorder's pool waits for a connection (3 s), so
+    // inserts fail and are retried.
+    pg.stop().await;
+    let at_stop = senders.sent();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(senders.sent() > at_stop + 80, "clients kept sending");
+    pg.start_again().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = senders.stop().await;
+
+    assert_stored_exactly_once(&d.db_url, &sent, Duration::from_secs(20)).await;
+    let failed = recorder
+        .metric("pingapp_recorder_database_errors_total")
+        .await;
+    assert!(failed > 0.0, "the recorder met the outage");
+}
+
+/// One round of a pinger: a ping and its pong (within a second), then a
+/// sample.
+async fn ping_and_sample(
+    phase: &str,
+    seq: u64,
+    pingers: &mut [helpers::Client],
+    sent: &mut BTreeMap<String, u64>,
+) {
+    for c in pingers.iter_mut() {
+        let pong = c.ping_within(seq, Duration::from_secs(1)).await;
+        assert!(
+            pong.is_some(),
+            "{phase}: ping {seq} of {} got no pong",
+            c.id
+        );
+        c.delay(1.0 + seq as f64, seq).await;
+        *sent.get_mut(&c.id).expect("a pinger") += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[tokio::test]
+async fn a_nats_restart_loses_nothing_and_pings_keep_their_pongs() {
+    let mut d = Deployment::new().await;
+    let (_presence, _recorder, gw_a, gw_b) = tokio::join!(
+        d.presence(),
+        d.recorder(),
+        d.gateway("gw-a"),
+        d.gateway("gw-b")
+    );
+    let (mut watcher, _) = public_v2(&gw_a).await;
+    let mut pingers = vec![private_v2(&gw_a).await, private_v2(&gw_b).await];
+    let mut sent: BTreeMap<String, u64> = pingers.iter().map(|c| (c.id.clone(), 0)).collect();
+
+    let mut seq = 0;
+    for _ in 0..10 {
+        ping_and_sample("before the outage", seq, &mut pingers, &mut sent).await;
+        seq += 1;
+    }
+    // Longer than a JetStream publish waits for its acknowledgement (5 s),
+    // so the gateways' stores fail and are retried.
+    d.nats.stop().await;
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(6) {
+        ping_and_sample("during the outage", seq, &mut pingers, &mut sent).await;
+        seq += 1;
+    }
+    d.nats.start_again().await;
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(1) {
+        ping_and_sample("after the outage", seq, &mut pingers, &mut sent).await;
+        seq += 1;
+    }
+
+    assert_stored_exactly_once(&d.db_url, &sent, Duration::from_secs(30)).await;
+    let failed = gw_a.metric("pingapp_gateway_persist_errors_total").await
+        + gw_b.metric("pingapp_gateway_persist_errors_total").await;
+    assert!(failed > 0.0, "the gateways met the outage");
+
+    // Presence answers again: a newcomer on B reaches the watcher on A.
+    let (newcomer, _) = public_v2(&gw_b).await;
+    let seen = watcher
+        .collect_until(WAIT, |v| is(v, "connect", &newcomer.id))
+        .await;
+    println!("the watcher saw {:?}", disconnects(&seen));
+}
+
+#[tokio::test]
+async fn a_killed_gateways_clients_leave_every_roster_within_ten_seconds() {
+    let d = Deployment::new().await;
+    let (_presence, mut gw_a, gw_b) =
+        tokio::join!(d.presence(), d.gateway("gw-a"), d.gateway("gw-b"));
+    let (mut watcher, _) = public_v2(&gw_b).await;
+    watcher.own_connect().await;
+    let (x, _) = public_v2(&gw_a).await;
+    watcher
+        .recv_until("connect", |v| is(v, "connect", &x.id))
+        .await;
+    let y = public_v1(&gw_a).await;
+    watcher
+        .recv_until("connect", |v| is(v, "connect", &y.id))
+        .await;
+    eventually(WAIT, "gateway B's roster has A's clients", || async {
+        gw_b.roster_ids().await.len() == 3
+    })
+    .await;
+
+    gw_a.svc.kill();
+    let killed = Instant::now();
+    let limit = Duration::from_secs(10);
+    let mut gone: BTreeSet<String> = BTreeSet::new();
+    while !(gone.contains(&x.id) && gone.contains(&y.id)) {
+        let left = limit.saturating_sub(killed.elapsed());
+        match watcher.recv_within(left).await {
+            Some(v) if v["command"] == "disconnect" => {
+                let id = v["channel_name"].as_str().unwrap().to_owned();
+                assert!(id == x.id || id == y.id, "disconnect of a live client: {v}");
+                gone.insert(id);
+            }
+            Some(_) => {}
+            None => panic!("only {gone:?} were disconnected within {limit:?} of the kill"),
+        }
+    }
+    let left = limit.saturating_sub(killed.elapsed());
+    eventually(left, "gateway B's /api/roster lost A's clients", || async {
+        gw_b.roster_ids().await == BTreeSet::from([watcher.id.clone()])
+    })
+    .await;
+    println!(
+        "clients of the killed gateway gone after {:?}",
+        killed.elapsed()
+    );
+}
+
+/// Whether any of `frames` is a disconnect.
+fn disconnects(frames: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    frames
+        .iter()
+        .filter(|v| v["command"] == "disconnect")
+        .collect()
+}
+
+#[tokio::test]
+async fn a_presence_restart_causes_no_spurious_disconnect() {
+    let d = Deployment::new().await;
+    let (mut presence, gw_a, gw_b) =
+        tokio::join!(d.presence(), d.gateway("gw-a"), d.gateway("gw-b"));
+    let (mut w, _) = public_v2(&gw_b).await;
+    w.own_connect().await;
+    let (mut a, _) = public_v2(&gw_a).await;
+    a.own_connect().await;
+    w.recv_until("connect", |v| is(v, "connect", &a.id)).await;
+    let mut everyone = BTreeSet::from([w.id.clone(), a.id.clone()]);
+    let mut newcomers = Vec::new();
+
+    for how in ["SIGKILL", "SIGTERM"] {
+        if how == "SIGKILL" {
+            presence.svc.kill();
+        } else {
+            let status = presence.svc.terminate().await;
+            assert!(
+                status.success(),
+                "presence exits cleanly on SIGTERM: {status}"
+            );
+        }
+        // A client joins gateway A while presence is down.
+        let (mut n, _) = public_v2(&gw_a).await;
+        tokio::time::sleep(Duration::from_millis(HEARTBEAT_MS * 2)).await;
+        presence.start_again().await;
+
+        // Every page learns of it, its own too, and nobody saw a
+        // disconnect.
+        let mut seen = w.collect_until(WAIT, |v| is(v, "connect", &n.id)).await;
+        seen.extend(w.collect_for(Duration::from_millis(HEARTBEAT_MS * 4)).await);
+        assert!(disconnects(&seen).is_empty(), "after {how}, W saw {seen:?}");
+        let seen_a = a.collect_until(WAIT, |v| is(v, "connect", &n.id)).await;
+        assert!(
+            disconnects(&seen_a).is_empty(),
+            "after {how}, A saw {seen_a:?}"
+        );
+        n.own_connect().await;
+        everyone.insert(n.id.clone());
+        for gw in [&gw_a, &gw_b] {
+            assert_eq!(
+                gw.roster_ids().await,
+                everyone,
+                "the roster is whole after {how}"
+            );
+        }
+        // Events flow again.
+        a.rename(how).await;
+        let rename = w
+            .recv_until("change_name", |v| is(v, "change_name", &a.id))
+            .await;
+        assert_eq!(rename["name"], how);
+        newcomers.push(n);
+    }
+}
+
+#[tokio::test]
+async fn two_presence_replicas_broadcast_once_and_fail_over() {
+    let d = Deployment::new().await;
+    let (p1, p2, gw_a, gw_b) = tokio::join!(
+        d.presence(),
+        d.presence(),
+        d.gateway("gw-a"),
+        d.gateway("gw-b")
+    );
+    let mut replicas = [p1, p2];
+    let active = "pingapp_presence_active";
+    eventually(WAIT, "exactly one replica is active", || async {
+        replicas[0].metric(active).await + replicas[1].metric(active).await == 1.0
+    })
+    .await;
+
+    let (mut w, _) = public_v2(&gw_b).await;
+    w.own_connect().await;
+    let (mut x, _) = public_v2(&gw_a).await;
+    x.rename("Xavier").await;
+    x.delay(42.0, 1).await;
+    let mut seen = w
+        .collect_until(WAIT, |v| {
+            v["command"] == "delays" && v["delay_times"].get(&x.id).is_some()
+        })
+        .await;
+    seen.extend(w.collect_for(Duration::from_secs(1)).await);
+    let count = |command: &str| {
+        seen.iter()
+            .filter(|v| {
+                v["command"] == command
+                    && (v["channel_name"] == x.id.as_str() || v["delay_times"].get(&x.id).is_some())
+            })
+            .count()
+    };
+    assert_eq!(count("connect"), 1, "one connect broadcast: {seen:?}");
+    assert_eq!(count("change_name"), 1, "one rename broadcast: {seen:?}");
+    assert_eq!(count("delays"), 1, "one delay update: {seen:?}");
+
+    // Kill the active replica: the other takes over.
+    let leader = if replicas[0].metric(active).await == 1.0 {
+        0
+    } else {
+        1
+    };
+    replicas[leader].svc.kill();
+    let killed = Instant::now();
+    let survivor = &replicas[1 - leader];
+    let (mut y, _) = public_v2(&gw_a).await;
+    w.recv_until("connect", |v| is(v, "connect", &y.id)).await;
+    y.own_connect().await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "events flow again {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(survivor.metric(active).await, 1.0, "the survivor is active");
+    y.rename("Yolanda").await;
+    let mut seen = w.collect_until(WAIT, |v| is(v, "change_name", &y.id)).await;
+    seen.extend(w.collect_for(Duration::from_millis(500)).await);
+    let renames = seen.iter().filter(|v| is(v, "change_name", &y.id)).count();
+    assert_eq!(
+        renames, 1,
+        "one rename broadcast after the failover: {seen:?}"
+    );
+    assert!(disconnects(&seen).is_empty(), "no disconnect: {seen:?}");
+    x.rename("Xavier II").await;
+}
+
+#[tokio::test]
+async fn services_drain_within_their_grace_period_while_nats_is_down() {
+    let mut d = Deployment::new().await;
+    let (mut presence, mut recorder, mut gw) =
+        tokio::join!(d.presence(), d.recorder(), d.gateway("gw-a"));
+    let mut c = private_v2(&gw).await;
+    c.delay(5.0, 0).await;
+    d.nats.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The gateway's bound: its connections' drain (3 s), its batches'
+    // retries (3 s more), the final flush (2 s).
+    for node in [&mut gw, &mut presence, &mut recorder] {
+        let started = Instant::now();
+        let status = node.svc.terminate().await;
+        let took = started.elapsed();
+        println!(
+            "{} exited ({status}) {took:?} after SIGTERM",
+            node.svc.label()
+        );
+        assert!(status.success(), "{}: {status}", node.svc.label());
+        assert!(
+            took < Duration::from_secs(10),
+            "{} took {took:?} to drain",
+            node.svc.label()
+        );
+    }
+}
