@@ -547,8 +547,20 @@ async fn sigterm_drains_clients_with_1012_and_keeps_every_sample() {
 #[tokio::test]
 async fn readiness_metrics_and_pages() {
     let server = Server::start(&[]);
-    let ready = reqwest::get(server.admin_url("/readyz")).await.unwrap();
-    assert_eq!(ready.status(), 200);
+    // 503 while starting, then 200 once every part is up.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = reqwest::get(server.admin_url("/readyz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "ready within 5 s of start");
     assert_eq!(
         reqwest::get(server.admin_url("/livez"))
             .await
