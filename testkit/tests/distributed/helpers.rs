@@ -40,6 +40,8 @@ pub struct Deployment {
     pub prefix: String,
     /// The database the recorder writes to.
     pub db_url: String,
+    /// Extra environment of every service started.
+    pub env: Vec<(String, String)>,
     _db: Option<Database>,
 }
 
@@ -51,8 +53,23 @@ impl Deployment {
             nats,
             prefix: unique_prefix(),
             db_url: db.url.clone(),
+            env: Vec::new(),
             _db: Some(db),
         }
+    }
+
+    /// The same deployment, with `key=value` in every service's environment.
+    pub fn with_env(mut self, key: &str, value: &str) -> Deployment {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    fn command(&self, name: &str) -> testkit::ServiceBuilder {
+        let mut b = Service::command(name);
+        for (k, v) in &self.env {
+            b = b.env(k, v);
+        }
+        b
     }
 
     /// NATS and the given database (e.g. on a [`testkit::PgCluster`]).
@@ -61,6 +78,7 @@ impl Deployment {
             nats: NatsServer::start().await,
             prefix: unique_prefix(),
             db_url,
+            env: Vec::new(),
             _db: None,
         }
     }
@@ -68,7 +86,8 @@ impl Deployment {
     /// Starts the gateway `id` and waits until it is ready.
     pub async fn gateway(&self, id: &str) -> Node {
         let (listen, admin) = (free_addr(), free_addr());
-        let svc = Service::command("gateway")
+        let svc = self
+            .command("gateway")
             .label(format!("gateway {id}"))
             .args(["--listen", &listen.to_string()])
             .args(["--admin-listen", &admin.to_string()])
@@ -85,7 +104,8 @@ impl Deployment {
     /// Starts a presence replica and waits until it is ready.
     pub async fn presence(&self) -> Node {
         let admin = free_addr();
-        let svc = Service::command("presence")
+        let svc = self
+            .command("presence")
             .args(["--admin-listen", &admin.to_string()])
             .args(["--nats-url", &self.nats.url()])
             .args(["--subject-prefix", &self.prefix])
@@ -104,7 +124,8 @@ impl Deployment {
     /// each insert, and waits until it is ready.
     pub async fn recorder_with_batch_wait(&self, batch_wait_ms: u64) -> Node {
         let admin = free_addr();
-        let svc = Service::command("recorder")
+        let svc = self
+            .command("recorder")
             .args(["--admin-listen", &admin.to_string()])
             .args(["--nats-url", &self.nats.url()])
             .args(["--database-url", &self.db_url])

@@ -523,3 +523,167 @@ async fn services_drain_within_their_grace_period_while_nats_is_down() {
         );
     }
 }
+
+/// Spans an OTLP/HTTP (JSON) sink received: (service name, trace id, span name).
+type Spans = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+/// A minimal OTLP/HTTP trace receiver on a random port.
+async fn otlp_sink() -> (std::net::SocketAddr, Spans) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let spans: Spans = Default::default();
+    let sink = spans.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16384];
+                loop {
+                    let Ok(n) = sock.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
+                    for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+                        let service = rs["resource"]["attributes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|a| a["key"] == "service.name")
+                            .and_then(|a| a["value"]["stringValue"].as_str())
+                            .unwrap_or_default()
+                            .to_owned();
+                        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                            for span in ss["spans"].as_array().into_iter().flatten() {
+                                sink.lock().unwrap().push((
+                                    service.clone(),
+                                    span["traceId"].as_str().unwrap_or_default().to_owned(),
+                                    span["name"].as_str().unwrap_or_default().to_owned(),
+                                ));
+                            }
+                        }
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                    let _ = sock.write_all(ok).await;
+                    buf.drain(..end + 4 + len);
+                }
+            });
+        }
+    });
+    (addr, spans)
+}
+
+/// The metric families `docs/metrics.md` documents for `service`.
+fn documented_families(service: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .expect("docs/metrics.md");
+    let prefix = format!("| `pingapp_{service}_");
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|name| format!("| `{name}").starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_service_exposes_its_metrics_and_traces_cross_the_bus() {
+    let (sink, spans) = otlp_sink().await;
+    let endpoint = format!("http://{sink}");
+    let d = Deployment::new()
+        .await
+        .with_env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .with_env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+        .with_env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let presence = d.presence().await;
+    let recorder = d.recorder().await;
+    let gw = d.gateway("gw-a").await;
+
+    // Traffic through every service: pings, samples, a rename, an error,
+    // history and statistics queries.
+    let (mut c, _) = public_v2(&gw).await;
+    c.own_connect().await;
+    c.ping_within(1, WAIT).await.expect("pong");
+    c.delay(3.5, 1).await;
+    c.rename("metrics").await;
+    c.send(json!({"command":"dance"})).await;
+    c.recv_until("error", |_| true).await;
+    let path = format!("/api/clients/{}/samples", c.id);
+    eventually(WAIT, "the sample is stored", || async {
+        let (status, body) = gw.get_json(&path, None).await;
+        status == 200 && body["samples"].as_array().is_some_and(|s| !s.is_empty())
+    })
+    .await;
+    assert_eq!(
+        gw.get_json("/api/stats?window=1h&bucket=1m", None).await.0,
+        200
+    );
+
+    for (node, service) in [
+        (&gw, "gateway"),
+        (&presence, "presence"),
+        (&recorder, "recorder"),
+    ] {
+        let families = documented_families(service);
+        assert!(families.len() >= 10, "{service}: {families:?}");
+        let text = reqwest::get(format!("http://{}/metrics", node.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for f in families {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("# TYPE {f} "))),
+                "{service} does not expose the documented {f}"
+            );
+        }
+    }
+
+    // One trace from the gateway's span into the recorder's, through NATS
+    // headers, for a sample batch and for a history query.
+    let shared_trace = |a: &str, b: &str| {
+        let spans = spans.lock().unwrap();
+        spans.iter().any(|(svc, t, n)| {
+            svc == "gateway"
+                && n == a
+                && !t.is_empty()
+                && spans
+                    .iter()
+                    .any(|(svc2, t2, n2)| svc2 == "recorder" && n2 == b && t2 == t)
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    while !(shared_trace("gateway.persist_batch", "recorder.record_batch")
+        && shared_trace("gateway.api.samples", "recorder.query"))
+    {
+        let seen: Vec<(String, String)> = spans
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(s, _, n)| (s.clone(), n.clone()))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "no trace joins gateway and recorder; spans seen: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
