@@ -88,7 +88,14 @@ impl Connection {
     async fn run(&mut self, mut socket: WebSocket) -> u16 {
         let shared = self.shared.clone();
         let args = &shared.args;
-        let (out_tx, mut out_rx) = mpsc::channel::<Utf8Bytes>(args.outbound_queue as usize);
+        // Only public clients get broadcasts: a private one allocates no
+        // queue (a tokio channel costs about 1.5 KiB before its first frame).
+        let (out_tx, mut out_rx) = if self.public() {
+            let (tx, rx) = mpsc::channel::<Utf8Bytes>(args.outbound_queue as usize);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let token = self.v2().then(new_token);
         let now_ms = services::unix_ms();
 
@@ -103,7 +110,7 @@ impl Connection {
             }))
             .await;
 
-        if self.public() {
+        if let Some(out_tx) = out_tx {
             self.hub_key = Some(shared.hub.register(self.v2(), out_tx, self.kick.clone()));
             let me = RosterClient {
                 channel_name: self.id.clone(),
@@ -123,8 +130,6 @@ impl Connection {
                     Some(GatewayUpdate::Connect { client: me })
                 })
                 .await;
-        } else {
-            drop(out_tx);
         }
 
         if let Some(token) = token {
@@ -159,7 +164,7 @@ impl Connection {
     async fn main_loop(
         &mut self,
         socket: &mut WebSocket,
-        out_rx: &mut mpsc::Receiver<Utf8Bytes>,
+        out_rx: &mut Option<mpsc::Receiver<Utf8Bytes>>,
     ) -> Ending {
         let shared = self.shared.clone();
         let args = &shared.args;
@@ -308,14 +313,15 @@ impl Connection {
                         }
                     }
                 }
-                frame = out_rx.recv(), if queue_open => match frame {
+                frame = recv_queued(out_rx), if queue_open => match frame {
                     Some(frame) => {
+                        let rx = out_rx.as_mut().expect("a frame came from the queue");
                         // Write whatever else is queued too, with one flush:
                         // bursts (a crowd joining) cost one syscall, not many.
-                        let mut batch = Vec::with_capacity(out_rx.len() + 1);
+                        let mut batch = Vec::with_capacity(rx.len() + 1);
                         batch.push(frame);
                         while batch.len() < MAX_WRITE_BATCH {
-                            match out_rx.try_recv() {
+                            match rx.try_recv() {
                                 Ok(f) => batch.push(f),
                                 Err(_) => break,
                             }
@@ -447,6 +453,14 @@ impl Connection {
             _ = self.kick.cancelled() => false,
             _ = self.shared.shutdown.cancelled() => false,
         }
+    }
+}
+
+/// The next queued broadcast; never resolves for a client without a queue.
+async fn recv_queued(rx: &mut Option<mpsc::Receiver<Utf8Bytes>>) -> Option<Utf8Bytes> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

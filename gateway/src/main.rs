@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use gateway::{Gateway, GatewayArgs, GatewayConfig};
-use services::admin::{self, Readiness};
+use services::admin::{AdminServer, Readiness};
 use services::bus::nats::NatsBus;
 use services::config::{LogArgs, parse, parse_nats_url, parse_subject_prefix};
 use services::subjects::Subjects;
@@ -48,16 +48,9 @@ async fn main() -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let readiness = Readiness::new();
     let shutdown = services::shutdown::on_signal();
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+    let admin = AdminServer::start(args.admin_listen, registry.clone(), readiness.clone())
         .await
         .with_context(|| format!("binding admin listener {}", args.admin_listen))?;
-    let admin_stop = tokio_util::sync::CancellationToken::new();
-    let admin = tokio::spawn(admin::serve(
-        admin_listener,
-        registry.clone(),
-        readiness.clone(),
-        admin_stop.clone(),
-    ));
     let bus = NatsBus::connect(&args.nats_url, &format!("gateway-{gateway_id}")).await?;
     let cfg = GatewayConfig {
         args: args.gateway,
@@ -68,7 +61,6 @@ async fn main() -> anyhow::Result<()> {
     let gateway = Gateway::build(cfg, Arc::new(bus), &registry, readiness).await?;
     tracing::info!(addr = %gateway.local_addr(), "gateway listening");
     gateway.run(shutdown).await?;
-    admin_stop.cancel();
-    let _ = admin.await;
+    admin.stop().await;
     Ok(())
 }

@@ -11,7 +11,7 @@ use clap::Parser;
 use gateway::{Gateway, GatewayArgs, GatewayConfig};
 use presence::{Presence, PresenceConfig};
 use recorder::{Recorder, RecorderConfig};
-use services::admin::{self, Readiness};
+use services::admin::{AdminServer, Readiness};
 use services::bus::SharedBus;
 use services::bus::memory::MemoryBus;
 use services::bus::nats::NatsBus;
@@ -19,7 +19,6 @@ use services::config::{
     LogArgs, parse_database_url, parse_duration, parse_nats_url, parse_subject_prefix,
 };
 use services::subjects::Subjects;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Command-line flags of the standalone binary.
@@ -73,17 +72,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let readiness = Readiness::new();
-    let admin_listener = TcpListener::bind(args.admin_listen)
+    let admin = AdminServer::start(args.admin_listen, registry.clone(), readiness.clone())
         .await
         .with_context(|| format!("binding admin listener {}", args.admin_listen))?;
-    let admin_addr = admin_listener.local_addr()?;
-    let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(admin::serve(
-        admin_listener,
-        registry.clone(),
-        readiness.clone(),
-        admin_stop.clone(),
-    ));
+    let admin_addr = admin.local_addr();
 
     let bus: SharedBus = match &args.nats_url {
         Some(url) => Arc::new(NatsBus::connect(url, "pingapp").await?),
@@ -131,8 +123,7 @@ pub async fn run(
     let served = gateway.run(shutdown).await;
     backend.cancel();
     let (r, p) = tokio::join!(recorder, presence);
-    admin_stop.cancel();
-    let _ = admin.await;
+    admin.stop().await;
     served?;
     r.context("recorder task")??;
     p.context("presence task")??;

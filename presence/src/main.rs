@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use presence::{Presence, PresenceConfig, default_replica_id};
+use services::admin::{AdminServer, Readiness};
 use services::bus::nats::NatsBus;
 use services::config::{LogArgs, parse_nats_url, parse_subject_prefix};
-use services::{admin::Readiness, subjects::Subjects};
-use tokio_util::sync::CancellationToken;
+use services::subjects::Subjects;
 
 /// PingApp presence: the public roster across all gateways.
 #[derive(Parser)]
@@ -46,22 +46,14 @@ async fn main() -> anyhow::Result<()> {
     let args: Args = services::config::parse();
     let _telemetry = services::telemetry::init(args.log.log_format, "presence");
     let shutdown = services::shutdown::on_signal();
-    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+    let registry = prometheus::Registry::new();
+    let readiness = Readiness::new();
+    let admin = AdminServer::start(args.admin_listen, registry.clone(), readiness.clone())
         .await
         .with_context(|| format!("binding the admin listener {}", args.admin_listen))?;
     let bus = NatsBus::connect(&args.nats_url, "presence")
         .await
         .context("connecting to NATS")?;
-
-    let registry = prometheus::Registry::new();
-    let readiness = Readiness::new();
-    let admin_stop = CancellationToken::new();
-    let admin_task = tokio::spawn(services::admin::serve(
-        admin,
-        registry.clone(),
-        readiness.clone(),
-        admin_stop.clone(),
-    ));
 
     let mut cfg = PresenceConfig::new(Subjects::new(&args.subject_prefix));
     cfg.replica_id = args.replica_id.unwrap_or_else(default_replica_id);
@@ -73,7 +65,6 @@ async fn main() -> anyhow::Result<()> {
     // Presence stops at once on the signal; readiness turns 503 right after.
     presence.run(shutdown).await?;
     readiness.set_draining();
-    admin_stop.cancel();
-    let _ = admin_task.await;
+    admin.stop().await;
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use services::admin::AdminServer;
 use services::bus::SharedBus;
 use services::bus::nats::NatsBus;
 use services::config::{
@@ -55,7 +56,9 @@ async fn main() -> anyhow::Result<()> {
     let args: Args = services::config::parse();
     let _telemetry = services::telemetry::init(args.log.log_format, "recorder");
     let shutdown = services::shutdown::on_signal();
-    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+    let registry = prometheus::Registry::new();
+    let readiness = services::admin::Readiness::new();
+    let admin = AdminServer::start(args.admin_listen, registry.clone(), readiness.clone())
         .await
         .with_context(|| format!("binding the admin listener {}", args.admin_listen))?;
     let bus = NatsBus::connect(&args.nats_url, "recorder")
@@ -65,17 +68,8 @@ async fn main() -> anyhow::Result<()> {
     let bus: SharedBus = std::sync::Arc::new(bus);
     let store =
         recorder::store::connect_retrying(&args.database_url, Duration::from_secs(60)).await?;
-    let registry = prometheus::Registry::new();
-    let readiness = services::admin::Readiness::new();
     let b = bus.clone();
     readiness.add_check("nats", move || b.is_connected());
-    let stop_admin = tokio_util::sync::CancellationToken::new();
-    let admin = tokio::spawn(services::admin::serve(
-        admin,
-        registry.clone(),
-        readiness.clone(),
-        stop_admin.clone(),
-    ));
     let mut cfg =
         recorder::RecorderConfig::new(services::subjects::Subjects::new(&args.subject_prefix));
     cfg.retention = args.retention;
@@ -90,7 +84,6 @@ async fn main() -> anyhow::Result<()> {
         r.set_draining();
     });
     recorder.run(shutdown).await?;
-    stop_admin.cancel();
-    let _ = admin.await;
+    admin.stop().await;
     Ok(())
 }

@@ -141,6 +141,44 @@ pub async fn serve(
     }
 }
 
+/// A running admin listener: started before anything else, so `/readyz`
+/// answers 503 while a service starts, and stopped last, so it answers
+/// 503 throughout the drain.
+pub struct AdminServer {
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminServer {
+    /// Binds `addr` and serves the admin routes.
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn start(
+        addr: std::net::SocketAddr,
+        registry: Registry,
+        readiness: Readiness,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, registry, readiness, stop.clone()));
+        Ok(Self { addr, stop, task })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and waits for the listener to close.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
