@@ -37,6 +37,11 @@ struct Args {
     /// The leader lease lapses this long after its last renewal, ms.
     #[arg(long, env = "PINGAPP_LEASE_TTL_MS", default_value_t = 6000, value_parser = clap::value_parser!(u64).range(300..))]
     lease_ttl_ms: u64,
+    /// After start, clients learned from heartbeats are added silently for
+    /// this long (the pages still have them), ms. Set it a little above the
+    /// gateways' heartbeat interval.
+    #[arg(long, env = "PINGAPP_WARMUP_MS", default_value_t = 2500, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    warmup_ms: u64,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -59,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.replica_id = args.replica_id.unwrap_or_else(default_replica_id);
     cfg.roster_tick = Duration::from_millis(args.roster_tick_ms);
     cfg.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
+    cfg.warmup = Duration::from_millis(args.warmup_ms);
     let presence = Presence::build(cfg, Arc::new(bus), &registry, readiness.clone()).await?;
     readiness.set_started();
 
