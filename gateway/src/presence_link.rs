@@ -17,8 +17,11 @@ use crate::state::Shared;
 /// Sends one `Delays` report per roster tick with the clients whose delay
 /// changed; nothing when none did.
 pub async fn roster_ticks(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.args.roster_tick());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Just before presence's tick (both on wall-clock boundaries), so a
+    // delay reaches pages within one tick plus the lead.
+    let period = shared.args.roster_tick();
+    let lead = (period / 10).min(Duration::from_millis(40));
+    let mut tick = services::aligned_interval(period, period - lead);
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,

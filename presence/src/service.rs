@@ -163,7 +163,8 @@ impl Presence {
 
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut tick = tokio::time::interval(cfg.roster_tick);
+        // On wall-clock boundaries: gateways send their reports just before.
+        let mut tick = services::aligned_interval(cfg.roster_tick, Duration::ZERO);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut snapshots =
             tokio::time::interval_at(start + cfg.snapshot_interval, cfg.snapshot_interval);
