@@ -64,9 +64,10 @@ impl Protocol {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "loadgen", version, about, long_about = None)]
 pub struct Args {
-    /// Target base URL; takes precedence over --url
+    /// Target base URLs; take precedence over --url. With several, client i
+    /// connects to URL number i mod count (round robin), e.g. one per gateway
     #[arg(value_name = "URL")]
-    pub target: Option<String>,
+    pub targets: Vec<String>,
 
     /// Target base URL; clients connect to {url}/ws/{page}/ (ws:// or http://)
     #[arg(long, env = "PINGAPP_URL", default_value = "ws://127.0.0.1:8000")]
@@ -115,6 +116,12 @@ pub struct Args {
     /// records how long the change_name broadcast took to arrive
     #[arg(long, env = "PINGAPP_MEASURE_BROADCAST", value_parser = BoolishValueParser::new())]
     pub measure_broadcast: bool,
+
+    /// Public page, v2: every client reports its send time (Unix ms modulo
+    /// 60 s) as its delay_time, and a few observer clients record how long
+    /// each value took to show up in a `delays` frame
+    #[arg(long, env = "PINGAPP_MEASURE_DELAYS", value_parser = BoolishValueParser::new())]
+    pub measure_delays: bool,
 }
 
 /// A setting that parses but makes no sense.
@@ -140,13 +147,18 @@ pub enum ConfigError {
     /// `--measure-broadcast` was asked for on the private page.
     #[error("--measure-broadcast needs --page public (private clients get no broadcasts)")]
     BroadcastNeedsPublic,
+    /// `--measure-delays` was asked for without public v2 clients that send
+    /// `delay_time`.
+    #[error("--measure-delays needs --page public, --protocol 2 and --send-delay")]
+    DelaysNeedPublicV2,
 }
 
 /// Validated settings of one run; see [`Args`] for what each one means.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Base URL without a trailing slash, e.g. `ws://127.0.0.1:8000`.
-    pub base_url: String,
+    /// Base URLs without a trailing slash, e.g. `ws://127.0.0.1:8000`; at
+    /// least one. Client `i` uses number `i % base_urls.len()`.
+    pub base_urls: Vec<String>,
     /// Number of simulated clients.
     pub clients: u32,
     /// Page the clients open.
@@ -167,6 +179,8 @@ pub struct Config {
     pub send_delay: bool,
     /// Measure `change_name` broadcast delivery latency.
     pub measure_broadcast: bool,
+    /// Measure how late `delay_time` values show up in `delays` frames.
+    pub measure_delays: bool,
     /// Print a progress line to stderr every second.
     pub progress: bool,
 }
@@ -178,8 +192,15 @@ impl Args {
     ///
     /// Returns the first [`ConfigError`] found.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let url = self.target.unwrap_or(self.url);
-        let base_url = normalize_base_url(&url)?;
+        let urls = if self.targets.is_empty() {
+            vec![self.url]
+        } else {
+            self.targets
+        };
+        let base_urls = urls
+            .iter()
+            .map(|url| normalize_base_url(url))
+            .collect::<Result<Vec<_>, _>>()?;
         if !(self.rate.is_finite() && (0.0..=MAX_RATE).contains(&self.rate)) {
             return Err(ConfigError::Rate(self.rate));
         }
@@ -192,8 +213,14 @@ impl Args {
         if self.measure_broadcast && self.page != Page::Public {
             return Err(ConfigError::BroadcastNeedsPublic);
         }
+        let send_delay = self.send_delay.unwrap_or(self.page == Page::Public);
+        if self.measure_delays
+            && (self.page != Page::Public || self.protocol != Protocol::V2 || !send_delay)
+        {
+            return Err(ConfigError::DelaysNeedPublicV2);
+        }
         Ok(Config {
-            base_url,
+            base_urls,
             clients: self.clients,
             page: self.page,
             protocol: self.protocol,
@@ -202,22 +229,31 @@ impl Args {
             ramp: self.ramp,
             idle: self.idle,
             json: self.json,
-            send_delay: self.send_delay.unwrap_or(self.page == Page::Public),
+            send_delay,
             measure_broadcast: self.measure_broadcast,
+            measure_delays: self.measure_delays,
             progress: true,
         })
     }
 }
 
 impl Config {
-    /// The endpoint every client connects to: `{base}/ws/{page}/`, plus
+    /// The endpoint of the first base URL: `{base}/ws/{page}/`, plus
     /// `?v=2` for protocol 2.
     pub fn ws_url(&self) -> String {
+        self.ws_urls().swap_remove(0)
+    }
+
+    /// The endpoints of every base URL, in order (see [`Config::ws_url`]).
+    pub fn ws_urls(&self) -> Vec<String> {
         let query = match self.protocol {
             Protocol::V1 => "",
             Protocol::V2 => "?v=2",
         };
-        format!("{}/ws/{}/{query}", self.base_url, self.page.as_str())
+        self.base_urls
+            .iter()
+            .map(|base| format!("{base}/ws/{}/{query}", self.page.as_str()))
+            .collect()
     }
 }
 
@@ -265,6 +301,7 @@ mod tests {
         assert!((config.ramp - 500.0).abs() < f64::EPSILON);
         assert!(!config.send_delay);
         assert!(!config.idle && !config.json && !config.measure_broadcast);
+        assert!(!config.measure_delays);
     }
 
     #[test]
@@ -290,6 +327,33 @@ mod tests {
         assert_eq!(config.ws_url(), "ws://h:1/ws/public/?v=2");
         assert!(!config.send_delay);
         assert!(parse(&["--send-delay"]).unwrap().send_delay);
+    }
+
+    #[test]
+    fn several_targets_in_order() {
+        let config = parse(&["ws://a:1", "http://b:2/", "--page", "public"]).unwrap();
+        assert_eq!(
+            config.ws_urls(),
+            ["ws://a:1/ws/public/?v=2", "ws://b:2/ws/public/?v=2"]
+        );
+        assert_eq!(config.ws_url(), "ws://a:1/ws/public/?v=2");
+        assert!(matches!(
+            parse(&["ws://a:1", "wss://b:2"]),
+            Err(ConfigError::Url { .. })
+        ));
+        assert!(
+            parse(&["--page", "public", "--measure-delays"])
+                .unwrap()
+                .measure_delays
+        );
+        assert_eq!(
+            parse(&["--measure-delays"]),
+            Err(ConfigError::DelaysNeedPublicV2)
+        );
+        assert_eq!(
+            parse(&["--page", "public", "--protocol", "1", "--measure-delays"]),
+            Err(ConfigError::DelaysNeedPublicV2)
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! when the run stops.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,7 +20,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
 
 use crate::cli::Protocol;
-use crate::runner::{CLOSE_TIMEOUT, CONNECT_TIMEOUT, DRAIN, PING_TIMEOUT, RENAME_INTERVAL, Shared};
+use crate::runner::{
+    CLOSE_TIMEOUT, CONNECT_TIMEOUT, DELAY_OBSERVERS, DRAIN, PING_TIMEOUT, RENAME_INTERVAL, Shared,
+};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -44,6 +46,9 @@ const RENAME_PREFIX: &str = "lg-";
 /// Fractional part of the golden ratio: spreads the clients' first pings
 /// evenly over one interval so they do not fire in lockstep.
 const GOLDEN: f64 = 0.618_033_988_749_894_9;
+/// With `--measure-delays`, `delay_time` is the send time in Unix µs modulo
+/// this (60 s, the highest delay the server accepts), sent as ms.
+const DELAY_CLOCK_US: u64 = 60_000_000;
 
 /// Client-side WebSocket buffers: small, since 10,000 clients of the
 /// default 128 KiB read buffer would need over a gigabyte.
@@ -62,6 +67,21 @@ struct Incoming<'a> {
     seq: Option<u64>,
     #[serde(borrow)]
     name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channel_name: Option<Cow<'a, str>>,
+}
+
+/// A `delays` frame, parsed only by delay observers.
+#[derive(Deserialize)]
+struct DelaysFrame<'a> {
+    #[serde(borrow)]
+    delay_times: HashMap<Cow<'a, str>, DelayEntry>,
+}
+
+#[derive(Deserialize)]
+struct DelayEntry {
+    /// A number, or `"-"` for a client without a sample.
+    delay_time: serde_json::Value,
 }
 
 /// Frames received by one client, by command.
@@ -111,9 +131,10 @@ enum Outcome {
 /// Connects client `index` and drives it until the run stops or the server
 /// drops it. Every outcome ends up in `shared`'s counters.
 pub(crate) async fn run(index: u32, shared: Arc<Shared>) {
+    let target = index as usize % shared.urls.len();
     let connect = timeout(
         CONNECT_TIMEOUT,
-        connect_async_with_config(shared.url.as_str(), Some(client_ws_config()), true),
+        connect_async_with_config(shared.urls[target].as_str(), Some(client_ws_config()), true),
     );
     let connected = tokio::select! {
         biased;
@@ -132,7 +153,7 @@ pub(crate) async fn run(index: u32, shared: Arc<Shared>) {
     };
     shared.connected();
 
-    let mut client = Client::new(index, Arc::clone(&shared));
+    let mut client = Client::new(index, target, Arc::clone(&shared));
     match client.drive(&mut ws).await {
         Outcome::Stopped => {
             let _ = timeout(CLOSE_TIMEOUT, async {
@@ -165,6 +186,14 @@ struct Client {
     pinging: bool,
     send_delay: bool,
     measure_broadcast: bool,
+    /// Index of the endpoint this client connected to.
+    target: usize,
+    /// Send the send time as `delay_time` (`--measure-delays`).
+    clock_delays: bool,
+    /// Parse `delays` frames and record their latency.
+    delay_observer: bool,
+    /// Own id, from `welcome`.
+    channel_name: Option<String>,
     /// Time between pings; `None` for closed loop.
     interval: Option<Duration>,
     seq: u64,
@@ -178,7 +207,7 @@ struct Client {
 }
 
 impl Client {
-    fn new(index: u32, shared: Arc<Shared>) -> Self {
+    fn new(index: u32, target: usize, shared: Arc<Shared>) -> Self {
         let config = &shared.config;
         let now = Instant::now();
         let interval = (config.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / config.rate));
@@ -188,11 +217,18 @@ impl Client {
                 .renamer_claimed
                 .compare_exchange(false, true, Relaxed, Relaxed)
                 .is_ok();
+        if renamer {
+            shared.renamer_target.store(target, Relaxed);
+        }
         Self {
             v2: config.protocol == Protocol::V2,
             pinging: !config.idle,
             send_delay: config.send_delay,
             measure_broadcast: config.measure_broadcast,
+            target,
+            clock_delays: config.measure_delays,
+            delay_observer: config.measure_delays && index < DELAY_OBSERVERS,
+            channel_name: None,
             interval,
             seq: 0,
             in_flight: None,
@@ -339,9 +375,14 @@ impl Client {
                     .and_then(|name| name.strip_prefix(RENAME_PREFIX))
                     .and_then(|micros| micros.parse::<u64>().ok());
                 if let Some(sent_micros) = sent_micros {
+                    let same = self.shared.renamer_target.load(Relaxed) == self.target;
                     self.shared
-                        .record_broadcast(unix_micros().saturating_sub(sent_micros));
+                        .record_broadcast(unix_micros().saturating_sub(sent_micros), same);
                 }
+            }
+            "welcome" => self.channel_name = frame.channel_name.map(Cow::into_owned),
+            "delays" if self.delay_observer && self.shared.in_window() => {
+                self.on_delays(text);
             }
             "error" => {
                 self.shared.counters.server_errors.fetch_add(1, Relaxed);
@@ -376,7 +417,11 @@ impl Client {
             self.next_ping = received_at;
         }
         if self.send_delay && self.stopping.is_none() {
-            let ms = rtt.as_secs_f64() * 1000.0;
+            let ms = if self.clock_delays {
+                (unix_micros() % DELAY_CLOCK_US) as f64 / 1000.0
+            } else {
+                rtt.as_secs_f64() * 1000.0
+            };
             // The original pages send whole milliseconds; v2 pages send the
             // fraction and the seq of the ping it belongs to.
             let text = if self.v2 {
@@ -391,6 +436,33 @@ impl Client {
         }
         ControlFlow::Continue(())
     }
+}
+
+impl Client {
+    /// Records, for every other client's value in a `delays` frame, how long
+    /// ago it was sent (the value is its send time, see `DELAY_CLOCK_US`).
+    fn on_delays(&self, text: &str) {
+        let Ok(frame) = serde_json::from_str::<DelaysFrame<'_>>(text) else {
+            return;
+        };
+        let now = unix_micros() % DELAY_CLOCK_US;
+        for (id, entry) in &frame.delay_times {
+            if self.channel_name.as_deref() == Some(id.as_ref()) {
+                continue;
+            }
+            if let Some(sent) = entry.delay_time.as_f64() {
+                self.shared.record_delay(delay_age(now, sent));
+            }
+        }
+    }
+}
+
+/// Microseconds from `sent_ms` (a `delay_time` holding a send time modulo
+/// 60 s, in ms) to `now_us` (modulo 60 s, in µs), across the wrap.
+fn delay_age(now_us: u64, sent_ms: f64) -> u64 {
+    let sent_us = (sent_ms * 1000.0).round() as i64;
+    let clock = DELAY_CLOCK_US as i64;
+    (now_us as i64 - sent_us).rem_euclid(clock) as u64
 }
 
 /// Sends a text frame; a failed or stalled write ends the connection.
@@ -427,6 +499,19 @@ mod tests {
         assert_eq!(map["x0"], 2);
         assert_eq!(map["_other"], 5);
         assert!(!map.contains_key("roster"));
+    }
+
+    #[test]
+    fn delay_ages_wrap_around_the_minute() {
+        assert_eq!(delay_age(1_500_000, 1000.0), 500_000);
+        assert_eq!(delay_age(100_000, 59_900.0), 200_000);
+        assert_eq!(delay_age(2_000, 1.5), 500);
+        let frame: DelaysFrame<'_> = serde_json::from_str(
+            r#"{"command":"delays","delay_times":{"a":{"delay_time":12.5,"median":1},"b":{"delay_time":"-"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(frame.delay_times["a"].delay_time.as_f64(), Some(12.5));
+        assert_eq!(frame.delay_times["b"].delay_time.as_f64(), None);
     }
 
     #[test]

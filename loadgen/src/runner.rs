@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::cli::Config;
 use crate::client;
 use crate::summary::{
-    BroadcastStats, ErrorCounts, LatencyStats, Summary, new_histogram, per_second,
+    BroadcastStats, DelayStats, ErrorCounts, LatencyStats, Summary, new_histogram, per_second,
 };
 
 /// A ping with no pong for this long counts as a timeout.
@@ -32,6 +32,9 @@ pub(crate) const DRAIN: Duration = Duration::from_secs(2);
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the designated client renames itself with `--measure-broadcast`.
 pub(crate) const RENAME_INTERVAL: Duration = Duration::from_secs(1);
+/// With `--measure-delays`, clients `0..DELAY_OBSERVERS` (spread over the
+/// targets like every client) parse `delays` frames and record latencies.
+pub(crate) const DELAY_OBSERVERS: u32 = 16;
 
 /// Live counters, updated by every client and read by the progress line and
 /// the summary. Relaxed ordering: each is an independent tally.
@@ -60,8 +63,10 @@ pub(crate) struct Counters {
 /// State shared by the runner and every client task.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    /// The endpoint, computed once.
+    /// The first endpoint, for messages.
     pub(crate) url: String,
+    /// Every endpoint; client `i` connects to `urls[i % urls.len()]`.
+    pub(crate) urls: Vec<String>,
     /// Cancelled when the window ends (or on a signal): clients stop
     /// pinging, drain and close.
     pub(crate) stop: CancellationToken,
@@ -70,12 +75,18 @@ pub(crate) struct Shared {
     /// Taken by the first client to connect when measuring broadcasts: it is
     /// the one that renames itself.
     pub(crate) renamer_claimed: AtomicBool,
+    /// Index into `urls` of the renamer's endpoint; `usize::MAX` until claimed.
+    pub(crate) renamer_target: AtomicUsize,
     pub(crate) counters: Counters,
     /// Woken by the client whose attempt completes the ramp.
     all_attempted: Notify,
     connect_error_logged: AtomicBool,
     rtt: Mutex<Histogram<u64>>,
     broadcast: Mutex<Histogram<u64>>,
+    /// Broadcast latency at receivers on the renamer's endpoint / another one.
+    broadcast_same: Mutex<Histogram<u64>>,
+    broadcast_other: Mutex<Histogram<u64>>,
+    delays: Mutex<Histogram<u64>>,
     closed_by_server: Mutex<BTreeMap<u16, u64>>,
     frames: Mutex<BTreeMap<String, u64>>,
 }
@@ -88,17 +99,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn new(config: Config) -> Self {
+        let urls = config.ws_urls();
         Self {
-            url: config.ws_url(),
+            url: urls[0].clone(),
+            urls,
             config,
             stop: CancellationToken::new(),
             window_start: OnceLock::new(),
             renamer_claimed: AtomicBool::new(false),
+            renamer_target: AtomicUsize::new(usize::MAX),
             counters: Counters::default(),
             all_attempted: Notify::new(),
             connect_error_logged: AtomicBool::new(false),
             rtt: Mutex::new(new_histogram()),
             broadcast: Mutex::new(new_histogram()),
+            broadcast_same: Mutex::new(new_histogram()),
+            broadcast_other: Mutex::new(new_histogram()),
+            delays: Mutex::new(new_histogram()),
             closed_by_server: Mutex::new(BTreeMap::new()),
             frames: Mutex::new(BTreeMap::new()),
         }
@@ -145,8 +162,21 @@ impl Shared {
         lock(&self.rtt).saturating_record(micros.max(1));
     }
 
-    pub(crate) fn record_broadcast(&self, micros: u64) {
+    /// Records a rename's delivery latency at a receiver connected to
+    /// `same_target`: the renamer's endpoint, or another one.
+    pub(crate) fn record_broadcast(&self, micros: u64, same_target: bool) {
         lock(&self.broadcast).saturating_record(micros.max(1));
+        let split = if same_target {
+            &self.broadcast_same
+        } else {
+            &self.broadcast_other
+        };
+        lock(split).saturating_record(micros.max(1));
+    }
+
+    /// Records how late one `delay_time` value showed up in a `delays` frame.
+    pub(crate) fn record_delay(&self, micros: u64) {
+        lock(&self.delays).saturating_record(micros.max(1));
     }
 
     /// Called once per client when it is done: closes its gauge slot and
@@ -326,7 +356,7 @@ fn summarize(shared: &Shared, ramp_secs: f64, duration_secs: f64) -> Summary {
     };
     let pings = c.pings.load(Relaxed);
     Summary {
-        target: shared.url.clone(),
+        target: shared.urls.join(" "),
         page: config.page,
         protocol: config.protocol.number(),
         rate_per_client: config.rate,
@@ -345,6 +375,12 @@ fn summarize(shared: &Shared, ramp_secs: f64, duration_secs: f64) -> Summary {
         broadcast: config.measure_broadcast.then(|| BroadcastStats {
             renames_sent: c.renames_sent.load(Relaxed),
             latency_us: LatencyStats::from_histogram(&lock(&shared.broadcast)),
+            same_target_us: LatencyStats::from_histogram(&lock(&shared.broadcast_same)),
+            other_target_us: LatencyStats::from_histogram(&lock(&shared.broadcast_other)),
+        }),
+        delays: config.measure_delays.then(|| DelayStats {
+            observers: u64::from(config.clients.min(DELAY_OBSERVERS)),
+            latency_us: LatencyStats::from_histogram(&lock(&shared.delays)),
         }),
         frames_by_command: lock(&shared.frames).clone(),
     }

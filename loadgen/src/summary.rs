@@ -114,13 +114,30 @@ pub struct BroadcastStats {
     /// From the send time embedded in the name to its arrival, per
     /// receiving client; ideally `renames_sent` × connected clients samples.
     pub latency_us: LatencyStats,
+    /// The part of `latency_us` measured at receivers connected to the same
+    /// target URL as the renamer (e.g. the same gateway).
+    pub same_target_us: LatencyStats,
+    /// The part of `latency_us` measured at receivers connected to another
+    /// target URL than the renamer (e.g. another gateway); empty with one URL.
+    pub other_target_us: LatencyStats,
+}
+
+/// Delay update latency (`--measure-delays`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DelayStats {
+    /// Clients that parsed every `delays` frame (the first 16).
+    pub observers: u64,
+    /// From a client's `delay_time` (its send time is the value) to the
+    /// moment an observer saw that value in a `delays` frame, per value and
+    /// observer; the observer's own values are left out.
+    pub latency_us: LatencyStats,
 }
 
 /// The result of one run.
 ///
 /// JSON keys (stable, snake_case):
 ///
-/// - `target`: the endpoint URL the clients used
+/// - `target`: the endpoint URLs the clients used, separated by spaces
 /// - `page`: `"private"` or `"public"`; `protocol`: `1` or `2`
 /// - `rate_per_client`: pings per second per client, `0` = closed loop;
 ///   `idle`, `send_delay`: the flags in effect
@@ -135,7 +152,9 @@ pub struct BroadcastStats {
 /// - `errors_total` and `errors`: `{connect_failed, closed_by_server:
 ///   {CODE: n}, timeouts, unexpected_pongs, server_errors}`
 /// - `broadcast`: `null`, or with `--measure-broadcast`
-///   `{renames_sent, latency_us: {…same keys as rtt_us}}`
+///   `{renames_sent, latency_us, same_target_us, other_target_us}`, each
+///   latency with the same keys as `rtt_us`
+/// - `delays`: `null`, or with `--measure-delays` `{observers, latency_us}`
 /// - `frames_by_command`: `{COMMAND: n}` over every frame received,
 ///   including during ramp and drain; `_binary`, `_unparsed` (not JSON
 ///   with a string `command`), `_ws_ping` (WebSocket Ping control frames)
@@ -143,7 +162,7 @@ pub struct BroadcastStats {
 ///   server commands
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
-    /// Endpoint URL.
+    /// Endpoint URLs, separated by spaces.
     pub target: String,
     /// Page opened.
     pub page: Page,
@@ -177,6 +196,8 @@ pub struct Summary {
     pub errors: ErrorCounts,
     /// Broadcast delivery latency, with `--measure-broadcast`.
     pub broadcast: Option<BroadcastStats>,
+    /// Delay update latency, with `--measure-delays`.
+    pub delays: Option<DelayStats>,
     /// Frames received, by `command`.
     pub frames_by_command: BTreeMap<String, u64>,
 }
@@ -271,6 +292,15 @@ impl fmt::Display for Summary {
                 f,
                 "broadcast  {} renames; delivery µs {}",
                 broadcast.renames_sent, broadcast.latency_us
+            )?;
+            writeln!(f, "  same url µs   {}", broadcast.same_target_us)?;
+            writeln!(f, "  other url µs  {}", broadcast.other_target_us)?;
+        }
+        if let Some(delays) = &self.delays {
+            writeln!(
+                f,
+                "delays     {} observers; delay_time to delays frame µs {}",
+                delays.observers, delays.latency_us
             )?;
         }
         let frames: Vec<String> = self
@@ -385,6 +415,12 @@ mod tests {
             broadcast: Some(BroadcastStats {
                 renames_sent: 1,
                 latency_us: LatencyStats::from_histogram(&histogram([300, 400])),
+                same_target_us: LatencyStats::from_histogram(&histogram([300])),
+                other_target_us: LatencyStats::from_histogram(&histogram([400])),
+            }),
+            delays: Some(DelayStats {
+                observers: 2,
+                latency_us: LatencyStats::from_histogram(&histogram([500])),
             }),
             frames_by_command: BTreeMap::from([("pong".into(), 10)]),
         };
@@ -397,6 +433,9 @@ mod tests {
         assert!(text.contains("closed loop"), "{text}");
         assert!(text.contains("closed by server: 1×1012"), "{text}");
         assert!(text.contains("broadcast  1 renames"), "{text}");
+        assert_eq!(json["broadcast"]["other_target_us"]["max"], 400);
+        assert_eq!(json["delays"]["latency_us"]["p50"], 500);
+        assert!(text.contains("delays     2 observers"), "{text}");
         assert!(text.contains("frames     pong 10"), "{text}");
     }
 }

@@ -227,6 +227,45 @@ async fn measures_broadcast_delivery_on_the_public_page() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spreads_clients_over_several_urls_and_splits_broadcast_latency() {
+    // Two independent fake servers: a rename on the first reaches only the
+    // clients connected to the first (clients 0 and 2 of 4).
+    let first = start_fake_public(None).await;
+    let second = start_fake_public(None).await;
+    let mut flags = vec![format!("ws://{second}")];
+    flags.extend(
+        [
+            "--clients",
+            "4",
+            "--duration",
+            "2500ms",
+            "--rate",
+            "5",
+            "--page",
+            "public",
+            "--measure-broadcast",
+        ]
+        .map(str::to_owned),
+    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let summary = loadgen::run(config(&format!("ws://{first}"), &flags), never()).await;
+
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    assert_eq!(
+        summary.target,
+        format!("ws://{first}/ws/public/?v=2 ws://{second}/ws/public/?v=2")
+    );
+    let broadcast = summary.broadcast.as_ref().expect("broadcast stats");
+    assert!(broadcast.renames_sent >= 2, "{broadcast:?}");
+    assert_eq!(broadcast.other_target_us.samples, 0, "{broadcast:?}");
+    let same = broadcast.same_target_us.samples;
+    assert_eq!(same, broadcast.latency_us.samples, "{broadcast:?}");
+    assert!(same <= broadcast.renames_sent * 2, "{broadcast:?}");
+    assert!(same >= (broadcast.renames_sent - 1) * 2, "{broadcast:?}");
+    assert_eq!(summary.frames_by_command["welcome"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_connections_closed_by_the_server() {
     let addr = start_fake_public(Some(1008)).await;
     let summary = loadgen::run(
