@@ -16,6 +16,7 @@
 //! binary panics with the command that installs or builds it.
 
 mod nats;
+mod otlp;
 mod postgres;
 mod service;
 
@@ -27,6 +28,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use nats::NatsServer;
+pub use otlp::{OtlpSink, ReceivedSpan};
 pub use postgres::{Database, PgCluster, fresh_database};
 pub use service::{Service, ServiceBuilder, http_status};
 

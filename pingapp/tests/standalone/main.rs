@@ -685,71 +685,10 @@ async fn documented_metric_families_are_exposed() {
     }
 }
 
-/// A minimal OTLP/HTTP (JSON) trace sink: collects every exported span as
-/// (trace id, span name).
-async fn otlp_sink() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = spans.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                loop {
-                    let Ok(n) = sock.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map(|v| v.trim().parse().unwrap())
-                        .unwrap_or(0);
-                    if buf.len() < end + 4 + len {
-                        continue;
-                    }
-                    let body: Value = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
-                    for rs in body["resourceSpans"].as_array().into_iter().flatten() {
-                        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                            for span in ss["spans"].as_array().into_iter().flatten() {
-                                let trace = span["traceId"].as_str().unwrap_or_default().to_owned();
-                                let name = span["name"].as_str().unwrap_or_default().to_owned();
-                                sink.lock().unwrap().push((trace, name));
-                            }
-                        }
-                    }
-                    let _ = sock
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
-                        .await;
-                    buf.drain(..end + 4 + len);
-                }
-            });
-        }
-    });
-    (addr, spans)
-}
-
 #[tokio::test]
 async fn traces_run_from_the_gateway_into_the_recorder() {
-    let (sink, spans) = otlp_sink().await;
-    let endpoint = format!("http://{sink}");
+    let sink = testkit::OtlpSink::start().await;
+    let endpoint = sink.endpoint();
     let server = Server::start_with_env(
         tempfile::tempdir().unwrap(),
         &[],
@@ -765,25 +704,23 @@ async fn traces_run_from_the_gateway_into_the_recorder() {
         .await;
     wait_for_samples(&server, &format!("/api/clients/{id}/samples"), None, 1).await;
 
-    let shared_trace = |a: &str, b: &str| {
-        let spans = spans.lock().unwrap();
-        spans.iter().any(|(t, n)| {
-            n == a && !t.is_empty() && spans.iter().any(|(t2, n2)| n2 == b && t2 == t)
-        })
-    };
     for _ in 0..100 {
-        if shared_trace("gateway.persist_batch", "recorder.record_batch")
-            && shared_trace("gateway.api.samples", "recorder.query")
-        {
+        // One process: gateway and recorder share the service name.
+        if sink.share_trace(
+            "pingapp",
+            "gateway.persist_batch",
+            "pingapp",
+            "recorder.record_batch",
+        ) && sink.share_trace(
+            "pingapp",
+            "gateway.api.samples",
+            "pingapp",
+            "recorder.query",
+        ) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let names: Vec<String> = spans
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, n)| n.clone())
-        .collect();
+    let names: Vec<String> = sink.spans().into_iter().map(|s| s.name).collect();
     panic!("no shared traces between gateway and recorder; spans seen: {names:?}");
 }

@@ -524,72 +524,6 @@ async fn services_drain_within_their_grace_period_while_nats_is_down() {
     }
 }
 
-/// Spans an OTLP/HTTP (JSON) sink received: (service name, trace id, span name).
-type Spans = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
-
-/// A minimal OTLP/HTTP trace receiver on a random port.
-async fn otlp_sink() -> (std::net::SocketAddr, Spans) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let spans: Spans = Default::default();
-    let sink = spans.clone();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let sink = sink.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 16384];
-                loop {
-                    let Ok(n) = sock.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    if buf.len() < end + 4 + len {
-                        continue;
-                    }
-                    let body: serde_json::Value =
-                        serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
-                    for rs in body["resourceSpans"].as_array().into_iter().flatten() {
-                        let service = rs["resource"]["attributes"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .find(|a| a["key"] == "service.name")
-                            .and_then(|a| a["value"]["stringValue"].as_str())
-                            .unwrap_or_default()
-                            .to_owned();
-                        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                            for span in ss["spans"].as_array().into_iter().flatten() {
-                                sink.lock().unwrap().push((
-                                    service.clone(),
-                                    span["traceId"].as_str().unwrap_or_default().to_owned(),
-                                    span["name"].as_str().unwrap_or_default().to_owned(),
-                                ));
-                            }
-                        }
-                    }
-                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
-                    let _ = sock.write_all(ok).await;
-                    buf.drain(..end + 4 + len);
-                }
-            });
-        }
-    });
-    (addr, spans)
-}
-
 /// The metric families `docs/metrics.md` documents for `service`.
 fn documented_families(service: &str) -> Vec<String> {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
@@ -605,8 +539,8 @@ fn documented_families(service: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn every_service_exposes_its_metrics_and_traces_cross_the_bus() {
-    let (sink, spans) = otlp_sink().await;
-    let endpoint = format!("http://{sink}");
+    let sink = testkit::OtlpSink::start().await;
+    let endpoint = sink.endpoint();
     let d = Deployment::new()
         .await
         .with_env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
@@ -659,26 +593,22 @@ async fn every_service_exposes_its_metrics_and_traces_cross_the_bus() {
 
     // One trace from the gateway's span into the recorder's, through NATS
     // headers, for a sample batch and for a history query.
-    let shared_trace = |a: &str, b: &str| {
-        let spans = spans.lock().unwrap();
-        spans.iter().any(|(svc, t, n)| {
-            svc == "gateway"
-                && n == a
-                && !t.is_empty()
-                && spans
-                    .iter()
-                    .any(|(svc2, t2, n2)| svc2 == "recorder" && n2 == b && t2 == t)
-        })
-    };
     let deadline = Instant::now() + WAIT;
-    while !(shared_trace("gateway.persist_batch", "recorder.record_batch")
-        && shared_trace("gateway.api.samples", "recorder.query"))
-    {
-        let seen: Vec<(String, String)> = spans
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(s, _, n)| (s.clone(), n.clone()))
+    while !(sink.share_trace(
+        "gateway",
+        "gateway.persist_batch",
+        "recorder",
+        "recorder.record_batch",
+    ) && sink.share_trace(
+        "gateway",
+        "gateway.api.samples",
+        "recorder",
+        "recorder.query",
+    )) {
+        let seen: Vec<(String, String)> = sink
+            .spans()
+            .into_iter()
+            .map(|s| (s.service, s.name))
             .collect();
         assert!(
             Instant::now() < deadline,
