@@ -62,8 +62,8 @@ trap 'exit 130' INT TERM
 
 # wait_for FILE REGEX SECONDS: prints the first match of REGEX in FILE.
 wait_for() {
-    local i
-    for i in $(seq $(($3 * 10))); do
+    local _
+    for _ in $(seq $(($3 * 10))); do
         if grep -Eo "$2" "$1" 2>/dev/null | head -1 | grep .; then
             return 0
         fi
@@ -112,7 +112,7 @@ measure() { # server rep
     sleep "$SETTLE"
     after=$(rss_kib "$SERVER_PID")
     local open
-    open=$(ls "/proc/$SERVER_PID/fd" | wc -l)
+    open=$(find "/proc/$SERVER_PID/fd" -mindepth 1 -maxdepth 1 | wc -l)
     timeout $((hold + 30)) tail --pid="$LOADGEN_PID" -f /dev/null || true
     wait "$LOADGEN_PID" || true
     LOADGEN_PID=""

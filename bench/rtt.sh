@@ -54,8 +54,8 @@ trap 'exit 130' INT TERM
 
 # wait_for FILE REGEX: prints the first match of REGEX in FILE (10 s at most).
 wait_for() {
-    local i
-    for i in $(seq 100); do
+    local _
+    for _ in $(seq 100); do
         if grep -Eo "$2" "$1" 2>/dev/null | head -1 | grep .; then
             return 0
         fi
