@@ -10,7 +10,8 @@
 //!   `recorder`, `pingapp`) as a child process with its log in a file,
 //!   killed on drop and printed when the test fails.
 //! - [`free_port`], [`unique_prefix`], [`eventually`]: what keeps parallel
-//!   tests from sharing anything.
+//!   tests from sharing anything; [`block_on_own_thread`]: async clean-up
+//!   from `Drop`.
 //!
 //! Nothing here skips: a missing `nats-server`, PostgreSQL or service
 //! binary panics with the command that installs or builds it.
@@ -85,6 +86,26 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Runs the future `work` makes to completion on a thread of its own, with
+/// a current-thread runtime of its own, and waits for it; a panic there is
+/// ignored. For async clean-up in `Drop`, which cannot await and may run on
+/// the test's runtime, blocked in the drop: `work` runs on the new thread,
+/// so connections it opens belong to the new runtime.
+pub fn block_on_own_thread<F, Fut>(work: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(work());
+    })
+    .join();
 }
 
 /// Whether this process runs as root (then PostgreSQL must run as the

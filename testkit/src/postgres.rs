@@ -281,22 +281,15 @@ impl Drop for Database {
         let name = self.name.clone();
         // Drop cannot await, and the test's runtime may be the one blocked
         // here: a thread with a runtime of its own does the work.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut c)
-                    .await;
-                }
-            });
-        })
-        .join();
+        crate::block_on_own_thread(move || async move {
+            if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut c)
+                .await;
+            }
+        });
     }
 }
 

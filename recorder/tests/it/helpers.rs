@@ -7,7 +7,6 @@
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +20,9 @@ use services::bus::nats::NatsBus;
 use services::bus::{Bus, SharedBus};
 use services::messages::{ClientRecord, RecordBatch, SampleRecord};
 use services::subjects::Subjects;
-use sqlx::Connection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Default server for the Postgres tests.
-pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Default server for the NATS tests.
 pub const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 
@@ -35,10 +31,6 @@ pub fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
         let _ = services::telemetry::init(services::config::LogFormat::Text, "test");
     }
-}
-
-fn random_name(prefix: &str) -> String {
-    format!("{prefix}{:016x}", rand::random::<u64>())
 }
 
 /// A SQLite database in a temporary file, deleted on drop.
@@ -67,14 +59,14 @@ impl TestSqlite {
     }
 }
 
-/// A fresh database on the machine's Postgres server, dropped on drop.
+/// A fresh database on the machine's Postgres server
+/// ([`testkit::fresh_database`]), migrated, dropped on drop.
 pub struct TestPg {
     /// The store over it.
     pub store: Arc<PgStore>,
     /// Its URL.
     pub url: String,
-    admin_url: String,
-    name: String,
+    _db: testkit::Database,
 }
 
 impl TestPg {
@@ -84,38 +76,12 @@ impl TestPg {
     /// Postgres is not reachable: start it or set `PINGAPP_TEST_DATABASE_URL`.
     pub async fn new() -> Self {
         init_logs();
-        let admin_url =
-            std::env::var("PINGAPP_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG.to_owned());
-        let mut admin = match tokio::time::timeout(
-            Duration::from_secs(10),
-            sqlx::PgConnection::connect(&admin_url),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => panic!(
-                "cannot reach PostgreSQL at {admin_url}: {e}. Start PostgreSQL \
-                 (e.g. `service postgresql start`) or set PINGAPP_TEST_DATABASE_URL \
-                 to a server where this user may CREATE DATABASE"
-            ),
-            Err(_) => panic!(
-                "timed out connecting to PostgreSQL at {admin_url}. Start PostgreSQL \
-                 or set PINGAPP_TEST_DATABASE_URL"
-            ),
-        };
-        let name = random_name("test_");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .expect("CREATE DATABASE");
-        let _ = admin.close().await;
-        let url = with_database(&admin_url, &name);
-        let store = PgStore::connect(&url).await.expect("open Postgres");
+        let db = testkit::fresh_database().await;
+        let store = PgStore::connect(&db.url).await.expect("open Postgres");
         Self {
             store: Arc::new(store),
-            url,
-            admin_url,
-            name,
+            url: db.url.clone(),
+            _db: db,
         }
     }
 
@@ -131,46 +97,6 @@ impl TestPg {
             .await
             .expect("count samples")
     }
-}
-
-impl Drop for TestPg {
-    fn drop(&mut self) {
-        // Best effort, from a thread of its own: Drop cannot await.
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // Only things of the new thread's own runtime may be used there: the
-        // test's runtime is blocked in this drop.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut c)
-                    .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// `url` with its database replaced by `name`.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{base}/{name}{query}")
 }
 
 /// A NATS bus under a random subject prefix; the test's stream is deleted
@@ -196,7 +122,7 @@ impl TestNats {
         let bus = connect_nats(&url).await;
         Self {
             bus,
-            subjects: Subjects::new(&random_name("t")),
+            subjects: Subjects::new(&testkit::unique_prefix()),
             url,
         }
     }
@@ -236,25 +162,16 @@ impl Drop for TestNats {
     fn drop(&mut self) {
         let url = self.url.clone();
         let stream = self.subjects.samples_stream();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                // A connection of this thread's runtime: the test's runtime
-                // is blocked in this drop.
-                let connect = async_nats::connect(url);
-                let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(5), connect).await
-                else {
-                    return;
-                };
-                let js = async_nats::jetstream::new(client);
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), js.delete_stream(&stream)).await;
-            });
-        })
-        .join();
+        // A connection of the clean-up thread's runtime: the test's runtime
+        // is blocked in this drop.
+        testkit::block_on_own_thread(move || async move {
+            let connect = async_nats::connect(url);
+            let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
+                return;
+            };
+            let js = async_nats::jetstream::new(client);
+            let _ = tokio::time::timeout(Duration::from_secs(5), js.delete_stream(&stream)).await;
+        });
     }
 }
 
@@ -323,27 +240,6 @@ pub fn metric(registry: &Registry, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Polls `check` until it holds, for at most `within`.
-///
-/// # Panics
-/// It never held; `what` says what was awaited.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A client record.

@@ -16,8 +16,10 @@ use services::messages::{
 };
 use services::subjects::Subjects;
 
+use testkit::eventually;
+
 use crate::helpers::{
-    Running, TestNats, TestPg, TestSqlite, batch, client, eventually, persist, samples, test_config,
+    Running, TestNats, TestPg, TestSqlite, batch, client, persist, samples, test_config,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
