@@ -6,8 +6,7 @@
 //! chromium-driver`); when either is missing the tests fail and say so:
 //! they never pass by skipping.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,64 +21,15 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 // ---- the pingapp server ---------------------------------------------------
 
-/// A running `pingapp` process, killed on drop.
-pub struct Server {
-    child: Option<Child>,
-    /// Public listener.
-    pub addr: SocketAddr,
-    /// Keeps the database folder alive.
-    pub dir: tempfile::TempDir,
-}
+#[path = "../common/server.rs"]
+mod server;
+
+pub use server::Server;
 
 impl Server {
-    /// Starts `pingapp` on a random port with a fresh SQLite database and
-    /// `extra` flags.
-    pub fn start(extra: &[&str]) -> Server {
-        Self::start_at("127.0.0.1:0", tempfile::tempdir().unwrap(), extra)
-    }
-
     /// Starts `pingapp` listening on `listen`, with the database in `dir`.
     pub fn start_at(listen: &str, dir: tempfile::TempDir, extra: &[&str]) -> Server {
-        let db = format!("sqlite://{}/pingapp.db", dir.path().display());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pingapp"))
-            .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
-            .args(["--database-url", &db])
-            .args(["--roster-tick-ms", "50", "--heartbeat-interval-ms", "200"])
-            .args(extra)
-            .env_remove("NATS_URL")
-            .env_remove("DATABASE_URL")
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(if std::env::var("TEST_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .expect("start the pingapp binary");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        // "pingapp listening on http://ADDR (admin http://ADDR)"
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Server {
-            child: Some(child),
-            addr,
-            dir,
-        }
-    }
-
-    /// The HTTP URL of `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        Self::launch(listen, dir, extra, &[])
     }
 
     /// The page's origin, `http://ADDR`.
@@ -87,38 +37,15 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    /// Sends SIGTERM and waits for the process to exit; returns the
-    /// database folder, for a server started again in its place.
-    pub fn terminate(mut self) -> tempfile::TempDir {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "pingapp exited with {status} on SIGTERM");
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("pingapp did not exit within 15 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let dir = tempfile::tempdir().unwrap();
-        std::mem::replace(&mut self.dir, dir)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+    /// Sends SIGTERM and waits for a clean exit; returns the database
+    /// folder, for a server started again in its place.
+    ///
+    /// # Panics
+    /// It did not exit within 15 s, or exited unsuccessfully.
+    pub fn terminate_keeping_dir(mut self) -> tempfile::TempDir {
+        let status = self.terminate();
+        assert!(status.success(), "pingapp exited with {status} on SIGTERM");
+        self.into_dir()
     }
 }
 

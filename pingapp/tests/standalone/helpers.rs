@@ -1,9 +1,7 @@
 //! Test helpers: the real `pingapp` binary on random ports, and WebSocket
 //! and HTTP clients that talk to it like browsers do.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -16,24 +14,12 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long any single expectation may wait.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A running `pingapp` process, killed on drop.
-pub struct Server {
-    child: Option<Child>,
-    /// Public listener.
-    pub addr: SocketAddr,
-    /// Admin listener.
-    pub admin: SocketAddr,
-    /// Keeps the database folder alive.
-    pub dir: tempfile::TempDir,
-}
+#[path = "../common/server.rs"]
+mod server;
+
+pub use server::Server;
 
 impl Server {
-    /// Starts `pingapp` with a fresh SQLite database and `extra` flags.
-    pub fn start(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, extra)
-    }
-
     /// Starts `pingapp` with the database in `dir`.
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
         Self::start_with_env(dir, extra, &[])
@@ -41,56 +27,7 @@ impl Server {
 
     /// Starts `pingapp` with the database in `dir` and extra environment.
     pub fn start_with_env(dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let db = format!("sqlite://{}/pingapp.db", dir.path().display());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pingapp"))
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--database-url", &db])
-            .args(["--roster-tick-ms", "50", "--heartbeat-interval-ms", "200"])
-            .args(extra)
-            .env_remove("NATS_URL")
-            .env_remove("DATABASE_URL")
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(if std::env::var("TEST_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .expect("start the pingapp binary");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        // "pingapp listening on http://ADDR (admin http://ADDR)"
-        let mut addrs = line.split("http://").skip(1).map(|s| {
-            s.trim_end_matches([')', '\n', ' '])
-                .split(' ')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        });
-        let addr = addrs
-            .next()
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        let admin = addrs
-            .next()
-            .unwrap_or_else(|| panic!("no admin address in {line:?}"));
-        Server {
-            child: Some(child),
-            addr,
-            admin,
-            dir,
-        }
-    }
-
-    /// The HTTP base URL.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        Self::launch("127.0.0.1:0", dir, extra, env)
     }
 
     /// The admin base URL.
@@ -101,34 +38,6 @@ impl Server {
     /// Connects a WebSocket client to `path` (e.g. `/ws/public/?v=2`).
     pub async fn ws(&self, path: &str) -> Client {
         Client::connect(self.addr, path).await
-    }
-
-    /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        for _ in 0..300 {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        panic!("pingapp did not exit within 15 s of SIGTERM");
-    }
-
-    /// Takes the database folder (after [`Server::terminate`]).
-    pub fn into_dir(mut self) -> tempfile::TempDir {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        std::mem::replace(&mut self.dir, dir)
     }
 
     /// GET a JSON document; returns status and body.
@@ -155,15 +64,6 @@ impl Server {
             .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
