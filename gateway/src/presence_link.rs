@@ -14,24 +14,21 @@ use services::protocol::ServerMessage;
 use crate::hub::Audience;
 use crate::state::Shared;
 
-/// Sends one `Delays` report per roster tick with the clients whose delay
-/// changed; nothing when none did.
+/// Closes every wall-clock roster tick with a `Delays` report of the
+/// clients whose delay changed, empty when none did: presence broadcasts a
+/// tick's updates as soon as every gateway closed it, so a delay reaches
+/// pages within one tick plus delivery.
 pub async fn roster_ticks(shared: Arc<Shared>) {
-    // Just before presence's tick (both on wall-clock boundaries), so a
-    // delay reaches pages within one tick plus the lead.
     let period = shared.args.roster_tick();
-    let lead = (period / 10).min(Duration::from_millis(40));
-    let mut tick = services::aligned_interval(period, period - lead);
+    let mut tick = services::aligned_interval(period, Duration::ZERO);
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let tick_ms = nearest_tick(services::unix_ms(), period);
         shared
             .report(|local| {
-                if local.dirty.is_empty() {
-                    return None;
-                }
                 let delays = local
                     .dirty
                     .drain()
@@ -40,10 +37,20 @@ pub async fn roster_ticks(shared: Arc<Shared>) {
                         Some((id, stats))
                     })
                     .collect();
-                Some(GatewayUpdate::Delays { delays })
+                Some(GatewayUpdate::Delays {
+                    delays,
+                    tick_ms: Some(tick_ms),
+                })
             })
             .await;
     }
+}
+
+/// The wall-clock roster tick (Unix ms, a multiple of `period`) nearest to
+/// `now_ms`: a tick fires a little late, never much.
+fn nearest_tick(now_ms: i64, period: Duration) -> i64 {
+    let period = (period.as_millis() as i64).max(1);
+    (now_ms + period / 2).div_euclid(period) * period
 }
 
 /// Sends a heartbeat with every local public client each interval, and at
@@ -221,5 +228,20 @@ pub fn command_of(msg: &ServerMessage) -> &'static str {
         ServerMessage::Delays { .. } => "delays",
         ServerMessage::ServerRtt { .. } => "server_rtt",
         ServerMessage::Error { .. } => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_tick_is_named_by_the_boundary_it_fired_at() {
+        let p = Duration::from_millis(500);
+        assert_eq!(super::nearest_tick(1000, p), 1000);
+        assert_eq!(super::nearest_tick(1003, p), 1000);
+        assert_eq!(super::nearest_tick(1249, p), 1000);
+        assert_eq!(super::nearest_tick(998, p), 1000);
+        assert_eq!(super::nearest_tick(1250, p), 1500);
     }
 }

@@ -1,7 +1,8 @@
 //! Leadership: one presence replica at a time publishes broadcasts. The
-//! lease is renewed every third of its time to live; the replica counts
-//! itself active only until `ttl` after the start of its last successful
-//! renewal, so when the bus is unreachable it steps down before another
+//! lease is renewed every third of its time to live (a standby tries to
+//! take it every second, or every third of the ttl if that is shorter);
+//! the replica counts itself active only until `ttl` after the start of its
+//! last successful renewal, so when the bus is unreachable it steps down before another
 //! replica can take the lapsed lease (no split brain).
 
 use std::time::Duration;
@@ -10,6 +11,10 @@ use services::bus::SharedBus;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// How often at most a replica that does not hold the lease tries to take
+/// it.
+const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
 /// Renews the lease `name` for `holder` until `stop`, publishing on `tx`
 /// until when this replica holds it (`None`: another replica holds it).
@@ -24,7 +29,10 @@ pub(crate) async fn renew(
     stop: CancellationToken,
 ) {
     let every = ttl / 3;
+    // A standby asks more often, so that it takes a released lease soon.
+    let standby_every = every.min(STANDBY_RETRY);
     let mut failing = false;
+    let mut holding = false;
     loop {
         let started = Instant::now();
         let attempt = tokio::select! {
@@ -37,6 +45,7 @@ pub(crate) async fn renew(
                     tracing::info!(lease = %name, "lease renewal works again");
                     failing = false;
                 }
+                holding = held;
                 let until = held.then_some(started + ttl);
                 tx.send_if_modified(|v| {
                     let changed = v.is_some() != until.is_some();
@@ -59,7 +68,7 @@ pub(crate) async fn renew(
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep_until(started + every) => {}
+            _ = tokio::time::sleep_until(started + if holding { every } else { standby_every }) => {}
         }
     }
 }

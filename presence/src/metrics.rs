@@ -18,6 +18,7 @@ pub(crate) struct Metrics {
     pub expired_clients: IntCounter,
     pub active: IntGauge,
     pub bad_reports: IntCounter,
+    pub delay_flushes: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,6 +82,19 @@ impl Metrics {
                 "pingapp_presence_bad_reports_total",
                 "Gateway reports that could not be decoded.",
             ),
+            delay_flushes: {
+                let v = counter(
+                    registry,
+                    "pingapp_presence_delay_flushes_total",
+                    "Roster ticks whose delay updates were published, by what released them: \
+                     all_reported (every gateway closed the tick) or deadline (one was late).",
+                    &["trigger"],
+                );
+                for trigger in ["all_reported", "deadline"] {
+                    v.with_label_values(&[trigger]);
+                }
+                v
+            },
         }
     }
 }

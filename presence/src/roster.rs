@@ -44,6 +44,8 @@ struct GatewayState {
     last_seq: u64,
     /// Missed heartbeats already counted since `last_heartbeat`.
     missed_counted: u64,
+    /// The latest roster tick (Unix ms) it closed with a `Delays` report.
+    closed_tick: Option<i64>,
 }
 
 impl GatewayState {
@@ -55,6 +57,7 @@ impl GatewayState {
             interval: DEFAULT_HEARTBEAT_INTERVAL,
             last_seq: seq,
             missed_counted: 0,
+            closed_tick: None,
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct Roster {
     gateways: HashMap<String, GatewayState>,
     /// Statistics changed since the last [`Roster::take_delays`].
     pending: BTreeMap<String, DelayStats>,
+    /// The latest roster tick whose delay updates were taken.
+    flushed_tick: i64,
     /// Until then, clients learned from heartbeats are added silently.
     warm_until: Instant,
 }
@@ -103,6 +108,7 @@ impl Roster {
             clients: BTreeMap::new(),
             gateways: HashMap::new(),
             pending: BTreeMap::new(),
+            flushed_tick: i64::MIN,
             warm_until,
         }
     }
@@ -178,6 +184,13 @@ impl Roster {
             state.last_applied_heartbeat = now;
         }
         state.last_seq = state.last_seq.max(seq);
+        if let GatewayUpdate::Delays {
+            tick_ms: Some(tick),
+            ..
+        } = &update
+        {
+            state.closed_tick = Some(state.closed_tick.map_or(*tick, |t| t.max(*tick)));
+        }
 
         let broadcasts = match update {
             GatewayUpdate::Connect { mut client } => {
@@ -197,7 +210,7 @@ impl Roster {
                 self.remove(&channel_name);
                 vec![Broadcast::Disconnect { channel_name }]
             }
-            GatewayUpdate::Delays { delays } => {
+            GatewayUpdate::Delays { delays, .. } => {
                 for (id, stats) in delays {
                     if let Some(c) = self.clients.get_mut(&id) {
                         c.stats = Some(stats);
@@ -302,6 +315,31 @@ impl Roster {
             state.last_heartbeat = now;
             state.missed_counted = 0;
         }
+    }
+
+    /// The coalesced delay updates as soon as every known gateway has
+    /// closed a roster tick not yet taken: one broadcast per tick, without
+    /// waiting for [`Roster::take_due_delays`]. `None` while some gateway
+    /// has not closed it (or never sends ticks), and when nothing changed.
+    pub fn take_closed_delays(&mut self) -> Option<Broadcast> {
+        let closed = self.gateways.values().map(|g| g.closed_tick).min()??;
+        if closed <= self.flushed_tick {
+            return None;
+        }
+        self.flushed_tick = closed;
+        self.take_delays()
+    }
+
+    /// The coalesced delay updates at the deadline of roster tick `tick_ms`
+    /// (a little after it), unless that tick was already taken when the last
+    /// gateway closed it: covers a gateway that is late, dead but not yet
+    /// expired, or too old to close ticks.
+    pub fn take_due_delays(&mut self, tick_ms: i64) -> Option<Broadcast> {
+        if tick_ms <= self.flushed_tick {
+            return None;
+        }
+        self.flushed_tick = tick_ms;
+        self.take_delays()
     }
 
     /// The coalesced delay updates since the last call, if any.
@@ -701,18 +739,7 @@ mod tests {
             applied(r.apply(connect("g", i as u64 + 1, id), t0));
         }
         applied(r.apply(connect("h", 1, "d"), t0));
-        let delays = |gw: &str, seq, items: &[(&str, f64)]| {
-            report(
-                gw,
-                seq,
-                GatewayUpdate::Delays {
-                    delays: items
-                        .iter()
-                        .map(|(id, v)| ((*id).to_owned(), stats(*v)))
-                        .collect(),
-                },
-            )
-        };
+        let delays = |gw: &str, seq, items: &[(&str, f64)]| delay_report(gw, seq, None, items);
         assert!(applied(r.apply(delays("g", 4, &[("a", 1.0), ("b", 2.0)]), t0)).is_empty());
         applied(r.apply(delays("g", 5, &[("a", 3.0), ("unknown", 9.0)]), t0));
         applied(r.apply(delays("h", 2, &[("d", 4.0)]), t0));
@@ -739,5 +766,81 @@ mod tests {
             t0,
         ));
         assert_eq!(r.take_delays(), None);
+    }
+
+    fn delay_report(
+        gw: &str,
+        seq: u64,
+        tick_ms: Option<i64>,
+        items: &[(&str, f64)],
+    ) -> GatewayReport {
+        report(
+            gw,
+            seq,
+            GatewayUpdate::Delays {
+                delays: items
+                    .iter()
+                    .map(|(id, v)| ((*id).to_owned(), stats(*v)))
+                    .collect(),
+                tick_ms,
+            },
+        )
+    }
+
+    fn tick_report(gw: &str, seq: u64, tick: i64, items: &[(&str, f64)]) -> GatewayReport {
+        delay_report(gw, seq, Some(tick), items)
+    }
+
+    fn delays_of(b: Option<Broadcast>) -> Vec<String> {
+        match b {
+            Some(Broadcast::Delays { delays }) => delays.into_keys().collect(),
+            other => panic!("expected delays, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tick_is_broadcast_as_soon_as_every_gateway_closed_it() {
+        let (mut r, t0) = warm();
+        applied(r.apply(connect("g", 1, "a"), t0));
+        applied(r.apply(connect("h", 1, "b"), t0));
+
+        applied(r.apply(tick_report("g", 2, 1000, &[("a", 1.0)]), t0));
+        assert_eq!(r.take_closed_delays(), None, "h has not closed 1000 yet");
+        applied(r.apply(tick_report("h", 2, 1000, &[("b", 2.0)]), t0));
+        assert_eq!(delays_of(r.take_closed_delays()), ["a", "b"]);
+        assert_eq!(r.take_closed_delays(), None, "once per tick");
+        assert_eq!(r.take_due_delays(1000), None, "the deadline finds it taken");
+
+        // An empty report still closes the tick; nothing to broadcast.
+        applied(r.apply(tick_report("g", 3, 1500, &[]), t0));
+        applied(r.apply(tick_report("h", 3, 1500, &[]), t0));
+        assert_eq!(r.take_closed_delays(), None);
+
+        // h is late for 2000: the deadline broadcasts what is there, and h's
+        // late report goes out with the next tick.
+        applied(r.apply(tick_report("g", 4, 2000, &[("a", 3.0)]), t0));
+        assert_eq!(r.take_closed_delays(), None);
+        assert_eq!(delays_of(r.take_due_delays(2000)), ["a"]);
+        applied(r.apply(tick_report("h", 4, 2000, &[("b", 4.0)]), t0));
+        assert_eq!(r.take_closed_delays(), None, "2000 was taken already");
+        applied(r.apply(tick_report("g", 5, 2500, &[]), t0));
+        applied(r.apply(tick_report("h", 5, 2500, &[]), t0));
+        assert_eq!(delays_of(r.take_closed_delays()), ["b"]);
+        assert_eq!(r.get("b").unwrap().stats, Some(stats(4.0)));
+    }
+
+    #[test]
+    fn a_gateway_that_does_not_close_ticks_leaves_it_to_the_deadline() {
+        let (mut r, t0) = warm();
+        applied(r.apply(connect("g", 1, "a"), t0));
+        applied(r.apply(connect("old", 1, "b"), t0));
+        applied(r.apply(tick_report("g", 2, 1000, &[("a", 1.0)]), t0));
+        applied(r.apply(delay_report("old", 2, None, &[("b", 2.0)]), t0));
+        assert_eq!(r.take_closed_delays(), None);
+        assert_eq!(delays_of(r.take_due_delays(1000)), ["a", "b"]);
+        // Once the silent gateway is gone, the others close ticks alone.
+        applied(r.apply(report("old", 3, GatewayUpdate::Goodbye), t0));
+        applied(r.apply(tick_report("g", 3, 1500, &[("a", 5.0)]), t0));
+        assert_eq!(delays_of(r.take_closed_delays()), ["a"]);
     }
 }

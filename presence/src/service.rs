@@ -114,8 +114,9 @@ impl Presence {
 
     /// Runs until `shutdown` is cancelled: asks every gateway for a
     /// heartbeat, warms up, then keeps the roster and (while holding the
-    /// lease) publishes broadcasts. Nothing is released on shutdown: the
-    /// lease lapses and another replica takes over.
+    /// lease) publishes broadcasts. On shutdown an active replica releases
+    /// the lease, so a standby takes over within a renewal period instead of
+    /// a whole ttl (after a crash the lease lapses after its ttl).
     ///
     /// # Errors
     /// A subscription ended: the bus is gone for good.
@@ -134,9 +135,10 @@ impl Presence {
         let stop = shutdown.child_token();
         let _stop_guard = stop.clone().drop_guard();
         let (lease_tx, lease_rx) = watch::channel(None);
-        tokio::spawn(lease::renew(
+        let lease_name = format!("{}/presence", cfg.subjects.lease_bucket());
+        let renewals = tokio::spawn(lease::renew(
             bus.clone(),
-            format!("{}/presence", cfg.subjects.lease_bucket()),
+            lease_name.clone(),
             cfg.replica_id.clone(),
             cfg.lease_ttl,
             lease_tx,
@@ -163,9 +165,12 @@ impl Presence {
 
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // On wall-clock boundaries: gateways send their reports just before.
-        let mut tick = services::aligned_interval(cfg.roster_tick, Duration::ZERO);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Gateways close each wall-clock roster tick with a report; a tick's
+        // updates leave as soon as every gateway closed it, or at this
+        // deadline a little after the tick if one is late.
+        let grace = deadline_grace(cfg.roster_tick);
+        let mut deadline = services::aligned_interval(cfg.roster_tick, grace);
+        deadline.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut snapshots =
             tokio::time::interval_at(start + cfg.snapshot_interval, cfg.snapshot_interval);
         snapshots.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -178,7 +183,7 @@ impl Presence {
                 m = reports.next() => Event::Report(m.context("gateway report subscription ended")?),
                 m = requests.next() => Event::Request(m.context("roster request subscription ended")?),
                 _ = expiry.tick() => Event::Expiry,
-                _ = tick.tick() => Event::Tick,
+                _ = deadline.tick() => Event::Deadline,
                 _ = snapshots.tick() => Event::Snapshot,
                 () = &mut warmup, if !state.warmed => Event::Warm,
                 Ok(()) = state.lease.changed() => Event::Lease,
@@ -189,8 +194,14 @@ impl Presence {
                 Event::Report(m) => state.on_report(&m, now).await,
                 Event::Request(m) => state.on_request(m).await,
                 Event::Expiry => state.on_expiry(now).await,
-                Event::Tick => {
-                    if let Some(delays) = state.roster.take_delays() {
+                Event::Deadline => {
+                    let tick = tick_before(services::unix_ms(), cfg.roster_tick, grace);
+                    if let Some(delays) = state.roster.take_due_delays(tick) {
+                        state
+                            .metrics
+                            .delay_flushes
+                            .with_label_values(&["deadline"])
+                            .inc();
                         state.publish(&delays).await;
                     }
                 }
@@ -212,8 +223,20 @@ impl Presence {
                 Event::Lease => {}
             }
         }
-        tracing::info!(replica = %cfg.replica_id, "presence stopped");
         state.metrics.active.set(0);
+        // Hand the lease over at once rather than after its ttl: stop
+        // renewing first, so that no renewal lands after the release.
+        stop.cancel();
+        let _ = renewals.await;
+        if state.active {
+            let release = state.bus.release_lease(&lease_name, &cfg.replica_id);
+            match tokio::time::timeout(Duration::from_secs(2), release).await {
+                Ok(Ok(())) => tracing::info!("released the presence lease"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease; it lapses"),
+                Err(_) => tracing::warn!("releasing the lease timed out; it lapses"),
+            }
+        }
+        tracing::info!(replica = %cfg.replica_id, "presence stopped");
         if let Err(e) = state.bus.flush().await {
             tracing::debug!(error = %e, "flush on shutdown failed");
         }
@@ -221,12 +244,25 @@ impl Presence {
     }
 }
 
+/// How long after a roster tick presence waits for late gateway reports:
+/// a fifth of the tick, at most 50 ms.
+fn deadline_grace(tick: Duration) -> Duration {
+    (tick / 5).min(Duration::from_millis(50))
+}
+
+/// The roster tick (Unix ms) whose deadline falls at or just before
+/// `now_ms`.
+fn tick_before(now_ms: i64, tick: Duration, grace: Duration) -> i64 {
+    let period = (tick.as_millis() as i64).max(1);
+    (now_ms - grace.as_millis() as i64).div_euclid(period) * period
+}
+
 /// What woke the loop.
 enum Event {
     Report(Message),
     Request(Message),
     Expiry,
-    Tick,
+    Deadline,
     Snapshot,
     Warm,
     Lease,
@@ -289,6 +325,15 @@ impl State {
                 }
                 for b in &broadcasts {
                     self.publish(b).await;
+                }
+                if kind == "delays"
+                    && let Some(delays) = self.roster.take_closed_delays()
+                {
+                    self.metrics
+                        .delay_flushes
+                        .with_label_values(&["all_reported"])
+                        .inc();
+                    self.publish(&delays).await;
                 }
             }
             Outcome::Stale => {
@@ -384,5 +429,28 @@ impl State {
             Ok(()) => self.metrics.broadcasts.with_label_values(&[kind]).inc(),
             Err(e) => tracing::warn!(kind, error = %e, "could not publish a broadcast"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{deadline_grace, tick_before};
+
+    #[test]
+    fn a_deadline_belongs_to_the_tick_just_before_it() {
+        let tick = Duration::from_millis(500);
+        let grace = deadline_grace(tick);
+        assert_eq!(grace, Duration::from_millis(50));
+        assert_eq!(
+            deadline_grace(Duration::from_millis(100)),
+            Duration::from_millis(20)
+        );
+        // The deadline of tick 1000 fires at 1050, perhaps a little late.
+        assert_eq!(tick_before(1050, tick, grace), 1000);
+        assert_eq!(tick_before(1090, tick, grace), 1000);
+        assert_eq!(tick_before(1549, tick, grace), 1000);
+        assert_eq!(tick_before(1550, tick, grace), 1500);
     }
 }

@@ -424,8 +424,10 @@ async fn nats_events_are_broadcast() {
         jitter: 1.0,
     };
     for ms in [10.0, 11.0, 12.0] {
+        // Reports without a tick (older gateways): the deadline sends them.
         gw.report(GatewayUpdate::Delays {
             delays: [("a".to_owned(), stats(ms))].into_iter().collect(),
+            tick_ms: None,
         })
         .await;
     }
@@ -479,6 +481,88 @@ async fn nats_events_are_broadcast() {
 
     p.stop().await;
     delete_lease_bucket(&admin, &subjects).await;
+}
+
+#[tokio::test]
+async fn nats_a_tick_leaves_once_every_gateway_closed_it() {
+    let subjects = fresh_subjects();
+    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let mut watcher = Watcher::start(&watch_bus, &subjects).await;
+    // An hour-long tick: its deadline does not come during the test, so only
+    // the gateways' closing reports can release the updates.
+    let mut cfg = test_config(&subjects, "a");
+    cfg.roster_tick = Duration::from_secs(3600);
+    let p = Running::start(cfg, Arc::new(nats("presence").await)).await;
+    watcher
+        .wait_for(SOON, "warm-up snapshot", is_snapshot)
+        .await;
+    let g1 = FakeGateway::start(Arc::new(nats("gw-1").await), &subjects, "gw-1").await;
+    let g2 = FakeGateway::start(Arc::new(nats("gw-2").await), &subjects, "gw-2").await;
+    g1.connect("a").await;
+    g2.connect("b").await;
+    watcher.wait_connects(&["a", "b"]).await;
+    let stats = |ms: f64| DelayStats {
+        delay_time: ms,
+        median: ms,
+        jitter: 0.5,
+    };
+    let tick = services::unix_ms().div_euclid(1000) * 1000;
+    let close = |ms: f64, id: &str, tick: i64| GatewayUpdate::Delays {
+        delays: [(id.to_owned(), stats(ms))].into_iter().collect(),
+        tick_ms: Some(tick),
+    };
+
+    g1.report(close(7.0, "a", tick)).await;
+    let early = watcher.collect(Duration::from_millis(500)).await;
+    assert!(
+        early.is_empty(),
+        "nothing leaves while gw-2 has not closed the tick: {early:?}"
+    );
+    g2.report(close(9.0, "b", tick)).await;
+    let (b, _) = watcher
+        .wait_for(SOON, "the tick's delays", |b| {
+            matches!(b, Broadcast::Delays { .. })
+        })
+        .await;
+    let Broadcast::Delays { delays } = b else {
+        unreachable!()
+    };
+    assert_eq!(
+        delays,
+        [("a".to_owned(), stats(7.0)), ("b".to_owned(), stats(9.0))].into(),
+        "one broadcast with both gateways' updates"
+    );
+    // The next tick, closed by both (one of them with nothing new).
+    g2.report(close(10.0, "b", tick + 1000)).await;
+    g1.report(GatewayUpdate::Delays {
+        delays: Default::default(),
+        tick_ms: Some(tick + 1000),
+    })
+    .await;
+    let (b, _) = watcher
+        .wait_for(SOON, "the next tick's delays", |b| {
+            matches!(b, Broadcast::Delays { .. })
+        })
+        .await;
+    assert_eq!(
+        b,
+        Broadcast::Delays {
+            delays: [("b".to_owned(), stats(10.0))].into()
+        }
+    );
+    let flushes = |trigger: &str| {
+        p.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "pingapp_presence_delay_flushes_total")
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == trigger))
+            .map(|m| m.get_counter().get_value())
+            .sum::<f64>()
+    };
+    assert_eq!(flushes("all_reported"), 2.0);
+    assert_eq!(flushes("deadline"), 0.0);
+    p.stop().await;
 }
 
 #[tokio::test]

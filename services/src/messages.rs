@@ -72,10 +72,17 @@ pub enum GatewayUpdate {
         /// Its id.
         channel_name: String,
     },
-    /// The public clients whose delay changed in the last roster tick.
+    /// The public clients whose delay changed in the last roster tick. A
+    /// gateway sends one at every tick, empty or not, so that presence can
+    /// broadcast a tick's updates as soon as every gateway closed it.
     Delays {
         /// New statistics by client id.
         delays: BTreeMap<String, DelayStats>,
+        /// The wall-clock roster tick this report closes (Unix ms, a
+        /// multiple of the tick period). Absent from older gateways:
+        /// presence then waits for its own deadline.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tick_ms: Option<i64>,
     },
     /// Every public client of the gateway, sent periodically and on request;
     /// presence rebuilds its roster from these and expires a gateway whose

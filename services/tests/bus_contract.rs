@@ -113,6 +113,7 @@ contract!(
     consumers_of_one_durable_share_the_work,
     persist_deduplicates_by_message_id,
     lease_has_one_holder_until_it_lapses,
+    a_released_lease_is_free_at_once,
     a_new_connection_is_connected,
 );
 
@@ -567,6 +568,37 @@ async fn lease_has_one_holder_until_it_lapses(h: Harness) {
     // Leases of other names are independent.
     let other = format!("{}_leases/other", h.prefix);
     assert!(a.try_lease(&other, "a", ttl).await.unwrap());
+}
+
+async fn a_released_lease_is_free_at_once(h: Harness) {
+    let a = h.connect().await;
+    let b = h.connect().await;
+    let lease = format!("{}_leases/presence", h.prefix);
+    let ttl = Duration::from_secs(30);
+
+    assert!(a.try_lease(&lease, "a", ttl).await.unwrap());
+    // Only the holder can release it.
+    b.release_lease(&lease, "b").await.unwrap();
+    assert!(
+        !b.try_lease(&lease, "b", ttl).await.unwrap(),
+        "b's release did not free a's lease"
+    );
+    a.release_lease(&lease, "a").await.unwrap();
+    // Long before the 30 s ttl.
+    assert!(
+        b.try_lease(&lease, "b", ttl).await.unwrap(),
+        "a released lease is taken at once"
+    );
+    assert!(
+        !a.try_lease(&lease, "a", ttl).await.unwrap(),
+        "b holds it now"
+    );
+    // Releasing a lease one does not hold (or that does not exist) is fine.
+    a.release_lease(&lease, "a").await.unwrap();
+    assert!(b.try_lease(&lease, "b", ttl).await.unwrap(), "still b's");
+    a.release_lease(&format!("{}_leases/none", h.prefix), "a")
+        .await
+        .unwrap();
 }
 
 async fn a_new_connection_is_connected(h: Harness) {

@@ -296,6 +296,14 @@ impl Bus for MemoryBus {
         }
     }
 
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BusError> {
+        let mut leases = self.inner.leases.lock().expect("bus lock");
+        if leases.get(name).is_some_and(|(h, _)| h == holder) {
+            leases.remove(name);
+        }
+        Ok(())
+    }
+
     fn is_connected(&self) -> bool {
         true
     }

@@ -168,6 +168,11 @@ pub trait Bus: Send + Sync + 'static {
     /// holds it; the lease lapses `ttl` after the last renewal.
     async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BusError>;
 
+    /// Gives up the lease `name` if `holder` holds it, so that another
+    /// replica can take it at once instead of waiting for it to lapse.
+    /// Nothing happens when another holder has it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BusError>;
+
     /// Like [`Bus::publish`], with headers.
     async fn publish_with_headers(
         &self,

@@ -269,6 +269,27 @@ impl Bus for NatsBus {
         }
     }
 
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BusError> {
+        let (bucket, key) = name.split_once('/').unwrap_or(("pingapp_leases", name));
+        let kv = self
+            .js
+            .get_key_value(bucket)
+            .await
+            .map_err(BusError::other)?;
+        match kv.entry(key).await.map_err(BusError::other)? {
+            // Only our own lease, and only the revision we read: a
+            // replica that took it over in between keeps it.
+            Some(e)
+                if e.operation == kv::Operation::Put && e.value.as_ref() == holder.as_bytes() =>
+            {
+                kv.delete_expect_revision(key, Some(e.revision))
+                    .await
+                    .map_err(BusError::other)
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }

@@ -103,6 +103,12 @@ impl Deployment {
 
     /// Starts a presence replica and waits until it is ready.
     pub async fn presence(&self) -> Node {
+        self.presence_with_lease_ttl(1500).await
+    }
+
+    /// Starts a presence replica whose leader lease lapses `ttl_ms` after
+    /// its last renewal, and waits until it is ready.
+    pub async fn presence_with_lease_ttl(&self, ttl_ms: u64) -> Node {
         let admin = free_addr();
         let svc = self
             .command("presence")
@@ -110,7 +116,7 @@ impl Deployment {
             .args(["--nats-url", &self.nats.url()])
             .args(["--subject-prefix", &self.prefix])
             .args(["--roster-tick-ms", "100"])
-            .args(["--lease-ttl-ms", "1500"])
+            .args(["--lease-ttl-ms", &ttl_ms.to_string()])
             .spawn();
         Node::ready(svc, None, admin).await
     }

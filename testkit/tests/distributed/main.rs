@@ -496,6 +496,59 @@ async fn two_presence_replicas_broadcast_once_and_fail_over() {
 }
 
 #[tokio::test]
+async fn a_presence_replica_stopped_with_sigterm_hands_over_its_lease() {
+    // A 60 s lease: without the release, the standby would wait for it to
+    // lapse.
+    let d = Deployment::new().await;
+    let (p1, p2, gw) = tokio::join!(
+        d.presence_with_lease_ttl(60_000),
+        d.presence_with_lease_ttl(60_000),
+        d.gateway("gw-a")
+    );
+    let mut replicas = [p1, p2];
+    let active = "pingapp_presence_active";
+    eventually(WAIT, "exactly one replica is active", || async {
+        replicas[0].metric(active).await + replicas[1].metric(active).await == 1.0
+    })
+    .await;
+    let (mut w, _) = public_v2(&gw).await;
+    w.own_connect().await;
+
+    let leader = usize::from(replicas[0].metric(active).await != 1.0);
+    let status = replicas[leader].svc.terminate().await;
+    assert!(status.success(), "presence drains and exits 0: {status:?}");
+    assert!(
+        replicas[leader]
+            .svc
+            .log()
+            .contains("released the presence lease"),
+        "the leader says it released the lease:\n{}",
+        replicas[leader].svc.log()
+    );
+    let survivor = &replicas[1 - leader];
+    // The standby tries every second; a released lease is free at its next
+    // attempt, far sooner than the 60 s ttl.
+    eventually(
+        Duration::from_secs(10),
+        "the standby took over the released lease",
+        || async { survivor.metric(active).await == 1.0 },
+    )
+    .await;
+    let (mut y, _) = public_v2(&gw).await;
+    y.own_connect().await;
+    w.recv_until("connect", |v| is(v, "connect", &y.id)).await;
+    y.rename("Yolanda").await;
+    let mut seen = w.collect_until(WAIT, |v| is(v, "change_name", &y.id)).await;
+    seen.extend(w.collect_for(Duration::from_millis(500)).await);
+    assert_eq!(
+        seen.iter().filter(|v| is(v, "change_name", &y.id)).count(),
+        1,
+        "one rename broadcast after the hand-over: {seen:?}"
+    );
+    assert!(disconnects(&seen).is_empty(), "no disconnect: {seen:?}");
+}
+
+#[tokio::test]
 async fn services_drain_within_their_grace_period_while_nats_is_down() {
     let mut d = Deployment::new().await;
     let (mut presence, mut recorder, mut gw) =
