@@ -223,6 +223,25 @@ function main() {
   let session = null;
   let restoring = false; // the rename in flight restores the name after a reconnect
 
+  // Large rosters: only the delays of the rows in view (see roster.js).
+  const scroller = rosterEl ? rosterEl.closest(".table-wrap") : null;
+  /** The watch in force on this connection: null = every client. */
+  let watching = null;
+  let watchTimer = 0;
+  const updateWatch = () => {
+    watchTimer = 0;
+    if (!roster || !scroller || !session) return;
+    const ids = roster.watchIds(scroller);
+    const key = ids === null ? null : JSON.stringify([...ids].sort());
+    if (key === watching) return;
+    if (conn.send({ command: "watch", channel_names: ids })) watching = key;
+  };
+  const scheduleWatch = () => {
+    if (!watchTimer) watchTimer = setTimeout(updateWatch, 150);
+  };
+  scroller?.addEventListener("scroll", scheduleWatch, { passive: true });
+  if (roster) roster.onFlush = scheduleWatch;
+
   const setWhoami = () => {
     const set = (id, v) => {
       const el = $(id);
@@ -243,6 +262,7 @@ function main() {
     },
     onWelcome(s) {
       session = { ...s };
+      watching = null; // a new connection starts watching everyone
       setWhoami();
       const interval = $("ping-interval");
       if (interval) interval.textContent = (s.pingIntervalMs / 1000).toLocaleString();

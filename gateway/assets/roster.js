@@ -11,6 +11,15 @@ import { formatMsBare, isNum } from "./stats.js";
 const DELAY_FIELDS = ["delay_time", "median", "jitter"];
 /** Rows created per animation frame while a snapshot is being built. */
 const CHUNK = 400;
+/**
+ * Above this many clients the page asks the server for the delays of the
+ * rows in view only (a v2 `watch`, see docs/protocol.md): every client's
+ * delay, every second, for thousands of clients is more than a browser
+ * needs for a table that shows a few dozen rows.
+ */
+export const WATCH_ABOVE = 100;
+/** The server's limit on the ids of one `watch`. */
+export const WATCH_MAX = 200;
 
 /** A delay value as the model keeps it: a finite number or null. */
 function delayValue(v) {
@@ -41,6 +50,39 @@ export class RosterTable {
     /** Set by reset(); cleared by setSelf() (a new connection awaits a new snapshot). */
     this.haveSnapshot = false;
     this.waiters = [];
+    /** Called after every DOM update (the rows in view may have moved). */
+    this.onFlush = null;
+  }
+
+  /**
+   * The ids to watch: the own row and the rows in view of `scroller` (plus
+   * half a screen below), at most `max`; or null while the roster is small
+   * enough to get every update.
+   */
+  watchIds(scroller, max = WATCH_MAX) {
+    if (this.model.size <= WATCH_ABOVE) return null;
+    const ids = [];
+    if (this.selfId !== null && this.model.has(this.selfId)) ids.push(this.selfId);
+    const top = scroller.scrollTop;
+    const bottom = top + scroller.clientHeight * 1.5;
+    const rows = this.tbody.children;
+    // Rows are in document order, so their offsets grow: find the first
+    // one that ends below the top edge.
+    let lo = 0;
+    let hi = rows.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      const r = rows[mid];
+      if (r.offsetTop + r.offsetHeight <= top) lo = mid + 1;
+      else hi = mid;
+    }
+    for (let i = lo; i < rows.length && ids.length < max; i++) {
+      const r = rows[i];
+      if (r.offsetTop >= bottom) break;
+      const id = r.dataset.id;
+      if (id && id !== this.selfId) ids.push(id);
+    }
+    return ids;
   }
 
   /** Resolves once the next roster snapshot is completely in the DOM. */
@@ -223,6 +265,7 @@ export class RosterTable {
     this.countEl.dataset.count = String(n);
     this.countEl.textContent = n === 1 ? "1 client" : `${n} clients`;
     this.checkRendered();
+    this.onFlush?.();
   }
 
   createRow(rec) {

@@ -305,6 +305,14 @@ impl Connection {
                             }
                             self.rename(name).await;
                         }
+                        Ok(ClientCommand::Watch { channel_names }) => {
+                            shared.metrics.messages_in.with_label_values(&["watch"]).inc();
+                            // Only delays depend on it: a no-op for v1 and
+                            // private pages, which get none.
+                            if let Some(key) = self.hub_key {
+                                shared.hub.set_watch(key, channel_names.map(|ids| ids.into_iter().collect()));
+                            }
+                        }
                         Err(e) => {
                             shared.metrics.messages_in.with_label_values(&["invalid"]).inc();
                             if !self.send_error(socket, &e).await {

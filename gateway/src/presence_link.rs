@@ -143,6 +143,7 @@ pub async fn broadcasts(shared: Arc<Shared>, mut sub: Subscription) {
 /// frames, each serialized once, to every local public connection.
 pub fn apply(shared: &Shared, b: Broadcast) {
     let started = std::time::Instant::now();
+    let mut tick_delays = None;
     let frames: Vec<(ServerMessage, Audience)> = {
         let mut mirror = shared.mirror.lock().expect("mirror lock");
         let frames = match b {
@@ -175,12 +176,8 @@ pub fn apply(shared: &Shared, b: Broadcast) {
                 for (id, stats) in &delays {
                     mirror.set_stats(id, *stats);
                 }
-                vec![(
-                    ServerMessage::Delays {
-                        delay_times: delays,
-                    },
-                    Audience::V2,
-                )]
+                tick_delays = Some(delays);
+                Vec::new()
             }
             Broadcast::Snapshot { clients } => mirror
                 .reconcile(clients, |id| shared.is_local(id))
@@ -195,40 +192,25 @@ pub fn apply(shared: &Shared, b: Broadcast) {
             .set(mirror.len() as i64);
         frames
     };
+    let mut dropped = 0;
     for (msg, audience) in frames {
-        let command = command_of(&msg);
-        let frame = Utf8Bytes::from(msg.to_json());
-        let dropped = shared.hub.fanout(&frame, audience);
-        if dropped > 0 {
-            shared
-                .metrics
-                .outbound_drops
-                .with_label_values(&[] as &[&str])
-                .inc_by(dropped as u64);
-        }
-        let _ = command;
+        dropped += shared.hub.fanout(&Utf8Bytes::from(msg.to_json()), audience);
+    }
+    if let Some(delays) = tick_delays {
+        dropped += shared.hub.fanout_delays(&delays);
+    }
+    if dropped > 0 {
+        shared
+            .metrics
+            .outbound_drops
+            .with_label_values(&[] as &[&str])
+            .inc_by(dropped as u64);
     }
     shared
         .metrics
         .broadcast_fanout
         .with_label_values(&[] as &[&str])
         .observe(started.elapsed().as_secs_f64());
-}
-
-/// The `command` of a server message, as a metric label.
-pub fn command_of(msg: &ServerMessage) -> &'static str {
-    match msg {
-        ServerMessage::Pong { .. } => "pong",
-        ServerMessage::Welcome { .. } => "welcome",
-        ServerMessage::DelayTimes { .. } => "delay_times",
-        ServerMessage::Roster { .. } => "roster",
-        ServerMessage::Connect { .. } => "connect",
-        ServerMessage::ChangeName { .. } => "change_name",
-        ServerMessage::Disconnect { .. } => "disconnect",
-        ServerMessage::Delays { .. } => "delays",
-        ServerMessage::ServerRtt { .. } => "server_rtt",
-        ServerMessage::Error { .. } => "error",
-    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,11 @@ use crate::stats::DelayStats;
 pub const MAX_NAME_CHARS: usize = 64;
 /// Largest accepted delay sample, in milliseconds.
 pub const MAX_DELAY_MS: f64 = 60_000.0;
+/// Most client ids one `watch` may name: a page's visible rows, with room
+/// to spare (200 ids fit a 4 KiB frame).
+pub const MAX_WATCH_IDS: usize = 200;
+/// Longest client id a `watch` may name, in bytes.
+pub const MAX_WATCH_ID_BYTES: usize = 64;
 
 /// Which page a connection belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -71,6 +76,9 @@ pub enum ErrorCode {
     /// `name` missing, empty after trimming, too long, or with control
     /// characters.
     BadName,
+    /// `channel_names` of a `watch` neither null nor an array of at most
+    /// [`MAX_WATCH_IDS`] strings of at most [`MAX_WATCH_ID_BYTES`] bytes.
+    BadWatch,
 }
 
 impl ErrorCode {
@@ -81,6 +89,7 @@ impl ErrorCode {
             ErrorCode::UnknownCommand => "unknown_command",
             ErrorCode::BadDelay => "bad_delay",
             ErrorCode::BadName => "bad_name",
+            ErrorCode::BadWatch => "bad_watch",
         }
     }
 }
@@ -133,6 +142,12 @@ pub enum ClientCommand {
         /// Trimmed, 1..=64 characters, no control characters.
         name: String,
     },
+    /// v2 public: send `delays` only for these clients (the rows a page
+    /// shows); `None` (the default) for every client.
+    Watch {
+        /// The watched client ids, without repeats.
+        channel_names: Option<Vec<String>>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -145,6 +160,8 @@ struct RawCommand<'a> {
     delay_time: Option<serde_json::Value>,
     #[serde(default, borrow)]
     name: Option<NameField<'a>>,
+    #[serde(default)]
+    channel_names: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -190,6 +207,9 @@ pub fn parse_client(text: &str) -> Result<ClientCommand, ProtocolError> {
             };
             Ok(ClientCommand::ChangeName { name })
         }
+        "watch" => Ok(ClientCommand::Watch {
+            channel_names: validate_watch(raw.channel_names)?,
+        }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownCommand,
             format!("unknown command {:?}", truncate(other, 40)),
@@ -202,6 +222,29 @@ fn truncate(s: &str, max_chars: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+fn validate_watch(v: Option<serde_json::Value>) -> Result<Option<Vec<String>>, ProtocolError> {
+    let bad = |detail: &'static str| Err(ProtocolError::new(ErrorCode::BadWatch, detail));
+    let items = match v {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Array(items)) => items,
+        Some(_) => return bad("channel_names must be an array of client ids, or null"),
+    };
+    if items.len() > MAX_WATCH_IDS {
+        return bad("channel_names may hold at most 200 client ids");
+    }
+    let mut ids: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            serde_json::Value::String(id) if id.len() <= MAX_WATCH_ID_BYTES => ids.push(id),
+            serde_json::Value::String(_) => return bad("a client id is longer than 64 bytes"),
+            _ => return bad("channel_names must hold strings"),
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(Some(ids))
 }
 
 fn validate_delay(v: Option<&serde_json::Value>) -> Result<f64, ProtocolError> {
@@ -531,6 +574,56 @@ mod tests {
         }
         let ok = "é".repeat(64);
         assert!(parse_client(&format!(r#"{{"command":"change_name","name":"{ok}"}}"#)).is_ok());
+    }
+
+    #[test]
+    fn watch() {
+        assert_eq!(
+            parse_client(r#"{"command":"watch","channel_names":["b","a","b"]}"#),
+            Ok(ClientCommand::Watch {
+                channel_names: Some(vec!["a".into(), "b".into()])
+            }),
+            "sorted, without repeats"
+        );
+        assert_eq!(
+            parse_client(r#"{"command":"watch","channel_names":[]}"#),
+            Ok(ClientCommand::Watch {
+                channel_names: Some(vec![])
+            })
+        );
+        for everyone in [
+            r#"{"command":"watch"}"#,
+            r#"{"command":"watch","channel_names":null}"#,
+        ] {
+            assert_eq!(
+                parse_client(everyone),
+                Ok(ClientCommand::Watch {
+                    channel_names: None
+                }),
+                "{everyone}"
+            );
+        }
+        let ids = |n: usize| {
+            (0..n)
+                .map(|i| format!("\"{i:016x}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let max = format!(r#"{{"command":"watch","channel_names":[{}]}}"#, ids(200));
+        assert!(max.len() < 4096, "the largest watch fits the frame limit");
+        assert!(parse_client(&max).is_ok());
+        let long = "x".repeat(65);
+        for text in [
+            format!(r#"{{"command":"watch","channel_names":[{}]}}"#, ids(201)),
+            r#"{"command":"watch","channel_names":"a"}"#.to_owned(),
+            r#"{"command":"watch","channel_names":{"a":1}}"#.to_owned(),
+            r#"{"command":"watch","channel_names":["a",7]}"#.to_owned(),
+            format!(r#"{{"command":"watch","channel_names":["{long}"]}}"#),
+        ] {
+            assert_eq!(code(&text), ErrorCode::BadWatch, "{text}");
+        }
+        // Other commands ignore the key.
+        assert!(parse_client(r#"{"command":"ping","channel_names":5}"#).is_ok());
     }
 
     #[test]

@@ -186,6 +186,85 @@ async fn public_pages_see_each_others_rows_renames_and_leaving() {
     a.close().await;
 }
 
+// ---- 1b. large rosters: only the rows in view get delays ---------------
+
+#[tokio::test]
+async fn with_a_large_roster_the_page_watches_only_the_rows_in_view() {
+    let server = Server::start(&[]);
+    // More than the 100 rows above which the page watches.
+    let mut others = Vec::new();
+    for i in 0..150 {
+        others.push(WsClient::public(&server, Some(&format!("other {i:03}")), &[]).await);
+    }
+    let driver = Driver::start();
+    let b = driver.browser().await;
+    b.goto(&server.url("/public/")).await;
+    b.wait_open().await;
+    b.wait_for(
+        "151 rows",
+        "document.querySelectorAll('#roster tbody tr').length === 151",
+    )
+    .await;
+    let cell = |id: &str| {
+        format!(
+            "{}?.querySelector('td[data-field=delay_time]')?.textContent",
+            row_js(id)
+        )
+    };
+    // The rows below the own one, top and bottom.
+    let row_id =
+        |i: usize| format!("return document.querySelectorAll('#roster tbody tr')[{i}].dataset.id");
+    let first = b.js(&row_id(1)).await.as_str().unwrap().to_owned();
+    let last = b.js(&row_id(150)).await.as_str().unwrap().to_owned();
+    let index_of = |id: &str| others.iter().position(|c| c.id == id).unwrap();
+    let (first_i, last_i) = (index_of(&first), index_of(&last));
+    // Let the page settle its watch (it sends it 150 ms after a change).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // The last row is far below the fold: its delay is not sent to the
+    // page. It reports first; a second later the first row (in view)
+    // reports, and once that shows, the last one's would long have.
+    others[last_i]
+        .send(json!({"command":"delay_time","delay_time":22.0,"seq":1}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    others[first_i]
+        .send(json!({"command":"delay_time","delay_time":11.0,"seq":1}))
+        .await;
+    b.wait_for(
+        "the first row's delay",
+        &format!("{} === '11.00'", cell(&first)),
+    )
+    .await;
+    assert_eq!(
+        b.js(&format!("return {}", cell(&last))).await,
+        "–",
+        "a row out of view gets no delay updates"
+    );
+
+    // Scrolled to the bottom, the page watches the last rows instead.
+    b.js("document.querySelector('.table-wrap').scrollTop = 1e9")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seq = 2;
+    loop {
+        others[last_i]
+            .send(json!({"command":"delay_time","delay_time":33.0,"seq":seq}))
+            .await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        if b.js(&format!("return {}", cell(&last))).await == "33.00" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the last row never got its delay after scrolling to it"
+        );
+    }
+    assert_no_problems(&b, "public").await;
+    b.close().await;
+}
+
 // ---- 2. names are text ---------------------------------------------------
 
 #[tokio::test]

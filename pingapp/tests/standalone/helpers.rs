@@ -148,6 +148,24 @@ impl Client {
         }
     }
 
+    /// Every text frame that arrives within `period`.
+    pub async fn collect_for(&mut self, period: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + period;
+        let mut seen = Vec::new();
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next()).await;
+            match next {
+                Err(_) | Ok(None) => return seen,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    seen.push(serde_json::from_str(t.as_str()).unwrap())
+                }
+                Ok(Some(Ok(Message::Close(c)))) => panic!("closed while collecting: {c:?}"),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(e))) => panic!("error while collecting: {e}"),
+            }
+        }
+    }
+
     /// Reads until the connection closes; returns how.
     pub async fn closed(&mut self) -> Closed {
         let fut = async {

@@ -70,6 +70,71 @@ async fn v2_public_clients_see_each_others_connect_rename_delay_and_disconnect()
 }
 
 #[tokio::test]
+async fn a_watching_client_gets_only_the_delays_it_watches() {
+    let server = Server::start(&[]);
+    let (mut w, w_id, _) = public_v2(&server).await;
+    let (mut a, a_id, _) = public_v2(&server).await;
+    let (mut b, b_id, _) = public_v2(&server).await;
+    let (mut c, c_id, _) = public_v2(&server).await;
+    w.recv_until("connect", |v| v["channel_name"] == c_id.as_str())
+        .await;
+    a.recv_until("connect", |v| v["channel_name"] == c_id.as_str())
+        .await;
+
+    w.send(json!({"command":"watch","channel_names":[b_id, "unknown"]}))
+        .await;
+    // A ping round trip: the watch is in place before the delays.
+    w.send(json!({"command":"ping","seq":1})).await;
+    w.recv_until("pong", |_| true).await;
+    b.send(json!({"command":"delay_time","delay_time":2.5,"seq":1}))
+        .await;
+    c.send(json!({"command":"delay_time","delay_time":3.5,"seq":1}))
+        .await;
+    // A watches everyone: both reach it (in one frame or two).
+    let mut missing = vec![b_id.clone(), c_id.clone()];
+    while !missing.is_empty() {
+        let v = a.recv_until("delays", |_| true).await;
+        missing.retain(|id| v["delay_times"].get(id).is_none());
+    }
+    let mut seen = w
+        .collect_until(|v| v["command"] == "delays" && v["delay_times"].get(&b_id).is_some())
+        .await;
+    seen.extend(w.collect_for(Duration::from_millis(300)).await);
+    for v in seen.iter().filter(|v| v["command"] == "delays") {
+        let ids: Vec<&String> = v["delay_times"].as_object().unwrap().keys().collect();
+        assert_eq!(ids, [&b_id], "W watches only B: {v}");
+    }
+
+    // Only C changes: W gets no frame at all.
+    c.send(json!({"command":"delay_time","delay_time":4.5,"seq":2}))
+        .await;
+    a.recv_until("delays", |v| v["delay_times"][&c_id]["delay_time"] == 4.5)
+        .await;
+    let quiet = w.collect_for(Duration::from_millis(300)).await;
+    assert!(
+        quiet.iter().all(|v| v["command"] != "delays"),
+        "nothing W watches changed: {quiet:?}"
+    );
+
+    // Back to everyone.
+    w.send(json!({"command":"watch","channel_names":null}))
+        .await;
+    w.send(json!({"command":"ping","seq":2})).await;
+    w.recv_until("pong", |_| true).await;
+    c.send(json!({"command":"delay_time","delay_time":5.5,"seq":3}))
+        .await;
+    w.recv_until("delays", |v| v["delay_times"][&c_id]["delay_time"] == 5.5)
+        .await;
+    // Watching changes nothing else: W still sees connects and renames.
+    a.send(json!({"command":"change_name","name":"Ann"})).await;
+    let rename = w
+        .recv_until("change_name", |v| v["channel_name"] == a_id.as_str())
+        .await;
+    assert_eq!(rename["name"], "Ann");
+    let _ = w_id;
+}
+
+#[tokio::test]
 async fn v1_clients_speak_exactly_the_original_protocol() {
     let server = Server::start(&[]);
     // The original page: no ?v=2, no seq.
@@ -359,6 +424,10 @@ async fn every_bad_input_is_answered_and_the_connection_lives_on() {
                 "bad_delay",
             ),
             (Message::text(r#"{"command":"delay_time"}"#), "bad_delay"),
+            (
+                Message::text(r#"{"command":"watch","channel_names":"all"}"#),
+                "bad_watch",
+            ),
         ];
         let mut cases = cases;
         if path.starts_with("/ws/public") {
