@@ -122,6 +122,12 @@ pub struct Args {
     /// each value took to show up in a `delays` frame
     #[arg(long, env = "PINGAPP_MEASURE_DELAYS", value_parser = BoolishValueParser::new())]
     pub measure_delays: bool,
+
+    /// Public page, v2: once the window opens, every client sends a `watch`
+    /// for N other simulated clients (a run of N consecutive ones, as a
+    /// page shows N rows of its table), so it gets only their delays
+    #[arg(long, env = "PINGAPP_WATCH", value_name = "N")]
+    pub watch: Option<u32>,
 }
 
 /// A setting that parses but makes no sense.
@@ -151,6 +157,9 @@ pub enum ConfigError {
     /// `delay_time`.
     #[error("--measure-delays needs --page public, --protocol 2 and --send-delay")]
     DelaysNeedPublicV2,
+    /// `--watch` without public v2 clients, or outside 1..=200.
+    #[error("--watch needs --page public and --protocol 2, and a count from 1 to 200")]
+    Watch,
 }
 
 /// Validated settings of one run; see [`Args`] for what each one means.
@@ -181,6 +190,8 @@ pub struct Config {
     pub measure_broadcast: bool,
     /// Measure how late `delay_time` values show up in `delays` frames.
     pub measure_delays: bool,
+    /// Watch this many other clients' delays (v2 `watch`).
+    pub watch: Option<u32>,
     /// Print a progress line to stderr every second.
     pub progress: bool,
 }
@@ -219,6 +230,13 @@ impl Args {
         {
             return Err(ConfigError::DelaysNeedPublicV2);
         }
+        if let Some(n) = self.watch
+            && (self.page != Page::Public
+                || self.protocol != Protocol::V2
+                || !(1..=200).contains(&n))
+        {
+            return Err(ConfigError::Watch);
+        }
         Ok(Config {
             base_urls,
             clients: self.clients,
@@ -232,6 +250,7 @@ impl Args {
             send_delay,
             measure_broadcast: self.measure_broadcast,
             measure_delays: self.measure_delays,
+            watch: self.watch,
             progress: true,
         })
     }
@@ -327,6 +346,23 @@ mod tests {
         assert_eq!(config.ws_url(), "ws://h:1/ws/public/?v=2");
         assert!(!config.send_delay);
         assert!(parse(&["--send-delay"]).unwrap().send_delay);
+    }
+
+    #[test]
+    fn watch_needs_public_v2_and_a_sane_count() {
+        assert_eq!(
+            parse(&["--page", "public", "--watch", "50"]).unwrap().watch,
+            Some(50)
+        );
+        assert_eq!(parse(&["--page", "public"]).unwrap().watch, None);
+        for bad in [
+            &["--watch", "50"][..],
+            &["--page", "public", "--protocol", "1", "--watch", "50"],
+            &["--page", "public", "--watch", "0"],
+            &["--page", "public", "--watch", "201"],
+        ] {
+            assert_eq!(parse(bad), Err(ConfigError::Watch), "{bad:?}");
+        }
     }
 
     #[test]

@@ -46,6 +46,11 @@ const RENAME_PREFIX: &str = "lg-";
 /// Fractional part of the golden ratio: spreads the clients' first pings
 /// evenly over one interval so they do not fire in lockstep.
 const GOLDEN: f64 = 0.618_033_988_749_894_9;
+/// The start of a `roster` frame as the gateway writes it.
+const ROSTER_PREFIX: &str = r#"{"command":"roster""#;
+/// The start of a `delays` frame as the gateway writes it.
+const DELAYS_PREFIX: &str = r#"{"command":"delays""#;
+
 /// With `--measure-delays`, `delay_time` is the send time in Unix µs modulo
 /// this (60 s, the highest delay the server accepts), sent as ms.
 const DELAY_CLOCK_US: u64 = 60_000_000;
@@ -194,6 +199,10 @@ struct Client {
     delay_observer: bool,
     /// Own id, from `welcome`.
     channel_name: Option<String>,
+    /// This client's number.
+    index: u32,
+    /// `--watch`: how many to watch, until the watch is sent.
+    watch_pending: Option<u32>,
     /// Time between pings; `None` for closed loop.
     interval: Option<Duration>,
     seq: u64,
@@ -229,6 +238,8 @@ impl Client {
             clock_delays: config.measure_delays,
             delay_observer: config.measure_delays && index < DELAY_OBSERVERS,
             channel_name: None,
+            index,
+            watch_pending: config.watch,
             interval,
             seq: 0,
             in_flight: None,
@@ -361,6 +372,16 @@ impl Client {
 
     async fn on_text(&mut self, ws: &mut Ws, text: &str) -> ControlFlow<Outcome> {
         let received_at = Instant::now();
+        // The large frames, unless this client reads them: counted by their
+        // prefix (the server puts `command` first), not parsed.
+        if text.starts_with(ROSTER_PREFIX) {
+            self.frames.add("roster");
+            return ControlFlow::Continue(());
+        }
+        if text.starts_with(DELAYS_PREFIX) && !self.delay_observer {
+            self.frames.add("delays");
+            return ControlFlow::Continue(());
+        }
         let Ok(frame) = serde_json::from_str::<Incoming<'_>>(text) else {
             self.frames.add("_unparsed");
             return ControlFlow::Continue(());
@@ -380,7 +401,14 @@ impl Client {
                         .record_broadcast(unix_micros().saturating_sub(sent_micros), same);
                 }
             }
-            "welcome" => self.channel_name = frame.channel_name.map(Cow::into_owned),
+            "welcome" => {
+                self.channel_name = frame.channel_name.map(Cow::into_owned);
+                if self.watch_pending.is_some()
+                    && let Some(id) = &self.channel_name
+                {
+                    self.shared.add_id(id);
+                }
+            }
             "delays" if self.delay_observer && self.shared.in_window() => {
                 self.on_delays(text);
             }
@@ -407,6 +435,16 @@ impl Client {
         };
         self.in_flight = None;
         let rtt = received_at - in_flight.sent_at;
+        if let Some(n) = self.watch_pending
+            && self.shared.in_window()
+        {
+            self.watch_pending = None;
+            let ids =
+                self.shared
+                    .ids_to_watch(self.index, n as usize, self.channel_name.as_deref());
+            let text = serde_json::json!({"command": "watch", "channel_names": ids}).to_string();
+            send(ws, text).await?;
+        }
         self.shared.counters.pongs.fetch_add(1, Relaxed);
         if in_flight.counted {
             self.shared.counters.pings.fetch_add(1, Relaxed);

@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     broadcast_same: Mutex<Histogram<u64>>,
     broadcast_other: Mutex<Histogram<u64>>,
     delays: Mutex<Histogram<u64>>,
+    /// Every simulated client's id, in the order their welcomes came.
+    ids: Mutex<Vec<String>>,
     closed_by_server: Mutex<BTreeMap<u16, u64>>,
     frames: Mutex<BTreeMap<String, u64>>,
 }
@@ -116,9 +118,34 @@ impl Shared {
             broadcast_same: Mutex::new(new_histogram()),
             broadcast_other: Mutex::new(new_histogram()),
             delays: Mutex::new(new_histogram()),
+            ids: Mutex::new(Vec::new()),
             closed_by_server: Mutex::new(BTreeMap::new()),
             frames: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Registers a client's id (from its welcome) for `--watch`.
+    pub(crate) fn add_id(&self, id: &str) {
+        lock(&self.ids).push(id.to_owned());
+    }
+
+    /// Up to `n` ids of other simulated clients for client `index` to
+    /// watch: a run of consecutive ones, starting at a place that depends
+    /// on `index`, without `own`.
+    pub(crate) fn ids_to_watch(&self, index: u32, n: usize, own: Option<&str>) -> Vec<String> {
+        let ids = lock(&self.ids);
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let start = (u64::from(index).wrapping_mul(2_654_435_761) % ids.len() as u64) as usize;
+        ids.iter()
+            .cycle()
+            .skip(start)
+            .take(ids.len())
+            .filter(|id| Some(id.as_str()) != own)
+            .take(n)
+            .cloned()
+            .collect()
     }
 
     /// Whether the measurement window is open right now.

@@ -97,6 +97,15 @@ impl Drop for EchoProcess {
 /// to everyone, answers pings. With `close_with`, it closes each
 /// connection with that code at its first ping instead.
 pub async fn start_fake_public(close_with: Option<u16>) -> SocketAddr {
+    start_fake_public_recording(close_with, Watches::default()).await
+}
+
+/// Every `watch` a fake server received: the watching client's id and the
+/// ids it named.
+pub type Watches = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>)>>>;
+
+/// [`start_fake_public`] that also records every `watch` in `watches`.
+pub async fn start_fake_public_recording(close_with: Option<u16>, watches: Watches) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let (broadcasts, _) = broadcast::channel::<String>(1024);
@@ -106,6 +115,7 @@ pub async fn start_fake_public(close_with: Option<u16>) -> SocketAddr {
             next_id += 1;
             let id = format!("c{next_id}");
             let broadcasts = broadcasts.clone();
+            let watches = watches.clone();
             tokio::spawn(async move {
                 let Ok(mut ws) = accept_async(stream).await else {
                     return;
@@ -133,6 +143,11 @@ pub async fn start_fake_public(close_with: Option<u16>) -> SocketAddr {
                                     }
                                     let pong = json!({"command": "pong", "seq": frame["seq"], "server_time": 0});
                                     let _ = ws.send(Message::text(pong.to_string())).await;
+                                }
+                                Some("watch") => {
+                                    let ids = frame["channel_names"].as_array().into_iter().flatten()
+                                        .filter_map(|v| v.as_str().map(str::to_owned)).collect();
+                                    watches.lock().unwrap().push((id.clone(), ids));
                                 }
                                 Some("change_name") => {
                                     let renamed = json!({"command": "change_name", "channel_name": id, "name": frame["name"]});

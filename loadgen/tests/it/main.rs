@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::Command;
 
 use futures_util::{SinkExt, StreamExt};
-use helpers::{EchoProcess, config, start_fake_public};
+use helpers::{EchoProcess, Watches, config, start_fake_public, start_fake_public_recording};
 use loadgen::Summary;
 use serde_json::Value;
 use tokio_tungstenite::connect_async;
@@ -263,6 +263,46 @@ async fn spreads_clients_over_several_urls_and_splits_broadcast_latency() {
     assert!(same <= broadcast.renames_sent * 2, "{broadcast:?}");
     assert!(same >= (broadcast.renames_sent - 1) * 2, "{broadcast:?}");
     assert_eq!(summary.frames_by_command["welcome"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sends_each_client_a_run_of_other_clients() {
+    let watches = Watches::default();
+    let addr = start_fake_public_recording(None, watches.clone()).await;
+    let summary = loadgen::run(
+        config(
+            &format!("ws://{addr}"),
+            &[
+                "--clients",
+                "6",
+                "--duration",
+                "1500ms",
+                "--rate",
+                "5",
+                "--page",
+                "public",
+                "--watch",
+                "3",
+            ],
+        ),
+        never(),
+    )
+    .await;
+
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    let watches = watches.lock().unwrap().clone();
+    assert_eq!(watches.len(), 6, "one watch per client: {watches:?}");
+    let all: std::collections::BTreeSet<String> = (1..=6).map(|i| format!("c{i}")).collect();
+    let mut watchers = std::collections::BTreeSet::new();
+    for (id, ids) in &watches {
+        assert!(watchers.insert(id.clone()), "{id} watched twice");
+        assert_eq!(ids.len(), 3, "{id} watches 3: {ids:?}");
+        assert!(!ids.contains(id), "{id} does not watch itself");
+        assert!(
+            ids.iter().all(|w| all.contains(w)),
+            "only real ids: {ids:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
