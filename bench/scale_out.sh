@@ -19,8 +19,12 @@
 #     /metrics (presence events and broadcasts by kind), and every
 #     process's utime+stime from /proc/PID/stat.
 #
+# (c) Mode `watch`: as (b), but every client watches WATCH (default 50)
+#     other clients (`loadgen --watch`), as the public page does above 100
+#     rows: each client gets only those clients' delays.
+#
 # Usage: bash bench/scale_out.sh     (env: CASES="..." DURATION=20 OUT=/tmp/...)
-#   CASES: space-separated NAME:GATEWAYS:CLIENTS:MODE, MODE = rename|delays
+#   CASES: space-separated NAME:GATEWAYS:CLIENTS:MODE, MODE = rename|delays|watch
 # Needs: release binaries (built if missing), nats-server on PATH, a
 # PostgreSQL server at $PG_URL (trust), psql, python3, curl. Loopback only.
 set -euo pipefail
@@ -30,6 +34,7 @@ DURATION="${DURATION:-20}"          # seconds of measurement window per case
 SLICE="${SLICE:-12}"                # seconds of counter sampling inside it
 RAMP="${RAMP:-500}"
 TICK_MS="${TICK_MS:-500}"           # roster tick of gateways and presence
+WATCH="${WATCH:-50}"                # clients each client watches in mode watch
 CASES="${CASES:-rename-c300:3:300:rename delays-1gw-c1000:1:1000:delays delays-3gw-c1000:3:1000:delays delays-3gw-c3000:3:3000:delays}"
 PG_URL="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
 OUT="${OUT:-$(mktemp -d /tmp/pingapp-scale.XXXXXX)}"
@@ -153,6 +158,7 @@ run_case() { # name gateways clients mode
     case $mode in
         rename) flags=(--measure-broadcast) ;;
         delays) flags=(--measure-delays --send-delay) ;;
+        watch) flags=(--measure-delays --send-delay --watch "$WATCH") ;;
         *) echo "unknown mode $mode" >&2; exit 2 ;;
     esac
     echo "== $name: $clients public v2 clients over $ngw gateway(s), $mode, ${DURATION}s" >&2
@@ -193,8 +199,8 @@ python3 - "$OUT" "$TICK_MS" "$(getconf CLK_TCK)" $CASES <<'EOF' | tee "$OUT/scal
 import json, os, re, sys
 out, tick_ms, hz, cases = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 def ms(us): return "-" if us is None else f"{us/1000:.1f}"
-def metric(text, name, kind):
-    m = re.search(rf'^{name}{{[^}}]*kind="{kind}"[^}}]*}} ([0-9.e+]+)', text, re.M)
+def metric(text, name, kind, label="kind"):
+    m = re.search(rf'^{name}{{[^}}]*{label}="{kind}"[^}}]*}} ([0-9.e+]+)', text, re.M)
     return float(m.group(1)) if m else 0.0
 rename_rows, delay_rows = [], []
 for c in cases:
@@ -227,11 +233,14 @@ for c in cases:
             in_kb_tick=(vz["in_bytes"] - va["in_bytes"]) / ticks / 1024, out_kb_tick=(vz["out_bytes"] - va["out_bytes"]) / ticks / 1024,
             ev_tick=(metric(pz, "pingapp_presence_events_total", "delays") - metric(pa, "pingapp_presence_events_total", "delays")) / ticks,
             bc_tick=(metric(pz, "pingapp_presence_broadcasts_total", "delays") - metric(pa, "pingapp_presence_broadcasts_total", "delays")) / ticks,
+            fast=metric(pz, "pingapp_presence_delay_flushes_total", "all_reported", "trigger") - metric(pa, "pingapp_presence_delay_flushes_total", "all_reported", "trigger"),
+            late=metric(pz, "pingapp_presence_delay_flushes_total", "deadline", "trigger") - metric(pa, "pingapp_presence_delay_flushes_total", "deadline", "trigger"),
             gw_cpu=gws, gw_rss=rss, pres=cpu(a["presence_cpu"], z["presence_cpu"]), rec=cpu(a["recorder_cpu"], z["recorder_cpu"]),
             nats=cpu(a["nats_cpu"], z["nats_cpu"]), lg=cpu(a["loadgen_cpu"], z["loadgen_cpu"]), slice=dt)
     except Exception as e:
         row["note"] = f"no counters ({e})"
     row["rtt"] = s["rtt_us"]
+    row["frames_per_client_s"] = s["frames_by_command"].get("delays", 0) / max(conn, 1) / max(s["duration_secs"], 1e-9)
     delay_rows.append((name, ngw, conn, clients, s["frames_by_command"].get("delays", 0), err_txt, row))
 if rename_rows:
     print("Rename broadcast latency (ms), change_name sent by client 0, measured at every other client:\n")
@@ -240,17 +249,17 @@ if rename_rows:
     print("\n".join(rename_rows)); print()
 if delay_rows:
     print(f"Delay updates (roster tick {tick_ms} ms): latency from a client's delay_time to an observer seeing it in a `delays` frame (ms):\n")
-    print("| case | gateways | clients | samples | p50 | p90 | p99 | max | target p99 <= tick + 50 | ping RTT p50 / p99 (saturation check) | loadgen errors |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
+    print("| case | gateways | clients | samples | p50 | p90 | p99 | max | target p99 <= tick + 50 | ping RTT p50 / p99 (saturation check) | `delays` frames per client per s (whole run) | loadgen errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |")
     for name, ngw, conn, clients, frames, err, r in delay_rows:
         l = r["lat"]; ok = l["p99"] is not None and l["p99"] <= (tick_ms + 50) * 1000
-        print(f"| {name} | {ngw} | {conn}/{clients} | {l['samples']} | {ms(l['p50'])} | {ms(l['p90'])} | {ms(l['p99'])} | {ms(l['max'])} | {'met' if ok else '**missed**'} | {ms(r['rtt']['p50'])} / {ms(r['rtt']['p99'])} | {err} |")
+        print(f"| {name} | {ngw} | {conn}/{clients} | {l['samples']} | {ms(l['p50'])} | {ms(l['p90'])} | {ms(l['p99'])} | {ms(l['max'])} | {'met' if ok else '**missed**'} | {ms(r['rtt']['p50'])} / {ms(r['rtt']['p99'])} | {r['frames_per_client_s']:.2f} | {err} |")
     print("\nPer roster tick, over a slice of the window (NATS totals from /varz; presence counters from its /metrics):\n")
-    print("| case | gateways | clients | NATS in msgs/tick | NATS out msgs/tick | NATS in KiB/tick | NATS out KiB/tick | presence delays reports in/tick | presence delays broadcasts/tick |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| case | gateways | clients | NATS in msgs/tick | NATS out msgs/tick | NATS in KiB/tick | NATS out KiB/tick | presence delays reports in/tick | presence delays broadcasts/tick | broadcasts released when all gateways reported / at the deadline |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, ngw, conn, clients, frames, err, r in delay_rows:
-        if "in_tick" not in r: print(f"| {name} | {ngw} | {conn} | {r.get('note')} | | | | | |"); continue
-        print(f"| {name} | {ngw} | {conn} | {r['in_tick']:.1f} | {r['out_tick']:.1f} | {r['in_kb_tick']:.0f} | {r['out_kb_tick']:.0f} | {r['ev_tick']:.2f} | {r['bc_tick']:.2f} |")
+        if "in_tick" not in r: print(f"| {name} | {ngw} | {conn} | {r.get('note')} | | | | | | |"); continue
+        print(f"| {name} | {ngw} | {conn} | {r['in_tick']:.1f} | {r['out_tick']:.1f} | {r['in_kb_tick']:.0f} | {r['out_kb_tick']:.0f} | {r['ev_tick']:.2f} | {r['bc_tick']:.2f} | {r['fast']:.0f} / {r['late']:.0f} |")
     print("\nCPU over the same slice (% of one core; 2 cores total, loadgen shares them):\n")
     print("| case | gateways | clients | CPU per gateway | gateway RSS MiB | presence | recorder | nats-server | loadgen |")
     print("| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")

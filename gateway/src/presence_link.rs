@@ -20,13 +20,12 @@ use crate::state::Shared;
 /// pages within one tick plus delivery.
 pub async fn roster_ticks(shared: Arc<Shared>) {
     let period = shared.args.roster_tick();
-    let mut tick = services::aligned_interval(period, Duration::ZERO);
+    let mut ticks = services::WallClockTicks::new(period, Duration::ZERO);
     loop {
-        tokio::select! {
+        let tick_ms = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let tick_ms = nearest_tick(services::unix_ms(), period);
+            t = ticks.tick() => t,
+        };
         shared
             .report(|local| {
                 let delays = local
@@ -44,13 +43,6 @@ pub async fn roster_ticks(shared: Arc<Shared>) {
             })
             .await;
     }
-}
-
-/// The wall-clock roster tick (Unix ms, a multiple of `period`) nearest to
-/// `now_ms`: a tick fires a little late, never much.
-fn nearest_tick(now_ms: i64, period: Duration) -> i64 {
-    let period = (period.as_millis() as i64).max(1);
-    (now_ms + period / 2).div_euclid(period) * period
 }
 
 /// Sends a heartbeat with every local public client each interval, and at
@@ -211,19 +203,4 @@ pub fn apply(shared: &Shared, b: Broadcast) {
         .broadcast_fanout
         .with_label_values(&[] as &[&str])
         .observe(started.elapsed().as_secs_f64());
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    #[test]
-    fn a_tick_is_named_by_the_boundary_it_fired_at() {
-        let p = Duration::from_millis(500);
-        assert_eq!(super::nearest_tick(1000, p), 1000);
-        assert_eq!(super::nearest_tick(1003, p), 1000);
-        assert_eq!(super::nearest_tick(1249, p), 1000);
-        assert_eq!(super::nearest_tick(998, p), 1000);
-        assert_eq!(super::nearest_tick(1250, p), 1500);
-    }
 }

@@ -169,8 +169,7 @@ impl Presence {
         // updates leave as soon as every gateway closed it, or at this
         // deadline a little after the tick if one is late.
         let grace = deadline_grace(cfg.roster_tick);
-        let mut deadline = services::aligned_interval(cfg.roster_tick, grace);
-        deadline.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut deadlines = services::WallClockTicks::new(cfg.roster_tick, grace);
         let mut snapshots =
             tokio::time::interval_at(start + cfg.snapshot_interval, cfg.snapshot_interval);
         snapshots.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -183,7 +182,7 @@ impl Presence {
                 m = reports.next() => Event::Report(m.context("gateway report subscription ended")?),
                 m = requests.next() => Event::Request(m.context("roster request subscription ended")?),
                 _ = expiry.tick() => Event::Expiry,
-                _ = deadline.tick() => Event::Deadline,
+                at = deadlines.tick() => Event::Deadline(at - grace.as_millis() as i64),
                 _ = snapshots.tick() => Event::Snapshot,
                 () = &mut warmup, if !state.warmed => Event::Warm,
                 Ok(()) = state.lease.changed() => Event::Lease,
@@ -194,8 +193,7 @@ impl Presence {
                 Event::Report(m) => state.on_report(&m, now).await,
                 Event::Request(m) => state.on_request(m).await,
                 Event::Expiry => state.on_expiry(now).await,
-                Event::Deadline => {
-                    let tick = tick_before(services::unix_ms(), cfg.roster_tick, grace);
+                Event::Deadline(tick) => {
                     if let Some(delays) = state.roster.take_due_delays(tick) {
                         state
                             .metrics
@@ -250,19 +248,13 @@ fn deadline_grace(tick: Duration) -> Duration {
     (tick / 5).min(Duration::from_millis(50))
 }
 
-/// The roster tick (Unix ms) whose deadline falls at or just before
-/// `now_ms`.
-fn tick_before(now_ms: i64, tick: Duration, grace: Duration) -> i64 {
-    let period = (tick.as_millis() as i64).max(1);
-    (now_ms - grace.as_millis() as i64).div_euclid(period) * period
-}
-
 /// What woke the loop.
 enum Event {
     Report(Message),
     Request(Message),
     Expiry,
-    Deadline,
+    /// The deadline of the roster tick at this Unix ms.
+    Deadline(i64),
     Snapshot,
     Warm,
     Lease,
@@ -436,21 +428,17 @@ impl State {
 mod tests {
     use std::time::Duration;
 
-    use super::{deadline_grace, tick_before};
+    use super::deadline_grace;
 
     #[test]
-    fn a_deadline_belongs_to_the_tick_just_before_it() {
-        let tick = Duration::from_millis(500);
-        let grace = deadline_grace(tick);
-        assert_eq!(grace, Duration::from_millis(50));
+    fn the_grace_is_a_fifth_of_the_tick_at_most_50_ms() {
+        assert_eq!(
+            deadline_grace(Duration::from_millis(500)),
+            Duration::from_millis(50)
+        );
         assert_eq!(
             deadline_grace(Duration::from_millis(100)),
             Duration::from_millis(20)
         );
-        // The deadline of tick 1000 fires at 1050, perhaps a little late.
-        assert_eq!(tick_before(1050, tick, grace), 1000);
-        assert_eq!(tick_before(1090, tick, grace), 1000);
-        assert_eq!(tick_before(1549, tick, grace), 1000);
-        assert_eq!(tick_before(1550, tick, grace), 1500);
     }
 }

@@ -28,43 +28,82 @@ pub fn unix_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-/// An interval whose ticks fall on wall-clock multiples of `period`, shifted
-/// by `offset` (`offset < period`). Processes that tick with the same period
-/// tick in step: each gateway sends its roster-tick report `lead` before
-/// presence's tick (offset `period - lead`), so a delay update waits for one
-/// tick, not for two unaligned ones.
-pub fn aligned_interval(
-    period: std::time::Duration,
-    offset: std::time::Duration,
-) -> tokio::time::Interval {
-    let period_us = period.as_micros().max(1) as i64;
-    let offset_us = (offset.as_micros() as i64).rem_euclid(period_us);
-    let now_us = unix_us();
-    let next = ((now_us - offset_us).div_euclid(period_us) + 1) * period_us + offset_us;
-    let wait = std::time::Duration::from_micros((next - now_us).max(0) as u64);
-    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + wait, period);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval
+/// Ticks on wall-clock multiples of a period, shifted by an offset, so that
+/// processes with the same period tick in step: every gateway closes a
+/// roster tick at the same moment, and presence's deadline follows a little
+/// later.
+///
+/// Every tick sleeps until the next boundary computed from the wall clock,
+/// so the ticks do not drift: a `tokio::time::Interval` runs on the
+/// monotonic clock and, once a tick is late, keeps the delay for good.
+/// A tick that comes more than a period late skips the boundaries missed.
+#[derive(Debug)]
+pub struct WallClockTicks {
+    period_us: i64,
+    offset_us: i64,
+    last_us: Option<i64>,
+}
+
+impl WallClockTicks {
+    /// Ticks at `k * period + offset` (Unix time; `offset` is taken modulo
+    /// `period`).
+    pub fn new(period: std::time::Duration, offset: std::time::Duration) -> Self {
+        let period_us = (period.as_micros() as i64).max(1);
+        Self {
+            period_us,
+            offset_us: (offset.as_micros() as i64).rem_euclid(period_us),
+            last_us: None,
+        }
+    }
+
+    /// The first boundary after `now_us`, and after the last one returned.
+    fn next_after(&self, now_us: i64) -> i64 {
+        let (p, o) = (self.period_us, self.offset_us);
+        let next = ((now_us - o).div_euclid(p) + 1) * p + o;
+        match self.last_us {
+            Some(last) if next <= last => last + p,
+            _ => next,
+        }
+    }
+
+    /// Waits for the next boundary and returns it, in Unix milliseconds.
+    pub async fn tick(&mut self) -> i64 {
+        let now = unix_us();
+        let next = self.next_after(now);
+        tokio::time::sleep(std::time::Duration::from_micros((next - now).max(0) as u64)).await;
+        self.last_us = Some(next);
+        next.div_euclid(1000)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
+    use super::WallClockTicks;
+
+    #[test]
+    fn boundaries_follow_the_wall_clock_and_never_repeat() {
+        let mut t = WallClockTicks::new(Duration::from_millis(500), Duration::from_millis(50));
+        assert_eq!(t.next_after(1_000_000), 1_050_000);
+        assert_eq!(t.next_after(1_049_999), 1_050_000);
+        assert_eq!(t.next_after(1_050_000), 1_550_000);
+        // Woken a little early: the same boundary is not returned twice.
+        t.last_us = Some(1_050_000);
+        assert_eq!(t.next_after(1_049_990), 1_550_000);
+        // Woken more than a period late: the missed boundaries are skipped.
+        assert_eq!(t.next_after(2_700_000), 3_050_000);
+    }
+
     #[tokio::test]
-    async fn aligned_ticks_fall_on_wall_clock_boundaries() {
-        let period = Duration::from_millis(100);
-        let mut a = super::aligned_interval(period, Duration::ZERO);
-        a.tick().await;
-        let phase = super::unix_us().rem_euclid(100_000);
-        // Within a few ms after the boundary (scheduling delay).
-        assert!(phase < 20_000, "tick at phase {phase} µs");
-        let mut b = super::aligned_interval(period, Duration::from_millis(60));
-        b.tick().await;
-        let phase = super::unix_us().rem_euclid(100_000);
-        assert!(
-            (60_000..80_000).contains(&phase),
-            "tick at phase {phase} µs"
-        );
+    async fn ticks_fall_on_wall_clock_boundaries() {
+        let mut t = WallClockTicks::new(Duration::from_millis(100), Duration::from_millis(60));
+        for _ in 0..3 {
+            let boundary = t.tick().await;
+            assert_eq!(boundary.rem_euclid(100), 60, "named by its boundary");
+            let late_us = super::unix_us() - boundary * 1000;
+            // Within a few ms after the boundary (scheduling delay).
+            assert!((0..20_000).contains(&late_us), "tick {late_us} µs after");
+        }
     }
 }
