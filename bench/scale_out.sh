@@ -35,6 +35,7 @@ SLICE="${SLICE:-12}"                # seconds of counter sampling inside it
 RAMP="${RAMP:-500}"
 TICK_MS="${TICK_MS:-500}"           # roster tick of gateways and presence
 WATCH="${WATCH:-50}"                # clients each client watches in mode watch
+RATE="${RATE:-1}"                   # pings (and delay reports) per client per second
 CASES="${CASES:-rename-c300:3:300:rename delays-1gw-c1000:1:1000:delays delays-3gw-c1000:3:1000:delays delays-3gw-c3000:3:3000:delays}"
 PG_URL="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
 OUT="${OUT:-$(mktemp -d /tmp/pingapp-scale.XXXXXX)}"
@@ -54,8 +55,9 @@ done
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 max_clients=$(for c in $CASES; do echo "$c" | cut -d: -f3; done | sort -n | tail -1)
-if (( $(ulimit -n) < 2 * max_clients + 1000 )); then
-    echo "ulimit -n is $(ulimit -n); need at least $((2 * max_clients + 1000))" >&2
+# Per process: loadgen holds every client's socket, a lone gateway too.
+if (( $(ulimit -n) < max_clients + 1000 )); then
+    echo "ulimit -n is $(ulimit -n); need at least $((max_clients + 1000))" >&2
     exit 2
 fi
 
@@ -162,9 +164,9 @@ run_case() { # name gateways clients mode
         *) echo "unknown mode $mode" >&2; exit 2 ;;
     esac
     echo "== $name: $clients public v2 clients over $ngw gateway(s), $mode, ${DURATION}s" >&2
-    timeout --signal=INT --kill-after=15 $((DURATION + clients / RAMP + 60)) \
+    timeout --signal=INT --kill-after=15 $((DURATION + clients / RAMP + 120)) \
         "$BIN/loadgen" "${urls[@]}" --page public --protocol 2 --clients "$clients" \
-        --rate 1 --ramp "$RAMP" --duration "${DURATION}s" --json "${flags[@]}" \
+        --rate "$RATE" --ramp "$RAMP" --duration "${DURATION}s" --json "${flags[@]}" \
         >"$OUT/$name.json" 2>"$OUT/$name.err" &
     TO_PID=$!
     LG_PID=""
