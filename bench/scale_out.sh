@@ -243,6 +243,7 @@ for c in cases:
         row["note"] = f"no counters ({e})"
     row["rtt"] = s["rtt_us"]
     row["frames_per_client_s"] = s["frames_by_command"].get("delays", 0) / max(conn, 1) / max(s["duration_secs"], 1e-9)
+    row["kib_per_client_s"] = s.get("delays_bytes", 0) / 1024 / max(conn, 1) / max(s["duration_secs"], 1e-9)
     delay_rows.append((name, ngw, conn, clients, s["frames_by_command"].get("delays", 0), err_txt, row))
 if rename_rows:
     print("Rename broadcast latency (ms), change_name sent by client 0, measured at every other client:\n")
@@ -251,11 +252,11 @@ if rename_rows:
     print("\n".join(rename_rows)); print()
 if delay_rows:
     print(f"Delay updates (roster tick {tick_ms} ms): latency from a client's delay_time to an observer seeing it in a `delays` frame (ms):\n")
-    print("| case | gateways | clients | samples | p50 | p90 | p99 | max | target p99 <= tick + 50 | ping RTT p50 / p99 (saturation check) | `delays` frames per client per s (whole run) | loadgen errors |")
+    print("| case | gateways | clients | samples | p50 | p90 | p99 | max | target p99 <= tick + 50 | ping RTT p50 / p99 (saturation check) | `delays` frames / KiB per client per s (whole run) | loadgen errors |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |")
     for name, ngw, conn, clients, frames, err, r in delay_rows:
         l = r["lat"]; ok = l["p99"] is not None and l["p99"] <= (tick_ms + 50) * 1000
-        print(f"| {name} | {ngw} | {conn}/{clients} | {l['samples']} | {ms(l['p50'])} | {ms(l['p90'])} | {ms(l['p99'])} | {ms(l['max'])} | {'met' if ok else '**missed**'} | {ms(r['rtt']['p50'])} / {ms(r['rtt']['p99'])} | {r['frames_per_client_s']:.2f} | {err} |")
+        print(f"| {name} | {ngw} | {conn}/{clients} | {l['samples']} | {ms(l['p50'])} | {ms(l['p90'])} | {ms(l['p99'])} | {ms(l['max'])} | {'met' if ok else '**missed**'} | {ms(r['rtt']['p50'])} / {ms(r['rtt']['p99'])} | {r['frames_per_client_s']:.2f} / {r['kib_per_client_s']:.1f} | {err} |")
     print("\nPer roster tick, over a slice of the window (NATS totals from /varz; presence counters from its /metrics):\n")
     print("| case | gateways | clients | NATS in msgs/tick | NATS out msgs/tick | NATS in KiB/tick | NATS out KiB/tick | presence delays reports in/tick | presence delays broadcasts/tick | broadcasts released when all gateways reported / at the deadline |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")

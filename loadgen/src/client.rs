@@ -378,9 +378,13 @@ impl Client {
             self.frames.add("roster");
             return ControlFlow::Continue(());
         }
-        if text.starts_with(DELAYS_PREFIX) && !self.delay_observer {
-            self.frames.add("delays");
-            return ControlFlow::Continue(());
+        if text.starts_with(DELAYS_PREFIX) {
+            let n = text.len() as u64;
+            self.shared.counters.delays_bytes.fetch_add(n, Relaxed);
+            if !self.delay_observer {
+                self.frames.add("delays");
+                return ControlFlow::Continue(());
+            }
         }
         let Ok(frame) = serde_json::from_str::<Incoming<'_>>(text) else {
             self.frames.add("_unparsed");

@@ -58,6 +58,8 @@ pub(crate) struct Counters {
     pub(crate) server_errors: AtomicU64,
     pub(crate) closed_by_server: AtomicU64,
     pub(crate) renames_sent: AtomicU64,
+    /// Bytes of the `delays` frames received.
+    pub(crate) delays_bytes: AtomicU64,
 }
 
 /// State shared by the runner and every client task.
@@ -410,5 +412,6 @@ fn summarize(shared: &Shared, ramp_secs: f64, duration_secs: f64) -> Summary {
             latency_us: LatencyStats::from_histogram(&lock(&shared.delays)),
         }),
         frames_by_command: lock(&shared.frames).clone(),
+        delays_bytes: c.delays_bytes.load(Relaxed),
     }
 }

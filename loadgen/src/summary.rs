@@ -160,6 +160,8 @@ pub struct DelayStats {
 ///   with a string `command`), `_ws_ping` (WebSocket Ping control frames)
 ///   and `_other` (commands beyond the first 32 unknown ones) are not
 ///   server commands
+/// - `delays_bytes`: the size of every `delays` frame received, summed over
+///   all clients, including during ramp and drain
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     /// Endpoint URLs, separated by spaces.
@@ -200,6 +202,8 @@ pub struct Summary {
     pub delays: Option<DelayStats>,
     /// Frames received, by `command`.
     pub frames_by_command: BTreeMap<String, u64>,
+    /// Bytes of the `delays` frames received by all clients.
+    pub delays_bytes: u64,
 }
 
 /// Formats an optional value, `-` for none.
@@ -423,6 +427,7 @@ mod tests {
                 latency_us: LatencyStats::from_histogram(&histogram([500])),
             }),
             frames_by_command: BTreeMap::from([("pong".into(), 10)]),
+            delays_bytes: 0,
         };
         let json = serde_json::to_value(&summary).unwrap();
         assert_eq!(json["page"], "public");

@@ -100,6 +100,9 @@ pub async fn start_fake_public(close_with: Option<u16>) -> SocketAddr {
     start_fake_public_recording(close_with, Watches::default()).await
 }
 
+/// What the fake server answers to every `delay_time`.
+pub const EMPTY_DELAYS: &str = r#"{"command":"delays","delay_times":{}}"#;
+
 /// Every `watch` a fake server received: the watching client's id and the
 /// ids it named.
 pub type Watches = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>)>>>;
@@ -143,6 +146,9 @@ pub async fn start_fake_public_recording(close_with: Option<u16>, watches: Watch
                                     }
                                     let pong = json!({"command": "pong", "seq": frame["seq"], "server_time": 0});
                                     let _ = ws.send(Message::text(pong.to_string())).await;
+                                }
+                                Some("delay_time") => {
+                                    let _ = ws.send(Message::text(EMPTY_DELAYS)).await;
                                 }
                                 Some("watch") => {
                                     let ids = frame["channel_names"].as_array().into_iter().flatten()

@@ -7,7 +7,9 @@ use std::net::TcpListener;
 use std::process::Command;
 
 use futures_util::{SinkExt, StreamExt};
-use helpers::{EchoProcess, Watches, config, start_fake_public, start_fake_public_recording};
+use helpers::{
+    EMPTY_DELAYS, EchoProcess, Watches, config, start_fake_public, start_fake_public_recording,
+};
 use loadgen::Summary;
 use serde_json::Value;
 use tokio_tungstenite::connect_async;
@@ -303,6 +305,10 @@ async fn watch_sends_each_client_a_run_of_other_clients() {
             "only real ids: {ids:?}"
         );
     }
+    // The fake answers every delay_time with an empty delays frame.
+    let delays = summary.frames_by_command["delays"];
+    assert!(delays > 0, "{:?}", summary.frames_by_command);
+    assert_eq!(summary.delays_bytes, delays * EMPTY_DELAYS.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
