@@ -252,7 +252,7 @@ if rename_rows:
     print("\n".join(rename_rows)); print()
 if delay_rows:
     print(f"Delay updates (roster tick {tick_ms} ms): latency from a client's delay_time to an observer seeing it in a `delays` frame (ms):\n")
-    print("| case | gateways | clients | samples | p50 | p90 | p99 | max | target p99 <= tick + 50 | ping RTT p50 / p99 (saturation check) | `delays` frames / KiB per client per s (whole run) | loadgen errors |")
+    print("| case | gateways | clients | samples | p50 | p90 | p99 | max | target p99 <= tick + 50 | ping RTT p50 / p99 (saturation check) | `delays` frames per client per s (whole run) / KiB per client per s (window) | loadgen errors |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | --- |")
     for name, ngw, conn, clients, frames, err, r in delay_rows:
         l = r["lat"]; ok = l["p99"] is not None and l["p99"] <= (tick_ms + 50) * 1000

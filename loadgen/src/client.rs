@@ -379,8 +379,10 @@ impl Client {
             return ControlFlow::Continue(());
         }
         if text.starts_with(DELAYS_PREFIX) {
-            let n = text.len() as u64;
-            self.shared.counters.delays_bytes.fetch_add(n, Relaxed);
+            if self.shared.in_window() {
+                let n = text.len() as u64;
+                self.shared.counters.delays_bytes.fetch_add(n, Relaxed);
+            }
             if !self.delay_observer {
                 self.frames.add("delays");
                 return ControlFlow::Continue(());

@@ -58,7 +58,7 @@ pub(crate) struct Counters {
     pub(crate) server_errors: AtomicU64,
     pub(crate) closed_by_server: AtomicU64,
     pub(crate) renames_sent: AtomicU64,
-    /// Bytes of the `delays` frames received.
+    /// Bytes of the `delays` frames received in the window.
     pub(crate) delays_bytes: AtomicU64,
 }
 

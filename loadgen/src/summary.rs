@@ -160,8 +160,8 @@ pub struct DelayStats {
 ///   with a string `command`), `_ws_ping` (WebSocket Ping control frames)
 ///   and `_other` (commands beyond the first 32 unknown ones) are not
 ///   server commands
-/// - `delays_bytes`: the size of every `delays` frame received, summed over
-///   all clients, including during ramp and drain
+/// - `delays_bytes`: the size of every `delays` frame received in the
+///   window, summed over all clients
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     /// Endpoint URLs, separated by spaces.
@@ -202,7 +202,7 @@ pub struct Summary {
     pub delays: Option<DelayStats>,
     /// Frames received, by `command`.
     pub frames_by_command: BTreeMap<String, u64>,
-    /// Bytes of the `delays` frames received by all clients.
+    /// Bytes of the `delays` frames received by all clients in the window.
     pub delays_bytes: u64,
 }
 

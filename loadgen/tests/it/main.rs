@@ -305,10 +305,12 @@ async fn watch_sends_each_client_a_run_of_other_clients() {
             "only real ids: {ids:?}"
         );
     }
-    // The fake answers every delay_time with an empty delays frame.
+    // The fake answers every delay_time with an empty delays frame; those
+    // of the window are counted (the rest came during ramp and drain).
     let delays = summary.frames_by_command["delays"];
-    assert!(delays > 0, "{:?}", summary.frames_by_command);
-    assert_eq!(summary.delays_bytes, delays * EMPTY_DELAYS.len() as u64);
+    assert!(summary.delays_bytes > 0, "{summary:?}");
+    assert_eq!(summary.delays_bytes % EMPTY_DELAYS.len() as u64, 0);
+    assert!(summary.delays_bytes <= delays * EMPTY_DELAYS.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
