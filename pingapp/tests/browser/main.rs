@@ -142,8 +142,10 @@ async fn public_pages_see_each_others_rows_renames_and_leaving() {
     let submitted_at = b.js("return window.__submittedAt").await;
     let took = renamed_at.as_f64().unwrap() - submitted_at.as_f64().unwrap();
     eprintln!("the rename reached the other page after {took} ms");
+    // Two browser processes read the same clock, but Chromium coarsens and
+    // jitters Date.now(): a rename faster than that can come out at -1 ms.
     assert!(
-        (0.0..1000.0).contains(&took),
+        (-5.0..1000.0).contains(&took),
         "the rename took {took} ms to reach the other page"
     );
     let kept = a
