@@ -247,6 +247,10 @@ async fn ws_public(
     upgrade(ws, shared, Page::Public, p)
 }
 
+/// The most a connection's write buffer may hold: room for a roster of
+/// several hundred thousand clients.
+const MAX_WRITE_BUFFER: usize = 256 << 20;
+
 fn upgrade(ws: WebSocketUpgrade, shared: Arc<Shared>, page: Page, p: WsParams) -> Response {
     let version = if p.v.as_deref() == Some("2") {
         Version::V2
@@ -263,9 +267,14 @@ fn upgrade(ws: WebSocketUpgrade, shared: Arc<Shared>, page: Page, p: WsParams) -
     // read: 1 KiB holds dozens of client messages (a ping is ~30 bytes), and
     // tungstenite grows it for a larger frame. 4 KiB cost 3 KiB more per
     // idle connection (bench/idle_memory.sh).
+    // The write buffer must hold the largest frame we send: the roster (v2
+    // `roster`, v1 `delay_times`) is about 150 bytes per public client, so
+    // a 1 MiB cap failed every new public connection past ~7,000 clients.
+    // Slow readers are bounded by the outbound queue and the write timeout,
+    // not by this cap.
     ws.read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
-        .max_write_buffer_size(1 << 20)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_frame_size((max_frame * 4).max(64 * 1024))
         .max_message_size((max_frame * 4).max(64 * 1024))
         .on_upgrade(move |socket| {
