@@ -114,6 +114,7 @@ contract!(
     persist_deduplicates_by_message_id,
     lease_has_one_holder_until_it_lapses,
     a_released_lease_is_free_at_once,
+    messages_larger_than_the_server_takes_arrive_whole,
     a_new_connection_is_connected,
 );
 
@@ -599,6 +600,64 @@ async fn a_released_lease_is_free_at_once(h: Harness) {
     a.release_lease(&format!("{}_leases/none", h.prefix), "a")
         .await
         .unwrap();
+}
+
+/// A payload of `n` bytes that differs everywhere: a part put in the
+/// wrong place or lost shows.
+fn large(n: usize, seed: u8) -> Bytes {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[0] ^ seed)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+async fn messages_larger_than_the_server_takes_arrive_whole(h: Harness) {
+    // 3.5 MiB: more than NATS's default max_payload of 1 MiB.
+    const SIZE: usize = 3_500_000;
+    let a = h.connect().await;
+    let b = h.connect().await;
+    let subject = h.subject("large");
+    let mut sub = b.subscribe(&subject).await.unwrap();
+    b.flush().await.unwrap();
+
+    let first = large(SIZE, 1);
+    a.publish(&subject, first.clone()).await.unwrap();
+    a.publish(&subject, Bytes::from_static(b"small"))
+        .await
+        .unwrap();
+    let second = large(SIZE + 17, 2);
+    let headers = vec![("traceparent".to_owned(), "00-abc-def-01".to_owned())];
+    a.publish_with_headers(&subject, second.clone(), headers.clone())
+        .await
+        .unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(m.payload.len(), SIZE);
+    assert!(m.payload == first, "the first large message, whole");
+    assert_eq!(text(&next(&mut sub).await.payload), "small", "in order");
+    let m = next(&mut sub).await;
+    assert!(m.payload == second, "the second large message, whole");
+    assert_eq!(m.headers, headers, "its headers, and only ours");
+
+    // A large reply to a request.
+    let service = h.subject("large-reply");
+    let mut requests = b.subscribe(&service).await.unwrap();
+    b.flush().await.unwrap();
+    let answer = large(SIZE, 3);
+    let responder = {
+        let (b, answer) = (b.clone(), answer.clone());
+        tokio::spawn(async move {
+            let m = requests.next().await.expect("a request");
+            b.publish(&m.reply.expect("a reply subject"), answer)
+                .await
+                .unwrap();
+        })
+    };
+    let got = a
+        .request(&service, Bytes::from_static(b"all of it"), WAIT)
+        .await
+        .expect("the reply");
+    assert!(got == answer, "the large reply, whole");
+    responder.await.unwrap();
 }
 
 async fn a_new_connection_is_connected(h: Harness) {

@@ -1,8 +1,16 @@
 //! The bus over NATS: core NATS for publish/subscribe and request/reply,
 //! JetStream for the durable sample stream, and a JetStream key-value
 //! bucket for leases.
+//!
+//! A core NATS message larger than the server's `max_payload` (1 MiB by
+//! default; a roster snapshot of ~7,000 clients is that big) is sent as
+//! consecutive parts, each with a `Pingapp-Chunk: ID INDEX COUNT` header,
+//! and put together again by the receiving subscription or request. Parts
+//! of one message must reach one subscriber: large messages go to plain
+//! subscriptions and reply inboxes, never to a queue group.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, kv, stream};
 use async_trait::async_trait;
@@ -13,6 +21,20 @@ use super::{
     Acker, Bus, BusError, DUPLICATE_WINDOW, Deliveries, Delivery, Headers, Message, StreamSpec,
     Subscription,
 };
+
+/// The header that marks one part of a message split for its size.
+const CHUNK_HEADER: &str = "Pingapp-Chunk";
+/// nats-server's default `max_payload`.
+const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+/// Room left in every part for its headers.
+const CHUNK_HEADROOM: usize = 8 * 1024;
+/// Most parts of one message (with the default 1 MiB payload: ~1 GiB).
+const MAX_CHUNKS: usize = 1024;
+/// Most messages being put together at once per subscription; the oldest
+/// incomplete one is dropped beyond that.
+const MAX_PARTIAL: usize = 16;
+/// An incomplete message older than this is dropped.
+const PARTIAL_TTL: Duration = Duration::from_secs(30);
 
 /// How long [`Bus::flush`] waits for the server's round trip.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -71,12 +93,89 @@ impl NatsBus {
     }
 
     fn map_sub(sub: async_nats::Subscriber) -> Subscription {
-        Box::pin(sub.map(|m| Message {
-            subject: m.subject.to_string(),
-            payload: m.payload,
-            reply: m.reply.map(|r| r.to_string()),
-            headers: from_header_map(m.headers.as_ref()),
-        }))
+        let mut parts = Reassembler::default();
+        Box::pin(sub.filter_map(move |m| std::future::ready(parts.push(m))))
+    }
+
+    /// The largest payload sent as one message.
+    fn part_size(&self) -> usize {
+        // 0 until the server's INFO arrived: assume NATS's default then.
+        let max = match self.client.server_info().max_payload {
+            0 => DEFAULT_MAX_PAYLOAD,
+            n => n,
+        };
+        max.saturating_sub(CHUNK_HEADROOM).max(1024)
+    }
+
+    /// Publishes `payload` (with `reply` and `headers`), in parts when it is
+    /// larger than the server takes in one message.
+    async fn publish_parts(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        payload: Bytes,
+        headers: &Headers,
+    ) -> Result<(), BusError> {
+        let size = self.part_size();
+        if payload.len() <= size {
+            return self
+                .publish_one(subject, reply, payload, headers, None)
+                .await;
+        }
+        let count = payload.len().div_ceil(size);
+        if count > MAX_CHUNKS {
+            return Err(BusError::other(format!(
+                "a {} byte message on {subject} needs more than {MAX_CHUNKS} parts",
+                payload.len()
+            )));
+        }
+        let id = crate::ids::new_client_id();
+        for index in 0..count {
+            let part = payload.slice(index * size..((index + 1) * size).min(payload.len()));
+            let chunk = format!("{id} {index} {count}");
+            self.publish_one(subject, reply, part, headers, Some(&chunk))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_one(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        payload: Bytes,
+        headers: &Headers,
+        chunk: Option<&str>,
+    ) -> Result<(), BusError> {
+        let subject = subject.to_owned();
+        let result = if headers.is_empty() && chunk.is_none() {
+            match reply {
+                Some(r) => {
+                    self.client
+                        .publish_with_reply(subject, r.to_owned(), payload)
+                        .await
+                }
+                None => self.client.publish(subject, payload).await,
+            }
+        } else {
+            let mut map = to_header_map(headers);
+            if let Some(chunk) = chunk {
+                map.insert(CHUNK_HEADER, chunk);
+            }
+            match reply {
+                Some(r) => {
+                    self.client
+                        .publish_with_reply_and_headers(subject, r.to_owned(), map, payload)
+                        .await
+                }
+                None => {
+                    self.client
+                        .publish_with_headers(subject, map, payload)
+                        .await
+                }
+            }
+        };
+        result.map_err(BusError::other)
     }
 
     async fn lease_bucket(&self, bucket: &str, ttl: Duration) -> Result<kv::Store, BusError> {
@@ -113,10 +212,8 @@ impl NatsBus {
 #[async_trait]
 impl Bus for NatsBus {
     async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
-        self.client
-            .publish(subject.to_owned(), payload)
+        self.publish_parts(subject, None, payload, &Headers::new())
             .await
-            .map_err(BusError::other)
     }
 
     async fn publish_with_headers(
@@ -125,13 +222,7 @@ impl Bus for NatsBus {
         payload: Bytes,
         headers: Headers,
     ) -> Result<(), BusError> {
-        if headers.is_empty() {
-            return self.publish(subject, payload).await;
-        }
-        self.client
-            .publish_with_headers(subject.to_owned(), to_header_map(&headers), payload)
-            .await
-            .map_err(BusError::other)
+        self.publish_parts(subject, None, payload, &headers).await
     }
 
     async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
@@ -169,21 +260,30 @@ impl Bus for NatsBus {
         headers: Headers,
         timeout: Duration,
     ) -> Result<Bytes, BusError> {
-        let mut req = async_nats::Request::new()
-            .payload(payload)
-            .timeout(Some(timeout));
-        if !headers.is_empty() {
-            req = req.headers(to_header_map(&headers));
-        }
-        match self.client.send_request(subject.to_owned(), req).await {
-            Ok(m) => Ok(m.payload),
-            Err(e) => Err(match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    BusError::NoResponders(subject.to_owned())
-                }
-                async_nats::RequestErrorKind::TimedOut => BusError::Timeout(subject.to_owned()),
-                _ => BusError::other(e),
-            }),
+        // Our own inbox rather than async-nats's request, so that a reply
+        // sent in parts is put together.
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(BusError::other)?;
+        self.publish_parts(subject, Some(&inbox), payload, &headers)
+            .await?;
+        let mut parts = Reassembler::default();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let m = match tokio::time::timeout_at(deadline, replies.next()).await {
+                Err(_) => return Err(BusError::Timeout(subject.to_owned())),
+                Ok(None) => return Err(BusError::other("the reply subscription ended")),
+                Ok(Some(m)) => m,
+            };
+            if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Err(BusError::NoResponders(subject.to_owned()));
+            }
+            if let Some(reply) = parts.push(m) {
+                return Ok(reply.payload);
+            }
         }
     }
 
@@ -328,13 +428,113 @@ fn to_header_map(headers: &Headers) -> async_nats::HeaderMap {
     map
 }
 
-/// Our headers of a NATS message; NATS's own (`Nats-*`) are left out.
+/// Puts messages sent in parts together again.
+#[derive(Default)]
+struct Reassembler {
+    partial: HashMap<String, Partial>,
+}
+
+/// The parts of one message received so far.
+struct Partial {
+    first_seen: Instant,
+    parts: Vec<Option<Bytes>>,
+    received: usize,
+    /// Subject, reply and headers come from part 0.
+    head: Option<async_nats::Message>,
+}
+
+impl Reassembler {
+    /// Takes one received message; returns a whole message when it is one,
+    /// or when it completes one sent in parts.
+    fn push(&mut self, m: async_nats::Message) -> Option<Message> {
+        let Some(chunk) = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(CHUNK_HEADER))
+            .map(|v| v.as_str().to_owned())
+        else {
+            return Some(to_message(m, None));
+        };
+        let Some((id, index, count)) = parse_chunk(&chunk) else {
+            tracing::debug!(subject = %m.subject, chunk, "malformed chunk header; dropped");
+            return None;
+        };
+        let now = Instant::now();
+        self.partial
+            .retain(|_, p| now.duration_since(p.first_seen) < PARTIAL_TTL);
+        if !self.partial.contains_key(id) && self.partial.len() >= MAX_PARTIAL {
+            let oldest = self
+                .partial
+                .iter()
+                .min_by_key(|(_, p)| p.first_seen)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                tracing::debug!(id = %oldest, "incomplete message dropped");
+                self.partial.remove(&oldest);
+            }
+        }
+        let partial = self
+            .partial
+            .entry(id.to_owned())
+            .or_insert_with(|| Partial {
+                first_seen: now,
+                parts: vec![None; count],
+                received: 0,
+                head: None,
+            });
+        if partial.parts.len() != count || partial.parts[index].is_some() {
+            tracing::debug!(id, index, count, "inconsistent chunk; dropped");
+            return None;
+        }
+        partial.parts[index] = Some(m.payload.clone());
+        partial.received += 1;
+        if index == 0 {
+            partial.head = Some(m);
+        }
+        if partial.received < count {
+            return None;
+        }
+        let partial = self.partial.remove(id)?;
+        let mut whole = bytes::BytesMut::new();
+        for part in partial.parts.into_iter().flatten() {
+            whole.extend_from_slice(&part);
+        }
+        partial
+            .head
+            .map(|head| to_message(head, Some(whole.freeze())))
+    }
+}
+
+/// `ID INDEX COUNT` with `INDEX < COUNT <= MAX_CHUNKS`.
+fn parse_chunk(value: &str) -> Option<(&str, usize, usize)> {
+    let mut it = value.split(' ');
+    let id = it.next()?;
+    let index: usize = it.next()?.parse().ok()?;
+    let count: usize = it.next()?.parse().ok()?;
+    (it.next().is_none() && index < count && count <= MAX_CHUNKS).then_some((id, index, count))
+}
+
+/// Our message from a NATS one, with `payload` in place of its own.
+fn to_message(m: async_nats::Message, payload: Option<Bytes>) -> Message {
+    Message {
+        subject: m.subject.to_string(),
+        payload: payload.unwrap_or(m.payload),
+        reply: m.reply.map(|r| r.to_string()),
+        headers: from_header_map(m.headers.as_ref()),
+    }
+}
+
+/// Our headers of a NATS message; NATS's own (`Nats-*`) and the chunk
+/// header are left out.
 fn from_header_map(map: Option<&async_nats::HeaderMap>) -> Headers {
     let Some(map) = map else {
         return Headers::new();
     };
     map.iter()
-        .filter(|(k, _)| !k.to_string().starts_with("Nats-"))
+        .filter(|(k, _)| {
+            let k = k.to_string();
+            !k.starts_with("Nats-") && k != CHUNK_HEADER
+        })
         .filter_map(|(k, values)| Some((k.to_string(), values.first()?.to_string())))
         .collect()
 }

@@ -549,6 +549,78 @@ async fn a_presence_replica_stopped_with_sigterm_hands_over_its_lease() {
 }
 
 #[tokio::test]
+async fn a_roster_larger_than_one_nats_message_reaches_every_page() {
+    use services::bus::Bus as _;
+    use services::messages::{GatewayReport, GatewayUpdate, RosterClient, encode};
+
+    const FAKE: usize = 9_000;
+    let d = Deployment::new().await;
+    let (presence, gw_a) = tokio::join!(d.presence(), d.gateway("gw-a"));
+    eventually(WAIT, "presence is active", || async {
+        presence.metric("pingapp_presence_active").await == 1.0
+    })
+    .await;
+    // A gateway with 9,000 public clients (64-character names) heartbeats:
+    // about 1.3 MB, more than NATS takes in one message (1 MiB).
+    let bus = services::bus::nats::NatsBus::connect(&d.nats.url(), "fake-gateway")
+        .await
+        .unwrap();
+    let clients: Vec<RosterClient> = (0..FAKE)
+        .map(|i| RosterClient {
+            channel_name: format!("{i:016x}"),
+            name: format!("{i:-<64}"),
+            gateway: "gw-fake".into(),
+            connected_at_ms: 0,
+            stats: None,
+        })
+        .collect();
+    let heartbeat = encode(&GatewayReport {
+        gateway: "gw-fake".into(),
+        seq: 1,
+        update: GatewayUpdate::Heartbeat {
+            clients,
+            interval_ms: 60_000,
+        },
+    });
+    assert!(heartbeat.len() > 1 << 20, "{} bytes", heartbeat.len());
+    let subjects = services::subjects::Subjects::new(&d.prefix);
+    bus.publish(&subjects.gateway_reports("gw-fake"), heartbeat)
+        .await
+        .unwrap();
+    eventually(WAIT, "gw-a learned every fake client", || async {
+        gw_a.roster_ids().await.len() == FAKE
+    })
+    .await;
+
+    // A gateway started now fetches the whole roster from presence (a reply
+    // of more than 1 MiB).
+    let gw_b = d.gateway("gw-b").await;
+    eventually(WAIT, "gw-b fetched the whole roster", || async {
+        gw_b.roster_ids().await.len() == FAKE
+    })
+    .await;
+
+    // New pages get it in one frame (more than 1 MiB): v2's roster ...
+    let (mut page, roster) = public_v2(&gw_b).await;
+    let listed = roster["clients"].as_object().unwrap();
+    assert!(
+        listed.len() > FAKE,
+        "{} clients in the roster",
+        listed.len()
+    );
+    assert_eq!(listed[&format!("{:016x}", FAKE - 1)]["gateway"], "gw-fake");
+    page.own_connect().await;
+    // ... and v1's delay_times.
+    let mut v1 = public_v1(&gw_a).await;
+    v1.send(json!({"command":"delay_time","delay_time":7}))
+        .await;
+    let table = v1.recv_until("delay_times", |_| true).await;
+    let table = table["delay_times"].as_object().unwrap();
+    assert!(table.len() > FAKE, "{} clients in delay_times", table.len());
+    assert_eq!(table[&v1.id]["delay_time"], 7);
+}
+
+#[tokio::test]
 async fn services_drain_within_their_grace_period_while_nats_is_down() {
     let mut d = Deployment::new().await;
     let (mut presence, mut recorder, mut gw) =
