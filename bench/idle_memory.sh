@@ -26,17 +26,10 @@ OUT="${OUT:-$(mktemp -d /tmp/pingapp-mem.XXXXXX)}"
 BIN="${BIN:-target/release}"
 mkdir -p "$OUT"
 
-if [[ ! -x "$BIN/pingapp" || ! -x "$BIN/echo-server" || ! -x "$BIN/loadgen" ]]; then
-    echo "building release binaries..." >&2
-    nice -n 10 cargo build --release -p pingapp -p pingapp-loadgen >&2
-fi
-command -v python3 >/dev/null || { echo "python3 is needed for the summary" >&2; exit 2; }
-
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if (( $(ulimit -n) < CLIENTS + 512 )); then
-    echo "ulimit -n is $(ulimit -n); need at least $((CLIENTS + 512)) (raise the hard limit)" >&2
-    exit 2
-fi
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+need_release_binaries "$BIN"
+need_open_files "$((CLIENTS + 512))"
 
 SERVER_PID=""
 LOADGEN_PID=""

@@ -26,18 +26,11 @@ OUT="${OUT:-$(mktemp -d /tmp/pingapp-rtt.XXXXXX)}"
 BIN="${BIN:-target/release}"
 mkdir -p "$OUT"
 
-if [[ ! -x "$BIN/pingapp" || ! -x "$BIN/echo-server" || ! -x "$BIN/loadgen" ]]; then
-    echo "building release binaries..." >&2
-    nice -n 10 cargo build --release -p pingapp -p pingapp-loadgen >&2
-fi
-command -v python3 >/dev/null || { echo "python3 is needed for the summary" >&2; exit 2; }
-
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+need_release_binaries "$BIN"
 # 1,000 clients plus the servers' own sockets.
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if (( $(ulimit -n) < 4096 )); then
-    echo "ulimit -n is $(ulimit -n); need at least 4096" >&2
-    exit 2
-fi
+need_open_files "4096"
 
 PIDS=()
 cleanup() {
