@@ -97,9 +97,7 @@ struct RosterEntry {
 
 async fn roster(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let clients: Vec<RosterEntry> = shared
-        .mirror
-        .lock()
-        .expect("mirror lock")
+        .room
         .list()
         .into_iter()
         .map(|c| RosterEntry {

@@ -5,18 +5,20 @@
 //!
 //! [`Gateway::build`] binds the listener (port 0 works in tests) and
 //! subscribes; [`Gateway::run`] serves until the shutdown token is
-//! cancelled, then drains: every client gets close 1012, pending samples
-//! are flushed, presence is told goodbye.
+//! cancelled, then drains: every client gets close 1012, presence is told
+//! goodbye, pending samples are flushed.
 
 pub mod api;
 pub mod config;
 pub mod connection;
+pub mod feed;
 pub mod hub;
 pub mod metrics;
 pub mod mirror;
 pub mod pages;
 pub mod persist;
-pub mod presence_link;
+pub mod reporter;
+pub mod room;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -33,18 +35,19 @@ use axum::serve::ListenerExt;
 use serde::Deserialize;
 use services::admin::Readiness;
 use services::bus::{SharedBus, StreamSpec};
-use services::messages::GatewayUpdate;
 use services::protocol::{Page, Version};
 use services::subjects::Subjects;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 pub use config::GatewayArgs;
 use metrics::GatewayMetrics;
-use persist::Batcher;
+use persist::{Batcher, BatcherHandle};
+use reporter::{Reporter, ReporterConfig, ReporterHandle};
+use room::Room;
 use state::Shared;
 
 /// How long samples stay in the durable stream if no recorder takes them.
@@ -64,18 +67,25 @@ pub struct GatewayConfig {
 }
 
 /// A gateway, bound and subscribed, ready to [`Gateway::run`].
+///
+/// Its parts, each owning its own state (docs/architecture.md):
+/// the connections (one task each, [`connection`]), the [`Room`] (roster
+/// copy and local fan-out), the presence [`Reporter`] task, the roster
+/// [`feed`] tasks, and the sample [`Batcher`] task.
 pub struct Gateway {
     listener: TcpListener,
     shared: Arc<Shared>,
+    /// Stops the feed tasks and the connections when the drain starts.
     stop: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
-    batcher: JoinHandle<()>,
+    feed: Vec<JoinHandle<()>>,
+    reporter: (ReporterHandle, JoinHandle<()>),
+    batcher: BatcherHandle,
     readiness: Readiness,
 }
 
 impl Gateway {
-    /// Binds the listener, creates the durable stream if needed, and
-    /// subscribes to presence's subjects.
+    /// Binds the listener, creates the durable stream if needed, subscribes
+    /// to presence's subjects and starts the background parts.
     ///
     /// # Errors
     /// The address cannot be bound or the bus refuses the subscriptions.
@@ -106,40 +116,53 @@ impl Gateway {
 
         let metrics = GatewayMetrics::new(registry);
         let stop = CancellationToken::new();
-        let (records_tx, records_rx) = mpsc::channel(persist::CHANNEL_CAPACITY);
-        let batcher = tokio::spawn(
-            Batcher {
-                bus: bus.clone(),
-                subject: cfg.subjects.samples(&cfg.gateway_id),
+        let (records, batcher) = Batcher {
+            bus: bus.clone(),
+            subject: cfg.subjects.samples(&cfg.gateway_id),
+            gateway_id: cfg.gateway_id.clone(),
+            metrics: metrics.clone(),
+            drain_timeout: cfg.args.drain_timeout(),
+        }
+        .spawn();
+        let (reporter, reporter_task) = Reporter::spawn(
+            ReporterConfig {
                 gateway_id: cfg.gateway_id.clone(),
-                metrics: metrics.clone(),
-                drain_timeout: cfg.args.drain_timeout(),
-            }
-            .run(records_rx),
-        );
-        let shared = Shared::new(
-            cfg.args,
-            cfg.gateway_id,
-            cfg.subjects,
+                subject: cfg.subjects.gateway_reports(&cfg.gateway_id),
+                roster_tick: cfg.args.roster_tick(),
+                heartbeat_interval: cfg.args.heartbeat_interval(),
+            },
             bus.clone(),
-            metrics,
-            records_tx,
-            stop.clone(),
+            syncs,
         );
-        let tasks = vec![
-            tokio::spawn(presence_link::broadcasts(shared.clone(), broadcasts)),
-            tokio::spawn(presence_link::sync_requests(shared.clone(), syncs)),
-            tokio::spawn(presence_link::fetch_roster(shared.clone())),
-            tokio::spawn(presence_link::roster_ticks(shared.clone())),
-            tokio::spawn(presence_link::heartbeats(shared.clone())),
+        let room = Arc::new(Room::new(reporter.clone(), metrics.clone()));
+        let feed = vec![
+            tokio::spawn(feed::broadcasts(room.clone(), broadcasts, stop.clone())),
+            tokio::spawn(feed::fetch_roster(
+                room.clone(),
+                bus.clone(),
+                cfg.subjects.roster_request(),
+                stop.clone(),
+            )),
         ];
         let b = bus.clone();
         readiness.add_check("nats", move || b.is_connected());
+        let shared = Arc::new(Shared {
+            args: cfg.args,
+            gateway_id: cfg.gateway_id,
+            subjects: cfg.subjects,
+            bus,
+            metrics,
+            room,
+            records,
+            shutdown: stop.clone(),
+            tracker: TaskTracker::new(),
+        });
         Ok(Self {
             listener,
             shared,
             stop,
-            tasks,
+            feed,
+            reporter: (reporter, reporter_task),
             batcher,
             readiness,
         })
@@ -150,7 +173,9 @@ impl Gateway {
         self.listener.local_addr().expect("bound listener")
     }
 
-    /// Serves until `shutdown` is cancelled, then drains.
+    /// Serves until `shutdown` is cancelled, then drains: readiness turns
+    /// 503, every connection gets close 1012 and leaves the room, presence
+    /// is told goodbye, and accepted samples are flushed to the bus.
     ///
     /// # Errors
     /// The listener failed.
@@ -159,7 +184,8 @@ impl Gateway {
             listener,
             shared,
             stop,
-            tasks,
+            feed,
+            reporter: (reporter, reporter_task),
             batcher,
             readiness,
         } = self;
@@ -178,10 +204,12 @@ impl Gateway {
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(drain)
             .await
-            .context("serving")?;
+            .context("serving");
+        // Whatever ended the serving, the parts drain in order.
+        stop.cancel();
 
         // axum does not wait for upgraded connections: the tracker does.
         let drain_timeout = shared.args.drain_timeout();
@@ -192,18 +220,15 @@ impl Gateway {
         {
             tracing::warn!("drain timeout: some connections did not close in time");
         }
-        for t in tasks {
-            t.abort();
+        for task in feed {
+            let _ = task.await;
         }
-        shared.report(|_| Some(GatewayUpdate::Goodbye)).await;
+        reporter.goodbye().await;
+        let _ = reporter_task.await;
         let bus = shared.bus.clone();
-        // The last sender goes with `shared`: the batcher then flushes.
-        drop(shared);
-        if tokio::time::timeout(drain_timeout, batcher).await.is_err() {
-            tracing::error!("drain timeout: pending samples were not all stored");
-        }
+        batcher.close().await;
         let _ = bus.flush().await;
-        Ok(())
+        served
     }
 }
 

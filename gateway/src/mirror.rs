@@ -1,24 +1,40 @@
 //! This gateway's copy of the public roster, kept from presence's
 //! broadcasts. It answers v1 `delay_times`, the v2 `roster` snapshot and
 //! `/api/roster` without a round trip to presence.
+//!
+//! The mirror is pure: no lock, no bus, no clock. [`Mirror::apply`] turns
+//! one [`Broadcast`] (an event or a whole snapshot) into the frames the
+//! local pages must see; the caller serializes and fans them out.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use axum::extract::ws::Utf8Bytes;
-use services::messages::RosterClient;
+use services::messages::{Broadcast, RosterClient};
 use services::protocol::{ServerMessage, V1Delay, V1RosterEntry, V2RosterEntry};
 use services::stats::DelayStats;
+
+/// What one broadcast means for the local pages.
+#[derive(Debug, Default, PartialEq)]
+pub struct Fanout {
+    /// Frames for every public page, v1 and v2 (connect, change_name,
+    /// disconnect), in order.
+    pub events: Vec<ServerMessage>,
+    /// One tick's delay updates, for v2 pages (each filtered by its watch).
+    pub delays: Option<BTreeMap<String, DelayStats>>,
+}
 
 /// The roster copy.
 #[derive(Default)]
 pub struct Mirror {
     clients: HashMap<String, RosterClient>,
-    /// This gateway's own clients, added when they connected, whose
-    /// `connect` broadcast has not come yet. Presence drops the events it
-    /// receives while no replica is active (at start, during a failover, or
-    /// while it is down); its next snapshot lists such a client, and only
-    /// then do the pages of this gateway, the client's own included, learn
-    /// of it.
+    /// This gateway's own live public clients: a snapshot never removes
+    /// them (presence may not know them yet).
+    local: HashSet<String>,
+    /// Own clients whose `connect` broadcast has not come yet. Presence
+    /// drops the events it receives while no replica is active (at start,
+    /// during a failover, or while it is down); its next snapshot lists
+    /// such a client, and only then do the pages of this gateway, the
+    /// client's own included, learn of it.
     unannounced: HashSet<String>,
     v1_cache: Option<Utf8Bytes>,
 }
@@ -34,34 +50,19 @@ impl Mirror {
         self.clients.is_empty()
     }
 
-    /// Adds or replaces a client (a `connect` broadcast announced it).
-    pub fn upsert(&mut self, client: RosterClient) {
-        self.v1_cache = None;
-        self.unannounced.remove(&client.channel_name);
-        self.clients.insert(client.channel_name.clone(), client);
-    }
-
     /// Adds a client of this gateway that just connected, before presence
-    /// announces it.
-    pub fn upsert_local(&mut self, client: RosterClient) {
+    /// announces it: its own page sees it in its first roster.
+    pub fn add_local(&mut self, client: RosterClient) {
+        self.local.insert(client.channel_name.clone());
         self.unannounced.insert(client.channel_name.clone());
         self.v1_cache = None;
         self.clients.insert(client.channel_name.clone(), client);
     }
 
-    /// Removes a client; whether it was there.
-    pub fn remove(&mut self, id: &str) -> bool {
-        self.v1_cache = None;
-        self.unannounced.remove(id);
-        self.clients.remove(id).is_some()
-    }
-
-    /// Renames a client if known.
-    pub fn rename(&mut self, id: &str, name: &str) {
-        if let Some(c) = self.clients.get_mut(id) {
-            self.v1_cache = None;
-            c.name = name.to_owned();
-        }
+    /// A client of this gateway left. It stays in the roster until presence
+    /// broadcasts its `disconnect` (or a snapshot no longer lists it).
+    pub fn remove_local(&mut self, id: &str) {
+        self.local.remove(id);
     }
 
     /// Sets a client's statistics if known.
@@ -69,6 +70,51 @@ impl Mirror {
         if let Some(c) = self.clients.get_mut(id) {
             self.v1_cache = None;
             c.stats = Some(stats);
+        }
+    }
+
+    /// Applies one broadcast; returns what the local pages must be sent.
+    pub fn apply(&mut self, broadcast: Broadcast) -> Fanout {
+        match broadcast {
+            Broadcast::Connect { client } => {
+                let frame = ServerMessage::Connect {
+                    channel_name: client.channel_name.clone(),
+                    name: client.name.clone(),
+                    gateway: client.gateway.clone(),
+                };
+                self.v1_cache = None;
+                self.unannounced.remove(&client.channel_name);
+                self.clients.insert(client.channel_name.clone(), client);
+                events(vec![frame])
+            }
+            Broadcast::Rename { channel_name, name } => {
+                if let Some(c) = self.clients.get_mut(&channel_name) {
+                    self.v1_cache = None;
+                    c.name.clone_from(&name);
+                }
+                events(vec![ServerMessage::ChangeName { channel_name, name }])
+            }
+            Broadcast::Disconnect { channel_name } => {
+                if self.local.contains(&channel_name) {
+                    // Presence lost track of a live local client (e.g. our
+                    // heartbeats were cut off); the next heartbeat restores it.
+                    tracing::debug!(%channel_name, "presence dropped a live local client");
+                }
+                self.v1_cache = None;
+                self.unannounced.remove(&channel_name);
+                self.clients.remove(&channel_name);
+                events(vec![ServerMessage::Disconnect { channel_name }])
+            }
+            Broadcast::Delays { delays } => {
+                for (id, stats) in &delays {
+                    self.set_stats(id, *stats);
+                }
+                Fanout {
+                    events: Vec::new(),
+                    delays: Some(delays),
+                }
+            }
+            Broadcast::Snapshot { clients } => events(self.reconcile(clients)),
         }
     }
 
@@ -114,30 +160,18 @@ impl Mirror {
         Utf8Bytes::from(ServerMessage::Roster { clients }.to_json())
     }
 
-    /// Replaces the roster with `snapshot`, except that clients for which
-    /// `keep` is true (this gateway's own live clients) stay. Returns the
-    /// frames that tell pages about the difference, and a `connect` for
-    /// each own client the snapshot lists that was never announced.
-    pub fn reconcile(
-        &mut self,
-        snapshot: Vec<RosterClient>,
-        keep: impl Fn(&str) -> bool,
-    ) -> Vec<ServerMessage> {
+    /// Replaces the roster with `snapshot`, except that this gateway's own
+    /// live clients stay. Returns the frames that tell pages about the
+    /// difference, and a `connect` for each own client the snapshot lists
+    /// that was never announced.
+    fn reconcile(&mut self, snapshot: Vec<RosterClient>) -> Vec<ServerMessage> {
         let mut frames = Vec::new();
         let mut next: HashMap<String, RosterClient> = HashMap::with_capacity(snapshot.len());
         for c in snapshot {
             let unannounced = self.unannounced.remove(&c.channel_name);
             match self.clients.get(&c.channel_name) {
-                None => frames.push(ServerMessage::Connect {
-                    channel_name: c.channel_name.clone(),
-                    name: c.name.clone(),
-                    gateway: c.gateway.clone(),
-                }),
-                Some(_) if unannounced => frames.push(ServerMessage::Connect {
-                    channel_name: c.channel_name.clone(),
-                    name: c.name.clone(),
-                    gateway: c.gateway.clone(),
-                }),
+                None => frames.push(connect_frame(&c)),
+                Some(_) if unannounced => frames.push(connect_frame(&c)),
                 Some(old) if old.name != c.name => frames.push(ServerMessage::ChangeName {
                     channel_name: c.channel_name.clone(),
                     name: c.name.clone(),
@@ -150,7 +184,7 @@ impl Mirror {
             if next.contains_key(&id) {
                 continue;
             }
-            if keep(&id) {
+            if self.local.contains(&id) {
                 next.insert(id, old);
             } else {
                 frames.push(ServerMessage::Disconnect { channel_name: id });
@@ -163,8 +197,23 @@ impl Mirror {
     }
 }
 
+fn events(events: Vec<ServerMessage>) -> Fanout {
+    Fanout {
+        events,
+        delays: None,
+    }
+}
+
+fn connect_frame(c: &RosterClient) -> ServerMessage {
+    ServerMessage::Connect {
+        channel_name: c.channel_name.clone(),
+        name: c.name.clone(),
+        gateway: c.gateway.clone(),
+    }
+}
+
 /// A roster client as the v2 protocol shows it.
-pub fn v2_entry(c: &RosterClient) -> V2RosterEntry {
+fn v2_entry(c: &RosterClient) -> V2RosterEntry {
     V2RosterEntry {
         name: c.name.clone(),
         gateway: c.gateway.clone(),
@@ -188,40 +237,123 @@ mod tests {
         }
     }
 
+    fn stats(ms: f64) -> DelayStats {
+        DelayStats {
+            delay_time: ms,
+            median: ms,
+            jitter: 0.0,
+        }
+    }
+
+    fn connect(id: &str, name: &str) -> Broadcast {
+        Broadcast::Connect {
+            client: client(id, name),
+        }
+    }
+
+    fn snapshot(clients: &[(&str, &str)]) -> Broadcast {
+        Broadcast::Snapshot {
+            clients: clients.iter().map(|(id, n)| client(id, n)).collect(),
+        }
+    }
+
+    fn ids(m: &Mirror) -> Vec<String> {
+        m.list().into_iter().map(|c| c.channel_name).collect()
+    }
+
+    #[test]
+    fn events_become_the_v1_frames_in_order() {
+        let mut m = Mirror::default();
+        let f = m.apply(connect("a", "a"));
+        assert_eq!(
+            f.events,
+            vec![ServerMessage::Connect {
+                channel_name: "a".into(),
+                name: "a".into(),
+                gateway: "g".into()
+            }]
+        );
+        assert_eq!(f.delays, None);
+        let f = m.apply(Broadcast::Rename {
+            channel_name: "a".into(),
+            name: "Ann".into(),
+        });
+        assert_eq!(
+            f.events,
+            vec![ServerMessage::ChangeName {
+                channel_name: "a".into(),
+                name: "Ann".into()
+            }]
+        );
+        assert_eq!(m.list()[0].name, "Ann");
+        let f = m.apply(Broadcast::Disconnect {
+            channel_name: "a".into(),
+        });
+        assert_eq!(
+            f.events,
+            vec![ServerMessage::Disconnect {
+                channel_name: "a".into()
+            }]
+        );
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn delays_update_the_copy_and_go_to_v2_only() {
+        let mut m = Mirror::default();
+        m.apply(connect("a", "a"));
+        let delays: BTreeMap<String, DelayStats> = [
+            ("a".to_owned(), stats(7.0)),
+            ("unknown".to_owned(), stats(1.0)),
+        ]
+        .into();
+        let f = m.apply(Broadcast::Delays {
+            delays: delays.clone(),
+        });
+        assert!(f.events.is_empty(), "no v1 frame for a delay tick");
+        assert_eq!(f.delays, Some(delays));
+        assert_eq!(m.list()[0].stats, Some(stats(7.0)));
+        assert_eq!(m.len(), 1, "an unknown id is not added");
+    }
+
     #[test]
     fn v1_frame_shows_dash_before_first_sample_and_is_cached() {
         let mut m = Mirror::default();
-        m.upsert(client("a", "a"));
+        m.apply(connect("a", "a"));
         let f1 = m.v1_frame();
         assert_eq!(
             f1.as_str(),
             r#"{"command":"delay_times","delay_times":{"a":{"name":"a","delay_time":"-"}}}"#
         );
         assert_eq!(m.v1_frame().as_str(), f1.as_str());
-        m.set_stats(
-            "a",
-            DelayStats {
-                delay_time: 12.0,
-                median: 12.0,
-                jitter: 0.0,
-            },
-        );
+        m.set_stats("a", stats(12.0));
         assert!(m.v1_frame().as_str().contains(r#""delay_time":12}"#));
     }
 
     #[test]
-    fn reconcile_announces_own_clients_whose_connect_never_came() {
+    fn v2_frame_lists_every_client_with_its_gateway() {
         let mut m = Mirror::default();
-        m.upsert_local(client("announced", "a"));
-        m.upsert(client("announced", "a"));
-        m.upsert_local(client("missed", "m"));
-        m.upsert_local(client("too_new", "n"));
+        m.apply(connect("a", "A"));
+        m.set_stats("a", stats(3.5));
+        assert_eq!(
+            m.v2_frame().as_str(),
+            r#"{"command":"roster","clients":{"a":{"name":"A","gateway":"g","delay_time":3.5,"median":3.5,"jitter":0.0}}}"#
+        );
+    }
+
+    #[test]
+    fn snapshot_announces_own_clients_whose_connect_never_came() {
+        let mut m = Mirror::default();
+        m.add_local(client("announced", "a"));
+        m.apply(connect("announced", "a"));
+        m.add_local(client("missed", "m"));
+        m.add_local(client("too_new", "n"));
         // Presence knows "missed" but never broadcast its connect;
         // "too_new" reached presence after the snapshot was taken.
-        let snapshot = vec![client("announced", "a"), client("missed", "m")];
-        let frames = m.reconcile(snapshot.clone(), |id| id != "gone");
+        let snap = [("announced", "a"), ("missed", "m")];
+        let f = m.apply(snapshot(&snap));
         assert_eq!(
-            frames,
+            f.events,
             vec![ServerMessage::Connect {
                 channel_name: "missed".into(),
                 name: "m".into(),
@@ -229,37 +361,36 @@ mod tests {
             }]
         );
         assert_eq!(m.len(), 3, "own clients stay");
-        assert!(m.reconcile(snapshot, |_| true).is_empty(), "announced once");
+        assert!(m.apply(snapshot(&snap)).events.is_empty(), "announced once");
         // Its broadcast comes later: announced by the event, not again.
-        m.upsert(client("too_new", "n"));
-        let all = vec![
-            client("announced", "a"),
-            client("missed", "m"),
-            client("too_new", "n"),
-        ];
-        assert!(m.reconcile(all, |_| true).is_empty());
+        m.apply(connect("too_new", "n"));
+        let all = [("announced", "a"), ("missed", "m"), ("too_new", "n")];
+        assert!(m.apply(snapshot(&all)).events.is_empty());
     }
 
     #[test]
-    fn reconcile_reports_the_difference_and_keeps_own_clients() {
+    fn snapshot_reports_the_difference_and_keeps_live_own_clients() {
         let mut m = Mirror::default();
-        m.upsert(client("gone", "x"));
-        m.upsert(client("renamed", "old"));
-        m.upsert(client("mine", "me"));
-        let frames = m.reconcile(vec![client("renamed", "new"), client("added", "n")], |id| {
-            id == "mine"
-        });
-        assert_eq!(frames.len(), 3);
-        assert!(frames.contains(&ServerMessage::Disconnect {
-            channel_name: "gone".into()
-        }));
-        assert!(frames.contains(&ServerMessage::ChangeName {
+        m.apply(connect("gone", "x"));
+        m.apply(connect("renamed", "old"));
+        m.add_local(client("mine", "me"));
+        m.apply(connect("mine", "me"));
+        m.add_local(client("left", "l"));
+        m.apply(connect("left", "l"));
+        m.remove_local("left");
+        let f = m.apply(snapshot(&[("renamed", "new"), ("added", "n")]));
+        assert_eq!(f.events.len(), 4, "{:?}", f.events);
+        for gone in ["gone", "left"] {
+            assert!(f.events.contains(&ServerMessage::Disconnect {
+                channel_name: gone.into()
+            }));
+        }
+        assert!(f.events.contains(&ServerMessage::ChangeName {
             channel_name: "renamed".into(),
             name: "new".into()
         }));
-        assert_eq!(m.len(), 3);
-        let ids: Vec<String> = m.list().into_iter().map(|c| c.channel_name).collect();
-        assert!(ids.contains(&"mine".to_owned()));
-        assert!(!ids.contains(&"gone".to_owned()));
+        let mut ids = ids(&m);
+        ids.sort();
+        assert_eq!(ids, ["added", "mine", "renamed"]);
     }
 }

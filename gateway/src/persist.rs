@@ -2,6 +2,10 @@
 //! or time), published asynchronously with a bounded number of
 //! acknowledgements in flight, retried until stored. While the bus is down
 //! batches wait in memory, so pings keep being answered.
+//!
+//! [`Batcher::spawn`] returns the sending side for connections and a
+//! [`BatcherHandle`]; [`BatcherHandle::close`] stops new records, stores
+//! what was accepted, and waits for it (the drain).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,7 +16,9 @@ use futures_util::stream::FuturesUnordered;
 use services::bus::SharedBus;
 use services::messages::{ClientRecord, RecordBatch, SampleRecord, encode};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::GatewayMetrics;
@@ -49,10 +55,38 @@ pub struct Batcher {
     pub drain_timeout: Duration,
 }
 
+/// Closes a running [`Batcher`].
+pub struct BatcherHandle {
+    close: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl BatcherHandle {
+    /// Refuses new records, stores every record accepted before, and
+    /// returns when all are stored or the drain timeout passed (logged with
+    /// what was left behind).
+    pub async fn close(self) {
+        self.close.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the sample batcher failed");
+        }
+    }
+}
+
 impl Batcher {
-    /// Runs until the channel is closed and everything is stored (or the
-    /// drain timeout passed, which is logged with the count left behind).
-    pub async fn run(self, mut rx: mpsc::Receiver<RecordItem>) {
+    /// Starts the batcher; connections send their records on the returned
+    /// sender (bounded: a sender waits while [`CHANNEL_CAPACITY`] records
+    /// are queued).
+    pub fn spawn(self) -> (mpsc::Sender<RecordItem>, BatcherHandle) {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let close = CancellationToken::new();
+        let task = tokio::spawn(self.run(rx, close.clone()));
+        (tx, BatcherHandle { close, task })
+    }
+
+    /// Runs until closed (or every sender is gone) and everything is
+    /// stored, or the drain timeout passed.
+    async fn run(self, mut rx: mpsc::Receiver<RecordItem>, close: CancellationToken) {
         let this = Arc::new(self);
         let boot = services::ids::new_client_id();
         let mut counter: u64 = 0;
@@ -68,6 +102,9 @@ impl Batcher {
         let mut open = true;
         loop {
             tokio::select! {
+                // Closing the receiver refuses new records; those already
+                // queued still come out below.
+                _ = close.cancelled(), if open && !rx.is_closed() => rx.close(),
                 item = rx.recv(), if open => match item {
                     Some(RecordItem::Client(c)) => current.clients.push(c),
                     Some(RecordItem::Sample(s)) => {

@@ -464,8 +464,13 @@ pub mod close_code {
     pub const RESTART: u16 = 1012;
     /// Try again later: the client fell behind and its queue overflowed.
     pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// Going away: the client was silent too long.
+    /// Going away: the client was silent too long, or the connection
+    /// broke.
     pub const GOING_AWAY: u16 = 1001;
+    /// Protocol error: a frame that breaks the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// Invalid data: a text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
 }
 
 #[cfg(test)]

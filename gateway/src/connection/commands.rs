@@ -1,0 +1,123 @@
+//! One handler per client command (docs/protocol.md): each answers or
+//! acts, and returns `Err` only when the connection must end.
+
+use std::time::Instant;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use services::messages::SampleRecord;
+use services::protocol::{
+    ClientCommand, ErrorCode, PONG_V1, ProtocolError, Version, parse_client, write_pong,
+};
+
+use super::{Connection, Ending};
+use crate::persist::RecordItem;
+
+impl Connection {
+    /// Parses a text frame and hands it to its command's handler; a frame
+    /// that is not a valid command gets an error frame.
+    pub(super) async fn on_text(
+        &mut self,
+        text: Utf8Bytes,
+        received: Instant,
+    ) -> Result<(), Ending> {
+        match parse_client(text.as_str()) {
+            Ok(ClientCommand::Ping { seq }) => self.on_ping(seq, received).await,
+            Ok(ClientCommand::DelayTime { delay_ms, seq }) => self.on_delay(delay_ms, seq).await,
+            Ok(ClientCommand::ChangeName { name }) => self.on_change_name(name).await,
+            Ok(ClientCommand::Watch { channel_names }) => {
+                self.count_in("watch");
+                // Only delays depend on it: a no-op for v1 and private
+                // pages, which get none.
+                if let Some(seat) = &self.seat {
+                    let ids = channel_names.map(|ids| ids.into_iter().collect());
+                    self.shared.room.watch(seat, ids);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.count_in("invalid");
+                self.send_error(&e).await
+            }
+        }
+    }
+
+    /// The hot path: a pong, written here and now.
+    async fn on_ping(&mut self, seq: Option<u64>, received: Instant) -> Result<(), Ending> {
+        self.hot.ping_in.inc();
+        let frame = match (self.version, seq) {
+            (Version::V1, None) => Utf8Bytes::from_static(PONG_V1),
+            (Version::V1, Some(_)) => {
+                write_pong(&mut self.pong_buf, seq, None);
+                Utf8Bytes::from(self.pong_buf.clone())
+            }
+            (Version::V2, _) => {
+                write_pong(&mut self.pong_buf, seq, Some(services::unix_ms()));
+                Utf8Bytes::from(self.pong_buf.clone())
+            }
+        };
+        self.write(Message::Text(frame)).await?;
+        self.hot.pong_out.inc();
+        self.hot.pings.inc();
+        self.hot
+            .ping_duration
+            .observe(received.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// A delay sample: recorded (every page, for its own history); a
+    /// public client's statistics go to the room, and a v1 public page
+    /// gets the whole roster back, as the original app did.
+    async fn on_delay(&mut self, delay_ms: f64, seq: Option<u64>) -> Result<(), Ending> {
+        self.count_in("delay_time");
+        self.shared
+            .metrics
+            .client_delay
+            .with_label_values(&[self.page.as_str()])
+            .observe(delay_ms / 1000.0);
+        let stats = self.stats.push(delay_ms);
+        self.samples += 1;
+        let sample = SampleRecord {
+            channel_name: self.id.clone(),
+            n: self.samples,
+            seq,
+            at_us: services::unix_us(),
+            delay_ms,
+            public: self.public(),
+        };
+        // Bounded: if the batcher ever falls this far behind, this client
+        // waits rather than the sample being lost.
+        let _ = self.shared.records.send(RecordItem::Sample(sample)).await;
+        let Some(seat) = &self.seat else {
+            return Ok(());
+        };
+        self.shared.room.note_delay(seat, stats);
+        if self.version == Version::V1 {
+            let frame = self.shared.room.v1_frame();
+            return self.send(frame, "delay_times").await;
+        }
+        Ok(())
+    }
+
+    /// A rename: public pages only (the private page has no roster).
+    async fn on_change_name(&mut self, name: String) -> Result<(), Ending> {
+        self.count_in("change_name");
+        let Some(seat) = &self.seat else {
+            let e = ProtocolError {
+                code: ErrorCode::UnknownCommand,
+                detail: "change_name is only available on the public page".into(),
+            };
+            return self.send_error(&e).await;
+        };
+        self.name.clone_from(&name);
+        self.shared.room.rename(seat, name).await;
+        Ok(())
+    }
+
+    fn count_in(&self, command: &str) {
+        self.shared
+            .metrics
+            .messages_in
+            .with_label_values(&[command])
+            .inc();
+    }
+}

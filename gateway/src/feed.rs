@@ -1,0 +1,64 @@
+//! The roster feed, presence to gateway: the whole roster fetched once at
+//! start, then every broadcast, each applied to the [`Room`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use services::bus::{BusError, SharedBus, Subscription};
+use services::messages::{Broadcast, RosterReply, decode};
+use tokio_util::sync::CancellationToken;
+
+use crate::room::Room;
+
+/// How long one roster request waits for presence.
+const ROSTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Applies presence's broadcasts until `stop` is cancelled or the
+/// subscription ends.
+pub async fn broadcasts(room: Arc<Room>, mut sub: Subscription, stop: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => return,
+            }
+        };
+        match decode::<Broadcast>(&msg.payload) {
+            Ok(b) => room.apply(b),
+            Err(e) => tracing::warn!(error = %e, "undecodable broadcast"),
+        }
+    }
+}
+
+/// Fetches the whole roster from presence, retrying until it answers (or
+/// `stop` is cancelled), and applies it as a snapshot.
+pub async fn fetch_roster(
+    room: Arc<Room>,
+    bus: SharedBus,
+    subject: String,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let reply = bus
+            .request(&subject, bytes::Bytes::new(), ROSTER_REQUEST_TIMEOUT)
+            .await
+            .and_then(|p| decode::<RosterReply>(&p).map_err(BusError::other));
+        match reply {
+            Ok(reply) => {
+                room.apply(Broadcast::Snapshot {
+                    clients: reply.clients,
+                });
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "roster not available yet"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}

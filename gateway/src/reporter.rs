@@ -1,0 +1,255 @@
+//! The presence reporter: the one task that tells presence about this
+//! gateway's public clients.
+//!
+//! It alone owns the list of local public clients and the reports'
+//! sequence numbers, and publishes every report itself, one after the
+//! other, so reports leave in sequence order and a heartbeat never
+//! overtakes the event that changed what it lists (presence relies on
+//! both; see docs/architecture.md). Connections talk to it through a
+//! [`ReporterHandle`]:
+//!
+//! - membership changes (join, rename, leave) go through a bounded channel;
+//!   a connection waits while it is full (back-pressure, nothing dropped);
+//! - delays are noted in a mailbox holding the latest statistics per client
+//!   (bounded by the number of local clients) and leave with the next
+//!   roster tick, coalesced.
+//!
+//! Every wall-clock roster tick closes with a `Delays` report, empty or
+//! not; heartbeats list every client each interval and at once when
+//! presence asks (after it restarts). [`ReporterHandle::goodbye`] sends the
+//! last report and ends the task.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use services::bus::{SharedBus, Subscription};
+use services::messages::{GatewayReport, GatewayUpdate, RosterClient, encode};
+use services::stats::DelayStats;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Membership changes waiting for the reporter; a connection that finds
+/// the channel full waits.
+pub const CHANNEL_CAPACITY: usize = 1024;
+
+/// A change to this gateway's public clients.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Membership {
+    /// A public client joined.
+    Join(RosterClient),
+    /// A public client renamed itself.
+    Rename {
+        /// Its id.
+        channel_name: String,
+        /// The new name.
+        name: String,
+    },
+    /// A public client left.
+    Leave {
+        /// Its id.
+        channel_name: String,
+    },
+}
+
+enum Command {
+    Change(Membership),
+    Goodbye(oneshot::Sender<()>),
+}
+
+/// Latest delay statistics per client, not yet reported.
+type Mailbox = Arc<Mutex<HashMap<String, DelayStats>>>;
+
+/// How connections reach the reporter. Cheap to clone.
+#[derive(Clone)]
+pub struct ReporterHandle {
+    tx: mpsc::Sender<Command>,
+    mailbox: Mailbox,
+}
+
+impl ReporterHandle {
+    /// Reports a membership change; waits while the channel is full. After
+    /// [`ReporterHandle::goodbye`] the change is dropped (the gateway has
+    /// told presence that all its clients are gone).
+    pub async fn send(&self, change: Membership) {
+        let _ = self.tx.send(Command::Change(change)).await;
+    }
+
+    /// Notes a client's latest delay statistics for the next roster tick.
+    /// Never waits: a newer note replaces an older one.
+    pub fn note_delay(&self, channel_name: &str, stats: DelayStats) {
+        let mut mailbox = self.mailbox.lock().expect("reporter mailbox");
+        match mailbox.get_mut(channel_name) {
+            Some(s) => *s = stats,
+            None => {
+                mailbox.insert(channel_name.to_owned(), stats);
+            }
+        }
+    }
+
+    /// Reports every change sent before, then `Goodbye` (all this gateway's
+    /// clients are gone), and ends the reporter.
+    pub async fn goodbye(&self) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.tx.send(Command::Goodbye(done_tx)).await.is_ok() {
+            let _ = done_rx.await;
+        }
+    }
+}
+
+/// The reporter's settings.
+pub struct ReporterConfig {
+    /// This gateway's id.
+    pub gateway_id: String,
+    /// Where this gateway's reports go.
+    pub subject: String,
+    /// Roster tick (wall-clock aligned).
+    pub roster_tick: Duration,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+}
+
+/// The reporter task's state.
+pub struct Reporter {
+    cfg: ReporterConfig,
+    bus: SharedBus,
+    clients: HashMap<String, RosterClient>,
+    /// Clients whose delay changed since the last tick.
+    dirty: BTreeMap<String, DelayStats>,
+    seq: u64,
+    mailbox: Mailbox,
+    /// A goodbye request, answered once the report at hand is out.
+    goodbye: Option<oneshot::Sender<()>>,
+}
+
+impl Reporter {
+    /// Starts the reporter; `sync_requests` carries presence's requests
+    /// for an immediate heartbeat.
+    pub fn spawn(
+        cfg: ReporterConfig,
+        bus: SharedBus,
+        sync_requests: Subscription,
+    ) -> (ReporterHandle, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let mailbox = Mailbox::default();
+        let reporter = Reporter {
+            cfg,
+            bus,
+            clients: HashMap::new(),
+            dirty: BTreeMap::new(),
+            seq: 1,
+            mailbox: mailbox.clone(),
+            goodbye: None,
+        };
+        let task = tokio::spawn(reporter.run(rx, sync_requests));
+        (ReporterHandle { tx, mailbox }, task)
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut sync_requests: Subscription) {
+        let mut ticks = services::WallClockTicks::new(self.cfg.roster_tick, Duration::ZERO);
+        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut syncing = true;
+        loop {
+            tokio::select! {
+                command = rx.recv() => match command {
+                    Some(Command::Change(change)) => self.change(change).await,
+                    Some(Command::Goodbye(done)) => self.goodbye = Some(done),
+                    // Every handle is gone: the gateway is gone.
+                    None => return,
+                },
+                tick_ms = ticks.tick() => self.close_tick(&mut rx, tick_ms).await,
+                _ = heartbeat.tick() => self.heartbeat(&mut rx).await,
+                request = sync_requests.next(), if syncing => match request {
+                    Some(_) => self.heartbeat(&mut rx).await,
+                    None => syncing = false,
+                },
+            }
+            if let Some(done) = self.goodbye.take() {
+                self.publish(GatewayUpdate::Goodbye).await;
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    /// Applies a membership change and reports it.
+    async fn change(&mut self, change: Membership) {
+        let update = match change {
+            Membership::Join(client) => {
+                self.clients
+                    .insert(client.channel_name.clone(), client.clone());
+                GatewayUpdate::Connect { client }
+            }
+            Membership::Rename { channel_name, name } => {
+                if let Some(c) = self.clients.get_mut(&channel_name) {
+                    c.name.clone_from(&name);
+                }
+                GatewayUpdate::Rename { channel_name, name }
+            }
+            Membership::Leave { channel_name } => {
+                self.clients.remove(&channel_name);
+                self.dirty.remove(&channel_name);
+                GatewayUpdate::Disconnect { channel_name }
+            }
+        };
+        self.publish(update).await;
+    }
+
+    /// Takes every change already queued, then the mailbox, so a report
+    /// lists the clients and delays known up to now. A goodbye found on the
+    /// way is kept for the run loop, after this report.
+    async fn catch_up(&mut self, rx: &mut mpsc::Receiver<Command>) {
+        while self.goodbye.is_none() {
+            match rx.try_recv() {
+                Ok(Command::Change(change)) => self.change(change).await,
+                Ok(Command::Goodbye(done)) => self.goodbye = Some(done),
+                Err(_) => break,
+            }
+        }
+        self.fold_mailbox();
+    }
+
+    fn fold_mailbox(&mut self) {
+        let noted = std::mem::take(&mut *self.mailbox.lock().expect("reporter mailbox"));
+        for (id, stats) in noted {
+            if let Some(c) = self.clients.get_mut(&id) {
+                c.stats = Some(stats);
+                self.dirty.insert(id, stats);
+            }
+        }
+    }
+
+    async fn close_tick(&mut self, rx: &mut mpsc::Receiver<Command>, tick_ms: i64) {
+        self.catch_up(rx).await;
+        let delays = std::mem::take(&mut self.dirty);
+        self.publish(GatewayUpdate::Delays {
+            delays,
+            tick_ms: Some(tick_ms),
+        })
+        .await;
+    }
+
+    async fn heartbeat(&mut self, rx: &mut mpsc::Receiver<Command>) {
+        self.catch_up(rx).await;
+        let update = GatewayUpdate::Heartbeat {
+            clients: self.clients.values().cloned().collect(),
+            interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+        };
+        self.publish(update).await;
+    }
+
+    async fn publish(&mut self, update: GatewayUpdate) {
+        let report = GatewayReport {
+            gateway: self.cfg.gateway_id.clone(),
+            seq: self.seq,
+            update,
+        };
+        self.seq += 1;
+        if let Err(e) = self.bus.publish(&self.cfg.subject, encode(&report)).await {
+            // Heartbeats repair what a lost report leaves out.
+            tracing::warn!(error = %e, "could not report to presence");
+        }
+    }
+}
