@@ -253,3 +253,137 @@ impl Reporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use services::bus::Bus;
+    use services::bus::memory::MemoryBus;
+    use services::messages::decode;
+
+    use super::*;
+
+    fn client(id: &str) -> RosterClient {
+        RosterClient {
+            channel_name: id.into(),
+            name: id.into(),
+            gateway: "g".into(),
+            connected_at_ms: 0,
+            stats: None,
+        }
+    }
+
+    fn stats(ms: f64) -> DelayStats {
+        DelayStats {
+            delay_time: ms,
+            median: ms,
+            jitter: 0.0,
+        }
+    }
+
+    /// A reporter whose ticks and heartbeats are far apart: only what the
+    /// test does produces reports (after the first, immediate heartbeat).
+    async fn start() -> (ReporterHandle, JoinHandle<()>, Subscription, MemoryBus) {
+        let bus = MemoryBus::new();
+        let reports = bus.subscribe("r").await.unwrap();
+        let syncs = bus.subscribe("sync").await.unwrap();
+        let cfg = ReporterConfig {
+            gateway_id: "g".into(),
+            subject: "r".into(),
+            roster_tick: Duration::from_secs(3600),
+            heartbeat_interval: Duration::from_secs(3600),
+        };
+        let (handle, task) = Reporter::spawn(cfg, Arc::new(bus.clone()), syncs);
+        (handle, task, reports, bus)
+    }
+
+    async fn next(reports: &mut Subscription) -> GatewayReport {
+        let m = tokio::time::timeout(Duration::from_secs(5), reports.next())
+            .await
+            .expect("a report")
+            .expect("open");
+        decode(&m.payload).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reports_leave_in_sequence_and_heartbeats_see_every_earlier_change() {
+        let (handle, task, mut reports, bus) = start().await;
+        let first = next(&mut reports).await;
+        assert!(
+            matches!(first.update, GatewayUpdate::Heartbeat { ref clients, .. } if clients.is_empty())
+        );
+        handle.send(Membership::Join(client("a"))).await;
+        handle.send(Membership::Join(client("b"))).await;
+        handle.note_delay("a", stats(1.0));
+        handle.note_delay("a", stats(2.0));
+        handle
+            .send(Membership::Leave {
+                channel_name: "b".into(),
+            })
+            .await;
+        // Presence asks for a heartbeat: it comes after every change above,
+        // and carries a's latest delay.
+        bus.publish("sync", bytes::Bytes::new()).await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let r = next(&mut reports).await;
+            seen.push(r.seq);
+            if let GatewayUpdate::Heartbeat { clients, .. } = r.update {
+                assert_eq!(clients.len(), 1, "b left before the heartbeat");
+                assert_eq!(clients[0].channel_name, "a");
+                assert_eq!(clients[0].stats, Some(stats(2.0)));
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 4, "join, join, leave, heartbeat: {seen:?}");
+        assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+        assert!(seen[0] == first.seq + 1);
+
+        handle.goodbye().await;
+        let last = next(&mut reports).await;
+        assert_eq!(last.update, GatewayUpdate::Goodbye);
+        task.await.unwrap();
+        // After goodbye nothing more is reported.
+        handle.send(Membership::Join(client("c"))).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), reports.next())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tick_carries_the_latest_delay_of_present_clients_only() {
+        let bus = MemoryBus::new();
+        let mut reports = bus.subscribe("r").await.unwrap();
+        let syncs = bus.subscribe("sync").await.unwrap();
+        let cfg = ReporterConfig {
+            gateway_id: "g".into(),
+            subject: "r".into(),
+            roster_tick: Duration::from_millis(50),
+            heartbeat_interval: Duration::from_secs(3600),
+        };
+        let (handle, _task) = Reporter::spawn(cfg, Arc::new(bus.clone()), syncs);
+        handle.send(Membership::Join(client("a"))).await;
+        handle.send(Membership::Join(client("gone"))).await;
+        handle.note_delay("gone", stats(9.0));
+        handle
+            .send(Membership::Leave {
+                channel_name: "gone".into(),
+            })
+            .await;
+        handle.note_delay("a", stats(1.0));
+        handle.note_delay("a", stats(4.0));
+        handle.note_delay("never-joined", stats(5.0));
+        loop {
+            let r = next(&mut reports).await;
+            if let GatewayUpdate::Delays { delays, .. } = r.update
+                && !delays.is_empty()
+            {
+                assert_eq!(delays, BTreeMap::from([("a".to_owned(), stats(4.0))]));
+                break;
+            }
+        }
+    }
+}

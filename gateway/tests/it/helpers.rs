@@ -1,0 +1,197 @@
+//! An in-process gateway on port 0 over the in-memory bus, with the test
+//! standing in for presence (it reads the gateway's reports and publishes
+//! broadcasts) and a small WebSocket client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::{Gateway, GatewayArgs, GatewayConfig};
+use serde_json::Value;
+use services::admin::Readiness;
+use services::bus::memory::MemoryBus;
+use services::bus::{SharedBus, Subscription};
+use services::messages::{Broadcast, GatewayReport, GatewayUpdate, decode, encode};
+use services::subjects::Subjects;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long any one expected event may take before the test fails.
+pub const WITHIN: Duration = Duration::from_secs(10);
+
+/// A gateway running on this test's runtime.
+pub struct TestGateway {
+    /// Where browsers connect.
+    pub addr: SocketAddr,
+    /// The bus it was given.
+    pub bus: SharedBus,
+    /// Its subjects.
+    pub subjects: Subjects,
+    reports: Subscription,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestGateway {
+    /// Starts a gateway `gw` with `args`; its reports are captured from
+    /// before it starts.
+    pub async fn start(args: GatewayArgs) -> TestGateway {
+        let bus: SharedBus = Arc::new(MemoryBus::new());
+        let subjects = Subjects::new("t");
+        let reports = bus
+            .subscribe(&subjects.all_gateway_reports())
+            .await
+            .expect("subscribe to reports");
+        let cfg = GatewayConfig {
+            args,
+            gateway_id: "gw".into(),
+            subjects: subjects.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+        };
+        let registry = prometheus::Registry::new();
+        let gateway = Gateway::build(cfg, bus.clone(), &registry, Readiness::new())
+            .await
+            .expect("gateway builds");
+        let addr = gateway.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(gateway.run(shutdown.clone()));
+        TestGateway {
+            addr,
+            bus,
+            subjects,
+            reports,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Opens a WebSocket on `path` (e.g. `/ws/public/?v=2`).
+    pub async fn ws(&self, path: &str) -> Client {
+        let url = format!("ws://{}{path}", self.addr);
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
+        Client { ws }
+    }
+
+    /// The next report that `keep` accepts (others are skipped).
+    pub async fn report(&mut self, keep: impl Fn(&GatewayReport) -> bool) -> GatewayReport {
+        let found = tokio::time::timeout(WITHIN, async {
+            while let Some(m) = self.reports.next().await {
+                let r: GatewayReport = decode(&m.payload).expect("a report");
+                if keep(&r) {
+                    return r;
+                }
+            }
+            panic!("report subscription ended")
+        })
+        .await;
+        found.expect("the expected report did not come")
+    }
+
+    /// The next report other than a heartbeat or a `Delays` tick.
+    pub async fn event(&mut self) -> GatewayReport {
+        self.report(|r| {
+            !matches!(
+                r.update,
+                GatewayUpdate::Heartbeat { .. } | GatewayUpdate::Delays { .. }
+            )
+        })
+        .await
+    }
+
+    /// Asks for a heartbeat as presence does after it starts, and returns
+    /// it.
+    pub async fn heartbeat_now(&mut self) -> GatewayReport {
+        self.bus
+            .publish(&self.subjects.presence_sync(), bytes::Bytes::new())
+            .await
+            .expect("publish sync request");
+        self.report(|r| matches!(r.update, GatewayUpdate::Heartbeat { .. }))
+            .await
+    }
+
+    /// Publishes a broadcast as presence would.
+    pub async fn broadcast(&self, b: Broadcast) {
+        self.bus
+            .publish(&self.subjects.broadcast(), encode(&b))
+            .await
+            .expect("publish broadcast");
+    }
+
+    /// Starts the drain and waits until `run` returns.
+    pub async fn stop(self) -> (Subscription, anyhow::Result<()>) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(WITHIN, self.task)
+            .await
+            .expect("the gateway drains in time")
+            .expect("the gateway task does not panic");
+        (self.reports, result)
+    }
+}
+
+/// A WebSocket client speaking JSON frames.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    /// Sends a JSON text frame.
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::text(v.to_string()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a raw frame.
+    pub async fn send_msg(&mut self, m: Message) {
+        self.ws.send(m).await.expect("send");
+    }
+
+    /// The next JSON text frame (control frames skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(WITHIN, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("stream open")
+                .expect("a frame");
+            match m {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON"),
+                Message::Close(c) => panic!("closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame whose `command` is `command`, skipping others.
+    pub async fn recv_command(&mut self, command: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["command"] == command {
+                return v;
+            }
+        }
+    }
+
+    /// Reads until the close frame; returns its code.
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            let m = tokio::time::timeout(WITHIN, self.ws.next())
+                .await
+                .expect("the close in time");
+            match m {
+                Some(Ok(Message::Close(Some(frame)))) => return frame.code.into(),
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => {
+                    panic!("connection ended without a close code")
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+}

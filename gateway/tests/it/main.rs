@@ -1,0 +1,324 @@
+//! The gateway in process: built on port 0 over the in-memory bus, with the
+//! test standing in for presence. These tests check the gateway's own
+//! contract (docs/protocol.md with browsers, docs/architecture.md with
+//! presence and the recorder); the standalone and distributed suites run
+//! the real binaries.
+
+mod helpers;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gateway::GatewayArgs;
+use helpers::{TestGateway, WITHIN};
+use serde_json::json;
+use services::messages::{
+    Broadcast, GatewayReport, GatewayUpdate, RecordBatch, RosterClient, decode,
+};
+use services::stats::DelayStats;
+use tokio_tungstenite::tungstenite::Message;
+
+fn other(id: &str, name: &str) -> RosterClient {
+    RosterClient {
+        channel_name: id.into(),
+        name: name.into(),
+        gateway: "gw2".into(),
+        connected_at_ms: 1,
+        stats: None,
+    }
+}
+
+#[tokio::test]
+async fn a_public_client_is_reported_joining_renaming_and_leaving_in_sequence() {
+    let mut gw = TestGateway::start(GatewayArgs::default()).await;
+    let mut c = gw.ws("/ws/public/?v=2").await;
+    let welcome = c.recv().await;
+    assert_eq!(welcome["command"], "welcome");
+    let id = welcome["channel_name"].as_str().unwrap().to_owned();
+    let roster = c.recv().await;
+    assert_eq!(roster["command"], "roster");
+    assert_eq!(roster["clients"][&id]["name"], id, "its own row at once");
+
+    let joined = gw.event().await;
+    assert!(
+        matches!(&joined.update, GatewayUpdate::Connect { client } if client.channel_name == id),
+        "{joined:?}"
+    );
+    c.send(json!({"command": "change_name", "name": "Ada"}))
+        .await;
+    let renamed = gw.event().await;
+    assert_eq!(
+        renamed.update,
+        GatewayUpdate::Rename {
+            channel_name: id.clone(),
+            name: "Ada".into()
+        }
+    );
+    // A heartbeat after the rename lists the new name: it never overtakes
+    // the event.
+    let hb = gw.heartbeat_now().await;
+    match &hb.update {
+        GatewayUpdate::Heartbeat { clients, .. } => {
+            assert_eq!(clients.len(), 1);
+            assert_eq!(clients[0].name, "Ada");
+        }
+        _ => unreachable!(),
+    }
+    assert!(hb.seq > renamed.seq && renamed.seq > joined.seq);
+
+    drop(c);
+    let left = gw.event().await;
+    assert_eq!(left.update, GatewayUpdate::Disconnect { channel_name: id });
+    assert!(left.seq > hb.seq);
+}
+
+#[tokio::test]
+async fn delays_reach_presence_with_the_next_tick_and_in_heartbeats() {
+    let args = GatewayArgs {
+        roster_tick_ms: 100,
+        ..Default::default()
+    };
+    let mut gw = TestGateway::start(args).await;
+    let mut c = gw.ws("/ws/public/?v=2").await;
+    let id = c.recv().await["channel_name"].as_str().unwrap().to_owned();
+    c.send(json!({"command": "delay_time", "delay_time": 5.0}))
+        .await;
+    c.send(json!({"command": "delay_time", "delay_time": 7.0}))
+        .await;
+    let tick = gw
+        .report(|r| match &r.update {
+            GatewayUpdate::Delays { delays, .. } => {
+                delays.get(&id).is_some_and(|s| s.delay_time == 7.0)
+            }
+            _ => false,
+        })
+        .await;
+    match tick.update {
+        GatewayUpdate::Delays { tick_ms, .. } => {
+            let tick_ms = tick_ms.expect("a tick names its boundary");
+            assert_eq!(tick_ms % 100, 0, "on a wall-clock boundary");
+        }
+        _ => unreachable!(),
+    }
+    let hb = gw.heartbeat_now().await;
+    match hb.update {
+        GatewayUpdate::Heartbeat { clients, .. } => {
+            assert_eq!(clients[0].stats.map(|s| s.delay_time), Some(7.0));
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
+    let gw = TestGateway::start(GatewayArgs::default()).await;
+    let mut v2 = gw.ws("/ws/public/?v=2").await;
+    v2.recv_command("roster").await;
+    let mut v1 = gw.ws("/ws/public/").await;
+    // A v1 page has no welcome: a ping answered means it is seated.
+    v1.send(json!({"command": "ping"})).await;
+    assert_eq!(v1.recv_command("pong").await, json!({"command": "pong"}));
+
+    gw.broadcast(Broadcast::Connect {
+        client: other("x", "Xena"),
+    })
+    .await;
+    let expected = json!({"command": "connect", "channel_name": "x", "name": "Xena"});
+    for page in [&mut v1, &mut v2] {
+        let f = page.recv_command("connect").await;
+        assert_eq!(f["channel_name"], "x");
+        assert_eq!(f["name"], "Xena");
+        assert_eq!(f["command"], expected["command"]);
+    }
+    let stats = DelayStats {
+        delay_time: 3.0,
+        median: 3.0,
+        jitter: 0.5,
+    };
+    gw.broadcast(Broadcast::Delays {
+        delays: BTreeMap::from([("x".to_owned(), stats)]),
+    })
+    .await;
+    gw.broadcast(Broadcast::Rename {
+        channel_name: "x".into(),
+        name: "X".into(),
+    })
+    .await;
+    let d = v2.recv().await;
+    assert_eq!(d["command"], "delays");
+    assert_eq!(d["delay_times"]["x"]["delay_time"], 3.0);
+    assert_eq!(v2.recv().await["command"], "change_name");
+    // The v1 page's next frame is the rename: it got no delays.
+    assert_eq!(
+        v1.recv().await,
+        json!({"command": "change_name", "channel_name": "x", "name": "X"})
+    );
+    // Its copy of the roster has the delay.
+    v1.send(json!({"command": "delay_time", "delay_time": 9}))
+        .await;
+    let all = v1.recv_command("delay_times").await;
+    assert_eq!(
+        all["delay_times"]["x"],
+        json!({"name": "X", "delay_time": 3})
+    );
+}
+
+#[tokio::test]
+async fn the_roster_is_fetched_from_presence_at_start() {
+    let gw = TestGateway::start(GatewayArgs::default()).await;
+    let mut requests = gw
+        .bus
+        .subscribe(&gw.subjects.roster_request())
+        .await
+        .unwrap();
+    // The gateway asks until presence answers (it retries with backoff).
+    let req = tokio::time::timeout(WITHIN, requests.next())
+        .await
+        .expect("a roster request")
+        .unwrap();
+    let reply = services::messages::RosterReply {
+        clients: vec![other("early", "Early")],
+    };
+    gw.bus
+        .publish(
+            req.reply.as_deref().expect("a request"),
+            services::messages::encode(&reply),
+        )
+        .await
+        .unwrap();
+    let mut c = gw.ws("/ws/public/?v=2").await;
+    loop {
+        // The snapshot is applied as a whole: a page that connects after it
+        // sees the client in its roster, one before it gets a connect.
+        let f = c.recv().await;
+        let listed = f["command"] == "roster" && f["clients"]["early"]["name"] == "Early";
+        let announced = f["command"] == "connect" && f["channel_name"] == "early";
+        if listed || announced {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_command_gets_its_answer_and_bad_input_an_error_frame() {
+    let gw = TestGateway::start(GatewayArgs::default()).await;
+    let mut private = gw.ws("/ws/private/?v=2").await;
+    assert_eq!(private.recv().await["command"], "welcome");
+    private.send(json!({"command": "ping", "seq": 4})).await;
+    let pong = private.recv().await;
+    assert_eq!(pong["seq"], 4);
+    assert!(pong["server_time"].as_i64().unwrap() > 0);
+    for (frame, code) in [
+        ("{", "bad_json"),
+        (r#"{"command":"dance"}"#, "unknown_command"),
+        (r#"{"command":"delay_time","delay_time":-1}"#, "bad_delay"),
+        (r#"{"command":"change_name","name":"x"}"#, "unknown_command"),
+    ] {
+        private.send_msg(Message::text(frame)).await;
+        let e = private.recv().await;
+        assert_eq!(e["command"], "error", "{frame}");
+        assert_eq!(e["code"], code, "{frame}");
+    }
+    private.send_msg(Message::binary(vec![1, 2])).await;
+    assert_eq!(private.recv().await["code"], "bad_json");
+    // Still open, still answering.
+    private.send(json!({"command": "ping"})).await;
+    assert_eq!(private.recv().await["command"], "pong");
+
+    let mut v1 = gw.ws("/ws/public").await;
+    v1.send(json!({"command": "ping", "seq": 1})).await;
+    assert_eq!(v1.recv().await, json!({"command": "pong", "seq": 1}));
+    v1.send(json!({"command": "change_name", "name": " "}))
+        .await;
+    assert_eq!(v1.recv().await["code"], "bad_name");
+}
+
+#[tokio::test]
+async fn limits_close_with_their_codes() {
+    let args = GatewayArgs {
+        max_frame_bytes: 64,
+        max_messages_per_second: 5,
+        ..Default::default()
+    };
+    let gw = TestGateway::start(args).await;
+    let mut big = gw.ws("/ws/private/").await;
+    big.send_msg(Message::text("x".repeat(65))).await;
+    assert_eq!(big.closed().await, 1009);
+
+    let mut huge = gw.ws("/ws/private/").await;
+    // Over the WebSocket library's own limit (4 x the frame limit or
+    // 64 KiB): typed as a capacity error, still 1009.
+    huge.send_msg(Message::text("x".repeat(70_000))).await;
+    assert_eq!(huge.closed().await, 1009);
+
+    let mut fast = gw.ws("/ws/private/").await;
+    for _ in 0..6 {
+        fast.send(json!({"command": "ping"})).await;
+    }
+    assert_eq!(fast.closed().await, 1008);
+}
+
+#[tokio::test]
+async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
+    let mut gw = TestGateway::start(GatewayArgs::default()).await;
+    let mut deliveries = gw
+        .bus
+        .consume(&gw.subjects.samples_stream(), "test")
+        .await
+        .unwrap();
+    let mut public = gw.ws("/ws/public/?v=2").await;
+    public.recv_command("roster").await;
+    let mut private = gw.ws("/ws/private/?v=2").await;
+    private.recv_command("welcome").await;
+    for i in 0..20 {
+        private
+            .send(json!({"command": "delay_time", "delay_time": i, "seq": i}))
+            .await;
+    }
+    // A ping answered after the samples means they were all accepted.
+    private.send(json!({"command": "ping"})).await;
+    private.recv_command("pong").await;
+    gw.event().await; // the public client's connect
+
+    let (mut reports, result) = {
+        let closing = tokio::spawn(async move { (public.closed().await, private.closed().await) });
+        let stopped = gw.stop().await;
+        assert_eq!(closing.await.unwrap(), (1012, 1012));
+        stopped
+    };
+    result.expect("run returns Ok after the drain");
+    let mut last = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), reports.next()).await {
+        last.push(decode::<GatewayReport>(&m.payload).unwrap().update);
+    }
+    let events: Vec<&GatewayUpdate> = last
+        .iter()
+        .filter(|u| matches!(u, GatewayUpdate::Disconnect { .. } | GatewayUpdate::Goodbye))
+        .collect();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [GatewayUpdate::Disconnect { .. }, GatewayUpdate::Goodbye]
+        ),
+        "the public client leaves, then goodbye: {last:?}"
+    );
+    assert_eq!(
+        last.last(),
+        Some(&GatewayUpdate::Goodbye),
+        "goodbye is last"
+    );
+
+    let mut samples = Vec::new();
+    while samples.len() < 20 {
+        let d = tokio::time::timeout(WITHIN, deliveries.next())
+            .await
+            .expect("every sample reaches the stream")
+            .unwrap()
+            .unwrap();
+        let batch: RecordBatch = decode(&d.payload).unwrap();
+        samples.extend(batch.samples.into_iter().map(|s| s.delay_ms));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(samples, (0..20).map(f64::from).collect::<Vec<_>>());
+}
