@@ -15,7 +15,9 @@
 # cost of answering a ping, not the length of a queue. One closed-loop row
 # (`--rate 0`) shows throughput (pings/s) at saturation, for information.
 #
-# Usage: bash bench/rtt.sh            (env: REPS=5 DURATION=15s OUT=/tmp/...)
+# Usage: bash bench/rtt.sh            (env: REPS=5 DURATION=15s OUT=/tmp/...
+#                                      ONLY="private-c1-r100 ..." to run only
+#                                      the named scenarios)
 # Needs: release binaries (built if missing), python3. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +81,16 @@ SCENARIOS=(
     "public-c100-r10|--page public --protocol 2 --clients 100 --rate 10 --send-delay"
     "private-c100-closed|--page private --protocol 2 --clients 100 --rate 0"
 )
+if [[ -n "${ONLY:-}" ]]; then
+    kept=()
+    for entry in "${SCENARIOS[@]}"; do
+        for name in $ONLY; do
+            [[ "${entry%%|*}" == "$name" ]] && kept+=("$entry")
+        done
+    done
+    (( ${#kept[@]} )) || { echo "ONLY names no scenario: $ONLY" >&2; exit 2; }
+    SCENARIOS=("${kept[@]}")
+fi
 
 dur_secs=$(python3 -c "import re,sys; s='$DURATION'; print(int(sum(float(n)*{'ms':0.001,'s':1,'m':60,'h':3600}[u] for n,u in re.findall(r'([0-9.]+)(ms|s|m|h)',s))+1))")
 
