@@ -32,7 +32,7 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use serde::Deserialize;
 use services::admin::Readiness;
-use services::bus::{SharedBus, StreamSpec};
+use services::bus::SharedBus;
 use services::messages::GatewayUpdate;
 use services::protocol::{Page, Version};
 use services::subjects::Subjects;
@@ -88,19 +88,17 @@ impl Gateway {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
-        bus.ensure_stream(&StreamSpec {
-            name: cfg.subjects.samples_stream(),
-            subjects: cfg.subjects.all_samples(),
-            max_age: STREAM_MAX_AGE,
-        })
-        .await
-        .context("creating the sample stream")?;
+        cfg.subjects
+            .samples_stream()
+            .ensure(&*bus, STREAM_MAX_AGE)
+            .await
+            .context("creating the sample stream")?;
         let broadcasts = bus
-            .subscribe(&cfg.subjects.broadcast())
+            .subscribe(cfg.subjects.broadcast().subject(), None)
             .await
             .context("subscribing to broadcasts")?;
         let syncs = bus
-            .subscribe(&cfg.subjects.presence_sync())
+            .subscribe(cfg.subjects.presence_sync().subject(), None)
             .await
             .context("subscribing to presence sync")?;
 
@@ -110,7 +108,7 @@ impl Gateway {
         let batcher = tokio::spawn(
             Batcher {
                 bus: bus.clone(),
-                subject: cfg.subjects.samples(&cfg.gateway_id),
+                subject: cfg.subjects.samples(&cfg.gateway_id).subject().to_owned(),
                 gateway_id: cfg.gateway_id.clone(),
                 metrics: metrics.clone(),
                 drain_timeout: cfg.args.drain_timeout(),

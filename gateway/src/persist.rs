@@ -150,7 +150,7 @@ async fn persist_traced(
     loop {
         match this
             .bus
-            .persist_with_headers(&this.subject, payload.clone(), headers.clone(), &msg_id)
+            .persist(&this.subject, payload.clone(), headers.clone(), &msg_id)
             .await
         {
             Ok(()) => {

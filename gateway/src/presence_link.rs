@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
-use services::bus::{BusError, Subscription};
-use services::messages::{Broadcast, GatewayUpdate, RosterReply, decode};
+use services::bus::Subscription;
+use services::messages::{Broadcast, GatewayUpdate, RosterRequest, decode};
 use services::protocol::ServerMessage;
 
 use crate::hub::Audience;
@@ -87,15 +87,12 @@ pub async fn fetch_roster(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let req = shared
-            .bus
-            .request(
-                &shared.subjects.roster_request(),
-                bytes::Bytes::new(),
-                Duration::from_secs(2),
-            )
+            .subjects
+            .roster_request()
+            .request(&*shared.bus, &RosterRequest, Duration::from_secs(2))
             .await;
-        match req.map(|p| decode::<RosterReply>(&p).map_err(BusError::other)) {
-            Ok(Ok(reply)) => {
+        match req {
+            Ok(reply) => {
                 apply(
                     &shared,
                     Broadcast::Snapshot {
@@ -104,7 +101,7 @@ pub async fn fetch_roster(shared: Arc<Shared>) {
                 );
                 return;
             }
-            Ok(Err(e)) | Err(e) => tracing::debug!(error = %e, "roster not available yet"),
+            Err(e) => tracing::debug!(error = %e, "roster not available yet"),
         }
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use services::bus::SharedBus;
-use services::messages::{GatewayReport, GatewayUpdate, RosterClient, encode};
+use services::messages::{GatewayReport, GatewayUpdate, RosterClient};
 use services::stats::DelayStats;
 use services::subjects::Subjects;
 use tokio::sync::{Notify, mpsc};
@@ -107,7 +107,7 @@ impl Shared {
             }
         };
         let subject = self.subjects.gateway_reports(&self.gateway_id);
-        if let Err(e) = self.bus.publish(&subject, encode(&report)).await {
+        if let Err(e) = subject.publish(&*self.bus, &report).await {
             // Heartbeats repair what a lost report leaves out.
             tracing::warn!(error = %e, "could not report to presence");
         }
