@@ -2,6 +2,7 @@
 //! History and statistics come from the recorder over the bus; the gateway
 //! never opens the database.
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use services::bus::BusError;
-use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply, decode, encode};
+use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply};
 
 use tracing::Instrument;
 
@@ -161,16 +162,14 @@ async fn samples(
     let span = tracing::info_span!("gateway.api.samples", channel_name = %id, limit);
     let headers = services::telemetry::context_headers(&span);
     let reply = shared
-        .bus
-        .request_with_headers(
-            &shared.subjects.query_samples(),
-            encode(&query),
-            headers,
-            QUERY_TIMEOUT,
-        )
+        .subjects
+        .query_samples()
+        .request(&*shared.bus, &query, QUERY_TIMEOUT)
+        .headers(headers)
+        .into_future()
         .instrument(span)
-        .await?;
-    match decode::<SamplesReply>(&reply) {
+        .await;
+    match reply {
         Ok(SamplesReply::Found { samples }) => {
             let samples: Vec<_> = samples
                 .into_iter()
@@ -180,9 +179,10 @@ async fn samples(
         }
         Ok(SamplesReply::NotFound) => Err(ApiError::not_found()),
         Ok(SamplesReply::Error { message }) => Err(ApiError::unavailable(message)),
-        Err(e) => Err(ApiError::unavailable(format!(
+        Err(e @ BusError::Decode { .. }) => Err(ApiError::unavailable(format!(
             "bad reply from recorder: {e}"
         ))),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -224,16 +224,14 @@ async fn stats(
     let span = tracing::info_span!("gateway.api.stats", window_s, bucket_s);
     let headers = services::telemetry::context_headers(&span);
     let reply = shared
-        .bus
-        .request_with_headers(
-            &shared.subjects.query_stats(),
-            encode(&query),
-            headers,
-            QUERY_TIMEOUT,
-        )
+        .subjects
+        .query_stats()
+        .request(&*shared.bus, &query, QUERY_TIMEOUT)
+        .headers(headers)
+        .into_future()
         .instrument(span)
-        .await?;
-    match decode::<StatsReply>(&reply) {
+        .await;
+    match reply {
         Ok(StatsReply::Ok { buckets }) => {
             let buckets: Vec<_> = buckets
                 .into_iter()
@@ -248,9 +246,10 @@ async fn stats(
             )
         }
         Ok(StatsReply::Error { message }) => Err(ApiError::unavailable(message)),
-        Err(e) => Err(ApiError::unavailable(format!(
+        Err(e @ BusError::Decode { .. }) => Err(ApiError::unavailable(format!(
             "bad reply from recorder: {e}"
         ))),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use services::bus::{BusError, SharedBus, Subscription};
-use services::messages::{Broadcast, RosterReply, decode};
+use services::bus::SharedBus;
+use services::bus::topic::{Inbox, Service};
+use services::messages::{Broadcast, RosterReply, RosterRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::room::Room;
@@ -16,16 +17,16 @@ const ROSTER_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Applies presence's broadcasts until `stop` is cancelled or the
 /// subscription ends.
-pub async fn broadcasts(room: Arc<Room>, mut sub: Subscription, stop: CancellationToken) {
+pub async fn broadcasts(room: Arc<Room>, mut inbox: Inbox<Broadcast>, stop: CancellationToken) {
     loop {
-        let msg = tokio::select! {
+        let incoming = tokio::select! {
             _ = stop.cancelled() => return,
-            m = sub.next() => match m {
+            m = inbox.next() => match m {
                 Some(m) => m,
                 None => return,
             }
         };
-        match decode::<Broadcast>(&msg.payload) {
+        match incoming.message {
             Ok(b) => room.apply(b),
             Err(e) => tracing::warn!(error = %e, "undecodable broadcast"),
         }
@@ -37,15 +38,14 @@ pub async fn broadcasts(room: Arc<Room>, mut sub: Subscription, stop: Cancellati
 pub async fn fetch_roster(
     room: Arc<Room>,
     bus: SharedBus,
-    subject: String,
+    roster: Service<RosterRequest, RosterReply>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let reply = bus
-            .request(&subject, bytes::Bytes::new(), ROSTER_REQUEST_TIMEOUT)
-            .await
-            .and_then(|p| decode::<RosterReply>(&p).map_err(BusError::other));
+        let reply = roster
+            .request(&*bus, &RosterRequest, ROSTER_REQUEST_TIMEOUT)
+            .await;
         match reply {
             Ok(reply) => {
                 room.apply(Broadcast::Snapshot {

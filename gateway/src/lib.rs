@@ -34,7 +34,7 @@ use axum::routing::get;
 use axum::serve::ListenerExt;
 use serde::Deserialize;
 use services::admin::Readiness;
-use services::bus::{SharedBus, StreamSpec};
+use services::bus::SharedBus;
 use services::protocol::{Page, Version};
 use services::subjects::Subjects;
 use tokio::net::TcpListener;
@@ -98,19 +98,21 @@ impl Gateway {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
-        bus.ensure_stream(&StreamSpec {
-            name: cfg.subjects.samples_stream(),
-            subjects: cfg.subjects.all_samples(),
-            max_age: STREAM_MAX_AGE,
-        })
-        .await
-        .context("creating the sample stream")?;
-        let broadcasts = bus
-            .subscribe(&cfg.subjects.broadcast())
+        cfg.subjects
+            .samples_stream()
+            .ensure(&*bus, STREAM_MAX_AGE)
+            .await
+            .context("creating the sample stream")?;
+        let broadcasts = cfg
+            .subjects
+            .broadcast()
+            .subscribe(&*bus)
             .await
             .context("subscribing to broadcasts")?;
-        let syncs = bus
-            .subscribe(&cfg.subjects.presence_sync())
+        let syncs = cfg
+            .subjects
+            .presence_sync()
+            .subscribe(&*bus)
             .await
             .context("subscribing to presence sync")?;
 
@@ -118,7 +120,7 @@ impl Gateway {
         let stop = CancellationToken::new();
         let (records, batcher) = Batcher {
             bus: bus.clone(),
-            subject: cfg.subjects.samples(&cfg.gateway_id),
+            topic: cfg.subjects.samples(&cfg.gateway_id),
             gateway_id: cfg.gateway_id.clone(),
             metrics: metrics.clone(),
             drain_timeout: cfg.args.drain_timeout(),
@@ -127,7 +129,7 @@ impl Gateway {
         let (reporter, reporter_task) = Reporter::spawn(
             ReporterConfig {
                 gateway_id: cfg.gateway_id.clone(),
-                subject: cfg.subjects.gateway_reports(&cfg.gateway_id),
+                topic: cfg.subjects.gateway_reports(&cfg.gateway_id),
                 roster_tick: cfg.args.roster_tick(),
                 heartbeat_interval: cfg.args.heartbeat_interval(),
             },

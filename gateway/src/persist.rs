@@ -14,7 +14,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use services::bus::SharedBus;
-use services::messages::{ClientRecord, RecordBatch, SampleRecord, encode};
+use services::bus::topic::Topic;
+use services::messages::{ClientRecord, RecordBatch, SampleRecord};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -46,7 +47,7 @@ pub struct Batcher {
     /// The bus.
     pub bus: SharedBus,
     /// Subject of this gateway's batches.
-    pub subject: String,
+    pub topic: Topic<RecordBatch>,
     /// This gateway's id.
     pub gateway_id: String,
     /// Metric families.
@@ -181,13 +182,13 @@ async fn persist_traced(
     deadline: Option<Instant>,
     headers: services::bus::Headers,
 ) {
-    let payload = encode(&batch);
     let n = batch.samples.len() as i64;
     let mut backoff = Duration::from_millis(50);
     loop {
         match this
-            .bus
-            .persist_with_headers(&this.subject, payload.clone(), headers.clone(), &msg_id)
+            .topic
+            .persist(&*this.bus, &batch, &msg_id)
+            .headers(headers.clone())
             .await
         {
             Ok(()) => {

@@ -24,8 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use services::bus::{SharedBus, Subscription};
-use services::messages::{GatewayReport, GatewayUpdate, RosterClient, encode};
+use services::bus::SharedBus;
+use services::bus::topic::{Inbox, Topic};
+use services::messages::{GatewayReport, GatewayUpdate, HeartbeatRequest, RosterClient};
 use services::stats::DelayStats;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -103,7 +104,7 @@ pub struct ReporterConfig {
     /// This gateway's id.
     pub gateway_id: String,
     /// Where this gateway's reports go.
-    pub subject: String,
+    pub topic: Topic<GatewayReport>,
     /// Roster tick (wall-clock aligned).
     pub roster_tick: Duration,
     /// Heartbeat interval.
@@ -129,7 +130,7 @@ impl Reporter {
     pub fn spawn(
         cfg: ReporterConfig,
         bus: SharedBus,
-        sync_requests: Subscription,
+        sync_requests: Inbox<HeartbeatRequest>,
     ) -> (ReporterHandle, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let mailbox = Mailbox::default();
@@ -146,7 +147,11 @@ impl Reporter {
         (ReporterHandle { tx, mailbox }, task)
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut sync_requests: Subscription) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut sync_requests: Inbox<HeartbeatRequest>,
+    ) {
         let mut ticks = services::WallClockTicks::new(self.cfg.roster_tick, Duration::ZERO);
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -247,7 +252,7 @@ impl Reporter {
             update,
         };
         self.seq += 1;
-        if let Err(e) = self.bus.publish(&self.cfg.subject, encode(&report)).await {
+        if let Err(e) = self.cfg.topic.publish(&*self.bus, &report).await {
             // Heartbeats repair what a lost report leaves out.
             tracing::warn!(error = %e, "could not report to presence");
         }
@@ -258,9 +263,7 @@ impl Reporter {
 mod tests {
     use std::sync::Arc;
 
-    use services::bus::Bus;
     use services::bus::memory::MemoryBus;
-    use services::messages::decode;
 
     use super::*;
 
@@ -284,13 +287,18 @@ mod tests {
 
     /// A reporter whose ticks and heartbeats are far apart: only what the
     /// test does produces reports (after the first, immediate heartbeat).
-    async fn start() -> (ReporterHandle, JoinHandle<()>, Subscription, MemoryBus) {
+    async fn start() -> (
+        ReporterHandle,
+        JoinHandle<()>,
+        Inbox<GatewayReport>,
+        MemoryBus,
+    ) {
         let bus = MemoryBus::new();
-        let reports = bus.subscribe("r").await.unwrap();
-        let syncs = bus.subscribe("sync").await.unwrap();
+        let reports = reports_topic().subscribe(&bus).await.unwrap();
+        let syncs = sync_topic().subscribe(&bus).await.unwrap();
         let cfg = ReporterConfig {
             gateway_id: "g".into(),
-            subject: "r".into(),
+            topic: reports_topic(),
             roster_tick: Duration::from_secs(3600),
             heartbeat_interval: Duration::from_secs(3600),
         };
@@ -298,12 +306,20 @@ mod tests {
         (handle, task, reports, bus)
     }
 
-    async fn next(reports: &mut Subscription) -> GatewayReport {
+    fn reports_topic() -> Topic<GatewayReport> {
+        Topic::new("r")
+    }
+
+    fn sync_topic() -> Topic<HeartbeatRequest> {
+        Topic::new("sync")
+    }
+
+    async fn next(reports: &mut Inbox<GatewayReport>) -> GatewayReport {
         let m = tokio::time::timeout(Duration::from_secs(5), reports.next())
             .await
             .expect("a report")
             .expect("open");
-        decode(&m.payload).unwrap()
+        m.message.expect("a report")
     }
 
     #[tokio::test]
@@ -324,7 +340,7 @@ mod tests {
             .await;
         // Presence asks for a heartbeat: it comes after every change above,
         // and carries a's latest delay.
-        bus.publish("sync", bytes::Bytes::new()).await.unwrap();
+        sync_topic().publish(&bus, &HeartbeatRequest).await.unwrap();
         let mut seen = Vec::new();
         loop {
             let r = next(&mut reports).await;
@@ -356,11 +372,11 @@ mod tests {
     #[tokio::test]
     async fn a_tick_carries_the_latest_delay_of_present_clients_only() {
         let bus = MemoryBus::new();
-        let mut reports = bus.subscribe("r").await.unwrap();
-        let syncs = bus.subscribe("sync").await.unwrap();
+        let mut reports = reports_topic().subscribe(&bus).await.unwrap();
+        let syncs = sync_topic().subscribe(&bus).await.unwrap();
         let cfg = ReporterConfig {
             gateway_id: "g".into(),
-            subject: "r".into(),
+            topic: reports_topic(),
             roster_tick: Duration::from_millis(50),
             heartbeat_interval: Duration::from_secs(3600),
         };

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use services::bus::SharedBus;
+use services::bus::{LeaseKey, SharedBus};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -16,13 +16,13 @@ use tokio_util::sync::CancellationToken;
 /// it.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
-/// Renews the lease `name` for `holder` until `stop`, publishing on `tx`
+/// Renews `lease` for `holder` until `stop`, publishing on `tx`
 /// until when this replica holds it (`None`: another replica holds it).
 /// The value only notifies when holding starts or stops; renewals update it
 /// silently.
 pub(crate) async fn renew(
     bus: SharedBus,
-    name: String,
+    lease: LeaseKey,
     holder: String,
     ttl: Duration,
     tx: watch::Sender<Option<Instant>>,
@@ -37,12 +37,12 @@ pub(crate) async fn renew(
         let started = Instant::now();
         let attempt = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(every, bus.try_lease(&name, &holder, ttl)) => r,
+            r = tokio::time::timeout(every, bus.try_lease(&lease, &holder, ttl)) => r,
         };
         match attempt {
             Ok(Ok(held)) => {
                 if failing {
-                    tracing::info!(lease = %name, "lease renewal works again");
+                    tracing::info!(%lease, "lease renewal works again");
                     failing = false;
                 }
                 holding = held;
@@ -55,13 +55,13 @@ pub(crate) async fn renew(
             }
             Ok(Err(e)) => {
                 if !failing {
-                    tracing::warn!(lease = %name, error = %e, "lease renewal failed");
+                    tracing::warn!(%lease, error = %e, "lease renewal failed");
                 }
                 failing = true;
             }
             Err(_) => {
                 if !failing {
-                    tracing::warn!(lease = %name, "lease renewal timed out");
+                    tracing::warn!(%lease, "lease renewal timed out");
                 }
                 failing = true;
             }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use services::admin::Readiness;
-use services::bus::{Message, SharedBus, Subscription};
-use services::messages::{Broadcast, GatewayReport, RosterReply, decode, encode};
+use services::bus::{Inbox, Incoming, SharedBus};
+use services::messages::{Broadcast, GatewayReport, HeartbeatRequest, RosterReply, RosterRequest};
 use services::subjects::Subjects;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -68,8 +68,8 @@ pub struct Presence {
     cfg: PresenceConfig,
     bus: SharedBus,
     metrics: Metrics,
-    reports: Subscription,
-    requests: Subscription,
+    reports: Inbox<GatewayReport>,
+    requests: Inbox<RosterRequest, RosterReply>,
 }
 
 impl Presence {
@@ -92,12 +92,16 @@ impl Presence {
         if cfg.roster_tick.is_zero() || cfg.lease_ttl.is_zero() || cfg.snapshot_interval.is_zero() {
             bail!("presence: roster tick, lease ttl and snapshot interval must be positive");
         }
-        let reports = bus
-            .subscribe(&cfg.subjects.all_gateway_reports())
+        let reports = cfg
+            .subjects
+            .all_gateway_reports()
+            .subscribe(&*bus)
             .await
             .context("subscribing to gateway reports")?;
-        let requests = bus
-            .queue_subscribe(&cfg.subjects.roster_request(), QUEUE)
+        let requests = cfg
+            .subjects
+            .roster_request()
+            .serve(&*bus, QUEUE)
             .await
             .context("subscribing to roster requests")?;
         let metrics = Metrics::register(registry);
@@ -135,10 +139,10 @@ impl Presence {
         let stop = shutdown.child_token();
         let _stop_guard = stop.clone().drop_guard();
         let (lease_tx, lease_rx) = watch::channel(None);
-        let lease_name = format!("{}/presence", cfg.subjects.lease_bucket());
+        let lease_key = cfg.subjects.presence_lease();
         let renewals = tokio::spawn(lease::renew(
             bus.clone(),
-            lease_name.clone(),
+            lease_key.clone(),
             cfg.replica_id.clone(),
             cfg.lease_ttl,
             lease_tx,
@@ -190,7 +194,7 @@ impl Presence {
             let now = Instant::now();
             state.refresh_active(now).await;
             match event {
-                Event::Report(m) => state.on_report(&m, now).await,
+                Event::Report(m) => state.on_report(m, now).await,
                 Event::Request(m) => state.on_request(m).await,
                 Event::Expiry => state.on_expiry(now).await,
                 Event::Deadline(tick) => {
@@ -227,7 +231,7 @@ impl Presence {
         stop.cancel();
         let _ = renewals.await;
         if state.active {
-            let release = state.bus.release_lease(&lease_name, &cfg.replica_id);
+            let release = state.bus.release_lease(&lease_key, &cfg.replica_id);
             match tokio::time::timeout(Duration::from_secs(2), release).await {
                 Ok(Ok(())) => tracing::info!("released the presence lease"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease; it lapses"),
@@ -250,8 +254,8 @@ fn deadline_grace(tick: Duration) -> Duration {
 
 /// What woke the loop.
 enum Event {
-    Report(Message),
-    Request(Message),
+    Report(Incoming<GatewayReport>),
+    Request(Incoming<RosterRequest, RosterReply>),
     Expiry,
     /// The deadline of the roster tick at this Unix ms.
     Deadline(i64),
@@ -297,8 +301,8 @@ impl State {
         }
     }
 
-    async fn on_report(&mut self, m: &Message, now: Instant) {
-        let report: GatewayReport = match decode(&m.payload) {
+    async fn on_report(&mut self, m: Incoming<GatewayReport>, now: Instant) {
+        let report = match m.message {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.bad_reports.inc();
@@ -336,15 +340,15 @@ impl State {
         self.update_gauges();
     }
 
-    async fn on_request(&mut self, m: Message) {
-        let Some(reply) = m.reply else {
+    async fn on_request(&mut self, m: Incoming<RosterRequest, RosterReply>) {
+        if !m.wants_reply() {
             tracing::debug!(subject = %m.subject, "roster request without a reply subject");
             return;
-        };
-        let answer = encode(&RosterReply {
+        }
+        let answer = RosterReply {
             clients: self.roster.clients(),
-        });
-        if let Err(e) = self.bus.publish(&reply, answer).await {
+        };
+        if let Err(e) = m.reply(&*self.bus, &answer).await {
             tracing::warn!(error = %e, "could not answer a roster request");
         }
     }
@@ -394,8 +398,9 @@ impl State {
 
     async fn publish_sync(&self) {
         if let Err(e) = self
-            .bus
-            .publish(&self.subjects.presence_sync(), bytes::Bytes::new())
+            .subjects
+            .presence_sync()
+            .publish(&*self.bus, &HeartbeatRequest)
             .await
         {
             tracing::warn!(error = %e, "could not ask gateways for heartbeats");
@@ -413,11 +418,7 @@ impl State {
             return;
         }
         let kind = broadcast_kind(b);
-        match self
-            .bus
-            .publish(&self.subjects.broadcast(), encode(b))
-            .await
-        {
+        match self.subjects.broadcast().publish(&*self.bus, b).await {
             Ok(()) => self.metrics.broadcasts.with_label_values(&[kind]).inc(),
             Err(e) => tracing::warn!(kind, error = %e, "could not publish a broadcast"),
         }

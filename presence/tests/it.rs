@@ -14,10 +14,8 @@ use prometheus::Registry;
 use services::admin::Readiness;
 use services::bus::memory::MemoryBus;
 use services::bus::nats::NatsBus;
-use services::bus::{Bus as _, BusError, SharedBus, Subscription};
-use services::messages::{
-    Broadcast, GatewayReport, GatewayUpdate, RosterClient, RosterReply, decode, encode,
-};
+use services::bus::{Bus as _, BusError, Inbox, SharedBus};
+use services::messages::{Broadcast, GatewayReport, GatewayUpdate, RosterClient, RosterRequest};
 use services::stats::DelayStats;
 use services::subjects::Subjects;
 use tokio::sync::Mutex;
@@ -76,7 +74,12 @@ async fn nats(name: &str) -> NatsBus {
 async fn settle(bus: &SharedBus, subjects: &Subjects) {
     let probe = format!("{}.nobody", subjects.prefix());
     match bus
-        .request(&probe, bytes::Bytes::new(), Duration::from_secs(2))
+        .request(
+            &probe,
+            bytes::Bytes::new(),
+            Vec::new(),
+            Duration::from_secs(2),
+        )
         .await
     {
         Err(BusError::NoResponders(_)) | Err(BusError::Timeout(_)) => {}
@@ -180,7 +183,7 @@ impl FakeGateway {
             seq: 0,
             clients: Vec::new(),
         }));
-        let mut sync = bus.subscribe(&subjects.presence_sync()).await.unwrap();
+        let mut sync = subjects.presence_sync().subscribe(&*bus).await.unwrap();
         settle(&bus, subjects).await;
         let (b, s, st, gw) = (bus.clone(), subjects.clone(), state.clone(), id.to_owned());
         let heartbeats = tokio::spawn(async move {
@@ -281,26 +284,28 @@ async fn send(
         seq: st.seq,
         update,
     };
-    bus.publish(&subjects.gateway_reports(gw), encode(&report))
+    subjects
+        .gateway_reports(gw)
+        .publish(&**bus, &report)
         .await
         .expect("report published");
 }
 
 /// Everything presence broadcasts.
 struct Watcher {
-    sub: Subscription,
+    sub: Inbox<Broadcast>,
 }
 
 impl Watcher {
     async fn start(bus: &SharedBus, subjects: &Subjects) -> Self {
-        let sub = bus.subscribe(&subjects.broadcast()).await.unwrap();
+        let sub = subjects.broadcast().subscribe(&**bus).await.unwrap();
         settle(bus, subjects).await;
         Self { sub }
     }
 
     async fn next(&mut self, within: Duration) -> Option<Broadcast> {
         let m = timeout(within, self.sub.next()).await.ok()??;
-        Some(decode(&m.payload).expect("broadcasts decode"))
+        Some(m.message.expect("broadcasts decode"))
     }
 
     /// Waits for the first broadcast matching `pred`; returns it and every
@@ -375,15 +380,11 @@ fn ids(list: &[&str]) -> BTreeSet<String> {
 }
 
 async fn roster(bus: &SharedBus, subjects: &Subjects) -> BTreeSet<String> {
-    let answer = bus
-        .request(
-            &subjects.roster_request(),
-            bytes::Bytes::new(),
-            Duration::from_secs(2),
-        )
+    let reply = subjects
+        .roster_request()
+        .request(&**bus, &RosterRequest, Duration::from_secs(2))
         .await
-        .expect("presence answers roster requests");
-    let reply: RosterReply = decode(&answer).expect("roster reply decodes");
+        .expect("presence answers roster requests with a RosterReply");
     reply.clients.into_iter().map(|c| c.channel_name).collect()
 }
 
@@ -446,8 +447,9 @@ async fn nats_events_are_broadcast() {
     // A bad payload is counted and changes nothing.
     gw_bus
         .publish(
-            &subjects.gateway_reports("gw-1"),
+            subjects.gateway_reports("gw-1").subject(),
             bytes::Bytes::from_static(b"{nope"),
+            Vec::new(),
         )
         .await
         .unwrap();

@@ -25,9 +25,9 @@ use futures_util::StreamExt as _;
 use recorder::store::Store as _;
 use recorder::store::postgres::PgStore;
 use recorder::{Recorder, RecorderConfig};
+use services::bus::SharedBus;
 use services::bus::nats::NatsBus;
-use services::bus::{Bus as _, SharedBus};
-use services::messages::{ClientRecord, RecordBatch, SampleRecord, encode};
+use services::messages::{ClientRecord, RecordBatch, SampleRecord};
 use services::subjects::Subjects;
 use sqlx::Connection as _;
 use tokio_util::sync::CancellationToken;
@@ -107,16 +107,14 @@ async fn main() -> anyhow::Result<()> {
     cfg.batch_max_samples = args.batch_max_samples;
     cfg.retention = Duration::ZERO;
     cfg.stream_max_age = Duration::from_secs(3600);
-    bus.ensure_stream(&services::bus::StreamSpec {
-        name: subjects.samples_stream(),
-        subjects: subjects.all_samples(),
-        max_age: cfg.stream_max_age,
-    })
-    .await?;
+    subjects
+        .samples_stream()
+        .ensure(&*bus, cfg.stream_max_age)
+        .await?;
     let started = Instant::now();
+    let topic = subjects.samples("bench");
     for (i, b) in batches.iter().enumerate() {
-        bus.persist(&subjects.samples("bench"), encode(b), &format!("b{i}"))
-            .await?;
+        topic.persist(&*bus, b, &format!("b{i}")).await?;
     }
     let publish = rate(total, started.elapsed());
     println!("publish   into JetStream:                {publish:>10.0} samples/s");
@@ -166,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let js = async_nats::jetstream::new(bus.client().clone());
-    let _ = js.delete_stream(&subjects.samples_stream()).await;
+    let _ = js.delete_stream(subjects.samples_stream().name()).await;
     store.pool().close().await;
     db.drop_db().await;
     Ok(())

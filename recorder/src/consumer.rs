@@ -2,7 +2,7 @@
 //! inserts, and are acknowledged only once their insert has committed.
 //!
 //! # Batching and commits
-//! Deliveries are gathered until `batch_max_samples` samples or
+//! Consumed<RecordBatch> are gathered until `batch_max_samples` samples or
 //! `batch_wait` after the first one, then inserted in one store call while
 //! the next batch is gathered; at most [`INSERTS_IN_FLIGHT`] batches commit
 //! at once. Each batch's deliveries are acknowledged after its own commit
@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
-use services::bus::{BusError, Deliveries, Delivery, SharedBus};
-use services::messages::{RecordBatch, decode};
+use services::bus::{BusError, Consumed, Delivered, Delivery, DurableStream, SharedBus};
+use services::messages::RecordBatch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -60,7 +60,7 @@ const MAX_STREAM_ERRORS: u32 = 10;
 /// Consumes the durable stream into the store.
 pub(crate) struct Consumer {
     pub bus: SharedBus,
-    pub stream: String,
+    pub stream: DurableStream<RecordBatch>,
     pub durable: String,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
@@ -69,7 +69,7 @@ pub(crate) struct Consumer {
     pub batch_wait: Duration,
 }
 
-/// Deliveries gathered for one insert, with their decoded batches.
+/// Consumed<RecordBatch> gathered for one insert, with their decoded batches.
 #[derive(Default)]
 struct Gathered {
     deliveries: Vec<Delivery>,
@@ -90,7 +90,11 @@ impl Consumer {
     /// Runs until `shutdown`; then finishes the batches in hand and
     /// returns. Up to [`INSERTS_IN_FLIGHT`] batches commit at once while the
     /// next one is gathered.
-    pub async fn run(self: Arc<Self>, mut deliveries: Deliveries, shutdown: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut deliveries: Consumed<RecordBatch>,
+        shutdown: CancellationToken,
+    ) {
         let mut in_flight = JoinSet::new();
         let mut stream_errors = 0u32;
         loop {
@@ -124,7 +128,7 @@ impl Consumer {
     /// (then the flag is true).
     async fn gather(
         &self,
-        deliveries: &mut Deliveries,
+        deliveries: &mut Consumed<RecordBatch>,
         shutdown: &CancellationToken,
         stream_errors: &mut u32,
     ) -> (Gathered, bool) {
@@ -177,12 +181,16 @@ impl Consumer {
     }
 
     /// Takes one delivery into the batch, or drops it if it is not a batch.
-    async fn accept(&self, d: Delivery, batch: &mut Gathered) {
+    async fn accept(&self, delivered: Delivered<RecordBatch>, batch: &mut Gathered) {
+        let Delivered {
+            message,
+            delivery: d,
+        } = delivered;
         self.metrics.consumer_pending.inc();
         if d.redeliveries > 0 {
             self.metrics.redeliveries.inc();
         }
-        match decode::<RecordBatch>(&d.payload) {
+        match message {
             Ok(b) => {
                 let span = tracing::info_span!(
                     "recorder.record_batch",
@@ -323,10 +331,10 @@ impl Consumer {
     }
 
     /// Opens the consumer again, retrying until it works or shutdown starts.
-    async fn reconsume(&self, shutdown: &CancellationToken) -> Option<Deliveries> {
+    async fn reconsume(&self, shutdown: &CancellationToken) -> Option<Consumed<RecordBatch>> {
         let mut backoff = INITIAL_BACKOFF;
         loop {
-            match self.bus.consume(&self.stream, &self.durable).await {
+            match self.stream.consume(&*self.bus, &self.durable).await {
                 Ok(d) => return Some(d),
                 Err(e) => {
                     log_bus_error(&e, backoff);

@@ -31,14 +31,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use services::admin::Readiness;
-use services::bus::{Deliveries, SharedBus, StreamSpec, Subscription};
+use services::bus::{Consumed, Inbox, SharedBus};
+use services::messages::{RecordBatch, SamplesQuery, SamplesReply, StatsQuery, StatsReply};
 use services::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::consumer::Consumer;
 use crate::metrics::Metrics;
-use crate::queries::{Kind, Responder};
+use crate::queries::Responder;
 use crate::store::Store;
 
 /// The queue group the replicas answer queries in.
@@ -112,9 +113,9 @@ pub struct Recorder {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     health: Arc<DbHealth>,
-    deliveries: Deliveries,
-    samples_sub: Subscription,
-    stats_sub: Subscription,
+    deliveries: Consumed<RecordBatch>,
+    samples_sub: Inbox<SamplesQuery, SamplesReply>,
+    stats_sub: Inbox<StatsQuery, StatsReply>,
 }
 
 impl Recorder {
@@ -135,23 +136,22 @@ impl Recorder {
     ) -> anyhow::Result<Recorder> {
         let subjects = &cfg.subjects;
         let stream = subjects.samples_stream();
-        bus.ensure_stream(&StreamSpec {
-            name: stream.clone(),
-            subjects: subjects.all_samples(),
-            max_age: cfg.stream_max_age,
-        })
-        .await
-        .with_context(|| format!("creating the stream {stream}"))?;
-        let deliveries = bus
-            .consume(&stream, &subjects.recorder_durable())
+        stream
+            .ensure(&*bus, cfg.stream_max_age)
             .await
-            .with_context(|| format!("consuming the stream {stream}"))?;
-        let samples_sub = bus
-            .queue_subscribe(&subjects.query_samples(), QUEUE_GROUP)
+            .with_context(|| format!("creating the stream {}", stream.name()))?;
+        let deliveries = stream
+            .consume(&*bus, &subjects.recorder_durable())
+            .await
+            .with_context(|| format!("consuming the stream {}", stream.name()))?;
+        let samples_sub = subjects
+            .query_samples()
+            .serve(&*bus, QUEUE_GROUP)
             .await
             .context("subscribing to history queries")?;
-        let stats_sub = bus
-            .queue_subscribe(&subjects.query_stats(), QUEUE_GROUP)
+        let stats_sub = subjects
+            .query_stats()
+            .serve(&*bus, QUEUE_GROUP)
             .await
             .context("subscribing to statistics queries")?;
         let health = Arc::new(DbHealth::new(store.ping().await));
@@ -184,13 +184,12 @@ impl Recorder {
             metrics: self.metrics.clone(),
             health: self.health.clone(),
         };
-        tracker.spawn(responder.clone().serve(
-            Kind::Samples,
-            self.samples_sub,
-            stop.clone(),
-            tracker.clone(),
-        ));
-        tracker.spawn(responder.serve(Kind::Stats, self.stats_sub, stop.clone(), tracker.clone()));
+        tracker.spawn(
+            responder
+                .clone()
+                .serve(self.samples_sub, stop.clone(), tracker.clone()),
+        );
+        tracker.spawn(responder.serve(self.stats_sub, stop.clone(), tracker.clone()));
         tracker.spawn(ping_loop(
             self.store.clone(),
             self.health.clone(),

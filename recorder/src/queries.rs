@@ -3,12 +3,13 @@
 //! the queue group gets them. Bad input is answered with the `Error`
 //! variant, never a panic; a request without a reply subject is ignored.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use services::bus::{Message, SharedBus, Subscription};
-use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply, decode, encode};
+use services::bus::{BusError, Inbox, Incoming, Payload, SharedBus};
+use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,32 +35,53 @@ pub(crate) struct Responder {
     pub health: Arc<DbHealth>,
 }
 
-/// Which query a subscription carries.
-#[derive(Clone, Copy)]
-pub(crate) enum Kind {
-    Samples,
-    Stats,
+/// A query the recorder answers: its reply type, its metrics label, and
+/// how it is answered.
+pub(crate) trait Query: Payload + Sync {
+    /// What answers it.
+    type Reply: Payload + Sync;
+    /// The `kind` label of its metrics and spans.
+    const KIND: &'static str;
+    /// The answer to `query` (or to a request that did not decode) and its
+    /// outcome label.
+    fn answer(
+        r: &Responder,
+        query: &Result<Self, BusError>,
+    ) -> impl Future<Output = (Self::Reply, &'static str)> + Send;
 }
 
-impl Kind {
-    fn label(self) -> &'static str {
-        match self {
-            Kind::Samples => "samples",
-            Kind::Stats => "stats",
-        }
+impl Query for SamplesQuery {
+    type Reply = SamplesReply;
+    const KIND: &'static str = "samples";
+    fn answer(
+        r: &Responder,
+        query: &Result<Self, BusError>,
+    ) -> impl Future<Output = (SamplesReply, &'static str)> + Send {
+        r.samples(query)
+    }
+}
+
+impl Query for StatsQuery {
+    type Reply = StatsReply;
+    const KIND: &'static str = "stats";
+    fn answer(
+        r: &Responder,
+        query: &Result<Self, BusError>,
+    ) -> impl Future<Output = (StatsReply, &'static str)> + Send {
+        r.stats(query)
     }
 }
 
 impl Responder {
     /// Answers the requests of `sub` until `stop`, a few at a time; the
     /// answers in flight are tracked by `tracker`.
-    pub async fn serve(
+    pub async fn serve<Q: Query>(
         self,
-        kind: Kind,
-        mut sub: Subscription,
+        mut sub: Inbox<Q, Q::Reply>,
         stop: CancellationToken,
         tracker: TaskTracker,
     ) {
+        let kind = Q::KIND;
         let limit = Arc::new(Semaphore::new(CONCURRENCY));
         loop {
             let msg = tokio::select! {
@@ -67,7 +89,7 @@ impl Responder {
                 msg = sub.next() => msg,
             };
             let Some(msg) = msg else {
-                tracing::warn!(kind = kind.label(), "query subscription closed");
+                tracing::warn!(kind, "query subscription closed");
                 return;
             };
             let Ok(permit) = limit.clone().acquire_owned().await else {
@@ -75,42 +97,36 @@ impl Responder {
             };
             let this = self.clone();
             tracker.spawn(async move {
-                this.answer(kind, msg).await;
+                this.answer(msg).await;
                 drop(permit);
             });
         }
     }
 
-    async fn answer(&self, kind: Kind, msg: Message) {
+    async fn answer<Q: Query>(&self, req: Incoming<Q, Q::Reply>) {
         // A child of the gateway's request span (trace context in headers).
-        let span = tracing::info_span!("recorder.query", kind = kind.label());
-        services::telemetry::set_parent_from(&span, &msg.headers);
-        self.answer_traced(kind, msg).instrument(span).await;
-    }
-
-    async fn answer_traced(&self, kind: Kind, msg: Message) {
-        let Some(reply) = msg.reply else {
-            self.metrics.query(kind.label(), "no_reply");
-            return;
-        };
-        let (payload, outcome) = match kind {
-            Kind::Samples => {
-                let (answer, outcome) = self.samples(&msg.payload).await;
-                (encode(&answer), outcome)
+        let span = tracing::info_span!("recorder.query", kind = Q::KIND);
+        services::telemetry::set_parent_from(&span, &req.headers);
+        async {
+            if !req.wants_reply() {
+                self.metrics.query(Q::KIND, "no_reply");
+                return;
             }
-            Kind::Stats => {
-                let (answer, outcome) = self.stats(&msg.payload).await;
-                (encode(&answer), outcome)
+            let (answer, outcome) = Q::answer(self, &req.message).await;
+            self.metrics.query(Q::KIND, outcome);
+            if let Err(e) = req.reply(&*self.bus, &answer).await {
+                tracing::warn!(error = %e, kind = Q::KIND, "could not send a query answer");
             }
-        };
-        self.metrics.query(kind.label(), outcome);
-        if let Err(e) = self.bus.publish(&reply, payload).await {
-            tracing::warn!(error = %e, kind = kind.label(), "could not send a query answer");
         }
+        .instrument(span)
+        .await;
     }
 
-    async fn samples(&self, payload: &[u8]) -> (SamplesReply, &'static str) {
-        let q: SamplesQuery = match decode(payload) {
+    async fn samples(
+        &self,
+        query: &Result<SamplesQuery, BusError>,
+    ) -> (SamplesReply, &'static str) {
+        let q = match query {
             Ok(q) => q,
             Err(e) => {
                 let message = format!("bad request: {e}");
@@ -120,7 +136,7 @@ impl Responder {
         if !self.health.is_up() {
             return (unavailable_samples(), "error");
         }
-        match self.store.samples(&q).await {
+        match self.store.samples(q).await {
             Ok(Some(samples)) => (SamplesReply::Found { samples }, "found"),
             Ok(None) => (SamplesReply::NotFound, "not_found"),
             Err(StoreError::InvalidQuery(why)) => {
@@ -134,10 +150,11 @@ impl Responder {
         }
     }
 
-    async fn stats(&self, payload: &[u8]) -> (StatsReply, &'static str) {
-        let (window, bucket) = match decode::<StatsQuery>(payload)
+    async fn stats(&self, query: &Result<StatsQuery, BusError>) -> (StatsReply, &'static str) {
+        let (window, bucket) = match query
+            .as_ref()
             .map_err(|e| e.to_string())
-            .and_then(|q| validate_stats(&q))
+            .and_then(validate_stats)
         {
             Ok(wb) => wb,
             Err(e) => {

@@ -97,29 +97,16 @@ pub fn parse_postgres_url(s: &str) -> Result<String, String> {
     }
 }
 
-/// Checks a NATS URL list (`nats://host:port`, comma-separated).
+/// Checks a NATS URL list (`nats://host:port`, comma-separated) with the
+/// NATS client's own address parsing ([`crate::bus::nats::server_addrs`]),
+/// the one [`crate::bus::nats::NatsBus::connect`] uses.
 ///
 /// # Errors
 /// A one-line explanation, for clap to show.
 pub fn parse_nats_url(s: &str) -> Result<String, String> {
-    for part in s.split(',') {
-        let part = part.trim();
-        let rest = part
-            .strip_prefix("nats://")
-            .or_else(|| part.strip_prefix("tls://"))
-            .or_else(|| part.strip_prefix("ws://"))
-            .unwrap_or(part);
-        let host_port = rest.rsplit('@').next().unwrap_or(rest);
-        if host_port.is_empty() || host_port.contains('/') && !host_port.ends_with('/') {
-            return Err(format!("{part:?} is not a NATS server address"));
-        }
-        if let Some((_, port)) = host_port.trim_end_matches('/').rsplit_once(':')
-            && port.parse::<u16>().is_err()
-        {
-            return Err(format!("{part:?} has a bad port"));
-        }
-    }
-    Ok(s.to_owned())
+    crate::bus::nats::server_addrs(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// Parses a subject prefix: one NATS token of letters, digits, `-` and `_`.
@@ -202,6 +189,9 @@ mod tests {
         assert!(parse_nats_url("127.0.0.1:4222,nats://b:4223").is_ok());
         assert!(parse_nats_url("nats://h:notaport").is_err());
         assert!(parse_nats_url("").is_err());
+        assert!(parse_nats_url("nats://a:4222,").is_err());
+        assert!(parse_nats_url("http://h:4222").is_err());
+        assert!(parse_nats_url("tls://h:4222, ws://h:8080").is_ok());
         assert_eq!(
             parse_duration("15m"),
             Ok(std::time::Duration::from_secs(900))

@@ -1,15 +1,22 @@
 //! Messages the services exchange over the bus. JSON, so a `nats sub`
 //! shows what travels; each type says on which subject it travels and who
-//! publishes it (see `docs/architecture.md`).
+//! publishes it (see `docs/architecture.md`, "Subjects and messages").
+//!
+//! Every type here implements [`Payload`], and
+//! [`crate::subjects::Subjects`] pairs it with its subject: the typed bus
+//! ([`crate::bus::Topic`], [`crate::bus::Service`]) encodes and decodes,
+//! so services never handle the bytes.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::bus::Payload;
 use crate::stats::DelayStats;
 
-/// Encodes a bus message.
+/// Encodes a bus message as JSON (what [`Payload::encode`] does for the
+/// JSON messages).
 pub fn encode<T: Serialize>(msg: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(msg).expect("bus messages serialize"))
 }
@@ -21,6 +28,65 @@ pub fn encode<T: Serialize>(msg: &T) -> Bytes {
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, serde_json::Error> {
     serde_json::from_slice(payload)
 }
+
+/// The JSON messages.
+macro_rules! json_payload {
+    ($($t:ty),* $(,)?) => {
+        $(
+            impl Payload for $t {
+                fn encode(&self) -> Bytes {
+                    encode(self)
+                }
+
+                fn decode(payload: &[u8]) -> Result<Self, serde_json::Error> {
+                    decode(payload)
+                }
+            }
+        )*
+    };
+}
+
+json_payload!(
+    GatewayReport,
+    Broadcast,
+    RosterReply,
+    RecordBatch,
+    SamplesQuery,
+    SamplesReply,
+    StatsQuery,
+    StatsReply,
+);
+
+/// The messages without content: an empty payload, and any payload is
+/// taken as one (what travelled before they had types).
+macro_rules! empty_payload {
+    ($($t:ty),* $(,)?) => {
+        $(
+            impl Payload for $t {
+                fn encode(&self) -> Bytes {
+                    Bytes::new()
+                }
+
+                fn decode(_: &[u8]) -> Result<Self, serde_json::Error> {
+                    Ok(Self)
+                }
+            }
+        )*
+    };
+}
+
+empty_payload!(HeartbeatRequest, RosterRequest);
+
+/// Presence asks every gateway for a heartbeat now, on
+/// `{prefix}.presence.sync` (after it starts, or after its bus connection
+/// came back). Empty.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeartbeatRequest;
+
+/// A request for the whole roster, on `{prefix}.presence.roster`, answered
+/// with a [`RosterReply`]. Empty.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RosterRequest;
 
 /// A public client as the roster knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -15,7 +15,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use services::bus::memory::MemoryBus;
 use services::bus::nats::NatsBus;
-use services::bus::{BusError, Deliveries, Delivery, SharedBus, StreamSpec, Subscription};
+use services::bus::{
+    BusError, Deliveries, Delivery, Headers, LeaseKey, SharedBus, StreamSpec, Subscription,
+};
+use services::bus::{DurableStream, Service, Topic};
+use services::messages::{Broadcast, RecordBatch, StatsQuery, StatsReply};
 use testkit::NatsServer;
 use tokio::time::timeout;
 
@@ -23,6 +27,9 @@ use tokio::time::timeout;
 const WAIT: Duration = Duration::from_secs(5);
 /// How long we listen to be sure nothing (more) arrives.
 const QUIET: Duration = Duration::from_millis(300);
+/// The ack wait of every consumer in these tests: a delivery neither
+/// acknowledged nor refused comes again this long after it went out.
+const ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Connections to one bus.
 struct Harness {
@@ -52,13 +59,14 @@ impl Harness {
     /// A new connection to the bus.
     async fn connect(&self) -> SharedBus {
         if let Some(m) = &self.memory {
-            return Arc::new(m.clone());
+            return Arc::new(m.clone().with_ack_wait(ACK_WAIT));
         }
         let url = self.nats.as_ref().expect("a bus").url();
         let bus = timeout(WAIT, NatsBus::connect(&url, "bus-contract"))
             .await
             .expect("connect in time")
-            .expect("connect to nats-server");
+            .expect("connect to nats-server")
+            .with_ack_wait(ACK_WAIT);
         let bus: SharedBus = Arc::new(bus);
         testkit::eventually(WAIT, "the NATS connection is up", || {
             let b = bus.clone();
@@ -70,6 +78,11 @@ impl Harness {
 
     fn subject(&self, rest: &str) -> String {
         format!("{}.{rest}", self.prefix)
+    }
+
+    /// The lease `key` in this test's bucket.
+    fn lease(&self, key: &str) -> LeaseKey {
+        LeaseKey::new(format!("{}_leases", self.prefix), key)
     }
 
     fn stream_spec(&self) -> StreamSpec {
@@ -110,12 +123,14 @@ contract!(
     request_reply_and_its_errors,
     durable_stream_delivers_until_acknowledged,
     nak_brings_a_message_back,
+    unacknowledged_deliveries_come_again_after_the_ack_wait,
     consumers_of_one_durable_share_the_work,
     persist_deduplicates_by_message_id,
     lease_has_one_holder_until_it_lapses,
     a_released_lease_is_free_at_once,
     messages_larger_than_the_server_takes_arrive_whole,
     a_new_connection_is_connected,
+    typed_topics_carry_their_message_types,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -154,14 +169,14 @@ async fn publish_reaches_every_subscriber_in_order(h: Harness) {
     let publisher = h.connect().await;
     let other = h.connect().await;
     let subject = h.subject("news");
-    let mut a = publisher.subscribe(&subject).await.unwrap();
-    let mut b = other.subscribe(&subject).await.unwrap();
+    let mut a = publisher.subscribe(&subject, None).await.unwrap();
+    let mut b = other.subscribe(&subject, None).await.unwrap();
     other.flush().await.unwrap();
     publisher.flush().await.unwrap();
 
     for i in 0..20 {
         publisher
-            .publish(&subject, Bytes::from(format!("m{i}")))
+            .publish(&subject, Bytes::from(format!("m{i}")), Headers::new())
             .await
             .unwrap();
     }
@@ -175,7 +190,11 @@ async fn publish_reaches_every_subscriber_in_order(h: Harness) {
         }
     }
     publisher
-        .publish(&h.subject("elsewhere"), Bytes::from_static(b"x"))
+        .publish(
+            &h.subject("elsewhere"),
+            Bytes::from_static(b"x"),
+            Headers::new(),
+        )
         .await
         .unwrap();
     assert_quiet(&mut a, "another subject").await;
@@ -183,7 +202,7 @@ async fn publish_reaches_every_subscriber_in_order(h: Harness) {
     // Dropping a subscription unsubscribes; the others keep receiving.
     drop(a);
     publisher
-        .publish(&subject, Bytes::from_static(b"after"))
+        .publish(&subject, Bytes::from_static(b"after"), Headers::new())
         .await
         .unwrap();
     assert_eq!(text(&next(&mut b).await.payload), "after");
@@ -191,12 +210,14 @@ async fn publish_reaches_every_subscriber_in_order(h: Harness) {
 
 async fn wildcards_match_one_token_or_the_rest(h: Harness) {
     let bus = h.connect().await;
-    let mut star = bus.subscribe(&h.subject("a.*.c")).await.unwrap();
-    let mut rest = bus.subscribe(&h.subject("a.>")).await.unwrap();
+    let mut star = bus.subscribe(&h.subject("a.*.c"), None).await.unwrap();
+    let mut rest = bus.subscribe(&h.subject("a.>"), None).await.unwrap();
     bus.flush().await.unwrap();
 
     for s in ["a.b.c", "a.x.c", "a.b", "a.b.c.d", "b.b.c"] {
-        bus.publish(&h.subject(s), Bytes::from(s)).await.unwrap();
+        bus.publish(&h.subject(s), Bytes::from(s), Headers::new())
+            .await
+            .unwrap();
     }
     bus.flush().await.unwrap();
     let got_star: Vec<String> = vec![
@@ -215,7 +236,7 @@ async fn wildcards_match_one_token_or_the_rest(h: Harness) {
     assert_quiet(&mut rest, "`>` needs at least one token and the prefix").await;
 
     // `>` does not match the bare prefix.
-    bus.publish(&h.subject("a"), Bytes::from_static(b"bare"))
+    bus.publish(&h.subject("a"), Bytes::from_static(b"bare"), Headers::new())
         .await
         .unwrap();
     assert_quiet(&mut rest, "`a.>` against `a`").await;
@@ -227,22 +248,22 @@ async fn queue_groups_share_and_plain_subscribers_see_all(h: Harness) {
     let mut members = Vec::new();
     for _ in 0..3 {
         let conn = h.connect().await;
-        members.push(conn.queue_subscribe(&subject, "workers").await.unwrap());
+        members.push(conn.subscribe(&subject, Some("workers")).await.unwrap());
         conn.flush().await.unwrap();
     }
     let other_group_conn = h.connect().await;
     let mut other_group = other_group_conn
-        .queue_subscribe(&subject, "auditors")
+        .subscribe(&subject, Some("auditors"))
         .await
         .unwrap();
     other_group_conn.flush().await.unwrap();
-    let mut plain = publisher.subscribe(&subject).await.unwrap();
+    let mut plain = publisher.subscribe(&subject, None).await.unwrap();
     publisher.flush().await.unwrap();
 
     const N: usize = 60;
     for i in 0..N {
         publisher
-            .publish(&subject, Bytes::from(i.to_string()))
+            .publish(&subject, Bytes::from(i.to_string()), Headers::new())
             .await
             .unwrap();
     }
@@ -286,7 +307,12 @@ async fn request_reply_and_its_errors(h: Harness) {
     // No subscriber at all: NoResponders, at once.
     let started = std::time::Instant::now();
     match client
-        .request(&subject, Bytes::from_static(b"hi"), Duration::from_secs(3))
+        .request(
+            &subject,
+            Bytes::from_static(b"hi"),
+            Headers::new(),
+            Duration::from_secs(3),
+        )
         .await
     {
         Err(BusError::NoResponders(s)) => assert_eq!(s, subject),
@@ -298,7 +324,7 @@ async fn request_reply_and_its_errors(h: Harness) {
     );
 
     // A responder in a queue group answers.
-    let mut requests = server.queue_subscribe(&subject, "echo").await.unwrap();
+    let mut requests = server.subscribe(&subject, Some("echo")).await.unwrap();
     server.flush().await.unwrap();
     let responder = {
         let server = server.clone();
@@ -307,13 +333,16 @@ async fn request_reply_and_its_errors(h: Harness) {
                 let reply = m.reply.expect("a request carries its reply subject");
                 let mut answer = b"echo:".to_vec();
                 answer.extend_from_slice(&m.payload);
-                server.publish(&reply, Bytes::from(answer)).await.unwrap();
+                server
+                    .publish(&reply, Bytes::from(answer), Headers::new())
+                    .await
+                    .unwrap();
             }
         })
     };
     for i in 0..5 {
         let answer = client
-            .request(&subject, Bytes::from(format!("q{i}")), WAIT)
+            .request(&subject, Bytes::from(format!("q{i}")), Headers::new(), WAIT)
             .await
             .expect("an answer");
         assert_eq!(text(&answer), format!("echo:q{i}"));
@@ -322,13 +351,14 @@ async fn request_reply_and_its_errors(h: Harness) {
 
     // A subscriber that never answers: Timeout after the given time.
     let silent_subject = h.subject("silent");
-    let _silent = server.subscribe(&silent_subject).await.unwrap();
+    let _silent = server.subscribe(&silent_subject, None).await.unwrap();
     server.flush().await.unwrap();
     let started = std::time::Instant::now();
     match client
         .request(
             &silent_subject,
             Bytes::from_static(b"?"),
+            Headers::new(),
             Duration::from_millis(300),
         )
         .await
@@ -356,6 +386,7 @@ async fn durable_stream_delivers_until_acknowledged(h: Harness) {
         bus.persist(
             &h.subject(&format!("durable.gw{}", i % 2)),
             Bytes::from(format!("s{i}")),
+            Headers::new(),
             &format!("id-{i}"),
         )
         .await
@@ -381,6 +412,7 @@ async fn durable_stream_delivers_until_acknowledged(h: Harness) {
         .persist(
             &h.subject("durable.gw0"),
             Bytes::from_static(b"later"),
+            Headers::new(),
             "id-later",
         )
         .await
@@ -394,12 +426,19 @@ async fn durable_stream_delivers_until_acknowledged(h: Harness) {
     );
 
     // A subject outside the stream is refused, not silently dropped.
-    assert!(
-        bus.persist(&h.subject("nowhere"), Bytes::from_static(b"x"), "id-x")
-            .await
-            .is_err(),
-        "persisting outside every stream fails"
-    );
+    let outside = h.subject("nowhere");
+    match bus
+        .persist(&outside, Bytes::from_static(b"x"), Headers::new(), "id-x")
+        .await
+    {
+        Err(BusError::NoStream(s)) => assert_eq!(s, outside),
+        other => panic!("persisting outside every stream: expected NoStream, got {other:?}"),
+    }
+    match bus.consume("NO_SUCH_STREAM", "recorder").await {
+        Err(BusError::NoStream(s)) => assert_eq!(s, "NO_SUCH_STREAM"),
+        Err(e) => panic!("consuming a missing stream: expected NoStream, got {e:?}"),
+        Ok(_) => panic!("consuming a missing stream: expected NoStream, got deliveries"),
+    }
 }
 
 async fn nak_brings_a_message_back(h: Harness) {
@@ -410,6 +449,7 @@ async fn nak_brings_a_message_back(h: Harness) {
     bus.persist(
         &h.subject("durable.gw"),
         Bytes::from_static(b"retry me"),
+        Headers::new(),
         "n1",
     )
     .await
@@ -435,6 +475,64 @@ async fn nak_brings_a_message_back(h: Harness) {
     assert!(timeout(QUIET, d.next()).await.is_err(), "acked for good");
 }
 
+async fn unacknowledged_deliveries_come_again_after_the_ack_wait(h: Harness) {
+    let bus = h.connect().await;
+    let spec = h.stream_spec();
+    bus.ensure_stream(&spec).await.unwrap();
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    for (payload, id) in [("acked", "r1"), ("forgotten", "r2")] {
+        bus.persist(
+            &h.subject("durable.gw"),
+            Bytes::from(payload),
+            Headers::new(),
+            id,
+        )
+        .await
+        .unwrap();
+    }
+    let acked = next_delivery(&mut d).await;
+    let forgotten = next_delivery(&mut d).await;
+    let delivered_at = std::time::Instant::now();
+    assert_eq!(text(&acked.payload), "acked");
+    assert_eq!(text(&forgotten.payload), "forgotten");
+    assert_eq!((acked.redeliveries, forgotten.redeliveries), (0, 0));
+    acked.ack().await.unwrap();
+
+    // Neither acknowledged nor refused: held for a while, then dropped, as
+    // by a consumer that died mid-batch. Not delivered again before the
+    // ack wait is over...
+    assert!(
+        timeout(ACK_WAIT / 2, d.next()).await.is_err(),
+        "nothing comes again within the ack wait"
+    );
+    drop(forgotten);
+    // ... and delivered again after it, saying so.
+    let again = timeout(ACK_WAIT + WAIT, d.next())
+        .await
+        .expect("the unacknowledged delivery comes again after the ack wait")
+        .expect("the consumer is open")
+        .expect("a delivery, not an error");
+    assert_eq!(text(&again.payload), "forgotten");
+    assert_eq!(again.redeliveries, 1, "one redelivery");
+    assert!(
+        delivered_at.elapsed() >= ACK_WAIT - Duration::from_millis(200),
+        "redelivered only after the ack wait: {:?}",
+        delivered_at.elapsed()
+    );
+    again.ack().await.unwrap();
+
+    // Acknowledged deliveries never come again, not even after another
+    // ack wait.
+    if let Ok(Some(extra)) = timeout(ACK_WAIT + QUIET, d.next()).await {
+        let extra = extra.expect("a delivery");
+        panic!(
+            "an acknowledged message came again: {} ({} redeliveries)",
+            text(&extra.payload),
+            extra.redeliveries
+        );
+    }
+}
+
 async fn consumers_of_one_durable_share_the_work(h: Harness) {
     let a = h.connect().await;
     let b = h.connect().await;
@@ -448,6 +546,7 @@ async fn consumers_of_one_durable_share_the_work(h: Harness) {
         a.persist(
             &h.subject("durable.gw"),
             Bytes::from(i.to_string()),
+            Headers::new(),
             &format!("w{i}"),
         )
         .await
@@ -497,6 +596,7 @@ async fn persist_deduplicates_by_message_id(h: Harness) {
         bus.persist(
             &h.subject("durable.gw"),
             Bytes::from_static(b"once"),
+            Headers::new(),
             "same",
         )
         .await
@@ -505,6 +605,7 @@ async fn persist_deduplicates_by_message_id(h: Harness) {
     bus.persist(
         &h.subject("durable.gw"),
         Bytes::from_static(b"next"),
+        Headers::new(),
         "other",
     )
     .await
@@ -524,7 +625,7 @@ async fn persist_deduplicates_by_message_id(h: Harness) {
 async fn lease_has_one_holder_until_it_lapses(h: Harness) {
     let a = h.connect().await;
     let b = h.connect().await;
-    let lease = format!("{}_leases/presence", h.prefix);
+    let lease = h.lease("presence");
     let ttl = Duration::from_secs(1);
 
     assert!(
@@ -567,14 +668,14 @@ async fn lease_has_one_holder_until_it_lapses(h: Harness) {
     assert!(b.try_lease(&lease, "b", ttl).await.unwrap());
 
     // Leases of other names are independent.
-    let other = format!("{}_leases/other", h.prefix);
+    let other = h.lease("other");
     assert!(a.try_lease(&other, "a", ttl).await.unwrap());
 }
 
 async fn a_released_lease_is_free_at_once(h: Harness) {
     let a = h.connect().await;
     let b = h.connect().await;
-    let lease = format!("{}_leases/presence", h.prefix);
+    let lease = h.lease("presence");
     let ttl = Duration::from_secs(30);
 
     assert!(a.try_lease(&lease, "a", ttl).await.unwrap());
@@ -597,9 +698,7 @@ async fn a_released_lease_is_free_at_once(h: Harness) {
     // Releasing a lease one does not hold (or that does not exist) is fine.
     a.release_lease(&lease, "a").await.unwrap();
     assert!(b.try_lease(&lease, "b", ttl).await.unwrap(), "still b's");
-    a.release_lease(&format!("{}_leases/none", h.prefix), "a")
-        .await
-        .unwrap();
+    a.release_lease(&h.lease("none"), "a").await.unwrap();
 }
 
 /// A payload of `n` bytes that differs everywhere: a part put in the
@@ -617,17 +716,19 @@ async fn messages_larger_than_the_server_takes_arrive_whole(h: Harness) {
     let a = h.connect().await;
     let b = h.connect().await;
     let subject = h.subject("large");
-    let mut sub = b.subscribe(&subject).await.unwrap();
+    let mut sub = b.subscribe(&subject, None).await.unwrap();
     b.flush().await.unwrap();
 
     let first = large(SIZE, 1);
-    a.publish(&subject, first.clone()).await.unwrap();
-    a.publish(&subject, Bytes::from_static(b"small"))
+    a.publish(&subject, first.clone(), Headers::new())
+        .await
+        .unwrap();
+    a.publish(&subject, Bytes::from_static(b"small"), Headers::new())
         .await
         .unwrap();
     let second = large(SIZE + 17, 2);
     let headers = vec![("traceparent".to_owned(), "00-abc-def-01".to_owned())];
-    a.publish_with_headers(&subject, second.clone(), headers.clone())
+    a.publish(&subject, second.clone(), headers.clone())
         .await
         .unwrap();
     let m = next(&mut sub).await;
@@ -640,20 +741,25 @@ async fn messages_larger_than_the_server_takes_arrive_whole(h: Harness) {
 
     // A large reply to a request.
     let service = h.subject("large-reply");
-    let mut requests = b.subscribe(&service).await.unwrap();
+    let mut requests = b.subscribe(&service, None).await.unwrap();
     b.flush().await.unwrap();
     let answer = large(SIZE, 3);
     let responder = {
         let (b, answer) = (b.clone(), answer.clone());
         tokio::spawn(async move {
             let m = requests.next().await.expect("a request");
-            b.publish(&m.reply.expect("a reply subject"), answer)
+            b.publish(&m.reply.expect("a reply subject"), answer, Headers::new())
                 .await
                 .unwrap();
         })
     };
     let got = a
-        .request(&service, Bytes::from_static(b"all of it"), WAIT)
+        .request(
+            &service,
+            Bytes::from_static(b"all of it"),
+            Headers::new(),
+            WAIT,
+        )
         .await
         .expect("the reply");
     assert!(got == answer, "the large reply, whole");
@@ -679,12 +785,13 @@ async fn nats_reconnects_after_a_server_restart_and_keeps_the_stream() {
     bus.persist(
         &h.subject("durable.gw"),
         Bytes::from_static(b"before"),
+        Headers::new(),
         "b1",
     )
     .await
     .unwrap();
     let subject = h.subject("live");
-    let mut sub = bus.subscribe(&subject).await.unwrap();
+    let mut sub = bus.subscribe(&subject, None).await.unwrap();
     bus.flush().await.unwrap();
 
     let server = h.nats.as_mut().unwrap();
@@ -703,13 +810,18 @@ async fn nats_reconnects_after_a_server_restart_and_keeps_the_stream() {
 
     // Subscriptions are restored; the stream kept its message.
     bus.flush().await.unwrap();
-    bus.publish(&subject, Bytes::from_static(b"again"))
+    bus.publish(&subject, Bytes::from_static(b"again"), Headers::new())
         .await
         .unwrap();
     assert_eq!(text(&next(&mut sub).await.payload), "again");
-    bus.persist(&h.subject("durable.gw"), Bytes::from_static(b"after"), "a1")
-        .await
-        .unwrap();
+    bus.persist(
+        &h.subject("durable.gw"),
+        Bytes::from_static(b"after"),
+        Headers::new(),
+        "a1",
+    )
+    .await
+    .unwrap();
     let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
     let mut got = BTreeSet::new();
     for _ in 0..2 {
@@ -721,4 +833,184 @@ async fn nats_reconnects_after_a_server_restart_and_keeps_the_stream() {
         got,
         BTreeSet::from(["before".to_owned(), "after".to_owned()])
     );
+}
+
+/// The typed layer over either bus: each subject carries its message type,
+/// encoded and decoded once; a payload that is not that type arrives as
+/// [`BusError::Decode`] and the subscription goes on.
+async fn typed_topics_carry_their_message_types(h: Harness) {
+    let a = h.connect().await;
+    let b = h.connect().await;
+    let headers = vec![("traceparent".to_owned(), "00-abc-def-01".to_owned())];
+
+    // Publish/subscribe.
+    let topic: Topic<Broadcast> = Topic::new(h.subject("typed.broadcast"));
+    let mut inbox = topic.subscribe(&*b).await.unwrap();
+    b.flush().await.unwrap();
+    let msg = Broadcast::Disconnect {
+        channel_name: "x".into(),
+    };
+    topic
+        .publish(&*a, &msg)
+        .headers(headers.clone())
+        .await
+        .unwrap();
+    a.publish(
+        topic.subject(),
+        Bytes::from_static(b"{nope"),
+        Headers::new(),
+    )
+    .await
+    .unwrap();
+    topic.publish(&*a, &msg).await.unwrap();
+    let first = timeout(WAIT, inbox.next()).await.unwrap().unwrap();
+    assert_eq!(first.message.unwrap(), msg);
+    assert_eq!(first.headers, headers, "headers travel along");
+    let bad = timeout(WAIT, inbox.next()).await.unwrap().unwrap();
+    match bad.message {
+        Err(BusError::Decode { subject, .. }) => assert_eq!(subject, topic.subject()),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+    let third = timeout(WAIT, inbox.next()).await.unwrap().unwrap();
+    assert_eq!(third.message.unwrap(), msg, "the subscription goes on");
+    assert!(third.headers.is_empty());
+
+    // Request/reply, a bad request answered too.
+    let service: Service<StatsQuery, StatsReply> = Service::new(h.subject("typed.stats"));
+    let mut requests = service.serve(&*b, "typed").await.unwrap();
+    b.flush().await.unwrap();
+    let responder = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let req = requests.next().await.expect("a request");
+                assert!(req.wants_reply());
+                let message = match &req.message {
+                    Ok(q) => format!("{}/{}", q.window_s, q.bucket_s),
+                    Err(BusError::Decode { .. }) => "bad".to_owned(),
+                    Err(e) => panic!("unexpected {e:?}"),
+                };
+                req.reply(&*b, &StatsReply::Error { message })
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let query = StatsQuery {
+        window_s: 60,
+        bucket_s: 10,
+    };
+    let reply = service
+        .request(&*a, &query, WAIT)
+        .headers(headers.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        reply,
+        StatsReply::Error {
+            message: "60/10".into()
+        }
+    );
+    let raw = a
+        .request(
+            service.subject(),
+            Bytes::from_static(b"\xff"),
+            Headers::new(),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        services::messages::decode::<StatsReply>(&raw).unwrap(),
+        StatsReply::Error {
+            message: "bad".into()
+        }
+    );
+    responder.await.unwrap();
+
+    // A reply that is not the reply type: a decode error for the asker.
+    let liar_subject = h.subject("typed.liar");
+    let mut liar = b.subscribe(&liar_subject, None).await.unwrap();
+    b.flush().await.unwrap();
+    let liar_task = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let m = liar.next().await.expect("a request");
+            b.publish(
+                &m.reply.expect("a reply subject"),
+                Bytes::from_static(b"[]"),
+                Headers::new(),
+            )
+            .await
+            .unwrap();
+        })
+    };
+    let liar_service: Service<StatsQuery, StatsReply> = Service::new(liar_subject.clone());
+    match liar_service.request(&*a, &query, WAIT).await {
+        Err(BusError::Decode { subject, .. }) => assert_eq!(subject, liar_subject),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+    liar_task.await.unwrap();
+
+    // A request without a reply subject cannot be answered.
+    let mut silent = service.serve(&*b, "typed-2").await.unwrap();
+    b.flush().await.unwrap();
+    a.publish(
+        service.subject(),
+        services::messages::encode(&query),
+        Headers::new(),
+    )
+    .await
+    .unwrap();
+    let req = timeout(WAIT, silent.next()).await.unwrap().unwrap();
+    assert!(!req.wants_reply());
+    let answer = StatsReply::Error {
+        message: "nobody".into(),
+    };
+    match req.reply(&*b, &answer).await {
+        Err(BusError::NoReplySubject(s)) => assert_eq!(s, service.subject()),
+        other => panic!("expected NoReplySubject, got {other:?}"),
+    }
+
+    // The durable stream, typed.
+    let spec = h.stream_spec();
+    let stream: DurableStream<RecordBatch> = DurableStream::new(&spec.name, &spec.subjects);
+    stream.ensure(&*a, spec.max_age).await.unwrap();
+    let samples: Topic<RecordBatch> = Topic::new(h.subject("durable.gw"));
+    let batch = RecordBatch {
+        gateway: "gw".into(),
+        ..Default::default()
+    };
+    samples
+        .persist(&*a, &batch, "t1")
+        .headers(headers.clone())
+        .await
+        .unwrap();
+    a.persist(
+        samples.subject(),
+        Bytes::from_static(b"garbage"),
+        Headers::new(),
+        "t2",
+    )
+    .await
+    .unwrap();
+    let mut consumed = stream.consume(&*a, "recorder").await.unwrap();
+    let d1 = timeout(WAIT, consumed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(d1.message.unwrap(), batch);
+    assert_eq!(d1.delivery.headers, headers);
+    d1.delivery.ack().await.unwrap();
+    let d2 = timeout(WAIT, consumed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(d2.message, Err(BusError::Decode { .. })),
+        "garbage in the stream is a decode error"
+    );
+    d2.delivery.ack().await.unwrap();
 }

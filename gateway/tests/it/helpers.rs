@@ -10,9 +10,10 @@ use futures_util::{SinkExt, StreamExt};
 use gateway::{Gateway, GatewayArgs, GatewayConfig};
 use serde_json::Value;
 use services::admin::Readiness;
+use services::bus::SharedBus;
 use services::bus::memory::MemoryBus;
-use services::bus::{SharedBus, Subscription};
-use services::messages::{Broadcast, GatewayReport, GatewayUpdate, decode, encode};
+use services::bus::topic::Inbox;
+use services::messages::{Broadcast, GatewayReport, GatewayUpdate, HeartbeatRequest};
 use services::subjects::Subjects;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -31,7 +32,7 @@ pub struct TestGateway {
     pub bus: SharedBus,
     /// Its subjects.
     pub subjects: Subjects,
-    reports: Subscription,
+    reports: Inbox<GatewayReport>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -42,8 +43,9 @@ impl TestGateway {
     pub async fn start(args: GatewayArgs) -> TestGateway {
         let bus: SharedBus = Arc::new(MemoryBus::new());
         let subjects = Subjects::new("t");
-        let reports = bus
-            .subscribe(&subjects.all_gateway_reports())
+        let reports = subjects
+            .all_gateway_reports()
+            .subscribe(&*bus)
             .await
             .expect("subscribe to reports");
         let cfg = GatewayConfig {
@@ -82,7 +84,7 @@ impl TestGateway {
     pub async fn report(&mut self, keep: impl Fn(&GatewayReport) -> bool) -> GatewayReport {
         let found = tokio::time::timeout(WITHIN, async {
             while let Some(m) = self.reports.next().await {
-                let r: GatewayReport = decode(&m.payload).expect("a report");
+                let r = m.message.expect("a report");
                 if keep(&r) {
                     return r;
                 }
@@ -107,8 +109,9 @@ impl TestGateway {
     /// Asks for a heartbeat as presence does after it starts, and returns
     /// it.
     pub async fn heartbeat_now(&mut self) -> GatewayReport {
-        self.bus
-            .publish(&self.subjects.presence_sync(), bytes::Bytes::new())
+        self.subjects
+            .presence_sync()
+            .publish(&*self.bus, &HeartbeatRequest)
             .await
             .expect("publish sync request");
         self.report(|r| matches!(r.update, GatewayUpdate::Heartbeat { .. }))
@@ -117,14 +120,15 @@ impl TestGateway {
 
     /// Publishes a broadcast as presence would.
     pub async fn broadcast(&self, b: Broadcast) {
-        self.bus
-            .publish(&self.subjects.broadcast(), encode(&b))
+        self.subjects
+            .broadcast()
+            .publish(&*self.bus, &b)
             .await
             .expect("publish broadcast");
     }
 
     /// Starts the drain and waits until `run` returns.
-    pub async fn stop(self) -> (Subscription, anyhow::Result<()>) {
+    pub async fn stop(self) -> (Inbox<GatewayReport>, anyhow::Result<()>) {
         self.shutdown.cancel();
         let result = tokio::time::timeout(WITHIN, self.task)
             .await

@@ -13,9 +13,7 @@ use futures_util::StreamExt;
 use gateway::GatewayArgs;
 use helpers::{TestGateway, WITHIN};
 use serde_json::json;
-use services::messages::{
-    Broadcast, GatewayReport, GatewayUpdate, RecordBatch, RosterClient, decode,
-};
+use services::messages::{Broadcast, GatewayUpdate, RecordBatch, RosterClient};
 use services::stats::DelayStats;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -167,11 +165,8 @@ async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
 #[tokio::test]
 async fn the_roster_is_fetched_from_presence_at_start() {
     let gw = TestGateway::start(GatewayArgs::default()).await;
-    let mut requests = gw
-        .bus
-        .subscribe(&gw.subjects.roster_request())
-        .await
-        .unwrap();
+    let roster = gw.subjects.roster_request();
+    let mut requests = roster.serve(&*gw.bus, "presence").await.unwrap();
     // The gateway asks until presence answers (it retries with backoff).
     let req = tokio::time::timeout(WITHIN, requests.next())
         .await
@@ -180,13 +175,7 @@ async fn the_roster_is_fetched_from_presence_at_start() {
     let reply = services::messages::RosterReply {
         clients: vec![other("early", "Early")],
     };
-    gw.bus
-        .publish(
-            req.reply.as_deref().expect("a request"),
-            services::messages::encode(&reply),
-        )
-        .await
-        .unwrap();
+    req.reply(&*gw.bus, &reply).await.unwrap();
     let mut c = gw.ws("/ws/public/?v=2").await;
     loop {
         // The snapshot is applied as a whole: a page that connects after it
@@ -263,8 +252,9 @@ async fn limits_close_with_their_codes() {
 async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
     let mut gw = TestGateway::start(GatewayArgs::default()).await;
     let mut deliveries = gw
-        .bus
-        .consume(&gw.subjects.samples_stream(), "test")
+        .subjects
+        .samples_stream()
+        .consume(&*gw.bus, "test")
         .await
         .unwrap();
     let mut public = gw.ws("/ws/public/?v=2").await;
@@ -290,7 +280,7 @@ async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
     result.expect("run returns Ok after the drain");
     let mut last = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), reports.next()).await {
-        last.push(decode::<GatewayReport>(&m.payload).unwrap().update);
+        last.push(m.message.unwrap().update);
     }
     let events: Vec<&GatewayUpdate> = last
         .iter()
@@ -316,9 +306,9 @@ async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
             .expect("every sample reaches the stream")
             .unwrap()
             .unwrap();
-        let batch: RecordBatch = decode(&d.payload).unwrap();
+        let batch: RecordBatch = d.message.unwrap();
         samples.extend(batch.samples.into_iter().map(|s| s.delay_ms));
-        d.ack().await.unwrap();
+        d.delivery.ack().await.unwrap();
     }
     assert_eq!(samples, (0..20).map(f64::from).collect::<Vec<_>>());
 }

@@ -170,7 +170,8 @@ impl Drop for TestNats {
                 return;
             };
             let js = async_nats::jetstream::new(client);
-            let _ = tokio::time::timeout(Duration::from_secs(5), js.delete_stream(&stream)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), js.delete_stream(stream.name())).await;
         });
     }
 }
@@ -283,11 +284,9 @@ pub fn batch(clients: Vec<ClientRecord>, samples: Vec<SampleRecord>) -> RecordBa
 
 /// Persists `batch` on the stream under `msg_id`.
 pub async fn persist(bus: &dyn Bus, subjects: &Subjects, batch: &RecordBatch, msg_id: &str) {
-    bus.persist(
-        &subjects.samples("gw1"),
-        services::messages::encode(batch),
-        msg_id,
-    )
-    .await
-    .expect("persist");
+    subjects
+        .samples("gw1")
+        .persist(bus, batch, msg_id)
+        .await
+        .expect("persist");
 }

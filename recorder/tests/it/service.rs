@@ -47,16 +47,21 @@ async fn wait_for_count(pg: &TestPg, expected: i64) {
 }
 
 async fn ask_samples(bus: &dyn Bus, subjects: &Subjects, q: &SamplesQuery) -> SamplesReply {
-    let reply = bus
-        .request(&subjects.query_samples(), encode(q), Duration::from_secs(5))
+    subjects
+        .query_samples()
+        .request(bus, q, Duration::from_secs(5))
         .await
-        .expect("history answer");
-    decode(&reply).expect("a SamplesReply")
+        .expect("a SamplesReply")
 }
 
 async fn ask_stats(bus: &dyn Bus, subjects: &Subjects, payload: Bytes) -> StatsReply {
     let reply = bus
-        .request(&subjects.query_stats(), payload, Duration::from_secs(5))
+        .request(
+            subjects.query_stats().subject(),
+            payload,
+            Vec::new(),
+            Duration::from_secs(5),
+        )
         .await
         .expect("stats answer");
     decode(&reply).expect("a StatsReply")
@@ -163,7 +168,10 @@ async fn a_new_recorder_resumes_where_the_old_one_stopped() {
 
 async fn no_pull_requests_waiting(nats: &TestNats) {
     let js = async_nats::jetstream::new(nats.bus.client().clone());
-    let stream = js.get_stream(nats.subjects.samples_stream()).await.unwrap();
+    let stream = js
+        .get_stream(nats.subjects.samples_stream().name())
+        .await
+        .unwrap();
     eventually(
         WAIT,
         "no pull request of the stopped recorder left",
@@ -222,8 +230,9 @@ async fn history_and_stats_are_answered_over_nats() {
     }
     let bad = bus
         .request(
-            &s.query_samples(),
+            s.query_samples().subject(),
             Bytes::from_static(b"{not json"),
+            Vec::new(),
             Duration::from_secs(5),
         )
         .await
@@ -276,7 +285,12 @@ async fn poison_messages_do_not_block_the_stream() {
     let rec = Running::start(cfg, nats.shared(), pg.dyn_store()).await;
     let subject = nats.subjects.samples("gw1");
     nats.bus
-        .persist(&subject, Bytes::from_static(b"garbage"), "p1")
+        .persist(
+            subject.subject(),
+            Bytes::from_static(b"garbage"),
+            Vec::new(),
+            "p1",
+        )
         .await
         .unwrap();
     let refused = batch(
@@ -325,8 +339,9 @@ async fn standalone_over_the_memory_bus_and_sqlite() {
     persist(&bus, &subjects, &b, "x").await;
     persist(&bus, &subjects, &b, "x-again").await;
     bus.persist(
-        &subjects.samples("gw1"),
+        subjects.samples("gw1").subject(),
         Bytes::from_static(b"nope"),
+        Vec::new(),
         "junk",
     )
     .await

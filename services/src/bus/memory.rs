@@ -1,8 +1,10 @@
 //! The in-memory bus of the standalone binary: same semantics as NATS within
 //! one process. Subscriptions are unbounded queues (the standalone process
-//! has no slow network consumer to protect against), the durable stream is
-//! a queue with redelivery on `nak` that drops a message id seen within the
-//! last [`DUPLICATE_WINDOW`], as JetStream does.
+//! has no slow network consumer to protect against). The durable stream is
+//! a queue that drops a message id seen within the last
+//! [`DUPLICATE_WINDOW`] and delivers a message again after a `nak`, or when
+//! it was neither acknowledged nor refused within the ack wait, as
+//! JetStream does.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,19 +13,30 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use tokio::sync::{Notify, mpsc};
-use tokio_stream_shim::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
-    Acker, Bus, BusError, DUPLICATE_WINDOW, Deliveries, Delivery, Headers, Message, StreamSpec,
-    Subscription, subject_matches,
+    Acker, Bus, BusError, DEFAULT_ACK_WAIT, DUPLICATE_WINDOW, Deliveries, Delivery, Headers,
+    LeaseKey, Message, StreamSpec, Subscription, subject_matches,
 };
 
-/// An in-process bus. Clones share the same bus.
-#[derive(Clone, Default)]
+/// An in-process bus. Clones share the same bus; each handle has its own
+/// ack wait ([`MemoryBus::with_ack_wait`]).
+#[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<Inner>,
+    ack_wait: Duration,
+}
+
+impl Default for MemoryBus {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            ack_wait: DEFAULT_ACK_WAIT,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -32,7 +45,7 @@ struct Inner {
     next_id: AtomicU64,
     round_robin: AtomicUsize,
     streams: Mutex<HashMap<String, Arc<MemStream>>>,
-    leases: Mutex<HashMap<String, (String, Instant)>>,
+    leases: Mutex<HashMap<LeaseKey, (String, Instant)>>,
 }
 
 struct Sub {
@@ -41,14 +54,29 @@ struct Sub {
     tx: mpsc::UnboundedSender<Message>,
 }
 
-/// A stored message: payload, headers, times delivered before.
-type Queued = (Bytes, Headers, u64);
+/// A stored message waiting for (re)delivery.
+struct Queued {
+    payload: Bytes,
+    headers: Headers,
+    /// Times delivered before.
+    redeliveries: u64,
+}
 
 struct MemStream {
     subjects: String,
     queue: Mutex<VecDeque<Queued>>,
     notify: Notify,
     recent_ids: Mutex<RecentIds>,
+}
+
+impl MemStream {
+    /// Puts a message back at the head of the queue, counting one more
+    /// delivery.
+    fn redeliver(&self, mut item: Queued) {
+        item.redeliveries += 1;
+        self.queue.lock().expect("bus lock").push_front(item);
+        self.notify.notify_one();
+    }
 }
 
 /// Message ids persisted within the [`DUPLICATE_WINDOW`].
@@ -81,6 +109,15 @@ impl MemoryBus {
     /// A new, empty bus.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The same bus, whose consumers deliver a message again `ack_wait`
+    /// after it went out neither acknowledged nor refused (e.g. the
+    /// consumer dropped it mid-batch): the meaning of NATS's ack wait.
+    /// Applies to the consumers this handle (and its clones) create.
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
     }
 
     fn add_sub(&self, subject: &str, queue: Option<&str>) -> Subscription {
@@ -126,16 +163,20 @@ impl MemoryBus {
         }
         delivered
     }
+
+    fn stream(&self, name: &str) -> Option<Arc<MemStream>> {
+        self.inner
+            .streams
+            .lock()
+            .expect("bus lock")
+            .get(name)
+            .cloned()
+    }
 }
 
 #[async_trait]
 impl Bus for MemoryBus {
-    async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
-        self.publish_with_headers(subject, payload, Headers::new())
-            .await
-    }
-
-    async fn publish_with_headers(
+    async fn publish(
         &self,
         subject: &str,
         payload: Bytes,
@@ -150,25 +191,15 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
-        Ok(self.add_sub(subject, None))
-    }
-
-    async fn queue_subscribe(&self, subject: &str, queue: &str) -> Result<Subscription, BusError> {
-        Ok(self.add_sub(subject, Some(queue)))
+    async fn subscribe(
+        &self,
+        subject: &str,
+        queue: Option<&str>,
+    ) -> Result<Subscription, BusError> {
+        Ok(self.add_sub(subject, queue))
     }
 
     async fn request(
-        &self,
-        subject: &str,
-        payload: Bytes,
-        timeout: Duration,
-    ) -> Result<Bytes, BusError> {
-        self.request_with_headers(subject, payload, Headers::new(), timeout)
-            .await
-    }
-
-    async fn request_with_headers(
         &self,
         subject: &str,
         payload: Bytes,
@@ -191,7 +222,10 @@ impl Bus for MemoryBus {
         }
         match tokio::time::timeout(timeout, replies.next()).await {
             Ok(Some(m)) => Ok(m.payload),
-            Ok(None) => Err(BusError::Other("bus closed".into())),
+            Ok(None) => Err(BusError::disconnected(
+                "receive a reply",
+                "the reply subscription ended",
+            )),
             Err(_) => Err(BusError::Timeout(subject.to_owned())),
         }
     }
@@ -213,12 +247,7 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn persist(&self, subject: &str, payload: Bytes, msg_id: &str) -> Result<(), BusError> {
-        self.persist_with_headers(subject, payload, Headers::new(), msg_id)
-            .await
-    }
-
-    async fn persist_with_headers(
+    async fn persist(
         &self,
         subject: &str,
         payload: Bytes,
@@ -233,7 +262,7 @@ impl Bus for MemoryBus {
             .values()
             .find(|s| subject_matches(&s.subjects, subject))
             .cloned()
-            .ok_or_else(|| BusError::Other(format!("no stream captures {subject}")))?;
+            .ok_or_else(|| BusError::NoStream(subject.to_owned()))?;
         let fresh = stream
             .recent_ids
             .lock()
@@ -244,38 +273,27 @@ impl Bus for MemoryBus {
             // is concerned.
             return Ok(());
         }
-        stream
-            .queue
-            .lock()
-            .expect("bus lock")
-            .push_back((payload, headers, 0));
+        stream.queue.lock().expect("bus lock").push_back(Queued {
+            payload,
+            headers,
+            redeliveries: 0,
+        });
         stream.notify.notify_one();
         Ok(())
     }
 
     async fn consume(&self, stream: &str, _durable: &str) -> Result<Deliveries, BusError> {
         let stream = self
-            .inner
-            .streams
-            .lock()
-            .expect("bus lock")
-            .get(stream)
-            .cloned()
-            .ok_or_else(|| BusError::Other(format!("no stream {stream}")))?;
+            .stream(stream)
+            .ok_or_else(|| BusError::NoStream(stream.to_owned()))?;
+        let ack_wait = self.ack_wait;
         Ok(Box::pin(futures_util::stream::unfold(
             stream,
-            |stream| async move {
+            move |stream| async move {
                 loop {
                     let next = stream.queue.lock().expect("bus lock").pop_front();
-                    if let Some((payload, headers, redeliveries)) = next {
-                        let acker = MemAcker {
-                            stream: stream.clone(),
-                            payload: payload.clone(),
-                            headers: headers.clone(),
-                            redeliveries,
-                        };
-                        let d = Delivery::new(payload, redeliveries, Box::new(acker))
-                            .with_headers(headers);
+                    if let Some(item) = next {
+                        let d = MemAcker::deliver(&stream, item, ack_wait);
                         return Some((Ok(d), stream));
                     }
                     stream.notify.notified().await;
@@ -284,22 +302,27 @@ impl Bus for MemoryBus {
         )))
     }
 
-    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BusError> {
+    async fn try_lease(
+        &self,
+        lease: &LeaseKey,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, BusError> {
         let mut leases = self.inner.leases.lock().expect("bus lock");
         let now = Instant::now();
-        match leases.get(name) {
+        match leases.get(lease) {
             Some((h, until)) if h != holder && *until > now => Ok(false),
             _ => {
-                leases.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                leases.insert(lease.clone(), (holder.to_owned(), now + ttl));
                 Ok(true)
             }
         }
     }
 
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BusError> {
+    async fn release_lease(&self, lease: &LeaseKey, holder: &str) -> Result<(), BusError> {
         let mut leases = self.inner.leases.lock().expect("bus lock");
-        if leases.get(name).is_some_and(|(h, _)| h == holder) {
-            leases.remove(name);
+        if leases.get(lease).is_some_and(|(h, _)| h == holder) {
+            leases.remove(lease);
         }
         Ok(())
     }
@@ -313,56 +336,63 @@ impl Bus for MemoryBus {
     }
 }
 
+/// One delivery out of a [`MemStream`]: holds the message until the first
+/// of ack, nak or the ack wait decides its fate.
 struct MemAcker {
     stream: Arc<MemStream>,
-    payload: Bytes,
-    headers: Headers,
-    redeliveries: u64,
+    /// The message while its fate is open; taken by whoever decides it.
+    pending: Arc<Mutex<Option<Queued>>>,
+}
+
+impl MemAcker {
+    /// Hands `item` out as a delivery, and puts it back in the queue if
+    /// neither ack nor nak came within `ack_wait`.
+    fn deliver(stream: &Arc<MemStream>, item: Queued, ack_wait: Duration) -> Delivery {
+        let (payload, headers, redeliveries) = (
+            item.payload.clone(),
+            item.headers.clone(),
+            item.redeliveries,
+        );
+        let pending = Arc::new(Mutex::new(Some(item)));
+        // The timer holds the message too, so a delivery dropped undecided
+        // (a consumer that died mid-batch) still comes again.
+        let (s, p) = (stream.clone(), pending.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(ack_wait).await;
+            let expired = p.lock().expect("bus lock").take();
+            if let Some(item) = expired {
+                s.redeliver(item);
+            }
+        });
+        let acker = MemAcker {
+            stream: stream.clone(),
+            pending,
+        };
+        Delivery::new(payload, redeliveries, headers, Box::new(acker))
+    }
+
+    fn take(&self) -> Option<Queued> {
+        self.pending.lock().expect("bus lock").take()
+    }
 }
 
 #[async_trait]
 impl Acker for MemAcker {
     async fn ack(&self) -> Result<(), BusError> {
+        // Acknowledging after the ack wait passed is accepted, as JetStream
+        // does; the copy delivered again still comes.
+        self.take();
         Ok(())
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), BusError> {
-        let stream = self.stream.clone();
-        let item = (
-            self.payload.clone(),
-            self.headers.clone(),
-            self.redeliveries + 1,
-        );
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            stream.queue.lock().expect("bus lock").push_front(item);
-            stream.notify.notify_one();
-        });
+        if let Some(item) = self.take() {
+            let stream = self.stream.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                stream.redeliver(item);
+            });
+        }
         Ok(())
-    }
-}
-
-/// A tiny adapter from an unbounded receiver to a `Stream`, so the kit does
-/// not need `tokio-stream` for one type.
-mod tokio_stream_shim {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use futures_util::Stream;
-    use tokio::sync::mpsc::UnboundedReceiver;
-
-    pub struct UnboundedReceiverStream<T>(UnboundedReceiver<T>);
-
-    impl<T> UnboundedReceiverStream<T> {
-        pub fn new(rx: UnboundedReceiver<T>) -> Self {
-            Self(rx)
-        }
-    }
-
-    impl<T> Stream for UnboundedReceiverStream<T> {
-        type Item = T;
-        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-            self.0.poll_recv(cx)
-        }
     }
 }

@@ -1,14 +1,23 @@
 //! The bus: the one seam between the services. Core publish/subscribe with
 //! NATS subject semantics (`*` and `>` wildcards, queue groups,
 //! request/reply), a durable stream for samples that must never be lost,
-//! and a lease for electing one active presence replica.
+//! and leases for electing one active presence replica.
 //!
-//! [`memory::MemoryBus`] serves the standalone binary and unit tests;
-//! [`nats::NatsBus`] the distributed services. One contract test
-//! (`services/tests/bus_contract.rs`) runs against both.
+//! Two layers:
+//! - [`Bus`], the raw bus of bytes on string subjects, which
+//!   [`memory::MemoryBus`] (standalone binary, unit tests) and
+//!   [`nats::NatsBus`] (distributed services) implement. One contract test
+//!   (`services/tests/bus_contract.rs`) runs against both.
+//! - [`topic`], the typed layer every service uses, implemented once on top:
+//!   a [`Topic`] pairs a subject with its message type, a [`Service`] a
+//!   request subject with its request and reply types, a [`DurableStream`]
+//!   a stream with the type it stores. [`crate::subjects::Subjects`] hands
+//!   them out, so find-references on one of its methods leads from every
+//!   publisher to every subscriber.
 
 pub mod memory;
 pub mod nats;
+pub mod topic;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,12 +27,25 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
 
+pub use topic::{
+    Asking, Consumed, Delivered, DurableStream, Inbox, Incoming, NoReply, Outgoing, Payload,
+    Service, Topic,
+};
+
 /// Message headers: name and value pairs (W3C trace context travels here).
 pub type Headers = Vec<(String, String)>;
 
 /// How long the durable stream remembers a message id given to
 /// [`Bus::persist`]: a retry within this window is stored only once.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How long a durable consumer waits for an acknowledgement before it
+/// delivers the message again, unless the bus was built with another ack
+/// wait ([`memory::MemoryBus::with_ack_wait`], [`nats::NatsBus::with_ack_wait`]).
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Any error underneath the bus (the NATS client's, mostly).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A message received on a subscription.
 #[derive(Debug, Clone)]
@@ -43,27 +65,89 @@ pub struct Message {
 pub type Subscription = Pin<Box<dyn Stream<Item = Message> + Send>>;
 
 /// Messages of a durable consumer. Each must be acknowledged, or it is
-/// delivered again.
+/// delivered again after the ack wait.
 pub type Deliveries = Pin<Box<dyn Stream<Item = Result<Delivery, BusError>> + Send>>;
 
-/// What can go wrong on the bus.
+/// What can go wrong on the bus. Every kind is its own variant, so callers
+/// can tell a missing responder from a lost connection.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// Nobody subscribes to the subject of a request.
     #[error("no responders on {0}")]
     NoResponders(String),
-    /// A request got no answer in time.
+    /// A request (or a server round trip) got no answer in time.
     #[error("request on {0} timed out")]
     Timeout(String),
-    /// Anything else: connection lost, stream missing, server error.
-    #[error("{0}")]
-    Other(String),
+    /// The connection to the server failed or is closed.
+    #[error("bus connection failed to {op}: {source}")]
+    Disconnected {
+        /// What we were doing.
+        op: &'static str,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The server refused an operation (a JetStream or key-value API
+    /// error, an invalid subject or name).
+    #[error("the server refused to {op}: {source}")]
+    Rejected {
+        /// What we were doing.
+        op: &'static str,
+        /// The server's or client's error.
+        #[source]
+        source: BoxError,
+    },
+    /// No durable stream captures the subject persisted to, or the stream
+    /// consumed from does not exist.
+    #[error("no stream for {0}")]
+    NoStream(String),
+    /// A message too large to send, even in parts.
+    #[error("a {bytes} byte message on {subject} is too large")]
+    TooLarge {
+        /// Its subject.
+        subject: String,
+        /// Its size.
+        bytes: usize,
+    },
+    /// A received payload is not the message type of its subject.
+    #[error("a message on {subject} is not a valid {type_name}: {source}")]
+    Decode {
+        /// Where it came from.
+        subject: String,
+        /// The expected message type.
+        type_name: &'static str,
+        /// Why it does not decode.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A request came without a reply subject, so it cannot be answered.
+    #[error("a request on {0} has no reply subject")]
+    NoReplySubject(String),
+    /// A NATS server address that does not parse.
+    #[error("{address:?} is not a NATS server address: {reason}")]
+    BadAddress {
+        /// The address as given.
+        address: String,
+        /// Why it does not parse.
+        reason: String,
+    },
 }
 
 impl BusError {
-    /// Wraps any error as [`BusError::Other`].
-    pub fn other(e: impl std::fmt::Display) -> Self {
-        BusError::Other(e.to_string())
+    /// A lost or closed connection while doing `op`.
+    pub fn disconnected(op: &'static str, source: impl Into<BoxError>) -> Self {
+        BusError::Disconnected {
+            op,
+            source: source.into(),
+        }
+    }
+
+    /// The server refused `op`.
+    pub fn rejected(op: &'static str, source: impl Into<BoxError>) -> Self {
+        BusError::Rejected {
+            op,
+            source: source.into(),
+        }
     }
 }
 
@@ -76,7 +160,8 @@ pub trait Acker: Send + Sync {
     async fn nak(&self, delay: Duration) -> Result<(), BusError>;
 }
 
-/// A message of the durable stream.
+/// A message of the durable stream. Neither acknowledged nor refused (nak)
+/// within the ack wait, it is delivered again.
 pub struct Delivery {
     /// Its payload.
     pub payload: Bytes,
@@ -89,19 +174,13 @@ pub struct Delivery {
 
 impl Delivery {
     /// A delivery acknowledged through `acker`.
-    pub fn new(payload: Bytes, redeliveries: u64, acker: Box<dyn Acker>) -> Self {
+    pub fn new(payload: Bytes, redeliveries: u64, headers: Headers, acker: Box<dyn Acker>) -> Self {
         Self {
             payload,
             redeliveries,
-            headers: Headers::new(),
+            headers,
             acker,
         }
-    }
-
-    /// The same delivery with `headers`.
-    pub fn with_headers(mut self, headers: Headers) -> Self {
-        self.headers = headers;
-        self
     }
 
     /// Marks it processed.
@@ -133,71 +212,101 @@ pub struct StreamSpec {
     pub max_age: Duration,
 }
 
-/// The bus every service talks through.
+/// A lease's name: the key-value bucket that holds it and its key there.
+/// Both parts are given separately; nothing is parsed out of one string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseKey {
+    bucket: String,
+    key: String,
+}
+
+impl LeaseKey {
+    /// The lease `key` in `bucket` (NATS key-value names: letters, digits,
+    /// `-` and `_` for the bucket; also `.`, `/` and `=` for the key).
+    pub fn new(bucket: impl Into<String>, key: impl Into<String>) -> Self {
+        Self {
+            bucket: bucket.into(),
+            key: key.into(),
+        }
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The key within the bucket.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl std::fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} in {}", self.key, self.bucket)
+    }
+}
+
+/// The raw bus of bytes on string subjects that the in-memory and the NATS
+/// bus implement. Services use the typed layer ([`Topic`], [`Service`],
+/// [`DurableStream`]) on top of it.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes a message to every subscriber (and one per queue group).
-    async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError>;
+    /// Publishes a message to every subscriber (and one per queue group);
+    /// `headers` may be empty.
+    async fn publish(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        headers: Headers,
+    ) -> Result<(), BusError>;
 
-    /// Subscribes to `subject`, which may hold wildcards.
-    async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError>;
+    /// Subscribes to `subject`, which may hold wildcards; with a `queue`,
+    /// as a member of that queue group: each message reaches one member.
+    async fn subscribe(&self, subject: &str, queue: Option<&str>)
+    -> Result<Subscription, BusError>;
 
-    /// Subscribes as a member of `queue`: each message reaches one member.
-    async fn queue_subscribe(&self, subject: &str, queue: &str) -> Result<Subscription, BusError>;
-
-    /// Sends a request and waits for the first reply.
+    /// Sends a request (`headers` may be empty) and waits for the first
+    /// reply.
     async fn request(
         &self,
         subject: &str,
         payload: Bytes,
+        headers: Headers,
         timeout: Duration,
     ) -> Result<Bytes, BusError>;
 
     /// Creates the durable stream if it does not exist yet.
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError>;
 
-    /// Stores a message in the durable stream and returns once it is
-    /// stored. `msg_id` deduplicates retries of the same message.
-    async fn persist(&self, subject: &str, payload: Bytes, msg_id: &str) -> Result<(), BusError>;
-
-    /// Consumes the durable stream through the shared durable consumer
-    /// `durable`: replicas that consume with the same name share the work.
-    async fn consume(&self, stream: &str, durable: &str) -> Result<Deliveries, BusError>;
-
-    /// Takes or renews the lease `name` for `holder`. True while `holder`
-    /// holds it; the lease lapses `ttl` after the last renewal.
-    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BusError>;
-
-    /// Gives up the lease `name` if `holder` holds it, so that another
-    /// replica can take it at once instead of waiting for it to lapse.
-    /// Nothing happens when another holder has it.
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BusError>;
-
-    /// Like [`Bus::publish`], with headers.
-    async fn publish_with_headers(
-        &self,
-        subject: &str,
-        payload: Bytes,
-        headers: Headers,
-    ) -> Result<(), BusError>;
-
-    /// Like [`Bus::request`], with headers on the request.
-    async fn request_with_headers(
-        &self,
-        subject: &str,
-        payload: Bytes,
-        headers: Headers,
-        timeout: Duration,
-    ) -> Result<Bytes, BusError>;
-
-    /// Like [`Bus::persist`], with headers stored along.
-    async fn persist_with_headers(
+    /// Stores a message (with its headers) in the durable stream and
+    /// returns once it is stored. `msg_id` deduplicates retries of the same
+    /// message.
+    async fn persist(
         &self,
         subject: &str,
         payload: Bytes,
         headers: Headers,
         msg_id: &str,
     ) -> Result<(), BusError>;
+
+    /// Consumes the durable stream through the shared durable consumer
+    /// `durable`: replicas that consume with the same name share the work.
+    async fn consume(&self, stream: &str, durable: &str) -> Result<Deliveries, BusError>;
+
+    /// Takes or renews `lease` for `holder`. True while `holder` holds it;
+    /// the lease lapses `ttl` after the last renewal.
+    async fn try_lease(
+        &self,
+        lease: &LeaseKey,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, BusError>;
+
+    /// Gives up `lease` if `holder` holds it, so that another replica can
+    /// take it at once instead of waiting for it to lapse. Nothing happens
+    /// when another holder has it.
+    async fn release_lease(&self, lease: &LeaseKey, holder: &str) -> Result<(), BusError>;
 
     /// Whether the connection to the bus is up.
     fn is_connected(&self) -> bool;

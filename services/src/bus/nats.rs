@@ -10,16 +10,18 @@
 //! subscriptions and reply inboxes, never to a queue group.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use async_nats::ServerAddr;
 use async_nats::jetstream::{self, AckKind, consumer::pull, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use tokio_stream::StreamExt;
 
 use super::{
-    Acker, Bus, BusError, DUPLICATE_WINDOW, Deliveries, Delivery, Headers, Message, StreamSpec,
-    Subscription,
+    Acker, Bus, BusError, DEFAULT_ACK_WAIT, DUPLICATE_WINDOW, Deliveries, Delivery, Headers,
+    LeaseKey, Message, StreamSpec, Subscription,
 };
 
 /// The header that marks one part of a message split for its size.
@@ -39,10 +41,31 @@ const PARTIAL_TTL: Duration = Duration::from_secs(30);
 /// How long [`Bus::flush`] waits for the server's round trip.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a durable consumer waits for an acknowledgement before it
-/// delivers the message again, unless [`NatsBus::with_ack_wait`] says
-/// otherwise.
-pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Parses a comma-separated list of NATS server addresses with the NATS
+/// client's own [`ServerAddr`] (`nats://`, `tls://`, `ws://`, `wss://`;
+/// scheme and port may be left out: `nats://` and 4222).
+///
+/// # Errors
+/// [`BusError::BadAddress`] naming the first address that does not parse.
+pub fn server_addrs(list: &str) -> Result<Vec<ServerAddr>, BusError> {
+    list.split(',')
+        .map(str::trim)
+        .map(|part| {
+            let bad = |reason: String| BusError::BadAddress {
+                address: part.to_owned(),
+                reason,
+            };
+            if part.is_empty() {
+                return Err(bad("empty".to_owned()));
+            }
+            let addr = ServerAddr::from_str(part).map_err(|e| bad(e.to_string()))?;
+            if addr.host().is_empty() {
+                return Err(bad("no host".to_owned()));
+            }
+            Ok(addr)
+        })
+        .collect()
+}
 
 /// A bus over one NATS connection, which reconnects by itself.
 #[derive(Clone)]
@@ -53,12 +76,14 @@ pub struct NatsBus {
 }
 
 impl NatsBus {
-    /// Connects to `url` (a comma-separated list of servers works), waiting
-    /// for the first connection and retrying for ever afterwards.
+    /// Connects to `url` (a comma-separated list of servers works, see
+    /// [`server_addrs`]), waiting for the first connection and retrying for
+    /// ever afterwards.
     ///
     /// # Errors
     /// The URL is malformed or the first connection failed.
     pub async fn connect(url: &str, name: &str) -> Result<Self, BusError> {
+        let addrs = server_addrs(url)?;
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
@@ -67,9 +92,9 @@ impl NatsBus {
             .event_callback(|event| async move {
                 tracing::info!(%event, "nats connection event");
             })
-            .connect(url)
+            .connect(addrs.as_slice())
             .await
-            .map_err(BusError::other)?;
+            .map_err(|e| BusError::disconnected("connect", e))?;
         let js = jetstream::new(client.clone());
         Ok(Self {
             client,
@@ -81,7 +106,9 @@ impl NatsBus {
     /// The same bus, creating durable consumers that deliver a message
     /// again `ack_wait` after it went to a consumer that neither acked nor
     /// nak'ed it (e.g. one killed mid-batch). Applies when [`Bus::consume`]
-    /// creates the consumer; an existing consumer keeps its setting.
+    /// creates the consumer; an existing consumer keeps its setting. The
+    /// in-memory bus's [`super::memory::MemoryBus::with_ack_wait`] means
+    /// the same.
     pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
         self.ack_wait = ack_wait;
         self
@@ -94,7 +121,7 @@ impl NatsBus {
 
     fn map_sub(sub: async_nats::Subscriber) -> Subscription {
         let mut parts = Reassembler::default();
-        Box::pin(sub.filter_map(move |m| std::future::ready(parts.push(m))))
+        Box::pin(sub.filter_map(move |m| parts.push(m)))
     }
 
     /// The largest payload sent as one message.
@@ -124,10 +151,10 @@ impl NatsBus {
         }
         let count = payload.len().div_ceil(size);
         if count > MAX_CHUNKS {
-            return Err(BusError::other(format!(
-                "a {} byte message on {subject} needs more than {MAX_CHUNKS} parts",
-                payload.len()
-            )));
+            return Err(BusError::TooLarge {
+                subject: subject.to_owned(),
+                bytes: payload.len(),
+            });
         }
         let id = crate::ids::new_client_id();
         for index in 0..count {
@@ -147,7 +174,8 @@ impl NatsBus {
         headers: &Headers,
         chunk: Option<&str>,
     ) -> Result<(), BusError> {
-        let subject = subject.to_owned();
+        let (owned, bytes) = (subject.to_owned(), payload.len());
+        let subject = owned.clone();
         let result = if headers.is_empty() && chunk.is_none() {
             match reply {
                 Some(r) => {
@@ -175,7 +203,17 @@ impl NatsBus {
                 }
             }
         };
-        result.map_err(BusError::other)
+        result.map_err(|e| {
+            use async_nats::client::PublishErrorKind as K;
+            match e.kind() {
+                K::MaxPayloadExceeded => BusError::TooLarge {
+                    subject: owned,
+                    bytes,
+                },
+                K::InvalidSubject => BusError::rejected("publish", e),
+                K::Send => BusError::disconnected("publish", e),
+            }
+        })
     }
 
     async fn lease_bucket(&self, bucket: &str, ttl: Duration) -> Result<kv::Store, BusError> {
@@ -202,8 +240,11 @@ impl NatsBus {
                         ..Default::default()
                     })
                     .await
-                    .map_err(BusError::other)?;
-                self.js.get_key_value(bucket).await.map_err(BusError::other)
+                    .map_err(|e| BusError::rejected("create the lease bucket", e))?;
+                self.js
+                    .get_key_value(bucket)
+                    .await
+                    .map_err(|e| BusError::rejected("open the lease bucket", e))
             }
         }
     }
@@ -211,12 +252,7 @@ impl NatsBus {
 
 #[async_trait]
 impl Bus for NatsBus {
-    async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
-        self.publish_parts(subject, None, payload, &Headers::new())
-            .await
-    }
-
-    async fn publish_with_headers(
+    async fn publish(
         &self,
         subject: &str,
         payload: Bytes,
@@ -225,35 +261,27 @@ impl Bus for NatsBus {
         self.publish_parts(subject, None, payload, &headers).await
     }
 
-    async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
-        let sub = self
-            .client
-            .subscribe(subject.to_owned())
-            .await
-            .map_err(BusError::other)?;
-        Ok(Self::map_sub(sub))
-    }
-
-    async fn queue_subscribe(&self, subject: &str, queue: &str) -> Result<Subscription, BusError> {
-        let sub = self
-            .client
-            .queue_subscribe(subject.to_owned(), queue.to_owned())
-            .await
-            .map_err(BusError::other)?;
+    async fn subscribe(
+        &self,
+        subject: &str,
+        queue: Option<&str>,
+    ) -> Result<Subscription, BusError> {
+        let sub = match queue {
+            None => self.client.subscribe(subject.to_owned()).await,
+            Some(q) => {
+                self.client
+                    .queue_subscribe(subject.to_owned(), q.to_owned())
+                    .await
+            }
+        };
+        let sub = sub.map_err(|e| match e.kind() {
+            async_nats::SubscribeErrorKind::Other => BusError::disconnected("subscribe", e),
+            _ => BusError::rejected("subscribe", e),
+        })?;
         Ok(Self::map_sub(sub))
     }
 
     async fn request(
-        &self,
-        subject: &str,
-        payload: Bytes,
-        timeout: Duration,
-    ) -> Result<Bytes, BusError> {
-        self.request_with_headers(subject, payload, Headers::new(), timeout)
-            .await
-    }
-
-    async fn request_with_headers(
         &self,
         subject: &str,
         payload: Bytes,
@@ -267,7 +295,7 @@ impl Bus for NatsBus {
             .client
             .subscribe(inbox.clone())
             .await
-            .map_err(BusError::other)?;
+            .map_err(|e| BusError::disconnected("subscribe to the reply inbox", e))?;
         self.publish_parts(subject, Some(&inbox), payload, &headers)
             .await?;
         let mut parts = Reassembler::default();
@@ -275,7 +303,12 @@ impl Bus for NatsBus {
         loop {
             let m = match tokio::time::timeout_at(deadline, replies.next()).await {
                 Err(_) => return Err(BusError::Timeout(subject.to_owned())),
-                Ok(None) => return Err(BusError::other("the reply subscription ended")),
+                Ok(None) => {
+                    return Err(BusError::disconnected(
+                        "receive a reply",
+                        "the reply subscription ended",
+                    ));
+                }
                 Ok(Some(m)) => m,
             };
             if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
@@ -298,39 +331,64 @@ impl Bus for NatsBus {
                 ..Default::default()
             })
             .await
-            .map_err(BusError::other)?;
+            .map_err(|e| match e.kind() {
+                jetstream::context::CreateStreamErrorKind::TimedOut => {
+                    BusError::Timeout(spec.name.clone())
+                }
+                _ => BusError::rejected("create the stream", e),
+            })?;
         Ok(())
     }
 
-    async fn persist(&self, subject: &str, payload: Bytes, msg_id: &str) -> Result<(), BusError> {
-        self.persist_with_headers(subject, payload, Headers::new(), msg_id)
-            .await
-    }
-
-    async fn persist_with_headers(
+    async fn persist(
         &self,
         subject: &str,
         payload: Bytes,
         headers: Headers,
         msg_id: &str,
     ) -> Result<(), BusError> {
+        let bytes = payload.len();
         let mut msg = jetstream::message::PublishMessage::build()
             .payload(payload)
             .message_id(msg_id);
         for (k, v) in &headers {
             msg = msg.header(k.as_str(), v.as_str());
         }
+        let publish_error = |e: jetstream::context::PublishError| {
+            use jetstream::context::PublishErrorKind as K;
+            match e.kind() {
+                K::StreamNotFound => BusError::NoStream(subject.to_owned()),
+                K::TimedOut => BusError::Timeout(subject.to_owned()),
+                K::BrokenPipe => BusError::disconnected("persist", e),
+                K::MaxPayloadExceeded => BusError::TooLarge {
+                    subject: subject.to_owned(),
+                    bytes,
+                },
+                _ => BusError::rejected("persist", e),
+            }
+        };
         let ack = self
             .js
             .send_publish(subject.to_owned(), msg)
             .await
-            .map_err(BusError::other)?;
-        ack.await.map_err(BusError::other)?;
+            .map_err(publish_error)?;
+        ack.await.map_err(publish_error)?;
         Ok(())
     }
 
     async fn consume(&self, stream: &str, durable: &str) -> Result<Deliveries, BusError> {
-        let stream = self.js.get_stream(stream).await.map_err(BusError::other)?;
+        let name = stream;
+        let stream = self.js.get_stream(name).await.map_err(|e| match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                BusError::NoStream(name.to_owned())
+            }
+            jetstream::context::GetStreamErrorKind::Request => {
+                BusError::disconnected("look up the stream", e)
+            }
+            _ => BusError::rejected("look up the stream", e),
+        })?;
         let consumer: jetstream::consumer::PullConsumer = stream
             .get_or_create_consumer(
                 durable,
@@ -343,22 +401,39 @@ impl Bus for NatsBus {
                 },
             )
             .await
-            .map_err(BusError::other)?;
-        let messages = consumer.messages().await.map_err(BusError::other)?;
+            .map_err(|e| BusError::rejected("create the durable consumer", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::rejected("consume the stream", e))?;
         Ok(Box::pin(messages.map(|m| {
-            let m = m.map_err(BusError::other)?;
+            let m = m.map_err(|e| BusError::disconnected("receive from the stream", e))?;
             let redeliveries = m.info().map(|i| i.delivered.max(1) as u64 - 1).unwrap_or(0);
             let payload = m.payload.clone();
             let headers = from_header_map(m.headers.as_ref());
-            Ok(Delivery::new(payload, redeliveries, Box::new(NatsAcker(m))).with_headers(headers))
+            Ok(Delivery::new(
+                payload,
+                redeliveries,
+                headers,
+                Box::new(NatsAcker(m)),
+            ))
         })))
     }
 
-    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BusError> {
-        let (bucket, key) = name.split_once('/').unwrap_or(("pingapp_leases", name));
-        let kv = self.lease_bucket(bucket, ttl).await?;
+    async fn try_lease(
+        &self,
+        lease: &LeaseKey,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, BusError> {
+        let key = lease.key();
+        let kv = self.lease_bucket(lease.bucket(), ttl).await?;
         let value = Bytes::copy_from_slice(holder.as_bytes());
-        match kv.entry(key).await.map_err(BusError::other)? {
+        let entry = kv
+            .entry(key)
+            .await
+            .map_err(|e| BusError::rejected("read the lease", e))?;
+        match entry {
             Some(e) if e.operation == kv::Operation::Put => {
                 if e.value.as_ref() != holder.as_bytes() {
                     return Ok(false);
@@ -369,14 +444,18 @@ impl Bus for NatsBus {
         }
     }
 
-    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BusError> {
-        let (bucket, key) = name.split_once('/').unwrap_or(("pingapp_leases", name));
+    async fn release_lease(&self, lease: &LeaseKey, holder: &str) -> Result<(), BusError> {
+        let key = lease.key();
         let kv = self
             .js
-            .get_key_value(bucket)
+            .get_key_value(lease.bucket())
             .await
-            .map_err(BusError::other)?;
-        match kv.entry(key).await.map_err(BusError::other)? {
+            .map_err(|e| BusError::rejected("open the lease bucket", e))?;
+        let entry = kv
+            .entry(key)
+            .await
+            .map_err(|e| BusError::rejected("read the lease", e))?;
+        match entry {
             // Only our own lease, and only the revision we read: a
             // replica that took it over in between keeps it.
             Some(e)
@@ -384,7 +463,7 @@ impl Bus for NatsBus {
             {
                 kv.delete_expect_revision(key, Some(e.revision))
                     .await
-                    .map_err(BusError::other)
+                    .map_err(|e| BusError::rejected("release the lease", e))
             }
             _ => Ok(()),
         }
@@ -396,7 +475,10 @@ impl Bus for NatsBus {
 
     async fn flush(&self) -> Result<(), BusError> {
         let round_trip = async {
-            self.client.flush().await.map_err(BusError::other)?;
+            self.client
+                .flush()
+                .await
+                .map_err(|e| BusError::disconnected("flush", e))?;
             // async-nats's flush only writes the buffer to the socket. A
             // request nobody answers comes back (as "no responders") only
             // after the server processed everything sent before it: the
@@ -409,7 +491,7 @@ impl Bus for NatsBus {
             {
                 Ok(_) => Ok(()),
                 Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-                Err(e) => Err(BusError::other(e)),
+                Err(e) => Err(BusError::disconnected("flush", e)),
             }
         };
         // While disconnected, async-nats holds a flush until it reconnects:
@@ -549,13 +631,13 @@ impl Acker for NatsAcker {
         self.0
             .double_ack()
             .await
-            .map_err(|e| BusError::Other(e.to_string()))
+            .map_err(|e| BusError::disconnected("acknowledge", e))
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), BusError> {
         self.0
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|e| BusError::Other(e.to_string()))
+            .map_err(|e| BusError::disconnected("refuse (nak)", e))
     }
 }

@@ -584,9 +584,13 @@ async fn a_roster_larger_than_one_nats_message_reaches_every_page() {
     });
     assert!(heartbeat.len() > 1 << 20, "{} bytes", heartbeat.len());
     let subjects = services::subjects::Subjects::new(&d.prefix);
-    bus.publish(&subjects.gateway_reports("gw-fake"), heartbeat)
-        .await
-        .unwrap();
+    bus.publish(
+        subjects.gateway_reports("gw-fake").subject(),
+        heartbeat,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
     eventually(WAIT, "gw-a learned every fake client", || async {
         gw_a.roster_ids().await.len() == FAKE
     })
