@@ -58,3 +58,24 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
     });
     Ok(token)
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::time::Duration;
+
+    /// The handlers really replace SIGTERM's default action: the process
+    /// lives on and the token is cancelled.
+    #[tokio::test]
+    async fn sigterm_cancels_the_token() {
+        let token = super::on_signal().expect("handlers install");
+        assert!(!token.is_cancelled());
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(10), token.cancelled())
+            .await
+            .expect("cancelled on SIGTERM");
+    }
+}
