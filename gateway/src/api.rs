@@ -1,6 +1,8 @@
-//! The HTTP API (SPEC section 4): roster, a client's samples, statistics.
-//! History and statistics come from the recorder over the bus; the gateway
-//! never opens the database.
+//! The HTTP API (`docs/protocol.md`, "HTTP API"): roster, a client's
+//! samples, statistics. History and statistics come from the recorder over
+//! the bus; the gateway never opens the database. Requests are checked
+//! against the shared bounds of [`services::limits`] before they travel; a
+//! recorder's refusal keeps its kind: bad request is 400, unavailable 503.
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -16,7 +18,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use services::bus::BusError;
-use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply};
+use services::limits::{self, BadRequest};
+use services::messages::{ReplyErrorKind, SamplesQuery, SamplesReply, StatsQuery, StatsReply};
 
 use tracing::Instrument;
 
@@ -24,8 +27,6 @@ use crate::state::Shared;
 
 /// Longest a query waits for the recorder.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most samples one request returns.
-pub const MAX_LIMIT: u32 = 10_000;
 
 /// The API routes.
 pub fn router() -> Router<Arc<Shared>> {
@@ -65,6 +66,23 @@ impl ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "unavailable",
             detail: detail.into(),
+        }
+    }
+}
+
+impl From<BadRequest> for ApiError {
+    fn from(e: BadRequest) -> Self {
+        ApiError::bad_request(e.0)
+    }
+}
+
+impl ApiError {
+    /// The answer to a recorder's `Error` reply: its kind decides the
+    /// status.
+    fn from_reply(kind: ReplyErrorKind, message: String) -> Self {
+        match kind {
+            ReplyErrorKind::BadRequest => ApiError::bad_request(message),
+            ReplyErrorKind::Unavailable => ApiError::unavailable(message),
         }
     }
 }
@@ -126,31 +144,14 @@ async fn samples(
     Query(params): Query<SamplesParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let since_us = match params.since.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(
-            DateTime::parse_from_rfc3339(s)
-                .map_err(|_| ApiError::bad_request("since must be an RFC 3339 time"))?
-                .timestamp_micros(),
-        ),
-    };
-    let limit = match params.limit.as_deref() {
-        None | Some("") => 1000,
-        Some(s) => match s.parse::<u32>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "limit must be an integer from 1 to {MAX_LIMIT}"
-                )));
-            }
-        },
-    };
+    let since_us = limits::parse_since(params.since.as_deref())?;
+    let limit = limits::parse_limit(params.limit.as_deref())?;
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_owned());
-    if id.len() > 128 {
+    if id.len() > limits::MAX_CLIENT_ID_LEN {
         return Err(ApiError::not_found());
     }
     let query = SamplesQuery {
@@ -178,7 +179,7 @@ async fn samples(
             Ok(Json(json!({"channel_name": id, "samples": samples})).into_response())
         }
         Ok(SamplesReply::NotFound) => Err(ApiError::not_found()),
-        Ok(SamplesReply::Error { message }) => Err(ApiError::unavailable(message)),
+        Ok(SamplesReply::Error { kind, message }) => Err(ApiError::from_reply(kind, message)),
         Err(e @ BusError::Decode { .. }) => Err(ApiError::unavailable(format!(
             "bad reply from recorder: {e}"
         ))),
@@ -192,36 +193,20 @@ struct StatsParams {
     bucket: Option<String>,
 }
 
-/// Longest statistics window.
-const MAX_WINDOW_S: u64 = 31 * 86_400;
-/// Most buckets one request may ask for.
-const MAX_BUCKETS: u64 = 10_000;
-
 async fn stats(
     State(shared): State<Arc<Shared>>,
     Query(params): Query<StatsParams>,
 ) -> Result<Response, ApiError> {
+    let (window_d, bucket_d) =
+        limits::parse_stats(params.window.as_deref(), params.bucket.as_deref())?;
     let window = params.window.unwrap_or_else(|| "1h".into());
     let bucket = params.bucket.unwrap_or_else(|| "1m".into());
-    let window_s = parse_span(&window)
-        .ok_or_else(|| ApiError::bad_request("window must be like 90s, 15m, 1h or 7d"))?;
-    let bucket_s = parse_span(&bucket)
-        .ok_or_else(|| ApiError::bad_request("bucket must be like 10s, 1m or 1h"))?;
-    if window_s == 0 || window_s > MAX_WINDOW_S {
-        return Err(ApiError::bad_request("window must be between 1s and 31d"));
-    }
-    if bucket_s == 0 || bucket_s > window_s {
-        return Err(ApiError::bad_request(
-            "bucket must be between 1s and the window",
-        ));
-    }
-    if window_s / bucket_s > MAX_BUCKETS {
-        return Err(ApiError::bad_request(format!(
-            "at most {MAX_BUCKETS} buckets per request"
-        )));
-    }
-    let query = StatsQuery { window_s, bucket_s };
-    let span = tracing::info_span!("gateway.api.stats", window_s, bucket_s);
+    let (window_ms, bucket_ms) = (millis(window_d), millis(bucket_d));
+    let query = StatsQuery {
+        window_ms,
+        bucket_ms,
+    };
+    let span = tracing::info_span!("gateway.api.stats", window_ms, bucket_ms);
     let headers = services::telemetry::context_headers(&span);
     let reply = shared
         .subjects
@@ -245,7 +230,7 @@ async fn stats(
                     .into_response(),
             )
         }
-        Ok(StatsReply::Error { message }) => Err(ApiError::unavailable(message)),
+        Ok(StatsReply::Error { kind, message }) => Err(ApiError::from_reply(kind, message)),
         Err(e @ BusError::Decode { .. }) => Err(ApiError::unavailable(format!(
             "bad reply from recorder: {e}"
         ))),
@@ -253,20 +238,9 @@ async fn stats(
     }
 }
 
-/// Parses `90s`, `15m`, `1h`, `7d` (or bare seconds) into seconds.
-pub fn parse_span(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return None,
-    };
-    n.checked_mul(mult)
+/// Whole milliseconds of a duration within the API's bounds.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Unix µs as RFC 3339 with microseconds, UTC.
@@ -281,14 +255,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spans() {
-        assert_eq!(parse_span("1h"), Some(3600));
-        assert_eq!(parse_span("1m"), Some(60));
-        assert_eq!(parse_span("90"), Some(90));
-        assert_eq!(parse_span("7d"), Some(604_800));
-        assert_eq!(parse_span("1w"), None);
-        assert_eq!(parse_span("h"), None);
-        assert_eq!(parse_span("99999999999999999999d"), None);
+    fn recorder_refusals_keep_their_kind() {
+        let bad = ApiError::from_reply(ReplyErrorKind::BadRequest, "at most 5000 buckets".into());
+        assert_eq!(
+            (bad.status, bad.code),
+            (StatusCode::BAD_REQUEST, "bad_request")
+        );
+        let down = ApiError::from_reply(ReplyErrorKind::Unavailable, "database unavailable".into());
+        assert_eq!(
+            (down.status, down.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
+        let limit = ApiError::from(BadRequest("limit".into()));
+        assert_eq!(limit.status, StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -1,12 +1,64 @@
-//! The gateway's settings, shared as flags by the `gateway` and `pingapp`
-//! binaries.
+//! The gateway's settings: [`GatewayArgs`], the limits and timings the
+//! `gateway` and `pingapp` binaries share as flags, and [`GatewayCli`], the
+//! whole command line of the `gateway` binary, which gives the plain
+//! [`GatewayConfig`] that [`crate::Gateway::build`] takes.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Parser};
+use services::config::{LogArgs, parse_nats_url, parse_subject_prefix};
+use services::subjects::Subjects;
 
-/// Protocol limits and timings (SPEC section 5). Every flag also reads a
-/// `PINGAPP_*` environment variable.
+use crate::GatewayConfig;
+
+/// The flags of the `gateway` binary; every one also reads its environment
+/// variable (README, "Binaries and flags").
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about = "PingApp WebSocket gateway")]
+pub struct GatewayCli {
+    /// Where browsers connect.
+    #[arg(long, env = "PINGAPP_LISTEN", default_value = "0.0.0.0:8000")]
+    pub listen: SocketAddr,
+    /// The admin listener (/metrics, /livez, /readyz).
+    #[arg(long, env = "PINGAPP_ADMIN_LISTEN", default_value = "0.0.0.0:9000")]
+    pub admin_listen: SocketAddr,
+    /// NATS server(s).
+    #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
+    pub nats_url: String,
+    /// This gateway's id (default: the host name).
+    #[arg(long, env = "PINGAPP_GATEWAY_ID")]
+    pub gateway_id: Option<String>,
+    /// Prefix of every NATS subject.
+    #[arg(long, env = "PINGAPP_SUBJECT_PREFIX", default_value = "pingapp", value_parser = parse_subject_prefix)]
+    pub subject_prefix: String,
+    /// Limits and timings.
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl GatewayCli {
+    /// The gateway's configuration these flags give (the id defaults to
+    /// the host name).
+    pub fn config(&self) -> GatewayConfig {
+        GatewayConfig {
+            args: self.gateway.clone(),
+            gateway_id: self
+                .gateway_id
+                .clone()
+                .unwrap_or_else(services::config::host_name),
+            subjects: Subjects::new(&self.subject_prefix),
+            listen: self.listen,
+        }
+    }
+}
+
+/// Protocol limits and timings (`docs/protocol.md`; README, "Binaries and
+/// flags"). Every flag also reads a `PINGAPP_*` environment
+/// variable.
 #[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
     /// Largest accepted client frame, in bytes; a larger one closes the
@@ -102,5 +154,32 @@ impl GatewayArgs {
     /// After how long without a pong a page counts a ping as lost.
     pub fn ping_timeout_ms(&self) -> u64 {
         (self.ping_interval_ms * 3).max(1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_give_the_config() {
+        let cli = GatewayCli::try_parse_from([
+            "gateway",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--gateway-id",
+            "g7",
+            "--ping-interval-ms",
+            "250",
+        ])
+        .expect("valid flags");
+        let cfg = cli.config();
+        assert_eq!(cfg.gateway_id, "g7");
+        assert_eq!(cfg.args.ping_interval_ms, 250);
+        assert_eq!(cfg.listen, "0.0.0.0:8000".parse().unwrap());
+        assert!(
+            GatewayCli::try_parse_from(["gateway"]).is_err(),
+            "NATS is required"
+        );
     }
 }

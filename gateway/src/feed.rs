@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use services::bus::SharedBus;
 use services::bus::topic::{Inbox, Service};
 use services::messages::{Broadcast, RosterReply, RosterRequest};
+use services::retry::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::room::Room;
@@ -41,7 +42,7 @@ pub async fn fetch_roster(
     roster: Service<RosterRequest, RosterReply>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let reply = roster
             .request(&*bus, &RosterRequest, ROSTER_REQUEST_TIMEOUT)
@@ -55,10 +56,8 @@ pub async fn fetch_roster(
             }
             Err(e) => tracing::debug!(error = %e, "roster not available yet"),
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(&stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }

@@ -33,7 +33,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use serde::Deserialize;
-use services::admin::Readiness;
+use services::admin::{Latch, Readiness};
 use services::bus::SharedBus;
 use services::protocol::{Page, Version};
 use services::subjects::Subjects;
@@ -81,6 +81,8 @@ pub struct Gateway {
     reporter: (ReporterHandle, JoinHandle<()>),
     batcher: BatcherHandle,
     readiness: Readiness,
+    /// Set when the gateway starts serving.
+    started: Latch,
 }
 
 impl Gateway {
@@ -95,6 +97,7 @@ impl Gateway {
         registry: &prometheus::Registry,
         readiness: Readiness,
     ) -> anyhow::Result<Self> {
+        let started = readiness.latch("gateway");
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
@@ -167,6 +170,7 @@ impl Gateway {
             reporter: (reporter, reporter_task),
             batcher,
             readiness,
+            started,
         })
     }
 
@@ -190,9 +194,10 @@ impl Gateway {
             reporter: (reporter, reporter_task),
             batcher,
             readiness,
+            started,
         } = self;
         let app = router(shared.clone());
-        readiness.set_started();
+        started.set();
         let drain = {
             let readiness = readiness.clone();
             let stop = stop.clone();

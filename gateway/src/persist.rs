@@ -16,6 +16,7 @@ use futures_util::stream::FuturesUnordered;
 use services::bus::SharedBus;
 use services::bus::topic::Topic;
 use services::messages::{ClientRecord, RecordBatch, SampleRecord};
+use services::retry::Backoff;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -183,7 +184,7 @@ async fn persist_traced(
     headers: services::bus::Headers,
 ) {
     let n = batch.samples.len() as i64;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     loop {
         match this
             .topic
@@ -210,11 +211,11 @@ async fn persist_traced(
                 tracing::warn!(error = %e, samples = n, "could not store a sample batch; retrying");
             }
         }
-        if deadline.is_some_and(|d| Instant::now() + backoff > d) {
+        let delay = backoff.next_delay();
+        if deadline.is_some_and(|d| Instant::now() + delay > d) {
             tracing::error!(samples = n, batch = %msg_id, "drain timeout: sample batch not stored");
             return;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(delay).await;
     }
 }

@@ -9,7 +9,7 @@ use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use url::Url;
 
-use crate::duration::parse_duration;
+use services::config::parse_duration;
 
 /// Longest run accepted, so a typo cannot start a load test that never ends.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -38,7 +38,7 @@ impl Page {
     }
 }
 
-/// WebSocket protocol version the clients speak (SPEC section 3).
+/// WebSocket protocol version the clients speak (`docs/protocol.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
     /// The original app's messages; pongs are matched to pings by order.
@@ -86,7 +86,7 @@ pub struct Args {
     #[arg(long, env = "PINGAPP_PROTOCOL", value_enum, default_value_t = Protocol::V2)]
     pub protocol: Protocol,
 
-    /// Length of the measurement window, after all clients connected (500ms, 10s, 2m)
+    /// Length of the measurement window, after all clients connected (500ms, 10s, 2m, 1m30s)
     #[arg(long, env = "PINGAPP_DURATION", default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
 
@@ -416,6 +416,15 @@ mod tests {
         );
         assert!(Args::try_parse_from(["loadgen", "--clients", "0"]).is_err());
         assert!(Args::try_parse_from(["loadgen", "--protocol", "3"]).is_err());
-        assert!(Args::try_parse_from(["loadgen", "--duration", "10"]).is_err());
+        assert!(Args::try_parse_from(["loadgen", "--duration", "10x"]).is_err());
+        // The shared duration grammar: sums, and bare numbers as seconds.
+        assert_eq!(
+            parse(&["--duration", "1m30s"]).map(|c| c.duration),
+            Ok(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse(&["--duration", "10"]).map(|c| c.duration),
+            Ok(Duration::from_secs(10))
+        );
     }
 }

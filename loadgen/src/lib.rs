@@ -1,16 +1,14 @@
 //! PingApp load generator: simulated WebSocket clients ([`run`]) and the bare
 //! echo server ([`echo`]) that serves as the benchmark baseline.
 //!
-//! Both binaries only parse flags, install the signal handler and hand over
-//! to this library, so the integration tests drive exactly the code the
+//! Both binaries only parse flags, install the signal handler (the shared
+//! kit's [`services::shutdown::signal`]) and hand over to this library, so the integration tests drive exactly the code the
 //! binaries run.
 
 pub mod cli;
 mod client;
-pub mod duration;
 pub mod echo;
 mod runner;
-pub mod signal;
 pub mod summary;
 
 pub use cli::{Args, Config, ConfigError, Page, Protocol};

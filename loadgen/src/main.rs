@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let shutdown = match loadgen::signal::shutdown_signal() {
+    let shutdown = match services::shutdown::signal() {
         Ok(shutdown) => shutdown,
         Err(error) => {
             eprintln!("loadgen: cannot install signal handlers: {error}");

@@ -3,60 +3,23 @@
 //! libraries as the distributed services; only the injected bus and store
 //! differ.
 
+mod config;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
-use gateway::{Gateway, GatewayArgs, GatewayConfig};
+use gateway::{Gateway, GatewayConfig};
 use presence::{Presence, PresenceConfig};
 use recorder::{Recorder, RecorderConfig};
 use services::admin::{AdminServer, Readiness};
 use services::bus::SharedBus;
 use services::bus::memory::MemoryBus;
 use services::bus::nats::NatsBus;
-use services::config::{
-    LogArgs, parse_database_url, parse_duration, parse_nats_url, parse_subject_prefix,
-};
 use services::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
 
-/// Command-line flags of the standalone binary.
-#[derive(Debug, Parser)]
-#[command(
-    name = "pingapp",
-    version,
-    about = "PingApp: WebSocket latency, all in one process"
-)]
-pub struct Args {
-    /// Where browsers connect.
-    #[arg(long, env = "PINGAPP_LISTEN", default_value = "127.0.0.1:8000")]
-    pub listen: SocketAddr,
-    /// The admin listener (/metrics, /livez, /readyz).
-    #[arg(long, env = "PINGAPP_ADMIN_LISTEN", default_value = "127.0.0.1:9000")]
-    pub admin_listen: SocketAddr,
-    /// Where samples are stored: sqlite:PATH or postgres://...
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://pingapp.db", value_parser = parse_database_url)]
-    pub database_url: String,
-    /// NATS server(s); unset: the in-memory bus.
-    #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
-    pub nats_url: Option<String>,
-    /// This gateway's id.
-    #[arg(long, env = "PINGAPP_GATEWAY_ID", default_value = "standalone")]
-    pub gateway_id: String,
-    /// Prefix of every bus subject.
-    #[arg(long, env = "PINGAPP_SUBJECT_PREFIX", default_value = "pingapp", value_parser = parse_subject_prefix)]
-    pub subject_prefix: String,
-    /// Samples older than this are deleted (0: keep for ever).
-    #[arg(long, env = "PINGAPP_RETENTION", default_value = "30d", value_parser = parse_duration)]
-    pub retention: std::time::Duration,
-    /// Gateway limits and timings.
-    #[command(flatten)]
-    pub gateway: GatewayArgs,
-    /// Logging.
-    #[command(flatten)]
-    pub log: LogArgs,
-}
+pub use config::Args;
 
 /// Runs the whole product until `shutdown` is cancelled, then drains in
 /// order: the gateway first (clients closed, samples flushed to the bus),
@@ -72,13 +35,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let readiness = Readiness::new();
+    // Not ready until every part is built, whichever is built first.
+    let all_built = readiness.latch("pingapp");
     let admin = AdminServer::start(args.admin_listen, registry.clone(), readiness.clone())
         .await
         .with_context(|| format!("binding admin listener {}", args.admin_listen))?;
     let admin_addr = admin.local_addr();
 
     let bus: SharedBus = match &args.nats_url {
-        Some(url) => Arc::new(NatsBus::connect(url, "pingapp").await?),
+        Some(url) => Arc::new(
+            NatsBus::connect(url, "pingapp")
+                .await
+                .context("connecting to NATS")?,
+        ),
         None => Arc::new(MemoryBus::new()),
     };
     let store = recorder::store::connect(&args.database_url)
@@ -115,6 +84,7 @@ pub async fn run(
         readiness.clone(),
     )
     .await?;
+    all_built.set();
     on_ready(gateway.local_addr(), admin_addr);
 
     let backend = CancellationToken::new();

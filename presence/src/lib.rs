@@ -10,11 +10,15 @@
 //! without announcing anyone twice, then publishes a snapshot so gateways
 //! reconcile.
 //!
-//! [`roster`] is the pure state machine; [`Presence`] wires it to the bus.
+//! [`roster`] is the pure state machine; [`Presence`] wires it to the bus;
+//! [`PresenceCli`] is the `presence` binary's command line, which gives the
+//! plain [`PresenceConfig`].
 
+mod config;
 mod lease;
 mod metrics;
 pub mod roster;
 mod service;
 
+pub use config::PresenceCli;
 pub use service::{Presence, PresenceConfig, default_replica_id};

@@ -75,8 +75,8 @@ pub struct Presence {
 impl Presence {
     /// Subscribes to every gateway's reports and (in the queue group
     /// `presence`) to roster requests, registers the metrics in `registry`
-    /// and adds the readiness check `nats`. Does not mark `readiness`
-    /// started: the caller does, once everything it runs is built.
+    /// and adds the readiness check `nats`. Registers the readiness latch
+    /// `presence` and sets it once built.
     ///
     /// # Errors
     /// A duration in `cfg` is zero, or subscribing failed.
@@ -92,6 +92,7 @@ impl Presence {
         if cfg.roster_tick.is_zero() || cfg.lease_ttl.is_zero() || cfg.snapshot_interval.is_zero() {
             bail!("presence: roster tick, lease ttl and snapshot interval must be positive");
         }
+        let latch = readiness.latch("presence");
         let reports = cfg
             .subjects
             .all_gateway_reports()
@@ -107,6 +108,7 @@ impl Presence {
         let metrics = Metrics::register(registry);
         let b = bus.clone();
         readiness.add_check("nats", move || b.is_connected());
+        latch.set();
         Ok(Presence {
             cfg,
             bus,

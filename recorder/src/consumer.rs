@@ -10,8 +10,9 @@
 //! order).
 //!
 //! # When the database is down
-//! A failing batch is retried in this process with exponential backoff
-//! (100 ms doubling to 5 s), its deliveries unacknowledged; once
+//! A failing batch is retried in this process with exponential backoff and
+//! full jitter ([`services::retry`]: 100 ms, the cap doubling to 5 s), so
+//! replicas do not retry in lockstep; its deliveries unacknowledged; once
 //! [`INSERTS_IN_FLIGHT`] batches are failing no new delivery is taken. We
 //! chose this over `nak` with a delay because it pulls nothing more into
 //! memory and does not churn every message of the stream through
@@ -36,6 +37,7 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use services::bus::{BusError, Consumed, Delivered, Delivery, DurableStream, SharedBus};
 use services::messages::RecordBatch;
+use services::retry::Backoff;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -268,7 +270,7 @@ impl Consumer {
         batches: &[RecordBatch],
         shutdown: &CancellationToken,
     ) -> Commit {
-        let mut backoff = INITIAL_BACKOFF;
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
         loop {
             let started = Instant::now();
             match self.store.insert(batches).await {
@@ -286,12 +288,10 @@ impl Consumer {
                 Err(e) => {
                     self.metrics.database_errors.inc();
                     self.health.set_inserts_failing(true);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "insert failed; retrying the same batch");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Commit::Shutdown,
-                        () = tokio::time::sleep(backoff) => {}
+                    tracing::warn!(error = %e, "insert failed; retrying the same batch");
+                    if !backoff.wait(shutdown).await {
+                        return Commit::Shutdown;
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -332,17 +332,15 @@ impl Consumer {
 
     /// Opens the consumer again, retrying until it works or shutdown starts.
     async fn reconsume(&self, shutdown: &CancellationToken) -> Option<Consumed<RecordBatch>> {
-        let mut backoff = INITIAL_BACKOFF;
+        let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
         loop {
             match self.stream.consume(&*self.bus, &self.durable).await {
                 Ok(d) => return Some(d),
                 Err(e) => {
-                    log_bus_error(&e, backoff);
-                    tokio::select! {
-                        () = shutdown.cancelled() => return None,
-                        () = tokio::time::sleep(backoff) => {}
+                    log_bus_error(&e);
+                    if !backoff.wait(shutdown).await {
+                        return None;
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -357,6 +355,6 @@ fn log_panic(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-fn log_bus_error(e: &BusError, retry_in: Duration) {
-    tracing::warn!(error = %e, ?retry_in, "could not consume the sample stream");
+fn log_bus_error(e: &BusError) {
+    tracing::warn!(error = %e, "could not consume the sample stream; retrying");
 }

@@ -15,11 +15,12 @@
 //! let readiness = services::admin::Readiness::new();
 //! let registry = prometheus::Registry::new();
 //! let recorder = Recorder::build(cfg, bus, store, &registry, readiness.clone()).await?;
-//! readiness.set_started();
+//! assert_eq!(readiness.status(), Ok(()), "its latch is set once built");
 //! recorder.run(tokio_util::sync::CancellationToken::new()).await
 //! # }
 //! ```
 
+mod config;
 mod consumer;
 mod metrics;
 pub mod queries;
@@ -33,10 +34,10 @@ use anyhow::Context as _;
 use services::admin::Readiness;
 use services::bus::{Consumed, Inbox, SharedBus};
 use services::messages::{RecordBatch, SamplesQuery, SamplesReply, StatsQuery, StatsReply};
-use services::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::config::{RecorderCli, RecorderConfig};
 use crate::consumer::Consumer;
 use crate::metrics::Metrics;
 use crate::queries::Responder;
@@ -47,39 +48,6 @@ pub const QUEUE_GROUP: &str = "recorder";
 
 /// How often the database is pinged for readiness.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How the recorder works.
-#[derive(Debug, Clone)]
-pub struct RecorderConfig {
-    /// The subjects (and stream and consumer names) of the deployment.
-    pub subjects: Subjects,
-    /// An insert is made once this many samples are gathered (default 5000)…
-    pub batch_max_samples: usize,
-    /// …or this long after the first delivery of the batch (default 50 ms).
-    pub batch_wait: Duration,
-    /// Samples older than this are deleted (default 30 days; zero keeps
-    /// them for ever).
-    pub retention: Duration,
-    /// How often old samples are deleted (default 1 min).
-    pub prune_interval: Duration,
-    /// The stream drops unconsumed batches older than this (default 7
-    /// days): how long the recorders may all be down without loss.
-    pub stream_max_age: Duration,
-}
-
-impl RecorderConfig {
-    /// The defaults, for the deployment of `subjects`.
-    pub fn new(subjects: Subjects) -> Self {
-        Self {
-            subjects,
-            batch_max_samples: 5_000,
-            batch_wait: Duration::from_millis(50),
-            retention: Duration::from_secs(30 * 86_400),
-            prune_interval: Duration::from_secs(60),
-            stream_max_age: Duration::from_secs(7 * 86_400),
-        }
-    }
-}
 
 /// Whether the database is usable, for the synchronous readiness check:
 /// the last ping answered, and inserts are not failing.
@@ -122,8 +90,8 @@ impl Recorder {
     /// Creates the sample stream if missing, starts consuming it through the
     /// shared durable consumer, subscribes to the queries in queue group
     /// [`QUEUE_GROUP`], registers the metrics in `registry` and adds the
-    /// readiness check "database". The caller marks `readiness` started
-    /// once everything it runs is built.
+    /// readiness checks "nats" and "database". Registers the readiness
+    /// latch "recorder" and sets it once built.
     ///
     /// # Errors
     /// The stream, consumer or subscriptions could not be set up.
@@ -134,6 +102,7 @@ impl Recorder {
         registry: &prometheus::Registry,
         readiness: Readiness,
     ) -> anyhow::Result<Recorder> {
+        let latch = readiness.latch("recorder");
         let subjects = &cfg.subjects;
         let stream = subjects.samples_stream();
         stream
@@ -157,6 +126,9 @@ impl Recorder {
         let health = Arc::new(DbHealth::new(store.ping().await));
         let h = health.clone();
         readiness.add_check("database", move || h.is_up());
+        let b = bus.clone();
+        readiness.add_check("nats", move || b.is_connected());
+        latch.set();
         Ok(Recorder {
             metrics: Arc::new(Metrics::new(registry)),
             cfg,

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use services::bus::{BusError, Inbox, Incoming, Payload, SharedBus};
-use services::messages::{SamplesQuery, SamplesReply, StatsQuery, StatsReply};
+use services::limits::{BadRequest, check_stats};
+use services::messages::{ReplyErrorKind, SamplesQuery, SamplesReply, StatsQuery, StatsReply};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,10 +19,6 @@ use tracing::Instrument;
 use crate::DbHealth;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
-
-/// The most buckets one statistics answer holds: keeps the reply well under
-/// NATS's default 1 MiB payload limit.
-pub const MAX_BUCKETS: u64 = 5_000;
 
 /// Queries answered at once per kind; more wait in the subscription.
 const CONCURRENCY: usize = 8;
@@ -128,24 +125,18 @@ impl Responder {
     ) -> (SamplesReply, &'static str) {
         let q = match query {
             Ok(q) => q,
-            Err(e) => {
-                let message = format!("bad request: {e}");
-                return (SamplesReply::Error { message }, "bad_request");
-            }
+            Err(e) => return (samples_error(bad_request(e)), "bad_request"),
         };
         if !self.health.is_up() {
-            return (unavailable_samples(), "error");
+            return (samples_error(unavailable()), "error");
         }
         match self.store.samples(q).await {
             Ok(Some(samples)) => (SamplesReply::Found { samples }, "found"),
             Ok(None) => (SamplesReply::NotFound, "not_found"),
-            Err(StoreError::InvalidQuery(why)) => {
-                let message = format!("bad request: {why}");
-                (SamplesReply::Error { message }, "bad_request")
-            }
+            Err(StoreError::InvalidQuery(why)) => (samples_error(bad_request(why)), "bad_request"),
             Err(e) => {
                 tracing::warn!(error = %e, "history query failed");
-                (unavailable_samples(), "error")
+                (samples_error(unavailable()), "error")
             }
         }
     }
@@ -153,65 +144,54 @@ impl Responder {
     async fn stats(&self, query: &Result<StatsQuery, BusError>) -> (StatsReply, &'static str) {
         let (window, bucket) = match query
             .as_ref()
-            .map_err(|e| e.to_string())
+            .map_err(|e| BadRequest(e.to_string()))
             .and_then(validate_stats)
         {
             Ok(wb) => wb,
-            Err(e) => {
-                let message = format!("bad request: {e}");
-                return (StatsReply::Error { message }, "bad_request");
-            }
+            Err(e) => return (stats_error(bad_request(e)), "bad_request"),
         };
         if !self.health.is_up() {
-            return (unavailable_stats(), "error");
+            return (stats_error(unavailable()), "error");
         }
         match self.store.stats(window, bucket, services::unix_us()).await {
             Ok(buckets) => (StatsReply::Ok { buckets }, "ok"),
-            Err(StoreError::InvalidQuery(why)) => {
-                let message = format!("bad request: {why}");
-                (StatsReply::Error { message }, "bad_request")
-            }
+            Err(StoreError::InvalidQuery(why)) => (stats_error(bad_request(why)), "bad_request"),
             Err(e) => {
                 tracing::warn!(error = %e, "statistics query failed");
-                (unavailable_stats(), "error")
+                (stats_error(unavailable()), "error")
             }
         }
     }
 }
 
-fn unavailable_samples() -> SamplesReply {
-    SamplesReply::Error {
-        message: "database unavailable".into(),
-    }
+/// The refusal of a bad query: the caller's fault.
+fn bad_request(why: impl std::fmt::Display) -> (ReplyErrorKind, String) {
+    (ReplyErrorKind::BadRequest, format!("bad request: {why}"))
 }
 
-fn unavailable_stats() -> StatsReply {
-    StatsReply::Error {
-        message: "database unavailable".into(),
-    }
+/// The answer while the database cannot be used.
+fn unavailable() -> (ReplyErrorKind, String) {
+    (ReplyErrorKind::Unavailable, "database unavailable".into())
 }
 
-/// Checks a statistics query: positive window and bucket, at most
-/// [`MAX_BUCKETS`] buckets. Returns the window and bucket width.
+fn samples_error((kind, message): (ReplyErrorKind, String)) -> SamplesReply {
+    SamplesReply::Error { kind, message }
+}
+
+fn stats_error((kind, message): (ReplyErrorKind, String)) -> StatsReply {
+    StatsReply::Error { kind, message }
+}
+
+/// Checks a statistics query against the shared bounds
+/// ([`services::limits::check_stats`]). Returns the window and bucket width.
 ///
 /// # Errors
 /// Why the query is refused, for the caller to show.
-pub fn validate_stats(q: &StatsQuery) -> Result<(Duration, Duration), String> {
-    if q.window_s == 0 {
-        return Err("window must be positive".into());
-    }
-    if q.bucket_s == 0 {
-        return Err("bucket must be positive".into());
-    }
-    if q.window_s.div_ceil(q.bucket_s) > MAX_BUCKETS {
-        return Err(format!(
-            "window / bucket gives more than {MAX_BUCKETS} buckets"
-        ));
-    }
-    Ok((
-        Duration::from_secs(q.window_s),
-        Duration::from_secs(q.bucket_s),
-    ))
+pub fn validate_stats(q: &StatsQuery) -> Result<(Duration, Duration), BadRequest> {
+    let window = Duration::from_millis(q.window_ms);
+    let bucket = Duration::from_millis(q.bucket_ms);
+    check_stats(window, bucket)?;
+    Ok((window, bucket))
 }
 
 #[cfg(test)]
@@ -220,7 +200,11 @@ mod tests {
 
     #[test]
     fn stats_queries_are_validated() {
-        let q = |window_s, bucket_s| StatsQuery { window_s, bucket_s };
+        use services::limits::MAX_BUCKETS;
+        let q = |window_s: u64, bucket_s: u64| StatsQuery {
+            window_ms: window_s.saturating_mul(1000),
+            bucket_ms: bucket_s.saturating_mul(1000),
+        };
         assert_eq!(
             validate_stats(&q(3600, 60)),
             Ok((Duration::from_secs(3600), Duration::from_secs(60)))
@@ -230,6 +214,33 @@ mod tests {
         assert!(validate_stats(&q(u64::MAX, 1)).is_err());
         assert!(validate_stats(&q(MAX_BUCKETS, 1)).is_ok());
         assert!(validate_stats(&q(MAX_BUCKETS + 1, 1)).is_err());
-        assert!(validate_stats(&q(u64::MAX, u64::MAX)).is_ok());
+        assert!(validate_stats(&q(10_000, 1)).is_err());
+        assert!(
+            validate_stats(&q(u64::MAX, u64::MAX)).is_err(),
+            "past 31 days"
+        );
+        let half = StatsQuery {
+            window_ms: 2000,
+            bucket_ms: 500,
+        };
+        assert_eq!(
+            validate_stats(&half),
+            Ok((Duration::from_secs(2), Duration::from_millis(500)))
+        );
+    }
+
+    #[test]
+    fn errors_say_whose_fault() {
+        let SamplesReply::Error { kind, message } = samples_error(bad_request("no")) else {
+            unreachable!()
+        };
+        assert_eq!(
+            (kind, message.as_str()),
+            (ReplyErrorKind::BadRequest, "bad request: no")
+        );
+        let StatsReply::Error { kind, .. } = stats_error(unavailable()) else {
+            unreachable!()
+        };
+        assert_eq!(kind, ReplyErrorKind::Unavailable);
     }
 }

@@ -15,9 +15,16 @@ use tokio_util::sync::CancellationToken;
 
 type Check = Box<dyn Fn() -> bool + Send + Sync>;
 
-/// Readiness: a latch that turns ready once the service has started, stays
-/// ready while every dependency check passes, and turns unready for good
-/// when draining starts.
+/// Readiness, from per-component latches: not ready until at least one
+/// component registered a [`Latch`] and every registered latch is set; then
+/// ready while every dependency check passes; unready for good once
+/// draining starts.
+///
+/// Each component registers its latch when it starts building and sets it
+/// when it is built, so `/readyz` names whatever is still starting. A
+/// binary that composes several components registers a latch of its own
+/// first and sets it once all of them are built, so that no component
+/// built early makes the whole binary ready.
 #[derive(Clone, Default)]
 pub struct Readiness {
     inner: Arc<ReadinessInner>,
@@ -25,15 +32,40 @@ pub struct Readiness {
 
 #[derive(Default)]
 struct ReadinessInner {
-    started: AtomicBool,
     draining: AtomicBool,
+    latches: RwLock<Vec<(String, Arc<AtomicBool>)>>,
     checks: RwLock<Vec<(String, Check)>>,
 }
 
+/// One component's part of [`Readiness`]: starting until [`Latch::set`].
+#[derive(Debug, Clone)]
+pub struct Latch {
+    up: Arc<AtomicBool>,
+}
+
+impl Latch {
+    /// The component is built and serving.
+    pub fn set(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
 impl Readiness {
-    /// Not ready until [`Readiness::set_started`].
+    /// Not ready until a component registers a latch and sets it.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Registers the latch of `component` (e.g. "recorder"); readiness
+    /// waits for it.
+    pub fn latch(&self, component: &str) -> Latch {
+        let up = Arc::new(AtomicBool::new(false));
+        self.inner
+            .latches
+            .write()
+            .expect("readiness lock")
+            .push((component.to_owned(), up.clone()));
+        Latch { up }
     }
 
     /// Adds a dependency check, e.g. "nats" → bus connected.
@@ -45,14 +77,25 @@ impl Readiness {
             .push((name.to_owned(), Box::new(check)));
     }
 
-    /// Start-up finished.
+    /// Registers and sets a latch named "started" at once: for a caller
+    /// that has no latch of its own to hand out.
     pub fn set_started(&self) {
-        self.inner.started.store(true, Ordering::SeqCst);
+        self.latch("started").set();
     }
 
     /// Draining started: unready from now on.
     pub fn set_draining(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Turns unready for good as soon as `shutdown` is cancelled (from a
+    /// task of its own; call it inside a tokio runtime).
+    pub fn drain_on(&self, shutdown: &CancellationToken) {
+        let (this, shutdown) = (self.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            this.set_draining();
+        });
     }
 
     /// Whether draining has started.
@@ -65,8 +108,19 @@ impl Readiness {
         if self.inner.draining.load(Ordering::SeqCst) {
             return Err("draining".into());
         }
-        if !self.inner.started.load(Ordering::SeqCst) {
-            return Err("starting".into());
+        {
+            let latches = self.inner.latches.read().expect("readiness lock");
+            if latches.is_empty() {
+                return Err("starting".into());
+            }
+            let starting: Vec<&str> = latches
+                .iter()
+                .filter(|(_, up)| !up.load(Ordering::SeqCst))
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if !starting.is_empty() {
+                return Err(format!("starting: {}", starting.join(", ")));
+            }
         }
         let failing: Vec<String> = self
             .inner
@@ -190,12 +244,43 @@ mod tests {
         let up = Arc::new(AtomicBool::new(true));
         let u = up.clone();
         r.add_check("nats", move || u.load(Ordering::SeqCst));
-        r.set_started();
+        let gateway = r.latch("gateway");
+        let recorder = r.latch("recorder");
+        gateway.set();
+        assert_eq!(r.status(), Err("starting: recorder".into()));
+        recorder.set();
         assert_eq!(r.status(), Ok(()));
         up.store(false, Ordering::SeqCst);
         assert_eq!(r.status(), Err("nats down".into()));
         up.store(true, Ordering::SeqCst);
         r.set_draining();
+        assert_eq!(r.status(), Err("draining".into()));
+    }
+
+    #[test]
+    fn set_started_is_a_latch_of_its_own() {
+        let r = Readiness::new();
+        let presence = r.latch("presence");
+        r.set_started();
+        assert_eq!(r.status(), Err("starting: presence".into()));
+        presence.set();
+        assert_eq!(r.status(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn draining_follows_the_shutdown_token() {
+        let r = Readiness::new();
+        r.set_started();
+        let shutdown = CancellationToken::new();
+        r.drain_on(&shutdown);
+        assert_eq!(r.status(), Ok(()));
+        shutdown.cancel();
+        for _ in 0..100 {
+            if r.is_draining() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         assert_eq!(r.status(), Err("draining".into()));
     }
 }

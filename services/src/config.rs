@@ -124,26 +124,22 @@ pub fn parse_subject_prefix(s: &str) -> Result<String, String> {
     }
 }
 
-/// Parses a duration given in seconds with an optional unit: `90`, `90s`,
-/// `15m`, `12h`, `30d`.
+/// Parses a duration: the one grammar of every flag and API parameter
+/// that takes one. [humantime]'s units (`500ms`, `90s`, `15m`, `12h`, `30d`,
+/// combined as `1m30s` or `1h 30m`), or bare seconds (`90`).
 ///
 /// # Errors
-/// A one-line explanation, for clap to show.
+/// A one-line explanation, for clap (or the API) to show.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 12h or 30d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        "ms" => return Ok(std::time::Duration::from_millis(n)),
-        _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m, h or d)")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(std::time::Duration::from_secs)
+            .map_err(|_| format!("{s:?} is too long a duration"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 500ms, 90s, 15m, 1h30m or 30d ({e})"))
 }
 
 /// The machine's host name (`HOSTNAME`, else `/etc/hostname`, else
@@ -204,7 +200,16 @@ mod tests {
             parse_duration("250ms"),
             Ok(std::time::Duration::from_millis(250))
         );
+        assert_eq!(
+            parse_duration("1m 30s"),
+            Ok(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(parse_duration("90"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_duration("0"), Ok(std::time::Duration::ZERO));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("99999999999999999999").is_err());
         assert!(parse_subject_prefix("t_1-a").is_ok());
         assert!(parse_subject_prefix("a.b").is_err());
     }

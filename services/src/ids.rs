@@ -2,6 +2,7 @@
 
 use rand::Rng;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// A new client id: 16 random hex digits, unique across all gateways with
 /// overwhelming probability (64 random bits).
@@ -20,6 +21,16 @@ pub fn new_token() -> String {
 /// database never holds a usable secret.
 pub fn token_digest(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Whether `token` is the token whose [`token_digest`] is `stored_digest`,
+/// compared in constant time so the answer's timing tells nothing about
+/// how much of the digest matched.
+pub fn token_matches(stored_digest: &str, token: &str) -> bool {
+    stored_digest
+        .as_bytes()
+        .ct_eq(token_digest(token).as_bytes())
+        .into()
 }
 
 #[cfg(test)]
@@ -42,5 +53,19 @@ mod tests {
         assert_eq!(token_digest(&t), token_digest(&t));
         assert_ne!(token_digest(&t), t);
         assert_ne!(token_digest(&t), token_digest(&new_token()));
+    }
+
+    #[test]
+    fn tokens_match_only_their_digest() {
+        let t = new_token();
+        let digest = token_digest(&t);
+        assert!(token_matches(&digest, &t));
+        assert!(!token_matches(&digest, &new_token()));
+        assert!(
+            !token_matches(&t, &t),
+            "the digest, not the token, is stored"
+        );
+        assert!(!token_matches(&digest[..10], &t), "a prefix is no match");
+        assert!(!token_matches("", &t));
     }
 }

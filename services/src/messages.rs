@@ -295,8 +295,12 @@ pub enum SamplesReply {
     },
     /// Unknown id, or a private client without its token.
     NotFound,
-    /// The recorder could not answer.
+    /// The recorder refused or could not answer the query.
     Error {
+        /// Whose fault: the query's (the API answers 400) or the
+        /// recorder's (503).
+        #[serde(default)]
+        kind: ReplyErrorKind,
         /// What went wrong.
         message: String,
     },
@@ -305,10 +309,10 @@ pub enum SamplesReply {
 /// A statistics request on `{prefix}.recorder.stats`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsQuery {
-    /// How far back, seconds.
-    pub window_s: u64,
-    /// Bucket width, seconds.
-    pub bucket_s: u64,
+    /// How far back, milliseconds.
+    pub window_ms: u64,
+    /// Bucket width, milliseconds.
+    pub bucket_ms: u64,
 }
 
 /// Public samples of one time bucket.
@@ -339,11 +343,30 @@ pub enum StatsReply {
         /// The buckets.
         buckets: Vec<StatsBucket>,
     },
-    /// The recorder could not answer.
+    /// The recorder refused or could not answer the query.
     Error {
+        /// Whose fault: the query's (the API answers 400) or the
+        /// recorder's (503).
+        #[serde(default)]
+        kind: ReplyErrorKind,
         /// What went wrong.
         message: String,
     },
+}
+
+/// Why a query got an `Error` reply: the gateway's HTTP API answers 400 for
+/// [`ReplyErrorKind::BadRequest`] and 503 for
+/// [`ReplyErrorKind::Unavailable`] (`docs/protocol.md`, "HTTP API").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyErrorKind {
+    /// The query is malformed or outside the bounds of [`crate::limits`]:
+    /// asking again will not help.
+    BadRequest,
+    /// The recorder cannot answer now (its database is down or failed);
+    /// also what a reply without a kind (an older recorder) means.
+    #[default]
+    Unavailable,
 }
 
 #[cfg(test)]
@@ -373,5 +396,25 @@ mod tests {
         assert_eq!(decode::<Broadcast>(&encode(&b)).unwrap(), b);
         let q = SamplesReply::NotFound;
         assert_eq!(decode::<SamplesReply>(&encode(&q)).unwrap(), q);
+    }
+
+    #[test]
+    fn reply_errors_carry_their_kind() {
+        let bad = StatsReply::Error {
+            kind: ReplyErrorKind::BadRequest,
+            message: "at most 5000 buckets per request".into(),
+        };
+        let json = encode(&bad);
+        assert_eq!(
+            std::str::from_utf8(&json).unwrap(),
+            r#"{"status":"error","kind":"bad_request","message":"at most 5000 buckets per request"}"#
+        );
+        assert_eq!(decode::<StatsReply>(&json).unwrap(), bad);
+        // An older recorder's error has no kind: the recorder's fault.
+        let old = br#"{"status":"error","message":"database unavailable"}"#;
+        let Ok(SamplesReply::Error { kind, .. }) = decode::<SamplesReply>(old) else {
+            panic!("an error without a kind decodes");
+        };
+        assert_eq!(kind, ReplyErrorKind::Unavailable);
     }
 }

@@ -1,4 +1,4 @@
-//! The browser wire protocol (SPEC section 3): JSON text frames keyed by
+//! The browser wire protocol (`docs/protocol.md`): JSON text frames keyed by
 //! `"command"`. v1 is the original Django Channels app's protocol, kept
 //! byte-compatible; v2 adds a welcome, sequence numbers, a roster snapshot,
 //! coalesced delay updates and error frames.

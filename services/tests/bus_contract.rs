@@ -19,7 +19,7 @@ use services::bus::{
     BusError, Deliveries, Delivery, Headers, LeaseKey, SharedBus, StreamSpec, Subscription,
 };
 use services::bus::{DurableStream, Service, Topic};
-use services::messages::{Broadcast, RecordBatch, StatsQuery, StatsReply};
+use services::messages::{Broadcast, RecordBatch, ReplyErrorKind, StatsQuery, StatsReply};
 use testkit::NatsServer;
 use tokio::time::timeout;
 
@@ -886,19 +886,20 @@ async fn typed_topics_carry_their_message_types(h: Harness) {
                 let req = requests.next().await.expect("a request");
                 assert!(req.wants_reply());
                 let message = match &req.message {
-                    Ok(q) => format!("{}/{}", q.window_s, q.bucket_s),
+                    Ok(q) => format!("{}/{}", q.window_ms, q.bucket_ms),
                     Err(BusError::Decode { .. }) => "bad".to_owned(),
                     Err(e) => panic!("unexpected {e:?}"),
                 };
-                req.reply(&*b, &StatsReply::Error { message })
+                let kind = ReplyErrorKind::BadRequest;
+                req.reply(&*b, &StatsReply::Error { kind, message })
                     .await
                     .unwrap();
             }
         })
     };
     let query = StatsQuery {
-        window_s: 60,
-        bucket_s: 10,
+        window_ms: 60_000,
+        bucket_ms: 10_000,
     };
     let reply = service
         .request(&*a, &query, WAIT)
@@ -908,7 +909,8 @@ async fn typed_topics_carry_their_message_types(h: Harness) {
     assert_eq!(
         reply,
         StatsReply::Error {
-            message: "60/10".into()
+            kind: ReplyErrorKind::BadRequest,
+            message: "60000/10000".into()
         }
     );
     let raw = a
@@ -923,6 +925,7 @@ async fn typed_topics_carry_their_message_types(h: Harness) {
     assert_eq!(
         services::messages::decode::<StatsReply>(&raw).unwrap(),
         StatsReply::Error {
+            kind: ReplyErrorKind::BadRequest,
             message: "bad".into()
         }
     );
@@ -965,6 +968,7 @@ async fn typed_topics_carry_their_message_types(h: Harness) {
     let req = timeout(WAIT, silent.next()).await.unwrap().unwrap();
     assert!(!req.wants_reply());
     let answer = StatsReply::Error {
+        kind: ReplyErrorKind::Unavailable,
         message: "nobody".into(),
     };
     match req.reply(&*b, &answer).await {

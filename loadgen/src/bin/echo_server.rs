@@ -11,7 +11,7 @@ use loadgen::echo::{EchoArgs, EchoServer};
 async fn main() -> anyhow::Result<()> {
     let args = EchoArgs::parse();
     // Installed before announcing the address, so no signal is missed.
-    let shutdown = loadgen::signal::shutdown_signal().context("installing signal handlers")?;
+    let shutdown = services::shutdown::signal().context("installing signal handlers")?;
     let server = EchoServer::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

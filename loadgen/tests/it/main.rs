@@ -412,7 +412,7 @@ fn binary_exits_1_when_no_client_connects() {
 #[test]
 fn binary_exits_2_on_a_bad_setting() {
     for bad in [
-        &["--duration", "10"][..],
+        &["--duration", "10x"][..],
         &["--page", "public", "--rate=-1"],
         &["https://example.invalid"],
     ] {

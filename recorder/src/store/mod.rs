@@ -8,6 +8,10 @@
 //! the gateway's counter `n`, so a batch delivered twice inserts nothing the
 //! second time.
 //!
+//! Who may read a client's history is decided in one place,
+//! [`Store::samples`], from what each backend reports through
+//! [`Store::access`].
+//!
 //! Percentiles are nearest-rank on both backends (the smallest value with at
 //! least p % of the values at or below it): Postgres computes them with
 //! `percentile_disc`, SQLite hands the sorted values to
@@ -23,8 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use services::messages::{RecordBatch, SamplesQuery, StatsBucket, StoredSample};
 
-/// The most samples one history read returns.
-pub const MAX_SAMPLES: u32 = 10_000;
+/// The most samples one history read returns (the shared API bound).
+pub const MAX_SAMPLES: u32 = services::limits::MAX_SAMPLES;
 
 /// Rows deleted per statement while pruning, so a first prune of a large
 /// table does not hold one huge transaction.
@@ -95,12 +99,46 @@ pub trait Store: Send + Sync {
 
     /// One client's samples, oldest first, at or after `since_us`, at most
     /// `limit` (capped at [`MAX_SAMPLES`]). `None` when the client is
-    /// unknown or private and `token` is not its token: the caller cannot
-    /// tell these apart.
+    /// unknown or its [`Access`] does not let `token` read it: the caller
+    /// cannot tell these apart. Both backends share this rule; they only
+    /// say who the client is ([`Store::access`]) and read the rows
+    /// ([`Store::read_history`]).
     ///
     /// # Errors
     /// The database failed.
-    async fn samples(&self, q: &SamplesQuery) -> Result<Option<Vec<StoredSample>>, StoreError>;
+    async fn samples(&self, q: &SamplesQuery) -> Result<Option<Vec<StoredSample>>, StoreError> {
+        let Some(access) = self.access(&q.channel_name).await? else {
+            return Ok(None);
+        };
+        if !access.allows(q.token.as_deref()) {
+            return Ok(None);
+        }
+        let history = self
+            .read_history(&q.channel_name, q.since_us, effective_limit(q.limit))
+            .await?;
+        Ok(Some(history))
+    }
+
+    /// Who may read the history of `channel_name`: `None` for an unknown
+    /// client. A client with samples but no client row (which should not
+    /// happen) is public only if every sample is, and has no token.
+    ///
+    /// # Errors
+    /// The database failed.
+    async fn access(&self, channel_name: &str) -> Result<Option<Access>, StoreError>;
+
+    /// The samples of `channel_name`, oldest first, at or after `since_us`,
+    /// at most `limit`, whoever asks: callers go through [`Store::samples`],
+    /// which applies the privacy rule first.
+    ///
+    /// # Errors
+    /// The database failed.
+    async fn read_history(
+        &self,
+        channel_name: &str,
+        since_us: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<StoredSample>, StoreError>;
 
     /// Statistics of the public samples from `now_us - window` on, per
     /// bucket of width `bucket`; buckets start at multiples of the width
@@ -151,22 +189,26 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
 }
 
 /// Like [`connect`], but keeps trying for up to `patience` while the
-/// database is not reachable yet (a container starting next to it).
+/// database is not reachable yet (a container starting next to it), with
+/// the jittered backoff of [`services::retry`].
 ///
 /// # Errors
 /// The last error once `patience` is spent, or at once for a bad URL.
 pub async fn connect_retrying(url: &str, patience: Duration) -> anyhow::Result<Arc<dyn Store>> {
     let deadline = tokio::time::Instant::now() + patience;
-    let mut delay = Duration::from_millis(250);
+    let mut backoff =
+        services::retry::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match connect(url).await {
-            Ok(store) => return Ok(store),
-            Err(e) if tokio::time::Instant::now() + delay < deadline && is_retryable(&e) => {
+            Err(e) if is_retryable(&e) => {
+                let delay = backoff.next_delay();
+                if tokio::time::Instant::now() + delay >= deadline {
+                    return Err(e);
+                }
                 tracing::warn!(error = %format!("{e:#}"), "database not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(e) => return Err(e),
+            done => return done,
         }
     }
 }
@@ -185,23 +227,60 @@ fn is_retryable(e: &anyhow::Error) -> bool {
     }
 }
 
-/// The privacy rule: a public client's history is readable by anyone; a
-/// private client's only with the token whose digest was stored.
-pub(crate) fn may_read(public: bool, stored_digest: Option<&str>, token: Option<&str>) -> bool {
-    if public {
-        return true;
-    }
-    match (stored_digest, token) {
-        (Some(stored), Some(token)) => constant_time_eq(
-            stored.as_bytes(),
-            services::ids::token_digest(token).as_bytes(),
-        ),
-        _ => false,
+/// What decides who may read a client's history, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// Public clients' samples are readable by anyone.
+    pub public: bool,
+    /// The digest of a private client's token ([`services::ids::token_digest`]).
+    pub token_digest: Option<String>,
+}
+
+impl Access {
+    /// The privacy rule (`docs/protocol.md`, "HTTP API"): a public client's
+    /// history is readable by anyone; a private client's only with the
+    /// token whose digest was stored, compared in constant time.
+    pub fn allows(&self, token: Option<&str>) -> bool {
+        if self.public {
+            return true;
+        }
+        match (&self.token_digest, token) {
+            (Some(stored), Some(token)) => services::ids::token_matches(stored, token),
+            _ => false,
+        }
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+impl From<(bool, Option<String>)> for Access {
+    /// A client row: `(public, token_digest)`.
+    fn from((public, token_digest): (bool, Option<String>)) -> Self {
+        Self {
+            public,
+            token_digest,
+        }
+    }
+}
+
+impl Access {
+    /// A client known only from its samples: no token can read it.
+    pub fn without_token(public: bool) -> Self {
+        Self {
+            public,
+            token_digest: None,
+        }
+    }
+}
+
+/// A history row as both backends read it: `(at_us, delay_ms, seq)`.
+pub(crate) type HistoryRow = (i64, f64, Option<i64>);
+
+/// A history row as the API returns it.
+pub(crate) fn stored_sample((at_us, delay_ms, seq): HistoryRow) -> StoredSample {
+    StoredSample {
+        at_us,
+        delay_ms,
+        seq: seq.map(from_db),
+    }
 }
 
 /// The limit a history read really applies.
@@ -264,6 +343,13 @@ mod tests {
     fn privacy_rule() {
         let token = "secret";
         let digest = services::ids::token_digest(token);
+        let may_read = |public, stored: Option<&str>, token| {
+            Access {
+                public,
+                token_digest: stored.map(str::to_owned),
+            }
+            .allows(token)
+        };
         assert!(may_read(true, None, None));
         assert!(may_read(true, Some(&digest), Some("wrong")));
         assert!(may_read(false, Some(&digest), Some(token)));

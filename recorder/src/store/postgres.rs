@@ -25,15 +25,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use services::messages::{
-    ClientRecord, RecordBatch, SampleRecord, SamplesQuery, StatsBucket, StoredSample,
-};
+use services::messages::{ClientRecord, RecordBatch, SampleRecord, StatsBucket, StoredSample};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Connection, Postgres, Row};
+use sqlx::{Connection, Postgres};
 
 use super::{
-    InsertOutcome, PRUNE_CHUNK, Store, StoreError, bucket_width, effective_limit, from_db,
-    may_read, to_db, window_start,
+    Access, HistoryRow, InsertOutcome, PRUNE_CHUNK, Store, StoreError, bucket_width, stored_sample,
+    to_db, window_start,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -225,52 +223,39 @@ impl Store for PgStore {
         })
     }
 
-    async fn samples(&self, q: &SamplesQuery) -> Result<Option<Vec<StoredSample>>, StoreError> {
+    async fn access(&self, channel_name: &str) -> Result<Option<Access>, StoreError> {
         let client: Option<(bool, Option<String>)> =
             sqlx::query_as("SELECT public, token_digest FROM clients WHERE channel_name = $1")
-                .bind(&q.channel_name)
+                .bind(channel_name)
                 .fetch_optional(&self.pool)
                 .await?;
-        let (public, digest) = match client {
-            Some(c) => c,
-            None => {
-                // No client row (should not happen): private if any sample
-                // says so; unknown if there is no sample at all.
-                let public: Option<bool> = sqlx::query_scalar(
-                    "SELECT bool_and(public) FROM samples WHERE channel_name = $1",
-                )
-                .bind(&q.channel_name)
+        if let Some(client) = client {
+            return Ok(Some(Access::from(client)));
+        }
+        let public: Option<bool> =
+            sqlx::query_scalar("SELECT bool_and(public) FROM samples WHERE channel_name = $1")
+                .bind(channel_name)
                 .fetch_one(&self.pool)
                 .await?;
-                match public {
-                    Some(p) => (p, None),
-                    None => return Ok(None),
-                }
-            }
-        };
-        if !may_read(public, digest.as_deref(), q.token.as_deref()) {
-            return Ok(None);
-        }
-        let rows = sqlx::query(
+        Ok(public.map(Access::without_token))
+    }
+
+    async fn read_history(
+        &self,
+        channel_name: &str,
+        since_us: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<StoredSample>, StoreError> {
+        let rows: Vec<HistoryRow> = sqlx::query_as(
             "SELECT at_us, delay_ms, seq FROM samples \
              WHERE channel_name = $1 AND at_us >= $2 ORDER BY at_us, n LIMIT $3",
         )
-        .bind(&q.channel_name)
-        .bind(q.since_us.unwrap_or(i64::MIN))
-        .bind(effective_limit(q.limit))
+        .bind(channel_name)
+        .bind(since_us.unwrap_or(i64::MIN))
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        let samples = rows
-            .iter()
-            .map(|r| {
-                Ok(StoredSample {
-                    at_us: r.try_get(0)?,
-                    delay_ms: r.try_get(1)?,
-                    seq: r.try_get::<Option<i64>, _>(2)?.map(from_db),
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        Ok(Some(samples))
+        Ok(rows.into_iter().map(stored_sample).collect())
     }
 
     async fn stats(

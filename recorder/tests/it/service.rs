@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use recorder::store::{InsertOutcome, Store, StoreError};
+use recorder::store::{Access, InsertOutcome, Store, StoreError};
 use services::bus::memory::MemoryBus;
 use services::bus::{Bus, SharedBus};
 use services::messages::{
-    RecordBatch, SamplesQuery, SamplesReply, StatsBucket, StatsQuery, StatsReply, decode, encode,
+    RecordBatch, ReplyErrorKind, SamplesQuery, SamplesReply, StatsBucket, StatsQuery, StatsReply,
+    decode, encode,
 };
 use services::subjects::Subjects;
 
@@ -240,8 +241,8 @@ async fn history_and_stats_are_answered_over_nats() {
     assert!(matches!(decode(&bad).unwrap(), SamplesReply::Error { .. }));
 
     let q = encode(&StatsQuery {
-        window_s: 3600,
-        bucket_s: 3600,
+        window_ms: 3600 * 1000,
+        bucket_ms: 3600 * 1000,
     });
     let StatsReply::Ok { buckets } = ask_stats(bus, s, q).await else {
         panic!("stats failed");
@@ -254,8 +255,8 @@ async fn history_and_stats_are_answered_over_nats() {
             .all(|b: &StatsBucket| b.max <= 10.0 && b.min >= 1.0)
     );
     let bad = encode(&StatsQuery {
-        window_s: 3600,
-        bucket_s: 0,
+        window_ms: 3600 * 1000,
+        bucket_ms: 0,
     });
     assert!(matches!(
         ask_stats(bus, s, bad).await,
@@ -364,8 +365,8 @@ async fn standalone_over_the_memory_bus_and_sqlite() {
         &bus,
         &subjects,
         encode(&StatsQuery {
-            window_s: 600,
-            bucket_s: 60,
+            window_ms: 600 * 1000,
+            bucket_ms: 60 * 1000,
         }),
     )
     .await
@@ -374,12 +375,13 @@ async fn standalone_over_the_memory_bus_and_sqlite() {
     };
     assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 4);
     let absurd = encode(&StatsQuery {
-        window_s: u64::MAX,
-        bucket_s: u64::MAX,
+        window_ms: u64::MAX,
+        bucket_ms: u64::MAX,
     });
-    let StatsReply::Error { message } = ask_stats(&bus, &subjects, absurd).await else {
+    let StatsReply::Error { kind, message } = ask_stats(&bus, &subjects, absurd).await else {
         panic!("an absurd bucket is refused");
     };
+    assert_eq!(kind, ReplyErrorKind::BadRequest, "{message}");
     assert!(message.starts_with("bad request"), "{message}");
     eventually(WAIT, "duplicate batch counted", || async {
         rec.metric("pingapp_recorder_duplicates_total") == 6.0
@@ -403,11 +405,16 @@ impl Store for Flaky {
         }
         self.inner.insert(batches).await
     }
-    async fn samples(
+    async fn access(&self, channel_name: &str) -> Result<Option<Access>, StoreError> {
+        self.inner.access(channel_name).await
+    }
+    async fn read_history(
         &self,
-        q: &SamplesQuery,
-    ) -> Result<Option<Vec<services::messages::StoredSample>>, StoreError> {
-        self.inner.samples(q).await
+        channel_name: &str,
+        since_us: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<services::messages::StoredSample>, StoreError> {
+        self.inner.read_history(channel_name, since_us, limit).await
     }
     async fn stats(
         &self,
@@ -465,6 +472,28 @@ async fn a_database_outage_loses_nothing() {
     })
     .await;
     assert_eq!(rec.readiness.status(), Err("database down".into()));
+    // Queries say whose fault a refusal is: the database's now, but a query
+    // beyond the bounds (6,000 buckets) is the caller's all the same.
+    let stats = |window_ms, bucket_ms| {
+        encode(&StatsQuery {
+            window_ms,
+            bucket_ms,
+        })
+    };
+    for (query, expected) in [
+        (stats(3_600_000, 60_000), ReplyErrorKind::Unavailable),
+        (stats(6_000_000, 1_000), ReplyErrorKind::BadRequest),
+    ] {
+        let StatsReply::Error { kind, message } = ask_stats(&bus, &subjects, query).await else {
+            panic!("refused while the database is down");
+        };
+        assert_eq!(kind, expected, "{message}");
+    }
+    let StatsReply::Error { kind, .. } = ask_stats(&bus, &subjects, stats(5_000_000, 1_000)).await
+    else {
+        panic!("5,000 buckets are within bounds, but the database is down");
+    };
+    assert_eq!(kind, ReplyErrorKind::Unavailable);
     assert_eq!(
         rec.metric("pingapp_recorder_consumer_pending"),
         1.0,

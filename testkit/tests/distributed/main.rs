@@ -172,6 +172,56 @@ async fn private_history_is_readable_through_either_gateway_with_its_token_only(
     }
 }
 
+/// One set of statistics bounds for gateway and recorder, and refusals that
+/// keep whose fault they are: 5,001 to 10,000 buckets passed the gateway
+/// and came back from the recorder as a 503; now they are a 400, the
+/// boundary of 5,000 is answered by the real recorder, and a recorder that
+/// is gone is a 503.
+#[tokio::test]
+async fn statistics_beyond_the_shared_bounds_are_a_bad_request_not_unavailable() {
+    let d = Deployment::new().await;
+    let (_presence, mut recorder, gw) = tokio::join!(d.presence(), d.recorder(), d.gateway("gw"));
+    let (mut c, _) = public_v2(&gw).await;
+    c.delay(4.0, 1).await;
+    eventually(WAIT, "the sample counted in /api/stats", || async {
+        let (status, body) = gw.get_json("/api/stats?window=1h&bucket=1m", None).await;
+        status == 200
+            && body["buckets"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|b| b["count"] == 1))
+    })
+    .await;
+
+    for query in [
+        "window=5001s&bucket=1s",
+        "window=6000s&bucket=1s",
+        "window=10000s&bucket=1s",
+        "window=1h&bucket=500ms",
+    ] {
+        let (status, body) = gw.get_json(&format!("/api/stats?{query}"), None).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"], "bad_request", "{query}: {body}");
+    }
+    // Within the bounds, in any unit of the duration grammar: the recorder
+    // answers.
+    for query in [
+        "window=5000s&bucket=1s",
+        "window=2s&bucket=500ms",
+        "window=1h30m&bucket=90",
+    ] {
+        let (status, body) = gw.get_json(&format!("/api/stats?{query}"), None).await;
+        assert_eq!(status, 200, "{query}: {body}");
+        assert!(body["buckets"].is_array(), "{query}: {body}");
+    }
+
+    recorder.svc.kill();
+    let (status, body) = gw.get_json("/api/stats?window=1h&bucket=1m", None).await;
+    assert_eq!(status, 503, "no recorder: {body}");
+    assert_eq!(body["error"], "unavailable", "{body}");
+    let (status, _) = gw.get_json("/api/stats?window=6000s&bucket=1s", None).await;
+    assert_eq!(status, 400, "refused before it travels");
+}
+
 #[tokio::test]
 async fn a_recorder_killed_mid_stream_loses_and_duplicates_nothing() {
     let d = Deployment::new().await;

@@ -1,0 +1,131 @@
+//! The recorder's settings: [`RecorderConfig`], the plain configuration
+//! [`crate::Recorder::build`] takes, and [`RecorderCli`], the flags (and
+//! environment variables) of the `recorder` binary that produce it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use services::config::{
+    LogArgs, parse_duration, parse_nats_url, parse_postgres_url, parse_subject_prefix,
+};
+use services::subjects::Subjects;
+
+/// How the recorder works.
+#[derive(Debug, Clone)]
+pub struct RecorderConfig {
+    /// The subjects (and stream and consumer names) of the deployment.
+    pub subjects: Subjects,
+    /// An insert is made once this many samples are gathered (default 5000)…
+    pub batch_max_samples: usize,
+    /// …or this long after the first delivery of the batch (default 50 ms).
+    pub batch_wait: Duration,
+    /// Samples older than this are deleted (default 30 days; zero keeps
+    /// them for ever).
+    pub retention: Duration,
+    /// How often old samples are deleted (default 1 min).
+    pub prune_interval: Duration,
+    /// The stream drops unconsumed batches older than this (default 7
+    /// days): how long the recorders may all be down without loss.
+    pub stream_max_age: Duration,
+}
+
+impl RecorderConfig {
+    /// The defaults, for the deployment of `subjects`.
+    pub fn new(subjects: Subjects) -> Self {
+        Self {
+            subjects,
+            batch_max_samples: 5_000,
+            batch_wait: Duration::from_millis(50),
+            retention: Duration::from_secs(30 * 86_400),
+            prune_interval: Duration::from_secs(60),
+            stream_max_age: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// The flags of the `recorder` binary; every one also reads its
+/// environment variable.
+#[derive(Debug, Parser)]
+#[command(name = "recorder", version, about)]
+pub struct RecorderCli {
+    /// Where /metrics, /livez and /readyz are served.
+    #[arg(long, env = "PINGAPP_ADMIN_LISTEN", default_value = "0.0.0.0:9000")]
+    pub admin_listen: SocketAddr,
+    /// NATS server(s), comma-separated.
+    #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
+    pub nats_url: String,
+    /// The Postgres database.
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_postgres_url)]
+    pub database_url: String,
+    /// First token of every subject (and of the stream name).
+    #[arg(long, env = "PINGAPP_SUBJECT_PREFIX", default_value = "pingapp", value_parser = parse_subject_prefix)]
+    pub subject_prefix: String,
+    /// How long samples are kept, e.g. 30d or 12h (0: for ever).
+    #[arg(long, env = "PINGAPP_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// Samples per database insert, at most.
+    #[arg(long, env = "PINGAPP_BATCH_MAX_SAMPLES", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_max_samples: u32,
+    /// How long a batch waits for more samples, ms.
+    #[arg(long, env = "PINGAPP_BATCH_WAIT_MS", default_value_t = 50)]
+    pub batch_wait_ms: u64,
+    /// A sample batch delivered to a replica that neither acknowledged nor
+    /// refused it (it was killed) goes to a replica again after this, ms.
+    /// Applies when the durable consumer is created.
+    #[arg(long, env = "PINGAPP_ACK_WAIT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    pub ack_wait_ms: u64,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl RecorderCli {
+    /// The recorder's configuration these flags give.
+    pub fn config(&self) -> RecorderConfig {
+        let mut cfg = RecorderConfig::new(Subjects::new(&self.subject_prefix));
+        cfg.retention = self.retention;
+        cfg.batch_max_samples = self.batch_max_samples as usize;
+        cfg.batch_wait = Duration::from_millis(self.batch_wait_ms);
+        cfg
+    }
+
+    /// How long a delivery may stay unacknowledged before it is redelivered.
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.ack_wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_give_the_config() {
+        let args = RecorderCli::try_parse_from([
+            "recorder",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--database-url",
+            "postgres://postgres@127.0.0.1/pingapp",
+            "--retention",
+            "1h30m",
+            "--batch-wait-ms",
+            "20",
+        ])
+        .expect("valid flags");
+        let cfg = args.config();
+        assert_eq!(cfg.retention, Duration::from_secs(5400));
+        assert_eq!(cfg.batch_wait, Duration::from_millis(20));
+        assert_eq!(cfg.batch_max_samples, 5000);
+        assert_eq!(args.ack_wait(), Duration::from_secs(30));
+        let bad = RecorderCli::try_parse_from([
+            "recorder",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--database-url",
+            "sqlite://x.db",
+        ]);
+        assert!(bad.is_err(), "the recorder needs Postgres");
+    }
+}

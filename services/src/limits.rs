@@ -1,0 +1,177 @@
+//! The bounds of the HTTP API's history and statistics queries, defined
+//! once: the gateway checks every request against them before it asks the
+//! recorder, and the recorder checks the queries it gets against the same
+//! numbers, so the two can never disagree (`docs/protocol.md`, "HTTP API").
+
+use std::time::Duration;
+
+use crate::config::parse_duration;
+
+/// Samples one history request returns when it names no `limit`.
+pub const DEFAULT_SAMPLES: u32 = 1_000;
+
+/// The most samples one history request may ask for.
+pub const MAX_SAMPLES: u32 = 10_000;
+
+/// The longest client id a history request may name; a longer one cannot
+/// exist and is answered like an unknown id.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// The statistics window when the request names none (`window=1h`).
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
+
+/// The statistics bucket width when the request names none (`bucket=1m`).
+pub const DEFAULT_BUCKET: Duration = Duration::from_secs(60);
+
+/// The longest statistics window: 31 days.
+pub const MAX_WINDOW: Duration = Duration::from_secs(31 * 86_400);
+
+/// The most buckets one statistics answer holds: keeps the recorder's reply
+/// well under NATS's default 1 MiB payload limit.
+pub const MAX_BUCKETS: u64 = 5_000;
+
+/// A request outside the bounds: the text says which parameter and why,
+/// for the caller to show (the HTTP API answers 400 with it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRequest(pub String);
+
+/// Parses the `since` parameter of a history request: absent or empty is
+/// no bound, else an RFC 3339 time, returned as Unix µs.
+///
+/// # Errors
+/// Not an RFC 3339 time.
+pub fn parse_since(since: Option<&str>) -> Result<Option<i64>, BadRequest> {
+    match since {
+        None | Some("") => Ok(None),
+        Some(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| Some(t.timestamp_micros()))
+            .map_err(|_| BadRequest("since must be an RFC 3339 time".into())),
+    }
+}
+
+/// Parses the `limit` parameter of a history request: absent or empty is
+/// [`DEFAULT_SAMPLES`], else an integer from 1 to [`MAX_SAMPLES`].
+///
+/// # Errors
+/// Not an integer in range.
+pub fn parse_limit(limit: Option<&str>) -> Result<u32, BadRequest> {
+    match limit {
+        None | Some("") => Ok(DEFAULT_SAMPLES),
+        Some(s) => match s.parse::<u32>() {
+            Ok(n) if (1..=MAX_SAMPLES).contains(&n) => Ok(n),
+            _ => Err(BadRequest(format!(
+                "limit must be an integer from 1 to {MAX_SAMPLES}"
+            ))),
+        },
+    }
+}
+
+/// Parses the `window` and `bucket` parameters of a statistics request
+/// (the one duration grammar, [`parse_duration`]: `90s`, `15m`, `1h30m`,
+/// `7d`, `500ms`, or bare seconds) and checks them with [`check_stats`].
+/// Absent parameters take [`DEFAULT_WINDOW`] and [`DEFAULT_BUCKET`].
+///
+/// # Errors
+/// A parameter that does not parse, or bounds that [`check_stats`] refuses.
+pub fn parse_stats(
+    window: Option<&str>,
+    bucket: Option<&str>,
+) -> Result<(Duration, Duration), BadRequest> {
+    let span = |value: Option<&str>, default, example: &str| match value {
+        None => Ok(default),
+        Some(s) => parse_duration(s).map_err(|_| BadRequest(example.to_owned())),
+    };
+    let window = span(
+        window,
+        DEFAULT_WINDOW,
+        "window must be like 90s, 15m, 1h or 7d",
+    )?;
+    let bucket = span(
+        bucket,
+        DEFAULT_BUCKET,
+        "bucket must be like 500ms, 10s, 1m or 1h",
+    )?;
+    check_stats(window, bucket)?;
+    Ok((window, bucket))
+}
+
+/// Checks a statistics window and bucket width: a window from 1 ms to
+/// [`MAX_WINDOW`], a bucket from 1 ms to the window, at most
+/// [`MAX_BUCKETS`] buckets.
+///
+/// # Errors
+/// Which bound the request breaks.
+pub fn check_stats(window: Duration, bucket: Duration) -> Result<(), BadRequest> {
+    let (window_ms, bucket_ms) = (window.as_millis(), bucket.as_millis());
+    if window_ms == 0 || window > MAX_WINDOW {
+        return Err(BadRequest("window must be between 1ms and 31d".into()));
+    }
+    if bucket_ms == 0 || bucket > window {
+        return Err(BadRequest(
+            "bucket must be between 1ms and the window".into(),
+        ));
+    }
+    if window_ms.div_ceil(bucket_ms) > u128::from(MAX_BUCKETS) {
+        return Err(BadRequest(format!(
+            "at most {MAX_BUCKETS} buckets per request"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn history_parameters() {
+        assert_eq!(parse_since(None), Ok(None));
+        assert_eq!(parse_since(Some("")), Ok(None));
+        assert_eq!(
+            parse_since(Some("1970-01-01T00:00:01.5Z")),
+            Ok(Some(1_500_000))
+        );
+        assert!(parse_since(Some("yesterday")).is_err());
+        assert_eq!(parse_limit(None), Ok(DEFAULT_SAMPLES));
+        assert_eq!(parse_limit(Some("1")), Ok(1));
+        assert_eq!(parse_limit(Some("10000")), Ok(MAX_SAMPLES));
+        for bad in ["0", "10001", "-1", "abc", "1.5"] {
+            assert!(parse_limit(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn statistics_parameters() {
+        assert_eq!(parse_stats(None, None), Ok((S(3600), S(60))));
+        assert_eq!(parse_stats(Some("90"), Some("1m30s")), Ok((S(90), S(90))));
+        assert_eq!(
+            parse_stats(Some("2s"), Some("500ms")),
+            Ok((S(2), Duration::from_millis(500)))
+        );
+        assert_eq!(
+            parse_stats(Some("7d"), Some("1h")),
+            Ok((S(604_800), S(3600)))
+        );
+        for (window, bucket) in [("1w2", "1m"), ("h", "1m"), ("1h", "soon"), ("0", "1m")] {
+            assert!(
+                parse_stats(Some(window), Some(bucket)).is_err(),
+                "{window} {bucket}"
+            );
+        }
+    }
+
+    #[test]
+    fn statistics_bounds() {
+        assert!(check_stats(S(5_000), S(1)).is_ok());
+        assert!(check_stats(S(5_001), S(1)).is_err(), "5,001 buckets");
+        assert!(check_stats(S(10_000), S(1)).is_err(), "10,000 buckets");
+        assert!(check_stats(MAX_WINDOW, MAX_WINDOW).is_ok());
+        assert!(check_stats(MAX_WINDOW + S(1), S(86_400)).is_err());
+        assert!(check_stats(S(60), S(61)).is_err());
+        assert!(check_stats(S(60), Duration::ZERO).is_err());
+        assert!(check_stats(Duration::from_micros(999), Duration::from_micros(999)).is_err());
+    }
+}
