@@ -9,6 +9,8 @@
 //! - [`Service`]: one of the workspace binaries (`gateway`, `presence`,
 //!   `recorder`, `pingapp`) as a child process with its log in a file,
 //!   killed on drop and printed when the test fails.
+//! - [`ws::Client`]: the one WebSocket client, speaking to a gateway like a
+//!   page does.
 //! - [`free_port`], [`unique_prefix`], [`eventually`]: what keeps parallel
 //!   tests from sharing anything; [`block_on_own_thread`]: async clean-up
 //!   from `Drop`.
@@ -20,6 +22,7 @@ mod nats;
 mod otlp;
 mod postgres;
 mod service;
+pub mod ws;
 
 use std::collections::HashSet;
 use std::future::Future;

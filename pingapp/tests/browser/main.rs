@@ -491,7 +491,7 @@ async fn a_page_reconnects_by_itself_after_the_server_restarts() {
 
     // SIGTERM: the server drains (close 1012) and exits; a new one starts
     // on the same port.
-    let dir = server.terminate_keeping_dir();
+    let dir = server.terminate_keeping_dir().await;
     p.wait_for(
         "the status to say reconnecting",
         "document.getElementById('status').dataset.state === 'reconnecting' && \
