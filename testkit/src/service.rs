@@ -169,23 +169,24 @@ impl Service {
     /// executable's folder (`target/<profile>/deps/..`), or in
     /// `PINGAPP_BIN_DIR`.
     ///
-    /// When it is missing or older than one of its sources (cargo's
-    /// dep-info file `<name>.d` lists them), the kit runs `cargo build
-    /// --workspace --bins` once for the whole test process, in the same
-    /// target folder and profile, under a file lock so concurrent test
-    /// binaries build it once between them: testing a stale binary would
-    /// prove nothing about the code.
+    /// At the first call, when any workspace binary is missing or older
+    /// than one of its sources (cargo's dep-info file `<name>.d` lists
+    /// them), the kit runs `cargo build --workspace --bins` once for the
+    /// whole test process, in the same target folder and profile, under a
+    /// file lock so concurrent test binaries build once between them.
+    /// Every binary is checked before the first one starts, so no test's
+    /// service runs (or waits for readiness) during that build. Testing a
+    /// stale binary would prove nothing about the code.
     ///
     /// # Panics
     /// It is still missing or stale after that build (or, with
     /// `PINGAPP_BIN_DIR`, at all); the message says what to run.
     pub fn binary(name: &str) -> PathBuf {
-        let own_dir = std::env::var_os("PINGAPP_BIN_DIR").is_none();
         let dir = bin_dir();
-        let bin = dir.join(name);
-        if own_dir && (!bin.is_file() || newer_source(&bin).is_some()) {
-            build_workspace_bins(&dir);
+        if std::env::var_os("PINGAPP_BIN_DIR").is_none() {
+            ensure_built(&dir);
         }
+        let bin = dir.join(name);
         assert!(
             bin.is_file(),
             "{} is missing: run `cargo build --workspace --bins`",
@@ -378,17 +379,40 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
-/// Runs `cargo build --workspace --bins` for the profile whose output
-/// folder is `dir` (`target/debug`, `target/release`, `target/<profile>`),
-/// once per test process; concurrent test processes wait for each other on
-/// a lock file in `dir` (cargo then finds everything fresh). A failed build
-/// panics with its status; cargo's own output went to the test's stderr.
-fn build_workspace_bins(dir: &Path) {
-    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if *built {
+/// The binaries of the workspace that tests start by name.
+const WORKSPACE_BINS: &[&str] = &[
+    "gateway",
+    "presence",
+    "recorder",
+    "pingapp",
+    "loadgen",
+    "echo-server",
+];
+
+/// Once per test process: builds the workspace's binaries in `dir` if any
+/// is missing or stale. Callers wait for the first check (and build).
+fn ensure_built(dir: &Path) {
+    static CHECKED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if *checked {
         return;
     }
+    let stale = WORKSPACE_BINS
+        .iter()
+        .map(|name| dir.join(name))
+        .any(|bin| !bin.is_file() || newer_source(&bin).is_some());
+    if stale {
+        build_workspace_bins(dir);
+    }
+    *checked = true;
+}
+
+/// Runs `cargo build --workspace --bins` for the profile whose output
+/// folder is `dir` (`target/debug`, `target/release`, `target/<profile>`);
+/// concurrent test processes wait for each other on a lock file in `dir`
+/// (cargo then finds everything fresh). A failed build
+/// panics with its status; cargo's own output went to the test's stderr.
+fn build_workspace_bins(dir: &Path) {
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -422,7 +446,6 @@ fn build_workspace_bins(dir: &Path) {
         status.success(),
         "`cargo build --workspace --bins` failed ({status}): fix the build, then run the tests again"
     );
-    *built = true;
     // The lock file is unlocked when `lock` is dropped here.
 }
 
