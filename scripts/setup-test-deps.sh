@@ -10,7 +10,9 @@
 #                the tests start their own), apt: nats-server (the machine's
 #                server on 127.0.0.1:4222)
 #   Chromium     apt: chromium chromium-driver (browser tests)
-#   Node.js      apt: nodejs (unit tests of the pages' statistics code)
+#   Node.js      apt: nodejs npm (unit tests of the pages' statistics code);
+#                npm: the pinned TypeScript of gateway/tests/js/package.json
+#                (type check of the pages' JavaScript), into its node_modules
 #   deploy       apt: docker-compose, PyPI: kubernetes-validate, kubectl >= 1.27
 set -euo pipefail
 
@@ -34,6 +36,7 @@ need_cmd nats-server nats-server
 need_cmd chromium chromium
 need_cmd chromedriver chromium-driver
 need_cmd node nodejs
+need_cmd npm npm
 need_cmd docker-compose docker-compose
 if [ ${#apt_missing[@]} -gt 0 ]; then
     echo "setup-test-deps: installing ${apt_missing[*]}"
@@ -48,6 +51,13 @@ command -v kubernetes-validate >/dev/null 2>&1 || pip_missing+=("kubernetes-vali
 if [ ${#pip_missing[@]} -gt 0 ]; then
     echo "setup-test-deps: pip installing ${pip_missing[*]}"
     python3 -m pip install --quiet --disable-pip-version-check "${pip_missing[@]}"
+fi
+
+# The pages' JavaScript type checker, exactly as package-lock.json pins it.
+js_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/gateway/tests/js"
+if [ ! -x "$js_dir/node_modules/.bin/tsc" ]; then
+    echo "setup-test-deps: npm ci in gateway/tests/js (TypeScript for the pages' type check)"
+    (cd "$js_dir" && npm ci --no-audit --no-fund --silent)
 fi
 
 command -v kubectl >/dev/null 2>&1 ||

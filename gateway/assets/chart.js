@@ -41,7 +41,7 @@ export class CanvasChart {
     this.canvas = canvas;
     this.drawFn = draw;
     this.frame = 0;
-    if ("ResizeObserver" in window) {
+    if (typeof ResizeObserver === "function") {
       new ResizeObserver(() => this.request()).observe(canvas);
     } else {
       window.addEventListener("resize", () => this.request());

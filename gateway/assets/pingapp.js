@@ -165,7 +165,7 @@ function main() {
   const statusEl = $("status");
   const statusText = $("status-text");
   const retryBtn = $("retry-now");
-  const renameBtn = $("change-name");
+  const renameBtn = /** @type {HTMLButtonElement | null} */ ($("change-name"));
 
   // ---- statistics and live chart ---------------------------------------
   const stats = new SessionStats(Math.max(RECENT_WINDOW, LIVE_WINDOW));
@@ -190,13 +190,13 @@ function main() {
   };
   renderStats();
 
-  const liveCanvas = $("live-chart");
+  const liveCanvas = /** @type {HTMLCanvasElement | null} */ ($("live-chart"));
   const liveChart = liveCanvas
     ? new CanvasChart(liveCanvas, liveChartDrawer(() => stats.lastOutcomes(LIVE_WINDOW)))
     : null;
 
   // ---- history (private page) ------------------------------------------
-  const historyCanvas = $("history-chart");
+  const historyCanvas = /** @type {HTMLCanvasElement | null} */ ($("history-chart"));
   let historyPoints = [];
   const historyChart = historyCanvas
     ? new CanvasChart(historyCanvas, historyChartDrawer(() => historyPoints))
@@ -217,9 +217,9 @@ function main() {
     : null;
 
   // ---- roster and rename (public page) ---------------------------------
-  const rosterEl = $("roster");
+  const rosterEl = /** @type {HTMLTableElement | null} */ ($("roster"));
   const roster = rosterEl ? new RosterTable(rosterEl, $("client-count")) : null;
-  const nameInput = $("name");
+  const nameInput = /** @type {HTMLInputElement | null} */ ($("name"));
   let session = null;
   let restoring = false; // the rename in flight restores the name after a reconnect
 

@@ -65,7 +65,7 @@ export class RosterTable {
     if (this.selfId !== null && this.model.has(this.selfId)) ids.push(this.selfId);
     const top = scroller.scrollTop;
     const bottom = top + scroller.clientHeight * 1.5;
-    const rows = this.tbody.children;
+    const rows = /** @type {HTMLCollectionOf<HTMLElement>} */ (this.tbody.children);
     // Rows are in document order, so their offsets grow: find the first
     // one that ends below the top edge.
     let lo = 0;

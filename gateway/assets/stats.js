@@ -28,7 +28,11 @@ export function sortedSamples(values) {
 
 /**
  * Quantile `q` (0..1) of an ascending array, by linear interpolation between
- * closest ranks (the "R-7" / numpy default definition).
+ * closest ranks (the "R-7" / numpy default definition). The one percentile
+ * definition of PingApp (docs/protocol.md, "Statistics"): `/api/stats` and
+ * the roster's median use the same (services/src/stats.rs, Postgres'
+ * `percentile_cont`), checked against the same vectors
+ * (gateway/tests/js/stats_vectors.json).
  */
 export function quantileSorted(sorted, q) {
   const n = sorted.length;

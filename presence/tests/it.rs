@@ -1,8 +1,8 @@
 //! Presence end to end: fake gateways publish reports, a subscriber on the
-//! broadcast subject watches what presence says. Over the real NATS server
-//! (`PINGAPP_TEST_NATS_URL`, default `nats://127.0.0.1:4222`; the tests fail
-//! if it is unreachable) and once over the in-memory bus. Every test uses
-//! its own subject prefix, so tests share nothing.
+//! broadcast subject watches what presence says. Over a real NATS server of
+//! each test's own (the test kit's [`testkit::NatsServer`], on a random
+//! port) and once over the in-memory bus. Every test also uses its own
+//! subject prefix.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use services::bus::{Bus as _, BusError, Inbox, SharedBus};
 use services::messages::{Broadcast, GatewayReport, GatewayUpdate, RosterClient, RosterRequest};
 use services::stats::DelayStats;
 use services::subjects::Subjects;
+use testkit::NatsServer;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -27,10 +28,6 @@ const HEARTBEAT: Duration = Duration::from_millis(300);
 
 // ---------------------------------------------------------------- helpers
 
-fn nats_url() -> String {
-    std::env::var("PINGAPP_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
 /// Logs are silent unless `TEST_LOG` is set.
 fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -38,34 +35,17 @@ fn init_logs() {
     }
 }
 
-/// A connected bus to the test NATS server; panics with a clear message if
-/// the server is unreachable.
-async fn nats(name: &str) -> NatsBus {
+/// A connected bus to the test's own NATS server (the test kit's).
+async fn nats(server: &NatsServer, name: &str) -> NatsBus {
     init_logs();
-    let url = nats_url();
-    let first = url.split(',').next().unwrap_or_default().trim();
-    let addr = first
-        .trim_start_matches("nats://")
-        .rsplit('@')
-        .next()
-        .unwrap_or_default()
-        .trim_end_matches('/');
-    match timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => panic!("NATS is unreachable at {url} (set PINGAPP_TEST_NATS_URL): {e}"),
-        Err(_) => panic!("NATS is unreachable at {url} (set PINGAPP_TEST_NATS_URL): timed out"),
-    }
+    let url = server.url();
     let bus = NatsBus::connect(&url, name)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to NATS at {url}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !bus.is_connected() {
-        assert!(
-            Instant::now() < deadline,
-            "NATS at {url} accepted TCP but the client never connected"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::eventually(Duration::from_secs(5), "the NATS client connected", || {
+        std::future::ready(bus.is_connected())
+    })
+    .await;
     bus
 }
 
@@ -395,13 +375,14 @@ const SOON: Duration = Duration::from_secs(3);
 #[tokio::test]
 async fn nats_events_are_broadcast() {
     let subjects = fresh_subjects();
-    let admin = nats("admin").await;
-    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
-    let gw_bus: SharedBus = Arc::new(nats("gateway").await);
+    let server = NatsServer::start().await;
+    let admin = nats(&server, "admin").await;
+    let watch_bus: SharedBus = Arc::new(nats(&server, "watcher").await);
+    let gw_bus: SharedBus = Arc::new(nats(&server, "gateway").await);
     let mut watcher = Watcher::start(&watch_bus, &subjects).await;
     let p = Running::start(
         test_config(&subjects, "a"),
-        Arc::new(nats("presence").await),
+        Arc::new(nats(&server, "presence").await),
     )
     .await;
     // Arrange: the warm-up ends with an (empty) snapshot.
@@ -488,18 +469,19 @@ async fn nats_events_are_broadcast() {
 #[tokio::test]
 async fn nats_a_tick_leaves_once_every_gateway_closed_it() {
     let subjects = fresh_subjects();
-    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let server = NatsServer::start().await;
+    let watch_bus: SharedBus = Arc::new(nats(&server, "watcher").await);
     let mut watcher = Watcher::start(&watch_bus, &subjects).await;
     // An hour-long tick: its deadline does not come during the test, so only
     // the gateways' closing reports can release the updates.
     let mut cfg = test_config(&subjects, "a");
     cfg.roster_tick = Duration::from_secs(3600);
-    let p = Running::start(cfg, Arc::new(nats("presence").await)).await;
+    let p = Running::start(cfg, Arc::new(nats(&server, "presence").await)).await;
     watcher
         .wait_for(SOON, "warm-up snapshot", is_snapshot)
         .await;
-    let g1 = FakeGateway::start(Arc::new(nats("gw-1").await), &subjects, "gw-1").await;
-    let g2 = FakeGateway::start(Arc::new(nats("gw-2").await), &subjects, "gw-2").await;
+    let g1 = FakeGateway::start(Arc::new(nats(&server, "gw-1").await), &subjects, "gw-1").await;
+    let g2 = FakeGateway::start(Arc::new(nats(&server, "gw-2").await), &subjects, "gw-2").await;
     g1.connect("a").await;
     g2.connect("b").await;
     watcher.wait_connects(&["a", "b"]).await;
@@ -570,28 +552,46 @@ async fn nats_a_tick_leaves_once_every_gateway_closed_it() {
 #[tokio::test]
 async fn nats_silent_gateway_is_expired() {
     let subjects = fresh_subjects();
-    let admin = nats("admin").await;
-    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let server = NatsServer::start().await;
+    let admin = nats(&server, "admin").await;
+    let watch_bus: SharedBus = Arc::new(nats(&server, "watcher").await);
     let mut watcher = Watcher::start(&watch_bus, &subjects).await;
     let p = Running::start(
         test_config(&subjects, "a"),
-        Arc::new(nats("presence").await),
+        Arc::new(nats(&server, "presence").await),
     )
     .await;
     watcher
         .wait_for(SOON, "warm-up snapshot", is_snapshot)
         .await;
-    let mut gw = FakeGateway::start(Arc::new(nats("gateway").await), &subjects, "gw-dies").await;
-    let survivor =
-        FakeGateway::start(Arc::new(nats("gateway2").await), &subjects, "gw-lives").await;
+    let mut gw = FakeGateway::start(
+        Arc::new(nats(&server, "gateway").await),
+        &subjects,
+        "gw-dies",
+    )
+    .await;
+    let survivor = FakeGateway::start(
+        Arc::new(nats(&server, "gateway2").await),
+        &subjects,
+        "gw-lives",
+    )
+    .await;
     gw.connect("a").await;
     gw.connect("b").await;
     survivor.connect("c").await;
     watcher.wait_connects(&["a", "b", "c"]).await;
 
     // Act: the gateway dies without a goodbye, after presence learned its
-    // heartbeat interval (before that, the 2 s default applies).
-    tokio::time::sleep(2 * HEARTBEAT).await;
+    // heartbeat interval (before that, the 2 s default applies). Each fake
+    // gateway heartbeats once at start and then every HEARTBEAT: four
+    // processed heartbeats mean a whole interval passed after both first
+    // ones were sent, so both gateways' intervals are known.
+    testkit::eventually(
+        Duration::from_secs(10),
+        "presence heard 4 heartbeats",
+        || std::future::ready(p.metric("pingapp_presence_heartbeats_total") >= 4.0),
+    )
+    .await;
     gw.kill();
     let died = Instant::now();
 
@@ -622,19 +622,20 @@ async fn nats_silent_gateway_is_expired() {
 #[tokio::test]
 async fn nats_restart_is_invisible_to_pages() {
     let subjects = fresh_subjects();
-    let admin = nats("admin").await;
-    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let server = NatsServer::start().await;
+    let admin = nats(&server, "admin").await;
+    let watch_bus: SharedBus = Arc::new(nats(&server, "watcher").await);
     let mut watcher = Watcher::start(&watch_bus, &subjects).await;
     let first = Running::start(
         test_config(&subjects, "presence-0"),
-        Arc::new(nats("p1").await),
+        Arc::new(nats(&server, "p1").await),
     )
     .await;
     watcher
         .wait_for(SOON, "warm-up snapshot", is_snapshot)
         .await;
-    let g1 = FakeGateway::start(Arc::new(nats("g1").await), &subjects, "g1").await;
-    let g2 = FakeGateway::start(Arc::new(nats("g2").await), &subjects, "g2").await;
+    let g1 = FakeGateway::start(Arc::new(nats(&server, "g1").await), &subjects, "g1").await;
+    let g2 = FakeGateway::start(Arc::new(nats(&server, "g2").await), &subjects, "g2").await;
     for (gw, id) in [(&g1, "a"), (&g1, "b"), (&g2, "c"), (&g2, "d")] {
         gw.connect(id).await;
     }
@@ -645,7 +646,7 @@ async fn nats_restart_is_invisible_to_pages() {
     first.stop().await;
     let second = Running::start(
         test_config(&subjects, "presence-0"),
-        Arc::new(nats("p2").await),
+        Arc::new(nats(&server, "p2").await),
     )
     .await;
 
@@ -679,15 +680,24 @@ async fn nats_restart_is_invisible_to_pages() {
 #[tokio::test]
 async fn nats_two_replicas_broadcast_once_and_fail_over() {
     let subjects = fresh_subjects();
-    let admin = nats("admin").await;
-    let watch_bus: SharedBus = Arc::new(nats("watcher").await);
+    let server = NatsServer::start().await;
+    let admin = nats(&server, "admin").await;
+    let watch_bus: SharedBus = Arc::new(nats(&server, "watcher").await);
     let mut watcher = Watcher::start(&watch_bus, &subjects).await;
-    let a = Running::start(test_config(&subjects, "a"), Arc::new(nats("pa").await)).await;
-    let b = Running::start(test_config(&subjects, "b"), Arc::new(nats("pb").await)).await;
+    let a = Running::start(
+        test_config(&subjects, "a"),
+        Arc::new(nats(&server, "pa").await),
+    )
+    .await;
+    let b = Running::start(
+        test_config(&subjects, "b"),
+        Arc::new(nats(&server, "pb").await),
+    )
+    .await;
     watcher
         .wait_for(SOON, "warm-up snapshot", is_snapshot)
         .await;
-    let gw = FakeGateway::start(Arc::new(nats("gw").await), &subjects, "gw").await;
+    let gw = FakeGateway::start(Arc::new(nats(&server, "gw").await), &subjects, "gw").await;
 
     // Exactly one broadcast per event.
     gw.connect("x").await;
@@ -751,7 +761,14 @@ async fn memory_bus_end_to_end() {
     assert_eq!(b, Broadcast::Connect { client: a });
     assert_eq!(roster(&bus, &subjects).await, ids(&["a"]));
 
-    tokio::time::sleep(2 * HEARTBEAT).await;
+    // Presence learned the interval from the gateway's first heartbeat;
+    // its second one comes a whole interval later.
+    testkit::eventually(
+        Duration::from_secs(10),
+        "presence heard 2 heartbeats",
+        || std::future::ready(p.metric("pingapp_presence_heartbeats_total") >= 2.0),
+    )
+    .await;
     gw.kill();
     watcher
         .wait_for(Duration::from_secs(3), "expiry", is_disconnect_of("a"))

@@ -97,15 +97,23 @@ mod tests {
         assert_eq!(t.next_after(2_700_000), 3_050_000);
     }
 
+    /// The wall clock cannot be paused (`tokio::time::pause` stops only
+    /// tokio's clock), so this checks what holds however loaded the machine
+    /// is: a tick never comes before its boundary, is named by it, and no
+    /// boundary comes twice. How late a tick may be is not asserted.
     #[tokio::test]
     async fn ticks_fall_on_wall_clock_boundaries() {
         let mut t = WallClockTicks::new(Duration::from_millis(100), Duration::from_millis(60));
+        let mut previous = None;
         for _ in 0..3 {
             let boundary = t.tick().await;
+            let now_ms = super::unix_us().div_euclid(1000);
             assert_eq!(boundary.rem_euclid(100), 60, "named by its boundary");
-            let late_us = super::unix_us() - boundary * 1000;
-            // Within a few ms after the boundary (scheduling delay).
-            assert!((0..20_000).contains(&late_us), "tick {late_us} µs after");
+            assert!(now_ms >= boundary, "tick at {now_ms}, before {boundary}");
+            if let Some(p) = previous {
+                assert!(boundary > p, "boundary {boundary} after {p}");
+            }
+            previous = Some(boundary);
         }
     }
 }

@@ -1,6 +1,14 @@
 //! Rolling delay statistics of one client: last, median and jitter over a
 //! window of recent samples. The gateway keeps one per connection; the
 //! numbers travel in presence reports and reach every public page.
+//!
+//! Also the one definition of a percentile for every Rust surface
+//! ([`percentile_sorted`]: linear interpolation between closest ranks, the
+//! definition docs/protocol.md "Statistics" names), the same as the pages'
+//! `quantileSorted` in `gateway/assets/stats.js` and Postgres'
+//! `percentile_cont`. The unit tests below and the pages' tests
+//! (`gateway/tests/js`) check both against the same fixed vectors,
+//! `gateway/tests/js/stats_vectors.json`.
 
 use std::collections::VecDeque;
 
@@ -39,20 +47,13 @@ impl RollingStats {
     }
 }
 
-/// The median of the values (the mean of the middle two for an even count);
-/// 0 for none.
+/// The median of the values: [`percentile_sorted`] at 50, which is the
+/// middle value for an odd count and the mean of the middle two for an even
+/// one; 0 for none.
 pub fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
-    if v.is_empty() {
-        return 0.0;
-    }
     v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    percentile_sorted(&v, 50.0).unwrap_or(0.0)
 }
 
 /// Mean absolute difference of consecutive values; 0 for fewer than two.
@@ -69,13 +70,17 @@ pub fn jitter(values: impl Iterator<Item = f64>) -> f64 {
     if n == 0 { 0.0 } else { sum / f64::from(n) }
 }
 
-/// The nearest-rank percentile `p` (0..=100) of sorted values; `None` for none.
+/// The percentile `p` (0..=100, clamped) of values sorted ascending, by
+/// linear interpolation between the closest ranks: with `h = (n - 1) *
+/// p / 100`, the value at index `floor(h)` plus the fraction of `h` times
+/// the step to the next one ("R-7", numpy's default, Postgres'
+/// `percentile_cont`). `None` for no values.
 pub fn percentile_sorted(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    let last = sorted.len().checked_sub(1)?;
+    let h = last as f64 * (p / 100.0).clamp(0.0, 1.0);
+    let lo = h.floor() as usize;
+    let hi = (lo + 1).min(last);
+    Some(sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo]))
 }
 
 #[cfg(test)]
@@ -105,13 +110,79 @@ mod tests {
         assert_eq!(s.delay_time, 1.0);
     }
 
+    /// The vectors the pages' tests check too (`gateway/tests/js`).
+    const VECTORS: &str = include_str!("../../gateway/tests/js/stats_vectors.json");
+
+    /// `expected` within a relative 1e-12 of `got` (`null` for `None`).
+    fn close(got: Option<f64>, expected: &serde_json::Value) -> bool {
+        match (got, expected.as_f64()) {
+            (None, None) => expected.is_null(),
+            (Some(g), Some(e)) => (g - e).abs() <= 1e-12 * e.abs().max(1.0),
+            _ => false,
+        }
+    }
+
     #[test]
-    fn percentiles_nearest_rank() {
+    fn percentiles_match_the_shared_vectors() {
+        let doc: serde_json::Value = serde_json::from_str(VECTORS).unwrap();
+        let cases = doc["percentiles"].as_array().unwrap();
+        assert!(cases.len() >= 5, "the vectors file lost its cases");
+        for case in cases {
+            let mut values: Vec<f64> = case["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            values.sort_by(f64::total_cmp);
+            for (p, expected) in case["expected"].as_object().unwrap() {
+                let got = percentile_sorted(&values, p.parse().unwrap());
+                assert!(
+                    close(got, expected),
+                    "{}: p{p} = {got:?}, expected {expected}",
+                    case["name"]
+                );
+            }
+            let median_expected = &case["expected"]["50"];
+            if !values.is_empty() {
+                let got = median(values.iter().copied());
+                assert!(
+                    close(Some(got), median_expected),
+                    "{}: median {got}",
+                    case["name"]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn jitter_matches_the_shared_vectors() {
+        let doc: serde_json::Value = serde_json::from_str(VECTORS).unwrap();
+        for case in doc["jitter"].as_array().unwrap() {
+            let values: Vec<f64> = case["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            // Rust says 0 where the page shows no number.
+            let got = Some(jitter(values.iter().copied())).filter(|_| values.len() >= 2);
+            assert!(
+                close(got, &case["expected"]),
+                "{}: jitter {got:?}, expected {}",
+                case["name"],
+                case["expected"]
+            );
+        }
+    }
+
+    #[test]
+    fn percentiles_interpolate_between_ranks() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile_sorted(&v, 50.0), Some(50.0));
-        assert_eq!(percentile_sorted(&v, 99.0), Some(99.0));
-        assert_eq!(percentile_sorted(&v, 100.0), Some(100.0));
+        assert_eq!(percentile_sorted(&v, 50.0), Some(50.5));
         assert_eq!(percentile_sorted(&v, 0.0), Some(1.0));
+        assert_eq!(percentile_sorted(&v, 100.0), Some(100.0));
+        assert_eq!(percentile_sorted(&[7.0], 99.0), Some(7.0));
         assert_eq!(percentile_sorted(&[], 50.0), None);
     }
 }

@@ -7,19 +7,24 @@
 //!   started again; [`fresh_database`]: a new database on the machine's
 //!   server, for tests that never restart Postgres.
 //! - [`Service`]: one of the workspace binaries (`gateway`, `presence`,
-//!   `recorder`, `pingapp`) as a child process with its log in a file,
-//!   killed on drop and printed when the test fails.
+//!   `recorder`, `pingapp`, `echo-server`) as a child process with its log
+//!   in a file, killed on drop and printed when the test fails; a binary
+//!   that is missing or older than its sources is built first (`cargo
+//!   build --workspace --bins`, once, under a lock).
+//! - [`ws::Client`]: the one WebSocket client, speaking to a gateway like a
+//!   page does.
 //! - [`free_port`], [`unique_prefix`], [`eventually`]: what keeps parallel
 //!   tests from sharing anything; [`block_on_own_thread`]: async clean-up
 //!   from `Drop`.
 //!
-//! Nothing here skips: a missing `nats-server`, PostgreSQL or service
-//! binary panics with the command that installs or builds it.
+//! Nothing here skips: a missing `nats-server` or PostgreSQL, or a service
+//! binary that does not build, panics with what to install or run.
 
 mod nats;
 mod otlp;
 mod postgres;
 mod service;
+pub mod ws;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -20,6 +20,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone)]
 pub struct ServiceBuilder {
     binary: String,
+    /// A binary given by path (`env!("CARGO_BIN_EXE_..")`), else found by
+    /// [`Service::binary`].
+    path: Option<PathBuf>,
     label: String,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
@@ -63,21 +66,59 @@ impl ServiceBuilder {
     /// The binary is not built (the message says how to build it), or it
     /// cannot be run.
     pub fn spawn(self) -> Service {
-        let bin = Service::binary(&self.binary);
+        let mut service = self.prepare();
+        service.spawn_child(false);
+        service
+    }
+
+    /// Starts the process and waits for the first line it prints on
+    /// stdout (a binary announcing the addresses it bound, e.g. `pingapp
+    /// listening on http://..`); returns it with the service. The rest of
+    /// stdout goes to the log like stderr.
+    ///
+    /// # Panics
+    /// It cannot be run, or exited without printing a line (its log is in
+    /// the message).
+    pub fn spawn_announced(self) -> (Service, String) {
+        let mut service = self.prepare();
+        let stdout = service.spawn_child(true);
+        let mut stdout = std::io::BufReader::new(stdout.expect("piped stdout"));
+        let mut line = String::new();
+        let read = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap_or(0);
+        if read == 0 {
+            service.kill();
+            panic!(
+                "{} exited without announcing itself; its log:\n{}",
+                service.spec.label,
+                tail(&service.log, 60)
+            );
+        }
+        let log = service.log.clone();
+        std::thread::spawn(move || {
+            if let Ok(mut file) = std::fs::OpenOptions::new().append(true).open(log) {
+                let _ = std::io::copy(&mut stdout, &mut file);
+            }
+        });
+        (service, line.trim_end().to_owned())
+    }
+
+    fn prepare(self) -> Service {
+        let bin = match &self.path {
+            Some(path) => path.clone(),
+            None => Service::binary(&self.binary),
+        };
         let dir = tempfile::Builder::new()
             .prefix("testkit-svc")
             .tempdir()
             .expect("temp dir for the service log");
         let log = dir.path().join(format!("{}.log", self.binary));
-        let mut service = Service {
+        Service {
             spec: self,
             bin,
             child: None,
             log,
             _dir: dir,
-        };
-        service.spawn_child();
-        service
+        }
     }
 }
 
@@ -102,9 +143,25 @@ impl Service {
     pub fn command(name: &str) -> ServiceBuilder {
         ServiceBuilder {
             binary: name.to_owned(),
+            path: None,
             label: name.to_owned(),
             args: Vec::new(),
             envs: Vec::new(),
+        }
+    }
+
+    /// Like [`Service::command`], for the binary at `path`: a binary of the
+    /// test's own package, `env!("CARGO_BIN_EXE_<name>")`, which cargo
+    /// builds before the test.
+    pub fn command_at(path: impl Into<PathBuf>) -> ServiceBuilder {
+        let path = path.into();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "service".to_owned());
+        ServiceBuilder {
+            path: Some(path),
+            ..Service::command(&name)
         }
     }
 
@@ -112,32 +169,32 @@ impl Service {
     /// executable's folder (`target/<profile>/deps/..`), or in
     /// `PINGAPP_BIN_DIR`.
     ///
+    /// At the first call, when any workspace binary is missing or older
+    /// than one of its sources (cargo's dep-info file `<name>.d` lists
+    /// them), the kit runs `cargo build --workspace --bins` once for the
+    /// whole test process, in the same target folder and profile, under a
+    /// file lock so concurrent test binaries build once between them.
+    /// Every binary is checked before the first one starts, so no test's
+    /// service runs (or waits for readiness) during that build. Testing a
+    /// stale binary would prove nothing about the code.
+    ///
     /// # Panics
-    /// It is not built, or older than one of its sources (cargo's dep-info
-    /// file `<name>.d` lists them): run `cargo build --workspace --bins`
-    /// first. Testing a stale binary would prove nothing about the code.
+    /// It is still missing or stale after that build (or, with
+    /// `PINGAPP_BIN_DIR`, at all); the message says what to run.
     pub fn binary(name: &str) -> PathBuf {
-        let dir = match std::env::var_os("PINGAPP_BIN_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => {
-                let exe = std::env::current_exe().expect("the test executable's path");
-                let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-                if dir.ends_with("deps") {
-                    dir.pop();
-                }
-                dir
-            }
-        };
+        let dir = bin_dir();
+        if std::env::var_os("PINGAPP_BIN_DIR").is_none() {
+            ensure_built(&dir);
+        }
         let bin = dir.join(name);
         assert!(
             bin.is_file(),
-            "{} is missing: run `cargo build --workspace --bins` first (the test starts the \
-             real binaries and cannot build them itself)",
+            "{} is missing: run `cargo build --workspace --bins`",
             bin.display()
         );
         if let Some(newer) = newer_source(&bin) {
             panic!(
-                "{} is older than {}: run `cargo build --workspace --bins` first",
+                "{} is older than {}: run `cargo build --workspace --bins`",
                 bin.display(),
                 newer.display()
             );
@@ -210,7 +267,7 @@ impl Service {
     pub fn start_again(&mut self) {
         assert!(!self.is_running(), "{} is still running", self.spec.label);
         self.child = None;
-        self.spawn_child();
+        self.spawn_child(false);
     }
 
     /// Polls `http://{admin}/readyz` until it answers 200.
@@ -248,7 +305,9 @@ impl Service {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn spawn_child(&mut self) {
+    /// Spawns the process; its stdout piped (and returned) if `pipe_stdout`,
+    /// else into the log.
+    fn spawn_child(&mut self, pipe_stdout: bool) -> Option<std::process::ChildStdout> {
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -271,12 +330,18 @@ impl Service {
             .envs(self.spec.envs.iter().map(|(k, v)| (k, v)))
             .args(&self.spec.args)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
+            .stdout(if pipe_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::from(log.try_clone().expect("log file"))
+            })
             .stderr(log);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        let stdout = child.stdout.take();
         self.child = Some(child);
+        stdout
     }
 
     /// Appends a line of the test's own to the log.
@@ -298,6 +363,90 @@ impl Drop for Service {
             );
         }
     }
+}
+
+/// Where the workspace binaries are: `PINGAPP_BIN_DIR`, else the folder
+/// above the running test executable's `deps` folder.
+fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PINGAPP_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The binaries of the workspace that tests start by name.
+const WORKSPACE_BINS: &[&str] = &[
+    "gateway",
+    "presence",
+    "recorder",
+    "pingapp",
+    "loadgen",
+    "echo-server",
+];
+
+/// Once per test process: builds the workspace's binaries in `dir` if any
+/// is missing or stale. Callers wait for the first check (and build).
+fn ensure_built(dir: &Path) {
+    static CHECKED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if *checked {
+        return;
+    }
+    let stale = WORKSPACE_BINS
+        .iter()
+        .map(|name| dir.join(name))
+        .any(|bin| !bin.is_file() || newer_source(&bin).is_some());
+    if stale {
+        build_workspace_bins(dir);
+    }
+    *checked = true;
+}
+
+/// Runs `cargo build --workspace --bins` for the profile whose output
+/// folder is `dir` (`target/debug`, `target/release`, `target/<profile>`);
+/// concurrent test processes wait for each other on a lock file in `dir`
+/// (cargo then finds everything fresh). A failed build
+/// panics with its status; cargo's own output went to the test's stderr.
+fn build_workspace_bins(dir: &Path) {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".testkit-build.lock"))
+        .unwrap_or_else(|e| panic!("lock file in {}: {e}", dir.display()));
+    lock.lock().expect("lock the testkit build lock file");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&workspace)
+        .args(["build", "--workspace", "--bins"]);
+    match dir.file_name().and_then(OsStr::to_str) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(profile) => {
+            cmd.args(["--profile", profile]);
+        }
+    }
+    if let Some(target) = dir.parent() {
+        cmd.arg("--target-dir").arg(target);
+    }
+    eprintln!("testkit: a service binary is missing or stale: running {cmd:?}");
+    let status = cmd
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo ({e}): run `cargo build --workspace --bins`"));
+    assert!(
+        status.success(),
+        "`cargo build --workspace --bins` failed ({status}): fix the build, then run the tests again"
+    );
+    // The lock file is unlocked when `lock` is dropped here.
 }
 
 /// A source file of `bin` modified after it was built, according to

@@ -1,28 +1,21 @@
 //! An in-process gateway on port 0 over the in-memory bus, with the test
-//! standing in for presence (it reads the gateway's reports and publishes
-//! broadcasts) and a small WebSocket client.
+//! standing in for presence: it reads the gateway's reports and publishes
+//! broadcasts. Browsers are the kit's WebSocket client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use gateway::{Gateway, GatewayArgs, GatewayConfig};
-use serde_json::Value;
 use services::admin::Readiness;
 use services::bus::SharedBus;
 use services::bus::memory::MemoryBus;
 use services::bus::topic::Inbox;
 use services::messages::{Broadcast, GatewayReport, GatewayUpdate, HeartbeatRequest};
 use services::subjects::Subjects;
-use tokio::net::TcpStream;
+use testkit::ws::{Client, WAIT as WITHIN};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-
-/// How long any one expected event may take before the test fails.
-pub const WITHIN: Duration = Duration::from_secs(10);
 
 /// A gateway running on this test's runtime.
 pub struct TestGateway {
@@ -73,11 +66,7 @@ impl TestGateway {
 
     /// Opens a WebSocket on `path` (e.g. `/ws/public/?v=2`).
     pub async fn ws(&self, path: &str) -> Client {
-        let url = format!("ws://{}{path}", self.addr);
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("websocket connects");
-        Client { ws }
+        Client::connect(self.addr, path).await
     }
 
     /// The next report that `keep` accepts (others are skipped).
@@ -135,67 +124,5 @@ impl TestGateway {
             .expect("the gateway drains in time")
             .expect("the gateway task does not panic");
         (self.reports, result)
-    }
-}
-
-/// A WebSocket client speaking JSON frames.
-pub struct Client {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-}
-
-impl Client {
-    /// Sends a JSON text frame.
-    pub async fn send(&mut self, v: Value) {
-        self.ws
-            .send(Message::text(v.to_string()))
-            .await
-            .expect("send");
-    }
-
-    /// Sends a raw frame.
-    pub async fn send_msg(&mut self, m: Message) {
-        self.ws.send(m).await.expect("send");
-    }
-
-    /// The next JSON text frame (control frames skipped).
-    pub async fn recv(&mut self) -> Value {
-        loop {
-            let m = tokio::time::timeout(WITHIN, self.ws.next())
-                .await
-                .expect("a frame in time")
-                .expect("stream open")
-                .expect("a frame");
-            match m {
-                Message::Text(t) => return serde_json::from_str(&t).expect("JSON"),
-                Message::Close(c) => panic!("closed: {c:?}"),
-                _ => continue,
-            }
-        }
-    }
-
-    /// The next frame whose `command` is `command`, skipping others.
-    pub async fn recv_command(&mut self, command: &str) -> Value {
-        loop {
-            let v = self.recv().await;
-            if v["command"] == command {
-                return v;
-            }
-        }
-    }
-
-    /// Reads until the close frame; returns its code.
-    pub async fn closed(&mut self) -> u16 {
-        loop {
-            let m = tokio::time::timeout(WITHIN, self.ws.next())
-                .await
-                .expect("the close in time");
-            match m {
-                Some(Ok(Message::Close(Some(frame)))) => return frame.code.into(),
-                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => {
-                    panic!("connection ended without a close code")
-                }
-                Some(Ok(_)) => continue,
-            }
-        }
     }
 }

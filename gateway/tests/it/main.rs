@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use gateway::GatewayArgs;
-use helpers::{TestGateway, WITHIN};
+use helpers::TestGateway;
 use serde_json::json;
 use services::messages::{Broadcast, GatewayUpdate, RecordBatch, RosterClient};
 use services::stats::DelayStats;
+use testkit::ws::{Closed, WAIT as WITHIN};
 use tokio_tungstenite::tungstenite::Message;
 
 fn other(id: &str, name: &str) -> RosterClient {
@@ -112,11 +113,14 @@ async fn delays_reach_presence_with_the_next_tick_and_in_heartbeats() {
 async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
     let gw = TestGateway::start(GatewayArgs::default()).await;
     let mut v2 = gw.ws("/ws/public/?v=2").await;
-    v2.recv_command("roster").await;
+    v2.recv_until("roster", |_| true).await;
     let mut v1 = gw.ws("/ws/public/").await;
     // A v1 page has no welcome: a ping answered means it is seated.
     v1.send(json!({"command": "ping"})).await;
-    assert_eq!(v1.recv_command("pong").await, json!({"command": "pong"}));
+    assert_eq!(
+        v1.recv_until("pong", |_| true).await,
+        json!({"command": "pong"})
+    );
 
     gw.broadcast(Broadcast::Connect {
         client: other("x", "Xena"),
@@ -124,7 +128,7 @@ async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
     .await;
     let expected = json!({"command": "connect", "channel_name": "x", "name": "Xena"});
     for page in [&mut v1, &mut v2] {
-        let f = page.recv_command("connect").await;
+        let f = page.recv_until("connect", |_| true).await;
         assert_eq!(f["channel_name"], "x");
         assert_eq!(f["name"], "Xena");
         assert_eq!(f["command"], expected["command"]);
@@ -155,7 +159,7 @@ async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
     // Its copy of the roster has the delay.
     v1.send(json!({"command": "delay_time", "delay_time": 9}))
         .await;
-    let all = v1.recv_command("delay_times").await;
+    let all = v1.recv_until("delay_times", |_| true).await;
     assert_eq!(
         all["delay_times"]["x"],
         json!({"name": "X", "delay_time": 3})
@@ -233,19 +237,19 @@ async fn limits_close_with_their_codes() {
     let gw = TestGateway::start(args).await;
     let mut big = gw.ws("/ws/private/").await;
     big.send_msg(Message::text("x".repeat(65))).await;
-    assert_eq!(big.closed().await, 1009);
+    assert_eq!(big.closed().await, Closed::Code(1009));
 
     let mut huge = gw.ws("/ws/private/").await;
     // Over the WebSocket library's own limit (4 x the frame limit or
     // 64 KiB): typed as a capacity error, still 1009.
     huge.send_msg(Message::text("x".repeat(70_000))).await;
-    assert_eq!(huge.closed().await, 1009);
+    assert_eq!(huge.closed().await, Closed::Code(1009));
 
     let mut fast = gw.ws("/ws/private/").await;
     for _ in 0..6 {
         fast.send(json!({"command": "ping"})).await;
     }
-    assert_eq!(fast.closed().await, 1008);
+    assert_eq!(fast.closed().await, Closed::Code(1008));
 }
 
 #[tokio::test]
@@ -258,9 +262,9 @@ async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
         .await
         .unwrap();
     let mut public = gw.ws("/ws/public/?v=2").await;
-    public.recv_command("roster").await;
+    public.recv_until("roster", |_| true).await;
     let mut private = gw.ws("/ws/private/?v=2").await;
-    private.recv_command("welcome").await;
+    private.recv_until("welcome", |_| true).await;
     for i in 0..20 {
         private
             .send(json!({"command": "delay_time", "delay_time": i, "seq": i}))
@@ -268,13 +272,16 @@ async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
     }
     // A ping answered after the samples means they were all accepted.
     private.send(json!({"command": "ping"})).await;
-    private.recv_command("pong").await;
+    private.recv_until("pong", |_| true).await;
     gw.event().await; // the public client's connect
 
     let (mut reports, result) = {
         let closing = tokio::spawn(async move { (public.closed().await, private.closed().await) });
         let stopped = gw.stop().await;
-        assert_eq!(closing.await.unwrap(), (1012, 1012));
+        assert_eq!(
+            closing.await.unwrap(),
+            (Closed::Code(1012), Closed::Code(1012))
+        );
         stopped
     };
     result.expect("run returns Ok after the drain");

@@ -1,10 +1,8 @@
 //! Test servers: the real `echo-server` binary on a random port, and a
 //! small in-process stand-in for PingApp's public page that broadcasts.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitStatus;
 
 use futures_util::{SinkExt, StreamExt};
 use loadgen::{Args, Config};
@@ -28,67 +26,33 @@ pub fn config(url: &str, flags: &[&str]) -> Config {
     config
 }
 
-/// The `echo-server` binary, listening on a random loopback port; killed on drop.
+/// The `echo-server` binary (the test kit's [`testkit::Service`]),
+/// listening on a random loopback port; killed on drop.
 pub struct EchoProcess {
-    child: Child,
-    // Kept open so the server never writes into a closed pipe.
-    _stdout: BufReader<ChildStdout>,
+    service: testkit::Service,
     pub addr: SocketAddr,
 }
 
 impl EchoProcess {
     pub fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_echo-server"))
+        let (service, line) = testkit::Service::command_at(env!("CARGO_BIN_EXE_echo-server"))
             .args(["--listen", "127.0.0.1:0"])
-            .env_remove("PINGAPP_LISTEN")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("echo-server starts");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read the first line");
+            .spawn_announced();
         let addr = line
-            .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .expect("a socket address");
-        Self {
-            child,
-            _stdout: stdout,
-            addr,
-        }
+        Self { service, addr }
     }
 
     pub fn url(&self) -> String {
         format!("ws://{}", self.addr)
     }
 
-    /// Sends SIGTERM and waits up to 5 s for the exit status.
-    pub fn terminate(&mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "echo-server did not exit within 5 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.service.terminate().await
     }
 }
 

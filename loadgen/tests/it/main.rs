@@ -3,16 +3,15 @@
 
 mod helpers;
 
-use std::net::TcpListener;
 use std::process::Command;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use helpers::{
     EMPTY_DELAYS, EchoProcess, Watches, config, start_fake_public, start_fake_public_recording,
 };
 use loadgen::Summary;
 use serde_json::Value;
-use tokio_tungstenite::connect_async;
+use testkit::ws::{Client, Closed};
 use tokio_tungstenite::tungstenite::Message;
 
 /// The shutdown future for library runs that should last their full duration.
@@ -43,31 +42,19 @@ fn assert_sane_rtt(summary: &Summary) {
 #[tokio::test]
 async fn echo_server_answers_like_pingapp_on_any_path() {
     let echo = EchoProcess::start();
-    let (mut ws, _) = connect_async(format!("{}/any/path/?v=2", echo.url()))
-        .await
-        .unwrap();
+    let mut ws = Client::connect(echo.addr, "/any/path/?v=2").await;
 
     // delay_time gets no reply: the first frame back is the pong.
-    ws.send(Message::text(
-        r#"{"command":"delay_time","delay_time":1.5,"seq":6}"#,
-    ))
-    .await
-    .unwrap();
-    ws.send(Message::text(r#"{"command":"ping","seq":7}"#))
-        .await
-        .unwrap();
-    let Some(Ok(Message::Text(reply))) = ws.next().await else {
-        panic!("no pong")
-    };
-    let pong: Value = serde_json::from_str(reply.as_str()).unwrap();
+    ws.send_text(r#"{"command":"delay_time","delay_time":1.5,"seq":6}"#)
+        .await;
+    ws.send_text(r#"{"command":"ping","seq":7}"#).await;
+    let pong = ws.recv().await;
     assert_eq!(pong["command"], "pong");
     assert_eq!(pong["seq"], 7);
     assert!(pong["server_time"].as_u64().unwrap() > 1_600_000_000_000);
 
-    ws.send(Message::text(r#"{"command":"ping"}"#))
-        .await
-        .unwrap();
-    let Some(Ok(Message::Text(reply))) = ws.next().await else {
+    ws.send_text(r#"{"command":"ping"}"#).await;
+    let Some(Ok(Message::Text(reply))) = ws.inner().next().await else {
         panic!("no pong")
     };
     assert_eq!(reply.as_str(), r#"{"command":"pong"}"#);
@@ -76,20 +63,13 @@ async fn echo_server_answers_like_pingapp_on_any_path() {
 #[tokio::test]
 async fn echo_server_closes_with_1012_and_exits_zero_on_sigterm() {
     let mut echo = EchoProcess::start();
-    let (mut ws, _) = connect_async(echo.url()).await.unwrap();
-    ws.send(Message::text(r#"{"command":"ping"}"#))
-        .await
-        .unwrap();
-    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+    let mut ws = Client::connect(echo.addr, "/").await;
+    ws.send_text(r#"{"command":"ping"}"#).await;
+    assert_eq!(ws.recv().await["command"], "pong");
 
-    let status = tokio::task::spawn_blocking(move || echo.terminate())
-        .await
-        .unwrap();
+    let status = echo.terminate().await;
     assert!(status.success(), "exit status {status:?}");
-    match ws.next().await {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1012),
-        other => panic!("expected a close frame, got {other:?}"),
-    }
+    assert_eq!(ws.closed().await, Closed::Code(1012));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,11 +367,8 @@ fn binary_prints_one_json_summary() {
 
 #[test]
 fn binary_exits_1_when_no_client_connects() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Nobody listens on a port the kit hands out.
+    let port = testkit::free_port();
     let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args([
             &format!("ws://127.0.0.1:{port}"),

@@ -6,7 +6,7 @@
 //! chromium-driver`); when either is missing the tests fail and say so:
 //! they never pass by skipping.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,9 +41,9 @@ impl Server {
     /// folder, for a server started again in its place.
     ///
     /// # Panics
-    /// It did not exit within 15 s, or exited unsuccessfully.
-    pub fn terminate_keeping_dir(mut self) -> tempfile::TempDir {
-        let status = self.terminate();
+    /// It did not exit within 20 s, or exited unsuccessfully.
+    pub async fn terminate_keeping_dir(mut self) -> tempfile::TempDir {
+        let status = self.terminate().await;
         assert!(status.success(), "pingapp exited with {status} on SIGTERM");
         self.into_dir()
     }
@@ -70,15 +70,6 @@ fn find_tool(name: &str) -> PathBuf {
     panic!("`{name}` not found: the browser tests need Chromium and chromedriver; {INSTALL}");
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A chromedriver process on a free port, in its own process group; on drop
 /// the whole group (chromedriver and every Chromium it started) is killed.
 pub struct Driver {
@@ -92,7 +83,7 @@ impl Driver {
     pub fn start() -> Driver {
         let chromium = find_tool("chromium");
         let chromedriver = find_tool("chromedriver");
-        let port = free_port();
+        let port = testkit::free_port();
         let child = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
@@ -384,64 +375,37 @@ pub fn is_ms(text: &str) -> bool {
 
 // ---- plain WebSocket clients (other people on the public page) -----------
 
-/// A v2 public client over a plain WebSocket: named, with a few delay
-/// samples, reading and discarding everything; it leaves when dropped.
+/// A v2 public client over a plain WebSocket (the test kit's client):
+/// named, with a few delay samples, reading and discarding everything; it
+/// leaves when dropped.
 pub struct WsClient {
     /// Its id.
     pub id: String,
-    sink: futures_util::stream::SplitSink<
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-        tokio_tungstenite::tungstenite::Message,
-    >,
-    reader: tokio::task::JoinHandle<()>,
+    sender: testkit::ws::Sender,
 }
 
 impl WsClient {
     /// Connects to `/ws/public/?v=2`, renames to `name` (if any) and sends
     /// `delays` as samples.
     pub async fn public(server: &Server, name: Option<&str>, delays: &[f64]) -> WsClient {
-        use futures_util::StreamExt;
-        let url = format!("ws://{}/ws/public/?v=2", server.addr);
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        let (sink, mut stream) = ws.split();
-        let welcome = loop {
-            match stream.next().await {
-                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
-                    break serde_json::from_str::<Value>(t.as_str()).unwrap();
-                }
-                Some(Ok(_)) => continue,
-                other => panic!("no welcome: {other:?}"),
-            }
-        };
+        let mut c = testkit::ws::Client::connect(server.addr, "/ws/public/?v=2").await;
+        let welcome = c.recv().await;
         assert_eq!(welcome["command"], "welcome", "{welcome}");
         let id = welcome["channel_name"].as_str().unwrap().to_owned();
-        let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
-        let mut c = WsClient { id, sink, reader };
         if let Some(name) = name {
-            c.send(json!({"command": "change_name", "name": name}))
-                .await;
+            c.rename(name).await;
         }
         for (i, d) in delays.iter().enumerate() {
-            c.send(json!({"command": "delay_time", "delay_time": d, "seq": i + 1}))
-                .await;
+            c.delay(*d, i as u64 + 1).await;
         }
-        c
+        WsClient {
+            id,
+            sender: c.into_sender(),
+        }
     }
 
     /// Sends one JSON message.
     pub async fn send(&mut self, v: Value) {
-        use futures_util::SinkExt;
-        self.sink
-            .send(tokio_tungstenite::tungstenite::Message::text(v.to_string()))
-            .await
-            .unwrap();
-    }
-}
-
-impl Drop for WsClient {
-    fn drop(&mut self) {
-        self.reader.abort();
+        self.sender.send(v).await;
     }
 }

@@ -220,7 +220,9 @@ async fn with_a_large_roster_the_page_watches_only_the_rows_in_view() {
     let last = b.js(&row_id(150)).await.as_str().unwrap().to_owned();
     let index_of = |id: &str| others.iter().position(|c| c.id == id).unwrap();
     let (first_i, last_i) = (index_of(&first), index_of(&last));
-    // Let the page settle its watch (it sends it 150 ms after a change).
+    // Let the page settle its watch (it sends it 150 ms after a change;
+    // the page exposes no event for "the last watch went out", so this
+    // waits on the page's own timer: time is the subject).
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     // The last row is far below the fold: its delay is not sent to the
@@ -229,6 +231,8 @@ async fn with_a_large_roster_the_page_watches_only_the_rows_in_view() {
     others[last_i]
         .send(json!({"command":"delay_time","delay_time":22.0,"seq":1}))
         .await;
+    // More than a roster tick apart, so the two samples travel in
+    // different `delays` frames: the one awaited below is the later.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     others[first_i]
         .send(json!({"command":"delay_time","delay_time":11.0,"seq":1}))
@@ -254,6 +258,7 @@ async fn with_a_large_roster_the_page_watches_only_the_rows_in_view() {
             .send(json!({"command":"delay_time","delay_time":33.0,"seq":seq}))
             .await;
         seq += 1;
+        // The pace of the resends while the page re-watches (a poll).
         tokio::time::sleep(Duration::from_millis(700)).await;
         if b.js(&format!("return {}", cell(&last))).await == "33.00" {
             break;
@@ -300,7 +305,8 @@ async fn a_name_made_of_html_is_shown_literally_and_never_runs() {
         ),
     )
     .await;
-    // Give an injected image the time to fail loading and run its handler.
+    // Give an injected image the time to fail loading and run its handler:
+    // asserting that something does not happen, time is the subject.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (page, label) in [(&a, "A"), (&b, "B")] {
         let v = page
@@ -491,7 +497,7 @@ async fn a_page_reconnects_by_itself_after_the_server_restarts() {
 
     // SIGTERM: the server drains (close 1012) and exits; a new one starts
     // on the same port.
-    let dir = server.terminate_keeping_dir();
+    let dir = server.terminate_keeping_dir().await;
     p.wait_for(
         "the status to say reconnecting",
         "document.getElementById('status').dataset.state === 'reconnecting' && \

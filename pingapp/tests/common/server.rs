@@ -1,16 +1,17 @@
-//! The real `pingapp` binary as a child process, shared by the standalone
-//! and browser test binaries (each includes it with
-//! `#[path = "../common/server.rs"] mod server;` and adds what only it
-//! needs in an `impl Server` of its own).
+//! The real `pingapp` binary as a child process (the test kit's
+//! [`testkit::Service`]), shared by the standalone and browser test
+//! binaries (each includes it with `#[path = "../common/server.rs"] mod
+//! server;` and adds what only it needs in an `impl Server` of its own).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::process::ExitStatus;
 
-/// A running `pingapp` process, killed on drop.
+use testkit::Service;
+
+/// A running `pingapp` process, killed on drop (its log printed when the
+/// test fails or `TEST_LOG` is set).
 pub struct Server {
-    child: Option<Child>,
+    service: Service,
     /// Public listener.
     pub addr: SocketAddr,
     /// Admin listener.
@@ -29,7 +30,7 @@ impl Server {
 
     /// Starts `pingapp` listening on `listen` (its admin listener on a
     /// random port), with the database in `dir`, `extra` flags and extra
-    /// environment `env`.
+    /// environment `env`, and waits for the line announcing its addresses.
     pub fn launch(
         listen: &str,
         dir: tempfile::TempDir,
@@ -37,29 +38,15 @@ impl Server {
         env: &[(&str, &str)],
     ) -> Server {
         let db = format!("sqlite://{}/pingapp.db", dir.path().display());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pingapp"))
+        let mut builder = Service::command_at(env!("CARGO_BIN_EXE_pingapp"))
             .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
             .args(["--database-url", &db])
             .args(["--roster-tick-ms", "50", "--heartbeat-interval-ms", "200"])
-            .args(extra)
-            .env_remove("NATS_URL")
-            .env_remove("DATABASE_URL")
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(if std::env::var("TEST_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .expect("start the pingapp binary");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+            .args(extra);
+        for (key, value) in env {
+            builder = builder.env(key, value);
+        }
+        let (service, line) = builder.spawn_announced();
         // "pingapp listening on http://ADDR (admin http://ADDR)"
         let mut addrs = line.split("http://").skip(1).map(|s| {
             s.trim_end_matches([')', '\n', ' '])
@@ -76,7 +63,7 @@ impl Server {
             .flatten()
             .unwrap_or_else(|| panic!("no admin address in {line:?}"));
         Server {
-            child: Some(child),
+            service,
             addr,
             admin,
             dir,
@@ -88,45 +75,19 @@ impl Server {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Sends SIGTERM and waits (up to 15 s) for the exit status.
+    /// Sends SIGTERM and waits (up to 20 s) for the exit status.
     ///
     /// # Panics
     /// It is not running, or did not exit in time (then it is killed).
-    pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        for _ in 0..300 {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("pingapp did not exit within 15 s of SIGTERM");
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.service.terminate().await
     }
 
     /// Takes the database folder (after [`Server::terminate`]), for a
     /// server started again in its place.
     pub fn into_dir(mut self) -> tempfile::TempDir {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.service.kill();
         let dir = tempfile::tempdir().unwrap();
         std::mem::replace(&mut self.dir, dir)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }

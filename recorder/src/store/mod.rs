@@ -12,11 +12,11 @@
 //! [`Store::samples`], from what each backend reports through
 //! [`Store::access`].
 //!
-//! Percentiles are nearest-rank on both backends (the smallest value with at
-//! least p % of the values at or below it): Postgres computes them with
-//! `percentile_disc`, SQLite hands the sorted values to
+//! Percentiles are interpolated between closest ranks on both backends, the
+//! one definition docs/protocol.md ("Statistics") names: Postgres computes
+//! them with `percentile_cont`, SQLite hands the sorted values to
 //! [`services::stats::percentile_sorted`], so both return the same numbers
-//! for the same data.
+//! for the same data, and the pages compute the same.
 
 pub mod postgres;
 pub mod sqlite;
@@ -374,21 +374,14 @@ mod tests {
     }
 
     #[test]
-    fn bucket_statistics_are_nearest_rank() {
+    fn bucket_statistics_interpolate_between_ranks() {
         let v: Vec<f64> = (1..=200).map(f64::from).collect();
         let b = bucket_stats(7, &v);
-        assert_eq!(
-            b,
-            StatsBucket {
-                start_us: 7,
-                count: 200,
-                min: 1.0,
-                p50: 100.0,
-                p95: 190.0,
-                p99: 198.0,
-                max: 200.0,
-            }
-        );
+        assert_eq!((b.start_us, b.count, b.min, b.max), (7, 200, 1.0, 200.0));
+        // h = 199 * f: p50 between 100 and 101, p95 between 190 and 191, ...
+        for (got, expected) in [(b.p50, 100.5), (b.p95, 190.05), (b.p99, 198.01)] {
+            assert!((got - expected).abs() < 1e-9, "{got} != {expected}");
+        }
     }
 
     #[test]

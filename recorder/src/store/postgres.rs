@@ -63,17 +63,17 @@ const INSERT_BOTH: &str = "\
                          $10::double precision[], $11::boolean[]) \
     ON CONFLICT DO NOTHING";
 
-/// Nearest-rank percentiles: `percentile_disc(f)` is the first value whose
-/// cumulative share reaches `f`, i.e. rank ⌈f·n⌉, as
-/// [`services::stats::percentile_sorted`] computes it. Buckets are floored
-/// to multiples of the width (`$2`).
+/// Percentiles by linear interpolation between closest ranks:
+/// `percentile_cont(f)` is the definition
+/// [`services::stats::percentile_sorted`] computes (docs/protocol.md,
+/// "Statistics"). Buckets are floored to multiples of the width (`$2`).
 const STATS: &str = "\
     SELECT at_us - ((at_us % $2) + $2) % $2 AS start_us, \
            count(*) AS n, \
            min(delay_ms), \
-           percentile_disc(0.5) WITHIN GROUP (ORDER BY delay_ms), \
-           percentile_disc(0.95) WITHIN GROUP (ORDER BY delay_ms), \
-           percentile_disc(0.99) WITHIN GROUP (ORDER BY delay_ms), \
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY delay_ms), \
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY delay_ms), \
+           percentile_cont(0.99) WITHIN GROUP (ORDER BY delay_ms), \
            max(delay_ms) \
     FROM samples WHERE public = TRUE AND at_us >= $1 \
     GROUP BY 1 ORDER BY 1";

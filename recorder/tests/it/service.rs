@@ -37,14 +37,33 @@ fn wave(id_prefix: &str, batches: usize, per_batch: u64) -> Vec<RecordBatch> {
         .collect()
 }
 
-async fn wait_for_count(pg: &TestPg, expected: i64) {
+async fn wait_for_count(nats: &TestNats, pg: &TestPg, expected: i64) {
     eventually(WAIT, &format!("{expected} samples stored"), || async {
         pg.count().await >= expected
     })
     .await;
-    // And not one more, even after redeliveries would have arrived.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // And not one more: once the consumer has every message acknowledged,
+    // no redelivery can add a row.
+    eventually(WAIT, "every message delivered and acknowledged", || async {
+        let info = consumer_info(nats).await;
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
     assert_eq!(pg.count().await, expected);
+}
+
+/// The recorders' durable consumer, as the NATS server reports it.
+async fn consumer_info(nats: &TestNats) -> async_nats::jetstream::consumer::Info {
+    let js = async_nats::jetstream::new(nats.bus.client().clone());
+    let stream = js
+        .get_stream(nats.subjects.samples_stream().name())
+        .await
+        .unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&nats.subjects.recorder_durable())
+        .await
+        .unwrap();
+    consumer.info().await.unwrap().clone()
 }
 
 async fn ask_samples(bus: &dyn Bus, subjects: &Subjects, q: &SamplesQuery) -> SamplesReply {
@@ -107,7 +126,7 @@ async fn batches_are_stored_exactly_once_by_two_replicas() {
     persist(&*nats.bus, &nats.subjects, &batches[3], "m3-again").await;
     persist(&*nats.bus, &nats.subjects, &batches[7], "m7-again").await;
     // Assert
-    wait_for_count(&pg, 1000).await;
+    wait_for_count(&nats, &pg, 1000).await;
     let dups = || {
         a.metric("pingapp_recorder_duplicates_total")
             + b.metric("pingapp_recorder_duplicates_total")
@@ -144,7 +163,7 @@ async fn a_new_recorder_resumes_where_the_old_one_stopped() {
     for (i, x) in wave("one", 10, 30).iter().enumerate() {
         persist(&*nats.bus, &nats.subjects, x, &format!("one{i}")).await;
     }
-    wait_for_count(&pg, 300).await;
+    wait_for_count(&nats, &pg, 300).await;
     first.stop().await;
     // A stopped replica's outstanding pull requests would swallow new
     // messages until the ack wait (30 s) brings them back; the server drops
@@ -154,35 +173,31 @@ async fn a_new_recorder_resumes_where_the_old_one_stopped() {
     for (i, x) in wave("two", 10, 30).iter().enumerate() {
         persist(&*nats.bus, &nats.subjects, x, &format!("two{i}")).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(pg.count().await, 300);
+    eventually(WAIT, "the stream holds the 10 new batches", || async {
+        consumer_info(&nats).await.num_pending == 10
+    })
+    .await;
+    assert_eq!(
+        pg.count().await,
+        300,
+        "nothing stored while no recorder runs"
+    );
     let second = Running::start(
         test_config(nats.subjects.clone()),
         nats.connect_again().await,
         pg.dyn_store(),
     )
     .await;
-    wait_for_count(&pg, 600).await;
+    wait_for_count(&nats, &pg, 600).await;
     assert_eq!(second.metric("pingapp_recorder_duplicates_total"), 0.0);
     second.stop().await;
 }
 
 async fn no_pull_requests_waiting(nats: &TestNats) {
-    let js = async_nats::jetstream::new(nats.bus.client().clone());
-    let stream = js
-        .get_stream(nats.subjects.samples_stream().name())
-        .await
-        .unwrap();
     eventually(
         WAIT,
         "no pull request of the stopped recorder left",
-        || async {
-            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-                .get_consumer(&nats.subjects.recorder_durable())
-                .await
-                .unwrap();
-            consumer.info().await.unwrap().num_waiting == 0
-        },
+        || async { consumer_info(nats).await.num_waiting == 0 },
     )
     .await;
 }
@@ -210,7 +225,7 @@ async fn history_and_stats_are_answered_over_nats() {
         [samples("pub", true, 1..11, now - 60_000_000), private].concat(),
     );
     persist(&*nats.bus, &nats.subjects, &b, "q1").await;
-    wait_for_count(&pg, 15).await;
+    wait_for_count(&nats, &pg, 15).await;
     let (bus, s) = (&*nats.bus, &nats.subjects);
 
     assert_eq!(found(ask_samples(bus, s, &history("pub", None)).await), 10);
@@ -305,7 +320,7 @@ async fn poison_messages_do_not_block_the_stream() {
     );
     persist(&*nats.bus, &nats.subjects, &good, "p3").await;
 
-    wait_for_count(&pg, 7).await;
+    wait_for_count(&nats, &pg, 7).await;
     assert_eq!(rec.metric("pingapp_recorder_undecodable_total"), 1.0);
     eventually(WAIT, "the refused batch dropped", || async {
         rec.metric("pingapp_recorder_rejected_total") == 1.0

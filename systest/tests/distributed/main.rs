@@ -4,8 +4,8 @@
 //! speaking WebSocket and HTTP like browsers do. Each test owns its NATS
 //! server, database and subject prefix, so tests run in parallel.
 //!
-//! Run with `cargo build --workspace --bins && cargo test -p
-//! pingapp-testkit --test distributed` (the binaries must be built first).
+//! Run with `cargo test -p pingapp-systest --test distributed` (the test
+//! kit builds the service binaries first when they are missing or stale).
 
 mod helpers;
 
@@ -249,17 +249,20 @@ async fn a_recorder_killed_mid_stream_loses_and_duplicates_nothing() {
     .await;
     recorder.svc.kill();
     let at_kill = senders.sent();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    eventually(WAIT, "50 samples sent while no recorder runs", || {
+        std::future::ready(senders.sent() > at_kill + 50)
+    })
+    .await;
     recorder.start_again().await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let at_restart = senders.sent();
+    eventually(WAIT, "50 samples sent to the new recorder", || {
+        std::future::ready(senders.sent() > at_restart + 50)
+    })
+    .await;
     let sent = senders.stop().await;
-    assert!(
-        sent.values().sum::<u64>() > at_kill + 50,
-        "samples were sent after the kill too"
-    );
 
     // Batches the killed process held come again after the ack wait (2 s).
-    assert_stored_exactly_once(&d.db_url, &sent, Duration::from_secs(20)).await;
+    assert_stored_exactly_once(&d, &sent, Duration::from_secs(20)).await;
     let redelivered = recorder.metric("pingapp_recorder_redeliveries_total").await;
     assert!(
         redelivered > 0.0,
@@ -280,21 +283,31 @@ async fn a_postgres_restart_loses_nothing() {
         d.count().await > 20
     })
     .await;
-    // Longer than the recorder's pool waits for a connection (3 s), so
-    // inserts fail and are retried.
+    // Postgres stays down until inserts fail (the recorder's pool waits 3 s
+    // for a connection) and are retried.
     pg.stop().await;
     let at_stop = senders.sent();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(senders.sent() > at_stop + 80, "clients kept sending");
+    eventually(
+        Duration::from_secs(20),
+        "the recorder met the outage",
+        || async {
+            recorder
+                .metric("pingapp_recorder_database_errors_total")
+                .await
+                > 0.0
+        },
+    )
+    .await;
+    assert!(senders.sent() > at_stop, "clients kept sending");
     pg.start_again().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_restart = senders.sent();
+    eventually(WAIT, "20 samples sent after the restart", || {
+        std::future::ready(senders.sent() > at_restart + 20)
+    })
+    .await;
     let sent = senders.stop().await;
 
-    assert_stored_exactly_once(&d.db_url, &sent, Duration::from_secs(20)).await;
-    let failed = recorder
-        .metric("pingapp_recorder_database_errors_total")
-        .await;
-    assert!(failed > 0.0, "the recorder met the outage");
+    assert_stored_exactly_once(&d, &sent, Duration::from_secs(20)).await;
 }
 
 /// One round of a pinger: a ping and its pong (within a second), then a
@@ -315,6 +328,8 @@ async fn ping_and_sample(
         c.delay(1.0 + seq as f64, seq).await;
         *sent.get_mut(&c.id).expect("a pinger") += 1;
     }
+    // The pace of the pingers (about 20 rounds a second), not a wait for
+    // anything: time is the subject here.
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
@@ -336,13 +351,23 @@ async fn a_nats_restart_loses_nothing_and_pings_keep_their_pongs() {
         ping_and_sample("before the outage", seq, &mut pingers, &mut sent).await;
         seq += 1;
     }
-    // Longer than a JetStream publish waits for its acknowledgement (5 s),
-    // so the gateways' stores fail and are retried.
+    // NATS stays down until the gateways' stores fail (a JetStream publish
+    // waits 5 s for its acknowledgement) and are retried; the pingers ping
+    // and sample all along.
     d.nats.stop().await;
     let outage = Instant::now();
-    while outage.elapsed() < Duration::from_secs(6) {
+    loop {
         ping_and_sample("during the outage", seq, &mut pingers, &mut sent).await;
         seq += 1;
+        let failed = gw_a.metric("pingapp_gateway_persist_errors_total").await
+            + gw_b.metric("pingapp_gateway_persist_errors_total").await;
+        if failed > 0.0 {
+            break;
+        }
+        assert!(
+            outage.elapsed() < Duration::from_secs(30),
+            "no gateway met the outage within 30 s"
+        );
     }
     d.nats.start_again().await;
     let back = Instant::now();
@@ -351,10 +376,7 @@ async fn a_nats_restart_loses_nothing_and_pings_keep_their_pongs() {
         seq += 1;
     }
 
-    assert_stored_exactly_once(&d.db_url, &sent, Duration::from_secs(30)).await;
-    let failed = gw_a.metric("pingapp_gateway_persist_errors_total").await
-        + gw_b.metric("pingapp_gateway_persist_errors_total").await;
-    assert!(failed > 0.0, "the gateways met the outage");
+    assert_stored_exactly_once(&d, &sent, Duration::from_secs(30)).await;
 
     // Presence answers again: a newcomer on B reaches the watcher on A.
     let (newcomer, _) = public_v2(&gw_b).await;
@@ -444,6 +466,8 @@ async fn a_presence_restart_causes_no_spurious_disconnect() {
         }
         // A client joins gateway A while presence is down.
         let (mut n, _) = public_v2(&gw_a).await;
+        // Presence stays down across two gateway heartbeats (time is the
+        // subject: heartbeats nobody hears).
         tokio::time::sleep(Duration::from_millis(HEARTBEAT_MS * 2)).await;
         presence.start_again().await;
 
@@ -682,7 +706,12 @@ async fn services_drain_within_their_grace_period_while_nats_is_down() {
     let mut c = private_v2(&gw).await;
     c.delay(5.0, 0).await;
     d.nats.stop().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for node in [&gw, &presence, &recorder] {
+        eventually(WAIT, "every service sees NATS down", || async {
+            testkit::http_status(node.admin, "/readyz").await == Some(503)
+        })
+        .await;
+    }
 
     // The gateway's bound: its connections' drain (3 s), its batches'
     // retries (3 s more), the final flush (2 s).
@@ -772,27 +801,20 @@ async fn every_service_exposes_its_metrics_and_traces_cross_the_bus() {
 
     // One trace from the gateway's span into the recorder's, through NATS
     // headers, for a sample batch and for a history query.
-    let deadline = Instant::now() + WAIT;
-    while !(sink.share_trace(
-        "gateway",
-        "gateway.persist_batch",
-        "recorder",
-        "recorder.record_batch",
-    ) && sink.share_trace(
-        "gateway",
-        "gateway.api.samples",
-        "recorder",
-        "recorder.query",
-    )) {
-        let seen: Vec<(String, String)> = sink
-            .spans()
-            .into_iter()
-            .map(|s| (s.service, s.name))
-            .collect();
-        assert!(
-            Instant::now() < deadline,
-            "no trace joins gateway and recorder; spans seen: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(WAIT, "traces joining gateway and recorder", || {
+        std::future::ready(
+            sink.share_trace(
+                "gateway",
+                "gateway.persist_batch",
+                "recorder",
+                "recorder.record_batch",
+            ) && sink.share_trace(
+                "gateway",
+                "gateway.api.samples",
+                "recorder",
+                "recorder.query",
+            ),
+        )
+    })
+    .await;
 }

@@ -14,19 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sqlx::Connection;
+pub use testkit::eventually;
+pub use testkit::ws::{Client, WAIT, is};
 use testkit::{Database, NatsServer, Service, free_addr, unique_prefix};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-/// How long any single expectation may wait.
-pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Gateways heartbeat this often; presence expires a gateway after three
 /// missed heartbeats.
@@ -55,6 +48,29 @@ impl Deployment {
             db_url: db.url.clone(),
             env: Vec::new(),
             _db: Some(db),
+        }
+    }
+
+    /// Whether the recorders' durable consumer has delivered and had
+    /// acknowledged every message of the samples stream (false while the
+    /// stream or consumer does not exist yet).
+    pub async fn consumer_settled(&self) -> bool {
+        let subjects = services::subjects::Subjects::new(&self.prefix);
+        let Ok(client) = async_nats::connect(self.nats.url()).await else {
+            return false;
+        };
+        let js = async_nats::jetstream::new(client);
+        let Ok(stream) = js.get_stream(subjects.samples_stream().name()).await else {
+            return false;
+        };
+        let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+            stream.get_consumer(&subjects.recorder_durable()).await;
+        let Ok(mut consumer) = consumer else {
+            return false;
+        };
+        match consumer.info().await {
+            Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+            Err(_) => false,
         }
     }
 
@@ -186,31 +202,30 @@ pub async fn count(db_url: &str) -> i64 {
 }
 
 /// Waits until the database holds exactly the samples `sent` (client id →
-/// number of samples, sent with `seq` 0, 1, 2, ...), then checks each was
-/// stored exactly once: `n` runs 1..=count and the seqs are the ones sent.
+/// number of samples, sent with `seq` 0, 1, 2, ...) and the recorders'
+/// consumer has every message acknowledged (so no redelivery can add a
+/// row), then checks each was stored exactly once: `n` runs 1..=count and
+/// the seqs are the ones sent.
 pub async fn assert_stored_exactly_once(
-    db_url: &str,
+    d: &Deployment,
     sent: &BTreeMap<String, u64>,
     within: Duration,
 ) {
+    let db_url = d.db_url.as_str();
     let expected: i64 = sent.values().map(|&n| n as i64).sum();
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let n = count(db_url).await;
-        if n == expected {
-            break;
-        }
-        assert!(
-            n < expected,
-            "more rows ({n}) than samples sent ({expected})"
-        );
-        if tokio::time::Instant::now() > deadline {
-            panic!("only {n} of {expected} samples reached Postgres within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Redeliveries still in flight must not add anything.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(
+        within,
+        &format!("{expected} samples in Postgres, every delivery acknowledged"),
+        || async {
+            let n = count(db_url).await;
+            assert!(
+                n <= expected,
+                "more rows ({n}) than samples sent ({expected})"
+            );
+            n == expected && d.consumer_settled().await
+        },
+    )
+    .await;
     let stored = stored(db_url).await;
     let ids: BTreeSet<&String> = stored.keys().collect();
     let sent_ids: BTreeSet<&String> = sent.keys().filter(|id| sent[*id] > 0).collect();
@@ -302,164 +317,6 @@ impl Node {
     }
 }
 
-/// A WebSocket client.
-pub struct Client {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    /// Its id (from its welcome or own connect).
-    pub id: String,
-    /// Its token (v2 only).
-    pub token: String,
-}
-
-impl Client {
-    /// Connects to `path` on `addr`.
-    pub async fn connect(addr: SocketAddr, path: &str) -> Client {
-        let (ws, _) = tokio::time::timeout(
-            WAIT,
-            tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("connect {path}: timed out"))
-        .unwrap_or_else(|e| panic!("connect {path}: {e}"));
-        Client {
-            ws,
-            id: String::new(),
-            token: String::new(),
-        }
-    }
-
-    /// Sends a JSON value as a text frame.
-    pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.unwrap();
-    }
-
-    /// The next text frame as JSON (control frames skipped).
-    pub async fn recv(&mut self) -> Value {
-        match self.recv_within(WAIT).await {
-            Some(v) => v,
-            None => panic!("no frame within {WAIT:?}"),
-        }
-    }
-
-    /// The next text frame, or `None` if none came within `within`.
-    pub async fn recv_within(&mut self, within: Duration) -> Option<Value> {
-        let fut = async {
-            loop {
-                match self.ws.next().await {
-                    Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
-                    Some(Ok(Message::Close(c))) => {
-                        panic!("closed while waiting for a frame: {c:?}")
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => panic!("error while waiting for a frame: {e}"),
-                    None => panic!("connection ended while waiting for a frame"),
-                }
-            }
-        };
-        tokio::time::timeout(within, fut).await.ok()
-    }
-
-    /// Frames until one with `command` satisfying `pred`; returns it.
-    pub async fn recv_until(&mut self, command: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.recv_within(left).await {
-                Some(v) if v["command"] == command && pred(&v) => return v,
-                Some(_) => {}
-                None => panic!("no {command} frame as expected within {WAIT:?}"),
-            }
-        }
-    }
-
-    /// Every frame until one satisfies `pred` (included), within `within`.
-    pub async fn collect_until(
-        &mut self,
-        within: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.recv_within(left).await {
-                Some(v) => {
-                    let done = pred(&v);
-                    seen.push(v);
-                    if done {
-                        return seen;
-                    }
-                }
-                None => panic!("the awaited frame did not come within {within:?}; saw {seen:?}"),
-            }
-        }
-    }
-
-    /// Every frame that arrives within `within`.
-    pub async fn collect_for(&mut self, within: Duration) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return seen;
-            }
-            match self.recv_within(left).await {
-                Some(v) => seen.push(v),
-                None => return seen,
-            }
-        }
-    }
-
-    /// Waits for the broadcast of its own connect (the echo presence sends
-    /// every page, the new one too).
-    pub async fn own_connect(&mut self) {
-        let id = self.id.clone();
-        self.recv_until("connect", |v| is(v, "connect", &id)).await;
-    }
-
-    /// Sends a v2 ping and waits (up to `within`) for its pong.
-    pub async fn ping_within(&mut self, seq: u64, within: Duration) -> Option<Value> {
-        self.send(json!({"command":"ping","seq":seq})).await;
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.recv_within(left).await {
-                Some(v) if v["command"] == "pong" && v["seq"] == seq => return Some(v),
-                Some(_) => {}
-                None => return None,
-            }
-        }
-    }
-
-    /// Sends a delay sample.
-    pub async fn delay(&mut self, ms: f64, seq: u64) {
-        self.send(json!({"command":"delay_time","delay_time":ms,"seq":seq}))
-            .await;
-    }
-
-    /// Renames the client.
-    pub async fn rename(&mut self, name: &str) {
-        self.send(json!({"command":"change_name","name":name}))
-            .await;
-    }
-
-    /// Closes normally.
-    pub async fn close(mut self) {
-        let _ = self
-            .ws
-            .close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            }))
-            .await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Some(Ok(_)) = self.ws.next().await {}
-        })
-        .await;
-    }
-}
-
 /// A v2 public client past its welcome and roster (returned too).
 pub async fn public_v2(node: &Node) -> (Client, Value) {
     let mut c = node.ws("/ws/public/?v=2").await;
@@ -500,11 +357,6 @@ pub async fn public_v1(node: &Node) -> Client {
     c
 }
 
-/// Whether frame `v` is `command` about client `id`.
-pub fn is(v: &Value, command: &str, id: &str) -> bool {
-    v["command"] == command && v["channel_name"] == id
-}
-
 /// Clients that send a delay sample every `every` (seq 0, 1, 2, ...) on a
 /// task of their own until stopped, reading and dropping what they get.
 pub struct Senders {
@@ -524,29 +376,24 @@ impl Senders {
                 let id = c.id.clone();
                 let (stop, total) = (stop.clone(), total.clone());
                 let task = tokio::spawn(async move {
-                    let (mut sink, mut stream) = c.ws.split();
-                    let reader =
-                        tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+                    let mut sender = c.into_sender();
                     let mut tick = tokio::time::interval(every);
                     let mut seq = 0u64;
                     while !stop.load(Ordering::SeqCst) {
                         tick.tick().await;
-                        let frame = json!({
-                            "command": "delay_time",
-                            "delay_time": 10.0 + (seq % 7) as f64,
-                            "seq": seq,
-                        });
-                        sink.send(Message::text(frame.to_string()))
-                            .await
-                            .expect("the gateway takes samples");
+                        sender
+                            .send(json!({
+                                "command": "delay_time",
+                                "delay_time": 10.0 + (seq % 7) as f64,
+                                "seq": seq,
+                            }))
+                            .await;
                         seq += 1;
                         total.fetch_add(1, Ordering::SeqCst);
                     }
-                    // Keep the connection open a moment: the last samples
-                    // are read by the gateway before the close.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    let _ = sink.close().await;
-                    reader.abort();
+                    // Frames are read in order: the close follows the last
+                    // sample, so the gateway has taken every sample sent.
+                    sender.close().await;
                     seq
                 });
                 (id, task)
@@ -569,13 +416,4 @@ impl Senders {
         }
         out
     }
-}
-
-/// Polls until `check` holds, for at most `within`.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    testkit::eventually(within, what, check).await;
 }
