@@ -50,6 +50,9 @@ use reporter::{Reporter, ReporterConfig, ReporterHandle};
 use room::Room;
 use state::Shared;
 
+/// Longest the drain waits for the goodbye to presence to be sent.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long samples stay in the durable stream if no recorder takes them.
 pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 
@@ -230,7 +233,15 @@ impl Gateway {
         for task in feed {
             let _ = task.await;
         }
-        reporter.goodbye().await;
+        // While NATS is down a publish may wait for the reconnect: the
+        // goodbye is not worth more than the final flush.
+        if tokio::time::timeout(GOODBYE_TIMEOUT, reporter.goodbye())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout: presence was not told goodbye");
+            reporter_task.abort();
+        }
         let _ = reporter_task.await;
         let bus = shared.bus.clone();
         batcher.close().await;

@@ -61,16 +61,30 @@ pub struct Batcher {
 pub struct BatcherHandle {
     close: CancellationToken,
     task: JoinHandle<()>,
+    drain_timeout: Duration,
+    metrics: GatewayMetrics,
 }
 
 impl BatcherHandle {
     /// Refuses new records, stores every record accepted before, and
     /// returns when all are stored or the drain timeout passed (logged with
-    /// what was left behind).
+    /// what was left behind: a store attempt in flight, e.g. waiting for an
+    /// acknowledgement while NATS is down, is not waited for beyond it).
     pub async fn close(self) {
         self.close.cancel();
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "the sample batcher failed");
+        let mut task = self.task;
+        match tokio::time::timeout(self.drain_timeout, &mut task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the sample batcher failed"),
+            Err(_) => {
+                task.abort();
+                let left = self
+                    .metrics
+                    .samples_pending
+                    .with_label_values(&[] as &[&str])
+                    .get();
+                tracing::error!(samples = left, "drain timeout: sample batches not stored");
+            }
         }
     }
 }
@@ -82,8 +96,16 @@ impl Batcher {
     pub fn spawn(self) -> (mpsc::Sender<RecordItem>, BatcherHandle) {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let close = CancellationToken::new();
+        let drain_timeout = self.drain_timeout;
+        let metrics = self.metrics.clone();
         let task = tokio::spawn(self.run(rx, close.clone()));
-        (tx, BatcherHandle { close, task })
+        let handle = BatcherHandle {
+            close,
+            task,
+            drain_timeout,
+            metrics,
+        };
+        (tx, handle)
     }
 
     /// Runs until closed (or every sender is gone) and everything is

@@ -2,7 +2,7 @@
 //! inserts, and are acknowledged only once their insert has committed.
 //!
 //! # Batching and commits
-//! Consumed<RecordBatch> are gathered until `batch_max_samples` samples or
+//! Deliveries (`Delivered<RecordBatch>`) are gathered until `batch_max_samples` samples or
 //! `batch_wait` after the first one, then inserted in one store call while
 //! the next batch is gathered; at most [`INSERTS_IN_FLIGHT`] batches commit
 //! at once. Each batch's deliveries are acknowledged after its own commit

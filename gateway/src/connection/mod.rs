@@ -2,8 +2,8 @@
 //!
 //! [`serve`] opens the connection (records the client, seats a public one
 //! in the room, sends the v2 welcome and roster), then runs a loop whose
-//! every branch is one call: a client frame ([`Connection::on_frame`], which
-//! dispatches each command to its own handler in [`commands`]), a queued
+//! every branch is one call: a client frame (`Connection::on_frame`, which
+//! dispatches each command to its own handler in `commands.rs`), a queued
 //! broadcast, a keepalive tick, or the stop signal. Every step returns
 //! `Result<(), Ending>`: the first [`Ending`] is the close frame sent.
 //!
