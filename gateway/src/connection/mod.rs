@@ -84,8 +84,9 @@ struct Connection {
     /// Broadcasts for this client (public pages only; a private one
     /// allocates no queue: a tokio channel costs about 1.5 KiB).
     queue: Option<mpsc::Receiver<Utf8Bytes>>,
-    /// A child of the gateway's shutdown token, cancelled alone when the
-    /// client's queue overflows.
+    /// Public pages: a child of the gateway's shutdown token, cancelled
+    /// alone when the client's queue overflows. Private pages: the shutdown
+    /// token itself.
     kick: CancellationToken,
     /// Resolves when `kick` (or the shutdown) is cancelled; created once,
     /// not per message.
@@ -105,7 +106,12 @@ struct Connection {
 impl Connection {
     fn new(socket: WebSocket, shared: Arc<Shared>, page: Page, version: Version) -> Self {
         let id = new_client_id();
-        let kick = shared.shutdown.child_token();
+        // Only a public client has a queue that can overflow: a private one
+        // stops with the gateway alone, and needs no token of its own.
+        let kick = match page {
+            Page::Public => shared.shutdown.child_token(),
+            Page::Private => shared.shutdown.clone(),
+        };
         let args = &shared.args;
         let mut keepalive = tokio::time::interval_at(
             tokio::time::Instant::now() + args.keepalive_interval(),
