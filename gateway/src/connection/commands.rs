@@ -22,8 +22,12 @@ impl Connection {
     ) -> Result<(), Ending> {
         match parse_client(text.as_str()) {
             Ok(ClientCommand::Ping { seq }) => self.on_ping(seq, received).await,
-            Ok(ClientCommand::DelayTime { delay_ms, seq }) => self.on_delay(delay_ms, seq).await,
-            Ok(ClientCommand::ChangeName { name }) => self.on_change_name(name).await,
+            // Boxed (see `serve`): one allocation per sample or rename, and
+            // a smaller future for every connection.
+            Ok(ClientCommand::DelayTime { delay_ms, seq }) => {
+                Box::pin(self.on_delay(delay_ms, seq)).await
+            }
+            Ok(ClientCommand::ChangeName { name }) => Box::pin(self.on_change_name(name)).await,
             Ok(ClientCommand::Watch { channel_names }) => {
                 self.count_in("watch");
                 // Only delays depend on it: a no-op for v1 and private
@@ -36,7 +40,7 @@ impl Connection {
             }
             Err(e) => {
                 self.count_in("invalid");
-                self.send_error(&e).await
+                Box::pin(self.send_error(&e)).await
             }
         }
     }

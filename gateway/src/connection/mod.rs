@@ -50,12 +50,15 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>, page: Page, version: 
     metrics.connections.with_label_values(&labels).inc();
     metrics.connects.with_label_values(&labels).inc();
     let mut conn = Connection::new(socket, shared, page, version);
-    let ending = match conn.open().await {
+    // The one-time steps and the rarer commands run boxed: a task's future
+    // is as large as its largest await, and every idle connection holds one
+    // (docs/benchmarks.md, "Memory per idle connection").
+    let ending = match Box::pin(conn.open()).await {
         Ok(()) => conn.serve_until_ended().await,
         Err(ending) => ending,
     };
-    conn.leave().await;
-    conn.close(ending).await;
+    Box::pin(conn.leave()).await;
+    Box::pin(conn.close(ending)).await;
     metrics.connections.with_label_values(&labels).dec();
     metrics
         .disconnects
@@ -238,7 +241,7 @@ impl Connection {
         match msg {
             // tungstenite answers Pings itself.
             Message::Ping(_) => Ok(()),
-            Message::Pong(payload) => self.on_pong(&payload).await,
+            Message::Pong(payload) => Box::pin(self.on_pong(&payload)).await,
             Message::Close(_) => Err(Ending::ClientClosed),
             Message::Text(text) => {
                 self.admit(received, text.len())?;
@@ -250,7 +253,7 @@ impl Connection {
                     code: ErrorCode::BadJson,
                     detail: "binary frames are not supported; send JSON text".into(),
                 };
-                self.send_error(&e).await
+                Box::pin(self.send_error(&e)).await
             }
         }
     }
