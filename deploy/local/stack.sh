@@ -45,7 +45,7 @@ export COMPOSE_INTERACTIVE_NO_CLI=1 DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
 log() { printf 'stack.sh: %s\n' "$*" >&2; }
 
 compose() {
-    docker-compose --no-ansi -p "$PROJECT" --project-directory "$ROOT" \
+    docker-compose --ansi never -p "$PROJECT" --project-directory "$ROOT" \
         -f "$ROOT/docker-compose.yml" -f "$HERE/compose.podman.yml" "$@"
 }
 
