@@ -51,6 +51,12 @@ for bin in pingapp gateway presence recorder loadgen echo-server; do
 done
 
 echo "build-image: podman build --target prebuilt ($profile) -> $PINGAPP_IMAGE"
+old="$(podman_cmd image inspect -f '{{.Id}}' "$PINGAPP_IMAGE" 2>/dev/null || true)"
 podman_cmd build --quiet -f "$ROOT/deploy/Dockerfile" --target prebuilt \
     --build-arg "RUNTIME_BASE=$PINGAPP_BASE_IMAGE" -t "$PINGAPP_IMAGE" "$stage" >/dev/null
+new="$(podman_cmd image inspect -f '{{.Id}}' "$PINGAPP_IMAGE")"
+# The image this one replaced would stay behind untagged, run after run.
+if [ -n "$old" ] && [ "$old" != "$new" ]; then
+    podman_cmd rmi "$old" >/dev/null 2>&1 || true
+fi
 echo "build-image: $PINGAPP_IMAGE built"

@@ -7,7 +7,8 @@
 //! Postgres, recorder, presence, two gateways behind HAProxy, Prometheus.
 //! The test then drives the public and private pages' protocol through
 //! HAProxy, checks that samples reach Postgres, that Prometheus scrapes every
-//! service and sees every family of docs/metrics.md, stops one gateway and
+//! service and sees every family of docs/metrics.md (and every metric the
+//! Grafana dashboard and the alert rules query), stops one gateway and
 //! sees its clients reconnect through the other, and brings the stack down
 //! with nothing left running.
 //!
@@ -186,6 +187,18 @@ impl Stack {
             .into_iter()
             .flatten()
             .map(|x| (field(x, "channel_name"), field(x, "gateway")))
+            .collect()
+    }
+
+    /// Every metric name Prometheus holds series of.
+    async fn metric_names(&self) -> BTreeSet<String> {
+        let names = self.prometheus("/api/v1/label/__name__/values").await;
+        names["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
             .collect()
     }
 
@@ -556,7 +569,6 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
     ]
     .map(str::to_owned)
     .into();
-    let mut last = String::new();
     let deadline = tokio::time::Instant::now() + SCRAPE_WAIT;
     loop {
         let targets = stack.prometheus("/api/v1/targets?state=active").await;
@@ -573,26 +585,20 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
                 )
             })
             .collect();
-        let names = stack.prometheus("/api/v1/label/__name__/values").await;
-        let names: BTreeSet<&str> = names["data"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let names = stack.metric_names().await;
         let missing_targets: Vec<&String> = expected_up.difference(&up).collect();
         let missing_families: Vec<&String> = families
             .iter()
             .filter(|f| {
                 !["", "_bucket", "_count", "_sum"]
                     .iter()
-                    .any(|suffix| names.contains(format!("{f}{suffix}").as_str()))
+                    .any(|suffix| names.contains(&format!("{f}{suffix}")))
             })
             .collect();
         if missing_targets.is_empty() && missing_families.is_empty() {
             break;
         }
-        last = format!(
+        let last = format!(
             "targets not up: {missing_targets:?}; families not scraped: {missing_families:?}"
         );
         assert!(
@@ -601,7 +607,22 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    drop(last);
+    // The dashboard and the alert rules query only names this Prometheus
+    // really has (deploy/check_metrics.py against the scraped names).
+    let names: Vec<String> = stack.metric_names().await.into_iter().collect();
+    let known = tempfile::NamedTempFile::new().expect("a temporary file");
+    std::fs::write(known.path(), names.join("\n")).expect("write the scraped names");
+    let check = Command::new("python3")
+        .arg(repo_root().join("deploy/check_metrics.py"))
+        .arg("--known")
+        .arg(known.path())
+        .output()
+        .expect("python3 runs deploy/check_metrics.py");
+    assert!(
+        check.status.success(),
+        "the dashboard or the rules query metrics Prometheus does not have:\n{}",
+        text(&check)
+    );
 
     // Stop gateway-1: its clients get close 1012 (service restart) and
     // reconnect through HAProxy to gateway-2; the others see them leave.
