@@ -23,9 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -275,9 +277,41 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// A WebSocket client of the pages' protocol, through HAProxy.
+type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client of the pages' protocol, through HAProxy. A task
+/// reads its frames all the time, as a browser does, so it answers the
+/// gateway's keepalive Pings while the test waits on something else (an
+/// unread client would be closed as silent after 30 s).
 struct Ws {
-    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    sink: SplitSink<Stream, Message>,
+    /// Text frames as JSON, then how the connection ended (an `Err`).
+    frames: mpsc::UnboundedReceiver<Result<Value, String>>,
+}
+
+/// Reads `stream` until it ends, handing text frames and the end to `tx`.
+async fn read_frames(
+    mut stream: SplitStream<Stream>,
+    tx: mpsc::UnboundedSender<Result<Value, String>>,
+) {
+    loop {
+        let frame = match stream.next().await {
+            Some(Ok(Message::Text(t))) => {
+                serde_json::from_str(t.as_str()).map_err(|e| e.to_string())
+            }
+            Some(Ok(Message::Close(c))) => Err(format!(
+                "close {}",
+                c.map(|c| u16::from(c.code)).unwrap_or(0)
+            )),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => Err(format!("error {e}")),
+            None => Err("ended".into()),
+        };
+        let end = frame.is_err();
+        if tx.send(frame).is_err() || end {
+            return;
+        }
+    }
 }
 
 /// What a v2 client learns from its welcome frame.
@@ -292,7 +326,10 @@ impl Ws {
         let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{base}{path}"))
             .await
             .map_err(|e| format!("connect {path}: {e}"))?;
-        Ok(Ws { stream })
+        let (sink, stream) = stream.split();
+        let (tx, frames) = mpsc::unbounded_channel();
+        tokio::spawn(read_frames(stream, tx));
+        Ok(Ws { sink, frames })
     }
 
     /// Connects a v2 client to `page` and reads its welcome.
@@ -312,7 +349,7 @@ impl Ws {
     }
 
     async fn send(&mut self, v: Value) {
-        self.stream
+        self.sink
             .send(Message::text(v.to_string()))
             .await
             .expect("send a frame");
@@ -320,27 +357,11 @@ impl Ws {
 
     /// The next text frame as JSON, or how the connection ended.
     async fn next_json(&mut self) -> Result<Value, String> {
-        let read = async {
-            loop {
-                match self.stream.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        return serde_json::from_str(t.as_str()).map_err(|e| e.to_string());
-                    }
-                    Some(Ok(Message::Close(c))) => {
-                        return Err(format!(
-                            "close {}",
-                            c.map(|c| u16::from(c.code)).unwrap_or(0)
-                        ));
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(format!("error {e}")),
-                    None => return Err("ended".into()),
-                }
-            }
-        };
-        tokio::time::timeout(FRAME_WAIT, read)
-            .await
-            .unwrap_or_else(|_| Err(format!("no frame within {FRAME_WAIT:?}")))
+        match tokio::time::timeout(FRAME_WAIT, self.frames.recv()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => Err("ended".into()),
+            Err(_) => Err(format!("no frame within {FRAME_WAIT:?}")),
+        }
     }
 
     /// Reads frames until one has `command` and satisfies `pred`.
@@ -423,8 +444,45 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
     // inside the stack's network (the Prometheus container has curl).
     for svc in PINGAPP_SERVICES {
         let url = format!("http://{svc}:9000/readyz");
-        stack.compose_ok(&["exec", "-T", "prometheus", "curl", "-fsS", &url]);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let out = stack.compose(&["exec", "-T", "prometheus", "curl", "-fsS", "-m", "3", &url]);
+            if out.status.success() {
+                break;
+            }
+            // The stack's DNS (aardvark-dns) can lag a just-started
+            // container by a moment; a service that is not ready fails here.
+            assert!(tries < 15, "{url} did not answer 200: {}", text(&out));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
     }
+
+    // The PingApp containers run as the image's non-root user on a
+    // read-only root file system, as the Kubernetes manifests expect.
+    for svc in PINGAPP_SERVICES {
+        let id = stack.compose_ok(&["ps", "-q", svc]);
+        let out = podman(&[
+            "inspect",
+            "-f",
+            "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}",
+            id.trim(),
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "10001:10001 true",
+            "{svc}: user and read-only root ({})",
+            text(&out)
+        );
+    }
+    let write = stack.compose(&["exec", "-T", "gateway-2", "bash", "-c", "id -u; : > /probe"]);
+    assert!(
+        // podman's exec through compose may merge stderr into stdout.
+        text(&write).contains("--- stdout ---\n10001\n")
+            && text(&write).contains("/probe: Read-only file system"),
+        "gateway-2 runs as uid 10001 and cannot write its root file system: {}",
+        text(&write)
+    );
 
     // Public v2 clients through HAProxy: least-connections spreads them
     // over both gateways.
@@ -503,7 +561,7 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
         .await;
     // A client leaving normally (for the disconnect counters).
     let (mut leaving, _) = Ws::v2(&base, "public").await.expect("public v2 client");
-    leaving.stream.close(None).await.expect("close");
+    leaving.sink.close().await.expect("close");
 
     // Samples reach Postgres: the recorder answers from it, and Postgres
     // itself holds them.
