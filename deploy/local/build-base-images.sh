@@ -4,8 +4,8 @@
 # registry"), and imports them into podman:
 #
 #   $PINGAPP_BASE_IMAGE    minbase + ca-certificates: the runtime base of
-#                          the PingApp service image (deploy/Dockerfile,
-#                          target `prebuilt`)
+#                          the PingApp service image (deploy/Dockerfile's
+#                          RUNTIME_BASE)
 #   $PINGAPP_INFRA_IMAGE   NATS, PostgreSQL, HAProxy and Prometheus from
 #                          Debian, for deploy/local/compose.podman.yml
 #
