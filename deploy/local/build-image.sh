@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the PingApp service image without a registry: deploy/Dockerfile with
-# BINARIES (an image of the binaries built on the host) and RUNTIME_BASE (the
-# local base image), so none of its builder stages runs.
+# Builds the PingApp service image without a registry: deploy/Dockerfile's
+# target `prebuilt`, on the local base image, from binaries built on the host
+# (none of the Dockerfile's builder stages runs).
 #
 #   bash deploy/local/build-image.sh [PROFILE]     PROFILE: debug (default) or release
 #   bash deploy/local/build-image.sh --bin-dir DIR take DIR's binaries, build nothing
@@ -44,26 +44,19 @@ fi
 
 stage="$target_dir/image-context"
 rm -rf "$stage"
-mkdir -p "$stage/bin"
+mkdir -p "$stage/deploy/local/bin"
 for bin in pingapp gateway presence recorder loadgen echo-server; do
     src="$bin_dir/$bin"
     [ -x "$src" ] || { echo "build-image: missing binary $src" >&2; exit 1; }
-    objcopy --strip-debug "$src" "$stage/bin/$bin"
+    objcopy --strip-debug "$src" "$stage/deploy/local/bin/$bin"
 done
 
-echo "build-image: podman build ($profile) -> $PINGAPP_IMAGE"
+echo "build-image: podman build --target prebuilt ($profile) -> $PINGAPP_IMAGE"
 old="$(podman_cmd image inspect -f '{{.Id}}' "$PINGAPP_IMAGE" 2>/dev/null || true)"
-old_bins="$(podman_cmd image inspect -f '{{.Id}}' "$PINGAPP_BINARIES_IMAGE" 2>/dev/null || true)"
-# The binaries as an image: all the Dockerfile needs from the host.
-printf 'FROM scratch\nCOPY bin/ /out/\n' >"$stage/Containerfile"
-podman_cmd build --quiet -f "$stage/Containerfile" -t "$PINGAPP_BINARIES_IMAGE" "$stage" >/dev/null
-podman_cmd build --quiet -f "$ROOT/deploy/Dockerfile" \
-    --build-arg "BINARIES=$PINGAPP_BINARIES_IMAGE" \
+podman_cmd build --quiet -f "$ROOT/deploy/Dockerfile" --target prebuilt \
     --build-arg "RUNTIME_BASE=$PINGAPP_BASE_IMAGE" -t "$PINGAPP_IMAGE" "$stage" >/dev/null
-# The images these replaced would stay behind untagged, run after run.
-for id in "$old" "$old_bins"; do
-    if [ -n "$id" ] && ! podman_cmd image inspect -f '{{.RepoTags}}' "$id" 2>/dev/null | grep -q '[a-z]'; then
-        podman_cmd rmi "$id" >/dev/null 2>&1 || true
-    fi
-done
+# The image this one replaced would stay behind untagged, run after run.
+if [ -n "$old" ] && ! podman_cmd image inspect -f '{{.RepoTags}}' "$old" 2>/dev/null | grep -q '[a-z]'; then
+    podman_cmd rmi "$old" >/dev/null 2>&1 || true
+fi
 echo "build-image: $PINGAPP_IMAGE built"
