@@ -14,9 +14,8 @@
 # and Debian's package mirror (the host's apt sources).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=deploy/local/images.env
-source "$HERE/images.env"
 source "$HERE/lib.sh"
+load_images
 
 force=0
 [ "${1:-}" = "--force" ] && force=1

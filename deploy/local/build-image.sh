@@ -15,9 +15,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-# shellcheck source=deploy/local/images.env
-source "$HERE/images.env"
 source "$HERE/lib.sh"
+load_images
 
 target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
 bin_dir=""

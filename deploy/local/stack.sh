@@ -29,9 +29,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-# shellcheck source=deploy/local/images.env
-source "$HERE/images.env"
 source "$HERE/lib.sh"
+load_images
 
 PROJECT="${PINGAPP_STACK_PROJECT:-pingapp}"
 STATE="${PINGAPP_STACK_STATE:-/run/pingapp-stack/$PROJECT}"

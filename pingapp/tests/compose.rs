@@ -84,6 +84,8 @@ fn binaries_dir() -> PathBuf {
 /// dropping it, on a failed test) removes everything it started.
 struct Stack {
     project: String,
+    /// The service image, tagged for this run alone (removed by `down`).
+    image: String,
     http_port: u16,
     prometheus_port: u16,
     stats_port: u16,
@@ -94,6 +96,7 @@ impl Stack {
     fn up() -> Stack {
         let mut stack = Stack {
             project: format!("pingapp-systest-{}", std::process::id()),
+            image: format!("localhost/pingapp:systest-{}", std::process::id()),
             http_port: testkit::free_port(),
             prometheus_port: testkit::free_port(),
             stats_port: testkit::free_port(),
@@ -109,6 +112,7 @@ impl Stack {
             let logs = stack.compose(&["logs", "--no-color", "--tail", "40"]);
             stack.down = true;
             let down = stack.script(STEP_LIMIT, &["down"]).output();
+            let _ = podman(&["rmi", &stack.image]);
             panic!(
                 "`deploy/local/stack.sh up` failed ({}; 124 is a time-out){}\n{}\n--- compose logs ---\n{}\n--- down ---\n{down:?}",
                 out.status,
@@ -136,6 +140,7 @@ impl Stack {
             .args(args)
             .current_dir(&root)
             .env("PINGAPP_STACK_PROJECT", &self.project)
+            .env("PINGAPP_IMAGE", &self.image)
             .env("PINGAPP_HTTP_PORT", self.http_port.to_string())
             .env("PINGAPP_PROMETHEUS_PORT", self.prometheus_port.to_string())
             .env("PINGAPP_HAPROXY_STATS_PORT", self.stats_port.to_string());
@@ -225,6 +230,13 @@ impl Stack {
             out.status,
             text(&out)
         );
+        let rmi = podman(&["rmi", &self.image]);
+        assert!(
+            rmi.status.success(),
+            "podman rmi {}: {}",
+            self.image,
+            text(&rmi)
+        );
         let label = format!("label=com.docker.compose.project={}", self.project);
         for what in [
             vec!["ps", "-aq"],
@@ -254,6 +266,7 @@ impl Drop for Stack {
             eprintln!("--- compose logs ---\n{}", text(&logs));
         }
         let _ = self.script(STEP_LIMIT, &["down"]).output();
+        let _ = podman(&["rmi", &self.image]);
     }
 }
 
