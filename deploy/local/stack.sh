@@ -136,7 +136,9 @@ up() {
     log "docker-compose up ($PROJECT): ${SERVICES[*]}"
     compose up -d --no-build "${SERVICES[@]}"
     wait_healthy
-    log "up: pages on http://127.0.0.1:${PINGAPP_HTTP_PORT:-8000}/, Prometheus on http://127.0.0.1:${PINGAPP_PROMETHEUS_PORT:-9090}/"
+    local http="${PINGAPP_HTTP_PORT:-8000}"
+    [[ "$http" == *:* ]] || http="localhost:$http"
+    log "up: pages on http://$http/, Prometheus on http://127.0.0.1:${PINGAPP_PROMETHEUS_PORT:-9090}/"
 }
 
 down() {

@@ -141,7 +141,8 @@ impl Stack {
             .current_dir(&root)
             .env("PINGAPP_STACK_PROJECT", &self.project)
             .env("PINGAPP_IMAGE", &self.image)
-            .env("PINGAPP_HTTP_PORT", self.http_port.to_string())
+            // The pages on loopback only, like the other published ports.
+            .env("PINGAPP_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
             .env("PINGAPP_PROMETHEUS_PORT", self.prometheus_port.to_string())
             .env("PINGAPP_HAPROXY_STATS_PORT", self.stats_port.to_string());
         cmd
@@ -173,7 +174,7 @@ impl Stack {
     }
 
     async fn get(&self, path: &str, bearer: Option<&str>) -> (u16, Value) {
-        let mut req = reqwest::Client::new().get(format!("http://{}{path}", self.base()));
+        let mut req = http_client().get(format!("http://{}{path}", self.base()));
         if let Some(token) = bearer {
             req = req.bearer_auth(token);
         }
@@ -211,7 +212,9 @@ impl Stack {
 
     async fn prometheus(&self, path: &str) -> Value {
         let url = format!("http://127.0.0.1:{}{path}", self.prometheus_port);
-        let resp = reqwest::get(&url)
+        let resp = http_client()
+            .get(&url)
+            .send()
             .await
             .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         resp.json().await.unwrap_or(Value::Null)
@@ -300,6 +303,22 @@ struct Ws {
     sink: SplitSink<Stream, Message>,
     /// Text frames as JSON, then how the connection ended (an `Err`).
     frames: mpsc::UnboundedReceiver<Result<Value, String>>,
+    /// The reading task: aborted on drop, which closes the connection.
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for Ws {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// An HTTP client that gives up on a request after a while.
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(FRAME_WAIT)
+        .build()
+        .expect("an HTTP client")
 }
 
 /// Reads `stream` until it ends, handing text frames and the end to `tx`.
@@ -336,13 +355,19 @@ struct Welcome {
 
 impl Ws {
     async fn connect(base: &str, path: &str) -> Result<Ws, String> {
-        let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{base}{path}"))
+        let connect = tokio_tungstenite::connect_async(format!("ws://{base}{path}"));
+        let (stream, _) = tokio::time::timeout(FRAME_WAIT, connect)
             .await
+            .map_err(|_| format!("connect {path}: no answer within {FRAME_WAIT:?}"))?
             .map_err(|e| format!("connect {path}: {e}"))?;
         let (sink, stream) = stream.split();
         let (tx, frames) = mpsc::unbounded_channel();
-        tokio::spawn(read_frames(stream, tx));
-        Ok(Ws { sink, frames })
+        let reader = tokio::spawn(read_frames(stream, tx)).abort_handle();
+        Ok(Ws {
+            sink,
+            frames,
+            reader,
+        })
     }
 
     /// Connects a v2 client to `page` and reads its welcome.
@@ -379,6 +404,7 @@ impl Ws {
 
     /// Reads frames until one has `command` and satisfies `pred`.
     async fn until(&mut self, command: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + 2 * FRAME_WAIT;
         loop {
             let v = self
                 .next_json()
@@ -387,14 +413,24 @@ impl Ws {
             if v["command"] == command && pred(&v) {
                 return v;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no matching {command} within {:?} (last frame: {v})",
+                2 * FRAME_WAIT
+            );
         }
     }
 
     /// Reads until the server closes; the close code (0 without a frame).
     async fn close_code(&mut self) -> u16 {
+        let deadline = tokio::time::Instant::now() + 4 * FRAME_WAIT;
         loop {
             match self.next_json().await {
-                Ok(_) => continue,
+                Ok(_) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not closed within {:?}",
+                    4 * FRAME_WAIT
+                ),
                 Err(e) => {
                     return e
                         .strip_prefix("close ")
