@@ -5,6 +5,9 @@
 #   kubernetes-validate   PyPI, offline Kubernetes JSON schemas (brings PyYAML, jsonschema)
 #   kubectl               v1.27+ (bundles kustomize v5); not installed here: Debian
 #                         bookworm's kubernetes-client is 1.20, too old
+#   promtool              Debian package prometheus (deploy/validate.sh prometheus)
+# The compose system test needs more (podman, mmdebstrap, ...):
+# scripts/setup-test-deps.sh installs everything the tests need.
 set -euo pipefail
 
 KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
@@ -18,6 +21,13 @@ else
     $SUDO apt-get update
     # No recommends: `config` needs no Docker daemon.
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose
+fi
+
+if command -v promtool >/dev/null 2>&1; then
+    echo "promtool: present"
+else
+    $SUDO apt-get update
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
 fi
 
 if command -v kubernetes-validate >/dev/null 2>&1; then

@@ -5,8 +5,15 @@
 #   bash deploy/validate.sh compose         docker-compose.yml (+ the files it mounts)
 #   bash deploy/validate.sh overlay NAME    k8s/overlays/NAME
 #   bash deploy/validate.sh overlays        every overlay under k8s/overlays/
+#   bash deploy/validate.sh prometheus      promtool check config / check rules /
+#                                           test rules, every alert tested both ways
+#   bash deploy/validate.sh dashboards      every metric the dashboards and rules
+#                                           query is documented (deploy/check_metrics.py)
 #
-# Needs: docker-compose (Debian: apt-get install docker-compose; or Docker
+# Image names have one source, deploy/local/images.env: the compose default
+# and every PingApp container of the rendered overlays must agree with it.
+#
+# Needs: promtool (Debian: apt-get install prometheus), docker-compose (Debian: apt-get install docker-compose; or Docker
 # Compose v2 as `docker compose`), kubectl (bundling kustomize v5), python3 and
 # kubernetes-validate (pip install kubernetes-validate). A missing tool is an
 # error (exit 127, naming what to install), never a skipped check.
@@ -76,12 +83,95 @@ check_compose() {
     [ "$n" -gt 0 ] || fail "found no ./deploy/ mounts in docker-compose.yml"
     [ -f "$ROOT/deploy/Dockerfile" ] || fail "deploy/Dockerfile is missing"
 
+    say "the service image is \$PINGAPP_IMAGE of deploy/local/images.env"
+    local want got
+    want="$(image_name)"
+    got="$(sed -nE 's/^ *image: \$\{PINGAPP_IMAGE:-([^}]+)\}.*/\1/p' "$ROOT/docker-compose.yml" | sort -u)"
+    [ "$got" = "$want" ] || fail "docker-compose.yml's default image is '$got', deploy/local/images.env says '$want'"
+
     say "Grafana dashboards are JSON"
     local f
     for f in "$ROOT"/deploy/grafana/dashboards/*.json; do
         python3 -m json.tool "$f" >/dev/null || fail "$f is not valid JSON"
     done
     echo "compose: OK"
+}
+
+# PINGAPP_IMAGE from deploy/local/images.env.
+image_name() {
+    local v
+    v="$(sed -n 's/^PINGAPP_IMAGE=//p' "$ROOT/deploy/local/images.env")"
+    [ -n "$v" ] || fail "deploy/local/images.env sets no PINGAPP_IMAGE"
+    printf '%s\n' "$v"
+}
+
+# The PingApp containers of a rendered overlay run the built image: as
+# named (dev, local clusters load it as built) or retagged to a registry
+# under the same repository name (prod).
+check_images() { # RENDERED NAME
+    python3 - "$1" "$2" "$(image_name)" <<'PY' || fail "k8s/overlays/$2: images do not match deploy/local/images.env"
+import sys, yaml
+rendered, overlay, want = sys.argv[1:]
+repo = want.rsplit(":", 1)[0]
+seen = 0
+for doc in yaml.safe_load_all(open(rendered)):
+    if not doc or doc.get("kind") != "Deployment":
+        continue
+    name = doc["metadata"]["name"]
+    if name not in ("pingapp-gateway", "pingapp-presence", "pingapp-recorder"):
+        continue
+    for c in doc["spec"]["template"]["spec"]["containers"]:
+        seen += 1
+        image = c["image"]
+        ok = image == want if overlay == "dev" else image.rsplit(":", 1)[0].rsplit("/", 1)[-1] == repo
+        if not ok:
+            print(f"{name}/{c['name']}: image {image}, expected {want if overlay == 'dev' else 'REGISTRY/' + repo + ':TAG'}")
+            sys.exit(1)
+if seen < 3:
+    print(f"found {seen} PingApp containers, expected at least 3")
+    sys.exit(1)
+print(f"{seen} PingApp containers run {want if overlay == 'dev' else repo}")
+PY
+}
+
+check_prometheus() {
+    require promtool "promtool (Debian: apt-get install prometheus)"
+    require python3 "python3"
+    say "promtool check config (deploy/prometheus.yml, rules from deploy/)"
+    # The config names the rules by their path in the container.
+    sed "s#/etc/prometheus/rules/\*\.yml#$ROOT/deploy/prometheus-rules.yml#" \
+        "$ROOT/deploy/prometheus.yml" >"$TMP/prometheus.yml"
+    grep -q "$ROOT/deploy/prometheus-rules.yml" "$TMP/prometheus.yml" ||
+        fail "deploy/prometheus.yml no longer loads /etc/prometheus/rules/*.yml"
+    promtool check config "$TMP/prometheus.yml" || fail "promtool check config"
+    say "promtool check rules deploy/prometheus-rules.yml"
+    promtool check rules "$ROOT/deploy/prometheus-rules.yml" || fail "promtool check rules"
+    say "promtool test rules deploy/prometheus-rules.test.yml"
+    promtool test rules "$ROOT/deploy/prometheus-rules.test.yml" || fail "promtool test rules"
+    say "every alert has a firing and a not-firing test"
+    python3 - "$ROOT/deploy/prometheus-rules.yml" "$ROOT/deploy/prometheus-rules.test.yml" <<'PY' || fail "alerts without unit tests"
+import sys, yaml
+rules, tests = (yaml.safe_load(open(p)) for p in sys.argv[1:])
+alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+cases = [c for t in tests["tests"] for c in t.get("alert_rule_test", [])]
+missing = []
+for a in sorted(alerts):
+    mine = [c for c in cases if c["alertname"] == a]
+    if not any(c.get("exp_alerts") for c in mine):
+        missing.append(f"{a}: no firing case")
+    if not any(not c.get("exp_alerts") for c in mine):
+        missing.append(f"{a}: no not-firing case")
+print("\n".join(missing) or f"{len(alerts)} alerts, each tested firing and not firing")
+sys.exit(1 if missing or not alerts else 0)
+PY
+    echo "prometheus: OK"
+}
+
+check_dashboards() {
+    require python3 "python3"
+    say "metrics queried by dashboards and rules are documented (deploy/check_metrics.py)"
+    python3 "$ROOT/deploy/check_metrics.py" || fail "dashboards or rules query unknown metrics"
+    echo "dashboards: OK"
 }
 
 check_overlay() {
@@ -108,6 +198,9 @@ check_overlay() {
     rc=$?
     [ "$rc" -eq 127 ] && exit 127
     [ "$rc" -eq 0 ] || fail "k8s/overlays/$name: custom resources or unknown kinds failed (see above)"
+
+    say "PingApp containers run the built image (deploy/local/images.env)"
+    check_images "$rendered" "$name"
     echo "overlay $name: OK"
 }
 
@@ -124,6 +217,8 @@ overlays() {
 case "${1:-all}" in
     all)
         check_compose
+        check_prometheus
+        check_dashboards
         overlays
         echo "deploy/validate.sh: all checks passed"
         ;;
@@ -133,6 +228,8 @@ case "${1:-all}" in
         check_overlay "$2"
         ;;
     overlays) overlays ;;
-    -h | --help) sed -n '2,20p' "$0" ;;
-    *) fail "unknown check '$1' (use: all, compose, overlay NAME, overlays)" ;;
+    prometheus) check_prometheus ;;
+    dashboards) check_dashboards ;;
+    -h | --help) sed -n '2,27p' "$0" ;;
+    *) fail "unknown check '$1' (use: all, compose, prometheus, dashboards, overlay NAME, overlays)" ;;
 esac

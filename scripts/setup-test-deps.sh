@@ -14,6 +14,9 @@
 #                npm: the pinned TypeScript of gateway/tests/js/package.json
 #                (type check of the pages' JavaScript), into its node_modules
 #   deploy       apt: docker-compose, PyPI: kubernetes-validate, kubectl >= 1.27
+#   compose      apt: podman netavark aardvark-dns runc (containers), mmdebstrap
+#   stack        (base images from Debian packages), prometheus (promtool),
+#                curl, binutils: pingapp/tests/compose.rs, deploy/validate.sh
 set -euo pipefail
 
 SUDO=""
@@ -38,6 +41,16 @@ need_cmd chromedriver chromium-driver
 need_cmd node nodejs
 need_cmd npm npm
 need_cmd docker-compose docker-compose
+# The compose system test (pingapp/tests/compose.rs) and promtool checks.
+need_cmd podman podman
+[ -x /usr/lib/podman/netavark ] || apt_missing+=(netavark)
+[ -x /usr/lib/podman/aardvark-dns ] || apt_missing+=(aardvark-dns)
+need_cmd runc runc
+need_cmd iptables iptables
+need_cmd mmdebstrap mmdebstrap
+need_cmd promtool prometheus
+need_cmd curl curl
+need_cmd objcopy binutils
 if [ ${#apt_missing[@]} -gt 0 ]; then
     echo "setup-test-deps: installing ${apt_missing[*]}"
     as_root apt-get update -qq

@@ -1,10 +1,14 @@
 //! Deployment files are part of the product: this test binary runs
 //! `deploy/validate.sh` so that `cargo test --workspace` checks
-//! `docker-compose.yml` and every Kubernetes overlay, offline.
+//! `docker-compose.yml`, every Kubernetes overlay (and that both name the
+//! image the build produces), the Prometheus configuration and alert rules
+//! (`promtool`, with unit tests for every alert), and the metrics the
+//! Grafana dashboard queries, offline. (`tests/compose.rs` runs the stack.)
 //!
 //! The checks need `docker-compose` (or Docker Compose v2), `kubectl`,
-//! `python3` and `kubernetes-validate` (`pip install kubernetes-validate`);
-//! `deploy/install-tools.sh` installs them. A missing tool fails the test
+//! `python3`, `kubernetes-validate` (`pip install kubernetes-validate`) and
+//! `promtool` (Debian: `apt-get install prometheus`);
+//! `scripts/setup-test-deps.sh` installs them. A missing tool fails the test
 //! with what to install: these checks never pass by skipping.
 
 use std::env;
@@ -46,7 +50,7 @@ fn is_executable(path: &Path) -> bool {
 fn require(tool: &str, install: &str) {
     assert!(
         on_path(tool),
-        "`{tool}` is not on PATH: install {install} (deploy/install-tools.sh installs every tool \
+        "`{tool}` is not on PATH: install {install} (scripts/setup-test-deps.sh installs every tool \
          these checks need; see deploy/README.md)"
     );
 }
@@ -125,6 +129,51 @@ fn k8s_overlay_dev_is_valid() {
 fn k8s_overlay_prod_is_valid() {
     require_k8s_tools();
     validate(&["overlay", "prod"]);
+}
+
+#[test]
+fn prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
+    require("promtool", "promtool (Debian: apt-get install prometheus)");
+    validate(&["prometheus"]);
+}
+
+#[test]
+fn dashboards_and_rules_query_only_documented_metrics() {
+    require(
+        "python3",
+        "python3 (with PyYAML: pip install kubernetes-validate brings it)",
+    );
+    validate(&["dashboards"]);
+}
+
+/// The dashboard check can fail: a dashboard with a misspelt metric is
+/// rejected, naming the metric.
+#[test]
+fn dashboard_check_rejects_an_unknown_metric() {
+    require("python3", "python3");
+    let root = repo_root();
+    let dashboard = fs::read_to_string(root.join("deploy/grafana/dashboards/pingapp.json"))
+        .expect("the dashboard is readable");
+    assert!(dashboard.contains("pingapp_gateway_connections"));
+    let broken = dashboard.replacen(
+        "pingapp_gateway_connections",
+        "pingapp_gateway_conections",
+        1,
+    );
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let path = dir.path().join("broken.json");
+    fs::write(&path, broken).expect("write the broken dashboard");
+    let output = Command::new("python3")
+        .arg(root.join("deploy/check_metrics.py"))
+        .arg(&path)
+        .output()
+        .expect("python3 runs deploy/check_metrics.py");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("unknown metric pingapp_gateway_conections"),
+        "stderr: {stderr}"
+    );
 }
 
 /// Each overlay has a test above; a new overlay must get one too.

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Entry point of the `postgres` service in deploy/local/compose.podman.yml:
+# Debian's PostgreSQL server, initialised on first start like the official
+# image does (POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB), then run in the
+# foreground as the postgres user, so it receives the container's SIGTERM.
+set -euo pipefail
+: "${POSTGRES_USER:?POSTGRES_USER must be set}"
+: "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set}"
+POSTGRES_DB="${POSTGRES_DB:-$POSTGRES_USER}"
+PGDATA="${PGDATA:-/var/lib/postgresql/data}"
+bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups "$@"; }
+
+mkdir -p "$PGDATA" /run/postgresql
+chown postgres:postgres "$PGDATA" /run/postgresql
+chmod 700 "$PGDATA"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    pwfile="$(mktemp)"
+    printf '%s' "$POSTGRES_PASSWORD" >"$pwfile"
+    chown postgres "$pwfile"
+    as_postgres "$bin/initdb" -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" \
+        --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+    rm -f "$pwfile"
+    echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
+    if [ "$POSTGRES_DB" != postgres ]; then
+        echo "CREATE DATABASE \"$POSTGRES_DB\" OWNER \"$POSTGRES_USER\";" |
+            as_postgres "$bin/postgres" --single -D "$PGDATA" postgres >/dev/null
+    fi
+    echo "pingapp-postgres: initialised $PGDATA (database $POSTGRES_DB)"
+fi
+exec setpriv --reuid=postgres --regid=postgres --init-groups \
+    "$bin/postgres" -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/run/postgresql
