@@ -146,11 +146,7 @@ async fn samples(
 ) -> Result<Response, ApiError> {
     let since_us = limits::parse_since(params.since.as_deref())?;
     let limit = limits::parse_limit(params.limit.as_deref())?;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
+    let token = bearer_token(&headers);
     if id.len() > limits::MAX_CLIENT_ID_LEN {
         return Err(ApiError::not_found());
     }
@@ -238,6 +234,16 @@ async fn stats(
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header; the scheme is
+/// case-insensitive (RFC 9110, section 11.1), so `bearer` and `BEARER`
+/// work too.
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+}
+
 /// Whole milliseconds of a duration within the API's bounds.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -268,6 +274,22 @@ mod tests {
         );
         let limit = ApiError::from(BadRequest("limit".into()));
         assert_eq!(limit.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            bearer_token(&h)
+        };
+        for v in ["Bearer t0k", "bearer t0k", "BEARER  t0k ", "BeArEr\tt0k"] {
+            assert_eq!(with(v).as_deref(), Some("t0k"), "{v}");
+        }
+        for v in ["Basic t0k", "Bearer", "Bearer ", "Bearert0k"] {
+            assert_eq!(with(v), None, "{v}");
+        }
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
     }
 
     #[test]

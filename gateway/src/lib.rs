@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod connection;
 pub mod feed;
+pub mod guard;
 pub mod hub;
 pub mod metrics;
 pub mod mirror;
@@ -27,8 +28,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::http::{HeaderName, HeaderValue};
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use axum::routing::get;
 use axum::serve::ListenerExt;
@@ -151,7 +152,15 @@ impl Gateway {
         ];
         let b = bus.clone();
         readiness.add_check("nats", move || b.is_connected());
+        let origins = guard::OriginPolicy::new(&cfg.args.allowed_origins);
+        let ip_limits = Arc::new(guard::IpLimits::new(
+            cfg.args.max_connections_per_ip,
+            cfg.args.max_connects_per_ip_per_second,
+            cfg.args.trusted_proxies.clone(),
+        ));
         let shared = Arc::new(Shared {
+            origins,
+            ip_limits,
             args: cfg.args,
             gateway_id: cfg.gateway_id,
             subjects: cfg.subjects,
@@ -211,10 +220,13 @@ impl Gateway {
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(drain)
-            .await
-            .context("serving");
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(drain)
+        .await
+        .context("serving");
         // Whatever ended the serving, the parts drain in order.
         stop.cancel();
 
@@ -267,23 +279,58 @@ async fn ws_private(
     ws: WebSocketUpgrade,
     State(shared): State<Arc<Shared>>,
     Query(p): Query<WsParams>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
 ) -> Response {
-    upgrade(ws, shared, Page::Private, p)
+    guarded_upgrade(ws, shared, Page::Private, p, peer, &headers)
 }
 
 async fn ws_public(
     ws: WebSocketUpgrade,
     State(shared): State<Arc<Shared>>,
     Query(p): Query<WsParams>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
 ) -> Response {
-    upgrade(ws, shared, Page::Public, p)
+    guarded_upgrade(ws, shared, Page::Public, p, peer, &headers)
+}
+
+/// Refuses the upgrade when a check of [`guard`] fails (counted by
+/// reason), upgrades otherwise.
+fn guarded_upgrade(
+    ws: WebSocketUpgrade,
+    shared: Arc<Shared>,
+    page: Page,
+    p: WsParams,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Response {
+    let refused = |reason: &str| shared.metrics.refused.with_label_values(&[reason]).inc();
+    if !shared.origins.allows(headers) {
+        refused("origin");
+        return guard::forbidden_origin();
+    }
+    let ip = shared.ip_limits.client_ip(peer.ip(), headers);
+    match shared.ip_limits.admit(ip) {
+        Ok(slot) => upgrade(ws, shared, page, p, slot),
+        Err(why) => {
+            refused(why.as_str());
+            why.response()
+        }
+    }
 }
 
 /// The most a connection's write buffer may hold: room for a roster of
 /// several hundred thousand clients.
 const MAX_WRITE_BUFFER: usize = 256 << 20;
 
-fn upgrade(ws: WebSocketUpgrade, shared: Arc<Shared>, page: Page, p: WsParams) -> Response {
+fn upgrade(
+    ws: WebSocketUpgrade,
+    shared: Arc<Shared>,
+    page: Page,
+    p: WsParams,
+    slot: guard::IpSlot,
+) -> Response {
     let version = if p.v.as_deref() == Some("2") {
         Version::V2
     } else {
@@ -311,6 +358,11 @@ fn upgrade(ws: WebSocketUpgrade, shared: Arc<Shared>, page: Page, p: WsParams) -
         .max_message_size((max_frame * 4).max(64 * 1024))
         .on_upgrade(move |socket| {
             let tracker = shared.tracker.clone();
-            tracker.track_future(connection::serve(socket, shared, page, version))
+            tracker.track_future(async move {
+                connection::serve(socket, shared, page, version).await;
+                // The address's count drops when the connection ends (or
+                // with the closure, if the upgrade never completes).
+                drop(slot);
+            })
         })
 }

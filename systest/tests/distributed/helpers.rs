@@ -381,6 +381,10 @@ impl Senders {
                     let mut seq = 0u64;
                     while !stop.load(Ordering::SeqCst) {
                         tick.tick().await;
+                        // Samples answer a pong (docs/security.md): the
+                        // gateway handles frames in order, so the pong of
+                        // this ping is sent before the sample arrives.
+                        sender.send(json!({"command": "ping", "seq": seq})).await;
                         sender
                             .send(json!({
                                 "command": "delay_time",
