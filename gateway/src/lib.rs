@@ -32,7 +32,8 @@ use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use services::admin::{Latch, Readiness};
 use services::bus::SharedBus;
@@ -42,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::add_extension::AddExtension;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 pub use config::GatewayArgs;
@@ -216,17 +218,9 @@ impl Gateway {
                 stop.cancel();
             }
         };
-        // Pongs must leave at once, not wait for Nagle and delayed ACKs.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(drain)
-        .await
-        .context("serving");
+        let served = serve_http(listener, app, &shared.args, drain)
+            .await
+            .context("serving");
         // Whatever ended the serving, the parts drain in order.
         stop.cancel();
 
@@ -249,6 +243,73 @@ impl Gateway {
         let _ = bus.flush().await;
         served
     }
+}
+
+/// Serves HTTP/1 (WebSocket upgrades included) on `listener` until
+/// `drain` resolves, then lets every open HTTP connection finish its
+/// request and close (upgraded connections are the tracker's, not these),
+/// waiting at most the drain timeout.
+///
+/// Served with hyper's own builder rather than `axum::serve`, whose header
+/// read timeout cannot be set: a client gets `--header-timeout-ms` to send
+/// a request's headers, the upgrade's included (a slowloris trickling
+/// them, or sending nothing, is cut; docs/security.md). Each request
+/// carries its peer's address as [`ConnectInfo`], for the per-IP caps.
+///
+/// # Errors
+/// None yet: accept errors are logged and retried, as `axum::serve` does.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    args: &GatewayArgs,
+    drain: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(args.header_timeout());
+    let conns = TaskTracker::new();
+    let closing = CancellationToken::new();
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: wait, as axum does.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut drain => break,
+        };
+        // Pongs must leave at once, not wait for Nagle and delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(AddExtension::new(app.clone(), ConnectInfo(peer)));
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let closing = closing.clone();
+        conns.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = closing.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    closing.cancel();
+    conns.close();
+    if tokio::time::timeout(args.drain_timeout(), conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout: some HTTP connections did not close in time");
+    }
+    Ok(())
 }
 
 /// Every route of the public listener.

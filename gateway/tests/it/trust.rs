@@ -369,3 +369,67 @@ async fn a_trusted_proxys_forwarded_address_is_the_client() {
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+#[tokio::test]
+async fn slow_or_silent_request_headers_are_cut_at_the_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let gw = TestGateway::start(GatewayArgs {
+        header_timeout_ms: 300,
+        ..Default::default()
+    })
+    .await;
+    // Ends (EOF, a reset, or a 408 then EOF) within `within`, reading
+    // whatever the server sends meanwhile.
+    async fn cut_within(mut tcp: TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 512];
+        tokio::time::timeout(within, async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    let silent = TcpStream::connect(gw.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(
+        cut_within(silent, Duration::from_secs(3)).await,
+        "a silent client is cut"
+    );
+
+    // One byte every 50 ms: the whole request would take over 8 s.
+    let mut trickle = TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /ws/public/ HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        gw.addr
+    );
+    let trickled = tokio::time::Instant::now();
+    for b in request.bytes() {
+        if trickle.write_all(&[b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if trickled.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    assert!(
+        trickled.elapsed() < Duration::from_secs(3),
+        "the trickling client was not cut (still writing after 3 s)"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "not before the deadline"
+    );
+
+    // An honest client is unaffected.
+    let mut c = gw.ws("/ws/private/?v=2").await;
+    assert_eq!(c.recv().await["command"], "welcome");
+}
