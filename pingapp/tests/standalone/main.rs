@@ -2,6 +2,7 @@
 //! on random ports, spoken to over real WebSockets and HTTP.
 
 mod helpers;
+mod trust;
 
 use std::time::Duration;
 
