@@ -145,11 +145,11 @@ pub struct GatewayArgs {
     )]
     pub max_connects_per_ip_per_second: u32,
 
-    /// Proxies (IP addresses, comma-separated) whose `X-Forwarded-For` names
-    /// the client address for the per-IP caps; from anyone else the header
-    /// is ignored.
+    /// Proxies (IP addresses or ranges such as `10.0.0.0/8`,
+    /// comma-separated) whose `X-Forwarded-For` names the client address
+    /// for the per-IP caps; from anyone else the header is ignored.
     #[arg(long, env = "PINGAPP_TRUSTED_PROXIES", value_delimiter = ',')]
-    pub trusted_proxies: Vec<std::net::IpAddr>,
+    pub trusted_proxies: Vec<crate::guard::IpNet>,
 
     /// How long a client may take to send a request's headers (the
     /// WebSocket upgrade included) before the connection is closed.
@@ -256,5 +256,12 @@ mod tests {
             GatewayCli::try_parse_from(["gateway"]).is_err(),
             "NATS is required"
         );
+        let nats = ["gateway", "--nats-url", "nats://127.0.0.1:4222"];
+        let proxies = |list: &str| {
+            GatewayCli::try_parse_from(nats.iter().copied().chain(["--trusted-proxies", list]))
+                .map(|cli| cli.gateway.trusted_proxies.len())
+        };
+        assert_eq!(proxies("10.0.0.0/8,192.0.2.7").unwrap(), 2);
+        assert!(proxies("ingress").is_err(), "not an address");
     }
 }

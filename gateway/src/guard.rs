@@ -129,6 +129,75 @@ mod tests {
         let any = OriginPolicy::new(&["*".into()]);
         assert!(any.allows(&headers(Some("null"), "gw.internal")));
     }
+
+    #[test]
+    fn proxy_ranges_contain_their_addresses_only() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(net("10.0.0.0/8").contains(&ip("10.200.3.4")));
+        assert!(!net("10.0.0.0/8").contains(&ip("11.0.0.1")));
+        assert!(net("10.1.2.3").contains(&ip("10.1.2.3")));
+        assert!(!net("10.1.2.3").contains(&ip("10.1.2.4")));
+        assert!(net("0.0.0.0/0").contains(&ip("203.0.113.1")));
+        assert!(!net("0.0.0.0/0").contains(&ip("::1")), "no mixing families");
+        assert!(net("fd00::/8").contains(&ip("fd12::1")));
+        assert!(!net("fd00::/8").contains(&ip("fe80::1")));
+        for bad in ["10.0.0.0/33", "fd00::/129", "ingress", "10.0.0/8", ""] {
+            assert!(bad.parse::<IpNet>().is_err(), "{bad:?}");
+        }
+    }
+}
+
+/// An address range, `10.0.0.0/8` or `fd00::/8`, or one address (`10.1.2.3`,
+/// a /32 or /128): how `--trusted-proxies` names proxies whose addresses
+/// change (an ingress controller's pods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// A `--trusted-proxies` entry that is neither an address nor a range.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not an IP address or range (10.0.0.0/8, fd00::/8, 10.1.2.3)")]
+pub struct BadIpNet(String);
+
+impl std::str::FromStr for IpNet {
+    type Err = BadIpNet;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadIpNet(s.to_owned());
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl IpNet {
+    /// Whether `ip` is in this range (an IPv4 address is never in an IPv6
+    /// range, nor the reverse).
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        // Both left-aligned in 128 bits, so a prefix counts from the top.
+        let bits = |a: &IpAddr| match a {
+            IpAddr::V4(a) => u128::from(a.to_bits()) << 96,
+            IpAddr::V6(a) => a.to_bits(),
+        };
+        if self.addr.is_ipv4() != ip.is_ipv4() {
+            return false;
+        }
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0);
+        bits(&self.addr) & mask == bits(ip) & mask
+    }
 }
 
 /// Most addresses the per-IP table holds; beyond it (after dropping the
@@ -147,7 +216,7 @@ pub const MAX_TRACKED_IPS: usize = 100_000;
 pub struct IpLimits {
     max_connections: u32,
     connects_per_second: u32,
-    trusted_proxies: Vec<IpAddr>,
+    trusted_proxies: Vec<IpNet>,
     table: Mutex<HashMap<IpAddr, IpEntry>>,
 }
 
@@ -227,7 +296,7 @@ impl IpLimits {
     pub fn new(
         max_connections: u32,
         connects_per_second: u32,
-        trusted_proxies: Vec<IpAddr>,
+        trusted_proxies: Vec<IpNet>,
     ) -> Self {
         Self {
             max_connections,
@@ -241,7 +310,8 @@ impl IpLimits {
     /// proxy, the last `X-Forwarded-For` entry that is not one (what a
     /// client sends itself is further left and never believed).
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        if !self.trusted_proxies.contains(&peer) {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        if !trusted(&peer) {
             return peer;
         }
         let forwarded = headers
@@ -254,7 +324,7 @@ impl IpLimits {
         forwarded
             .into_iter()
             .rev()
-            .find(|a| !self.trusted_proxies.contains(a))
+            .find(|a| !trusted(a))
             .unwrap_or(peer)
     }
 

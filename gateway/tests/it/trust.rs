@@ -345,7 +345,7 @@ async fn a_trusted_proxys_forwarded_address_is_the_client() {
     let gw = TestGateway::start(GatewayArgs {
         max_connections_per_ip: 1,
         max_connects_per_ip_per_second: 0,
-        trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+        trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
         ..Default::default()
     })
     .await;

@@ -740,6 +740,9 @@ fn bad_settings_stop_with_one_line_and_status_2() {
         vec!["--max-frame-bytes", "0"],
         vec!["--nats-url", "nats://h:port"],
         vec!["--retention", "forever"],
+        vec!["--trusted-proxies", "10.0.0.0/99"],
+        vec!["--max-connections-per-ip", "many"],
+        vec!["--header-timeout-ms", "5"],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingapp"))
             .args(&args)
