@@ -10,8 +10,11 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -28,12 +31,41 @@ use crate::state::Shared;
 /// Longest a query waits for the recorder.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The API routes.
-pub fn router() -> Router<Arc<Shared>> {
+/// The API routes, each request counted against its client address's
+/// budget (`--max-api-requests-per-ip-per-second`, docs/security.md).
+pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
     Router::new()
         .route("/api/roster", get(roster))
         .route("/api/clients/{id}/samples", get(samples))
         .route("/api/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(shared, per_ip_budget))
+}
+
+/// Answers 429 with `Retry-After` to an address over its API budget.
+async fn per_ip_budget(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let ip = shared.ip_limits.client_ip(peer.ip(), req.headers());
+    if shared.api_budget.admit(ip) {
+        return next.run(req).await;
+    }
+    shared
+        .metrics
+        .refused
+        .with_label_values(&["api_rate"])
+        .inc();
+    let mut resp = ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        code: "too_many_requests",
+        detail: "too many API requests from this address; retry after a second".into(),
+    }
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// An API error: a status and a JSON body `{"error": code, "detail": text}`.

@@ -145,6 +145,16 @@ pub struct GatewayArgs {
     )]
     pub max_connects_per_ip_per_second: u32,
 
+    /// API requests (`/api/*`) per second from one client address
+    /// (sustained; a burst of twice as many); more get 429 with
+    /// `Retry-After`. 0: no budget.
+    #[arg(
+        long,
+        env = "PINGAPP_MAX_API_REQUESTS_PER_IP_PER_SECOND",
+        default_value_t = 20
+    )]
+    pub max_api_requests_per_ip_per_second: u32,
+
     /// Proxies (IP addresses or ranges such as `10.0.0.0/8`,
     /// comma-separated) whose `X-Forwarded-For` names the client address
     /// for the per-IP caps; from anyone else the header is ignored.
@@ -181,6 +191,7 @@ impl Default for GatewayArgs {
             max_delay_excess_ms: 500,
             max_connections_per_ip: 256,
             max_connects_per_ip_per_second: 20,
+            max_api_requests_per_ip_per_second: 20,
             trusted_proxies: Vec::new(),
             header_timeout_ms: 10_000,
             allowed_origins: Vec::new(),

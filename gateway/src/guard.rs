@@ -356,3 +356,44 @@ impl IpLimits {
         })
     }
 }
+
+/// A per-address request budget: a token bucket per client address, `rate`
+/// a second with a burst of twice as many, 0 turning it off. The table
+/// holds addresses whose bucket is not full again yet (a couple of seconds
+/// after their last request), swept when it reaches [`MAX_TRACKED_IPS`];
+/// if it is still full, unknown addresses are refused.
+#[derive(Debug)]
+pub struct IpBudget {
+    rate: u32,
+    table: Mutex<HashMap<IpAddr, TokenBucket>>,
+}
+
+impl IpBudget {
+    /// `rate` requests a second per address (0: unlimited).
+    pub fn new(rate: u32) -> Self {
+        Self {
+            rate,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts a request from `ip`; false when it is over the budget.
+    pub fn admit(&self, ip: IpAddr) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut table = self.table.lock().expect("ip budget table");
+        if table.len() >= MAX_TRACKED_IPS && !table.contains_key(&ip) {
+            table.retain(|_, bucket| !bucket.is_full(now));
+            if table.len() >= MAX_TRACKED_IPS {
+                return false;
+            }
+        }
+        let rate = f64::from(self.rate);
+        table
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(rate, 2.0 * rate))
+            .admit(now, 1.0)
+    }
+}

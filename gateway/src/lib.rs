@@ -160,9 +160,11 @@ impl Gateway {
             cfg.args.max_connects_per_ip_per_second,
             cfg.args.trusted_proxies.clone(),
         ));
+        let api_budget = guard::IpBudget::new(cfg.args.max_api_requests_per_ip_per_second);
         let shared = Arc::new(Shared {
             origins,
             ip_limits,
+            api_budget,
             args: cfg.args,
             gateway_id: cfg.gateway_id,
             subjects: cfg.subjects,
@@ -319,7 +321,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ws/private", get(ws_private))
         .route("/ws/public/", get(ws_public))
         .route("/ws/public", get(ws_public))
-        .merge(api::router())
+        .merge(api::router(shared.clone()))
         .merge(pages::router())
         .with_state(shared);
     for (name, value) in pages::SECURITY_HEADERS {

@@ -38,7 +38,8 @@ pub struct GatewayMetrics {
     pub samples_pending: IntGaugeVec,
     /// Public clients in this gateway's copy of the roster.
     pub roster_size: IntGaugeVec,
-    /// WebSocket upgrade requests refused before the upgrade, by reason.
+    /// Requests refused before they were served (WebSocket upgrades and
+    /// API requests), by reason.
     pub refused: IntCounterVec,
     /// `delay_time` samples refused (no unused pong, or implausible).
     pub samples_refused: IntCounterVec,
@@ -56,7 +57,13 @@ impl GatewayMetrics {
         }
         m.samples_pending.with_label_values(none);
         m.roster_size.with_label_values(none);
-        for reason in ["origin", "ip_connections", "ip_rate", "ip_table"] {
+        for reason in [
+            "origin",
+            "ip_connections",
+            "ip_rate",
+            "ip_table",
+            "api_rate",
+        ] {
             m.refused.with_label_values(&[reason]);
         }
         for reason in ["no_pong", "implausible"] {
@@ -193,7 +200,7 @@ impl GatewayMetrics {
             refused: counter(
                 r,
                 "pingapp_gateway_refused_total",
-                "WebSocket upgrade requests refused before the upgrade, by reason.",
+                "Requests refused before they were served (WebSocket upgrades and API requests), by reason.",
                 &["reason"],
             ),
             samples_refused: counter(

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayArgs;
-use crate::guard::{IpLimits, OriginPolicy};
+use crate::guard::{IpBudget, IpLimits, OriginPolicy};
 use crate::metrics::GatewayMetrics;
 use crate::persist::RecordItem;
 use crate::room::Room;
@@ -38,6 +38,8 @@ pub struct Shared {
     pub(crate) origins: OriginPolicy,
     /// Per-IP connection caps.
     pub(crate) ip_limits: Arc<IpLimits>,
+    /// Per-IP budget of API requests.
+    pub(crate) api_budget: IpBudget,
     /// Every connection task, so the drain can wait for them.
     pub(crate) tracker: TaskTracker,
 }

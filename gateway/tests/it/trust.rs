@@ -433,3 +433,37 @@ async fn slow_or_silent_request_headers_are_cut_at_the_deadline() {
     let mut c = gw.ws("/ws/private/?v=2").await;
     assert_eq!(c.recv().await["command"], "welcome");
 }
+
+#[tokio::test]
+async fn api_requests_have_a_per_ip_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let gw = TestGateway::start(GatewayArgs {
+        max_api_requests_per_ip_per_second: 2,
+        ..Default::default()
+    })
+    .await;
+    // The response head of one GET, on its own connection.
+    let get = |path: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = String::new();
+        tcp.read_to_string(&mut resp).await.unwrap();
+        resp.to_ascii_lowercase()
+    };
+    // A burst of twice the rate, then 429 with Retry-After.
+    for _ in 0..4 {
+        assert!(get("/api/roster").await.starts_with("http/1.1 200"));
+    }
+    let refused = get("/api/roster").await;
+    assert!(refused.starts_with("http/1.1 429"), "{refused}");
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+    assert!(refused.contains("too_many_requests"), "{refused}");
+    // Pages are not API requests.
+    assert!(get("/").await.starts_with("http/1.1 200"));
+    assert_eq!(
+        gw.metric("pingapp_gateway_refused_total", &[("reason", "api_rate")]),
+        1.0
+    );
+}

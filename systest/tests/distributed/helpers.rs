@@ -113,6 +113,10 @@ impl Deployment {
             .args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()])
             .args(["--roster-tick-ms", "100"])
             .args(["--drain-timeout-ms", "3000"])
+            // Tests poll the API every 20 ms from one address while they
+            // wait for the recorder: no per-IP API budget
+            // (docs/security.md).
+            .args(["--max-api-requests-per-ip-per-second", "0"])
             .spawn();
         Node::ready(svc, Some(listen), admin).await
     }
