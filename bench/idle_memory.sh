@@ -72,7 +72,9 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 start_server() { # server log
     rm -f "$OUT"/pingapp.db*
     if [[ $1 == pingapp ]]; then
+        # Every client connects from 127.0.0.1: no per-IP caps.
         "$BIN/pingapp" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+            --max-connections-per-ip 0 --max-connects-per-ip-per-second 0 \
             --database-url "sqlite://$OUT/pingapp.db" >"$2" 2>&1 &
         SERVER_PID=$!
         wait_for "$2" 'listening on http://[0-9.]+:[0-9]+' 10 | sed 's#.*http://##'

@@ -62,11 +62,14 @@ wait_for() {
     exit 1
 }
 
-# The rate limit is raised so closed loop is not cut off with 1008; it is a
-# counter compare per message and costs the same at any setting.
+# The rate limits (messages and bytes) are raised so closed loop is not cut
+# off with 1008; they are a token bucket per connection and cost the same at
+# any setting. Every loadgen client connects from 127.0.0.1: no per-IP caps.
 "$BIN/pingapp" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
     --database-url "sqlite://$OUT/pingapp.db" \
-    --max-messages-per-second 100000 >"$OUT/pingapp.log" 2>&1 &
+    --max-messages-per-second 100000 --max-bytes-per-second 1073741824 \
+    --max-connections-per-ip 0 --max-connects-per-ip-per-second 0 \
+    >"$OUT/pingapp.log" 2>&1 &
 PIDS+=($!)
 "$BIN/echo-server" --listen 127.0.0.1:0 >"$OUT/echo.log" 2>&1 &
 PIDS+=($!)

@@ -10,8 +10,11 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -28,12 +31,41 @@ use crate::state::Shared;
 /// Longest a query waits for the recorder.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The API routes.
-pub fn router() -> Router<Arc<Shared>> {
+/// The API routes, each request counted against its client address's
+/// budget (`--max-api-requests-per-ip-per-second`, docs/security.md).
+pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
     Router::new()
         .route("/api/roster", get(roster))
         .route("/api/clients/{id}/samples", get(samples))
         .route("/api/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(shared, per_ip_budget))
+}
+
+/// Answers 429 with `Retry-After` to an address over its API budget.
+async fn per_ip_budget(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let ip = shared.ip_limits.client_ip(peer.ip(), req.headers());
+    if shared.api_budget.admit(ip) {
+        return next.run(req).await;
+    }
+    shared
+        .metrics
+        .refused
+        .with_label_values(&["api_rate"])
+        .inc();
+    let mut resp = ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        code: "too_many_requests",
+        detail: "too many API requests from this address; retry after a second".into(),
+    }
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// An API error: a status and a JSON body `{"error": code, "detail": text}`.
@@ -146,11 +178,7 @@ async fn samples(
 ) -> Result<Response, ApiError> {
     let since_us = limits::parse_since(params.since.as_deref())?;
     let limit = limits::parse_limit(params.limit.as_deref())?;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
+    let token = bearer_token(&headers);
     if id.len() > limits::MAX_CLIENT_ID_LEN {
         return Err(ApiError::not_found());
     }
@@ -238,6 +266,16 @@ async fn stats(
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header; the scheme is
+/// case-insensitive (RFC 9110, section 11.1), so `bearer` and `BEARER`
+/// work too.
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+}
+
 /// Whole milliseconds of a duration within the API's bounds.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -268,6 +306,22 @@ mod tests {
         );
         let limit = ApiError::from(BadRequest("limit".into()));
         assert_eq!(limit.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            bearer_token(&h)
+        };
+        for v in ["Bearer t0k", "bearer t0k", "BEARER  t0k ", "BeArEr\tt0k"] {
+            assert_eq!(with(v).as_deref(), Some("t0k"), "{v}");
+        }
+        for v in ["Basic t0k", "Bearer", "Bearer ", "Bearert0k"] {
+            assert_eq!(with(v), None, "{v}");
+        }
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
     }
 
     #[test]

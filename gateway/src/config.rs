@@ -67,10 +67,26 @@ pub struct GatewayArgs {
           value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     pub max_frame_bytes: u32,
 
-    /// Most client messages per second; more closes the connection with 1008.
+    /// Sustained client frames per second (every frame, control frames
+    /// included), with a burst of as many: a token bucket; over it the
+    /// connection is closed with 1008.
     #[arg(long, env = "PINGAPP_MAX_MESSAGES_PER_SECOND", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_messages_per_second: u32,
+
+    /// Sustained client bytes per second (frame payloads), with a burst of
+    /// as many (at least one largest frame); over it the connection is
+    /// closed with 1008.
+    #[arg(long, env = "PINGAPP_MAX_BYTES_PER_SECOND", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u32).range(64..=1_073_741_824))]
+    pub max_bytes_per_second: u32,
+
+    /// Sustained renames per minute per connection, with a burst of 3 (or
+    /// a tenth of the rate when that is more); a rename over it gets a
+    /// `too_many_renames` error frame and is not applied.
+    #[arg(long, env = "PINGAPP_MAX_RENAMES_PER_MINUTE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_renames_per_minute: u32,
 
     /// How often pages should ping, announced in the v2 welcome.
     #[arg(long, env = "PINGAPP_PING_INTERVAL_MS", default_value_t = 1000,
@@ -107,6 +123,55 @@ pub struct GatewayArgs {
     #[arg(long, env = "PINGAPP_DRAIN_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub drain_timeout_ms: u64,
+
+    /// How much a client's `delay_time` may exceed the time the gateway saw
+    /// pass since that sample's ping arrived; a longer claim is refused.
+    #[arg(long, env = "PINGAPP_MAX_DELAY_EXCESS_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub max_delay_excess_ms: u64,
+
+    /// Most concurrent WebSocket connections from one client address; more
+    /// get 429 before the upgrade. 0: no cap.
+    #[arg(long, env = "PINGAPP_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: u32,
+
+    /// Most new WebSocket connections per second from one client address
+    /// (sustained; a burst of twice as many); more get 429 before the
+    /// upgrade. 0: no cap.
+    #[arg(
+        long,
+        env = "PINGAPP_MAX_CONNECTS_PER_IP_PER_SECOND",
+        default_value_t = 20
+    )]
+    pub max_connects_per_ip_per_second: u32,
+
+    /// API requests (`/api/*`) per second from one client address
+    /// (sustained; a burst of twice as many); more get 429 with
+    /// `Retry-After`. 0: no budget.
+    #[arg(
+        long,
+        env = "PINGAPP_MAX_API_REQUESTS_PER_IP_PER_SECOND",
+        default_value_t = 20
+    )]
+    pub max_api_requests_per_ip_per_second: u32,
+
+    /// Proxies (IP addresses or ranges such as `10.0.0.0/8`,
+    /// comma-separated) whose `X-Forwarded-For` names the client address
+    /// for the per-IP caps; from anyone else the header is ignored.
+    #[arg(long, env = "PINGAPP_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::guard::IpNet>,
+
+    /// How long a client may take to send a request's headers (the
+    /// WebSocket upgrade included) before the connection is closed.
+    #[arg(long, env = "PINGAPP_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub header_timeout_ms: u64,
+
+    /// Browser origins allowed to open WebSockets besides the request's
+    /// own host, comma-separated (`https://ping.example.com`); `*` allows
+    /// any. Requests without an `Origin` header are always allowed.
+    #[arg(long, env = "PINGAPP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for GatewayArgs {
@@ -114,6 +179,8 @@ impl Default for GatewayArgs {
         Self {
             max_frame_bytes: 4096,
             max_messages_per_second: 50,
+            max_bytes_per_second: 65_536,
+            max_renames_per_minute: 10,
             ping_interval_ms: 1000,
             roster_tick_ms: 500,
             keepalive_interval_ms: 5000,
@@ -121,6 +188,13 @@ impl Default for GatewayArgs {
             outbound_queue: 1024,
             heartbeat_interval_ms: 2000,
             drain_timeout_ms: 10_000,
+            max_delay_excess_ms: 500,
+            max_connections_per_ip: 256,
+            max_connects_per_ip_per_second: 20,
+            max_api_requests_per_ip_per_second: 20,
+            trusted_proxies: Vec::new(),
+            header_timeout_ms: 10_000,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -146,9 +220,21 @@ impl GatewayArgs {
         Duration::from_millis(self.heartbeat_interval_ms)
     }
 
+    /// Header read timeout.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
     /// Drain timeout.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// A new connection's rename budget.
+    pub(crate) fn rename_budget(&self) -> crate::connection::TokenBucket {
+        let per_minute = f64::from(self.max_renames_per_minute);
+        let burst = per_minute.min(3.0).max(per_minute / 10.0);
+        crate::connection::TokenBucket::new(per_minute / 60.0, burst)
     }
 
     /// After how long without a pong a page counts a ping as lost.
@@ -181,5 +267,12 @@ mod tests {
             GatewayCli::try_parse_from(["gateway"]).is_err(),
             "NATS is required"
         );
+        let nats = ["gateway", "--nats-url", "nats://127.0.0.1:4222"];
+        let proxies = |list: &str| {
+            GatewayCli::try_parse_from(nats.iter().copied().chain(["--trusted-proxies", list]))
+                .map(|cli| cli.gateway.trusted_proxies.len())
+        };
+        assert_eq!(proxies("10.0.0.0/8,192.0.2.7").unwrap(), 2);
+        assert!(proxies("ingress").is_err(), "not an address");
     }
 }

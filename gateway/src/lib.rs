@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod connection;
 pub mod feed;
+pub mod guard;
 pub mod hub;
 pub mod metrics;
 pub mod mirror;
@@ -27,11 +28,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::http::{HeaderName, HeaderValue};
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use services::admin::{Latch, Readiness};
 use services::bus::SharedBus;
@@ -41,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::add_extension::AddExtension;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 pub use config::GatewayArgs;
@@ -154,7 +157,17 @@ impl Gateway {
         ];
         let b = bus.clone();
         readiness.add_check("nats", move || b.is_connected());
+        let origins = guard::OriginPolicy::new(&cfg.args.allowed_origins);
+        let ip_limits = Arc::new(guard::IpLimits::new(
+            cfg.args.max_connections_per_ip,
+            cfg.args.max_connects_per_ip_per_second,
+            cfg.args.trusted_proxies.clone(),
+        ));
+        let api_budget = guard::IpBudget::new(cfg.args.max_api_requests_per_ip_per_second);
         let shared = Arc::new(Shared {
+            origins,
+            ip_limits,
+            api_budget,
             args: cfg.args,
             gateway_id: cfg.gateway_id,
             subjects: cfg.subjects,
@@ -210,12 +223,7 @@ impl Gateway {
                 stop.cancel();
             }
         };
-        // Pongs must leave at once, not wait for Nagle and delayed ACKs.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(drain)
+        let served = serve_http(listener, app, &shared.args, drain)
             .await
             .context("serving");
         // Whatever ended the serving, the parts drain in order.
@@ -250,6 +258,73 @@ impl Gateway {
     }
 }
 
+/// Serves HTTP/1 (WebSocket upgrades included) on `listener` until
+/// `drain` resolves, then lets every open HTTP connection finish its
+/// request and close (upgraded connections are the tracker's, not these),
+/// waiting at most the drain timeout.
+///
+/// Served with hyper's own builder rather than `axum::serve`, whose header
+/// read timeout cannot be set: a client gets `--header-timeout-ms` to send
+/// a request's headers, the upgrade's included (a slowloris trickling
+/// them, or sending nothing, is cut; docs/security.md). Each request
+/// carries its peer's address as [`ConnectInfo`], for the per-IP caps.
+///
+/// # Errors
+/// None yet: accept errors are logged and retried, as `axum::serve` does.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    args: &GatewayArgs,
+    drain: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(args.header_timeout());
+    let conns = TaskTracker::new();
+    let closing = CancellationToken::new();
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: wait, as axum does.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut drain => break,
+        };
+        // Pongs must leave at once, not wait for Nagle and delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(AddExtension::new(app.clone(), ConnectInfo(peer)));
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let closing = closing.clone();
+        conns.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = closing.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    closing.cancel();
+    conns.close();
+    if tokio::time::timeout(args.drain_timeout(), conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout: some HTTP connections did not close in time");
+    }
+    Ok(())
+}
+
 /// Every route of the public listener.
 pub fn router(shared: Arc<Shared>) -> Router {
     let mut app = Router::new()
@@ -257,7 +332,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ws/private", get(ws_private))
         .route("/ws/public/", get(ws_public))
         .route("/ws/public", get(ws_public))
-        .merge(api::router())
+        .merge(api::router(shared.clone()))
         .merge(pages::router())
         .with_state(shared);
     for (name, value) in pages::SECURITY_HEADERS {
@@ -278,23 +353,58 @@ async fn ws_private(
     ws: WebSocketUpgrade,
     State(shared): State<Arc<Shared>>,
     Query(p): Query<WsParams>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
 ) -> Response {
-    upgrade(ws, shared, Page::Private, p)
+    guarded_upgrade(ws, shared, Page::Private, p, peer, &headers)
 }
 
 async fn ws_public(
     ws: WebSocketUpgrade,
     State(shared): State<Arc<Shared>>,
     Query(p): Query<WsParams>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
 ) -> Response {
-    upgrade(ws, shared, Page::Public, p)
+    guarded_upgrade(ws, shared, Page::Public, p, peer, &headers)
+}
+
+/// Refuses the upgrade when a check of [`guard`] fails (counted by
+/// reason), upgrades otherwise.
+fn guarded_upgrade(
+    ws: WebSocketUpgrade,
+    shared: Arc<Shared>,
+    page: Page,
+    p: WsParams,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Response {
+    let refused = |reason: &str| shared.metrics.refused.with_label_values(&[reason]).inc();
+    if !shared.origins.allows(headers) {
+        refused("origin");
+        return guard::forbidden_origin();
+    }
+    let ip = shared.ip_limits.client_ip(peer.ip(), headers);
+    match shared.ip_limits.admit(ip) {
+        Ok(slot) => upgrade(ws, shared, page, p, slot),
+        Err(why) => {
+            refused(why.as_str());
+            why.response()
+        }
+    }
 }
 
 /// The most a connection's write buffer may hold: room for a roster of
 /// several hundred thousand clients.
 const MAX_WRITE_BUFFER: usize = 256 << 20;
 
-fn upgrade(ws: WebSocketUpgrade, shared: Arc<Shared>, page: Page, p: WsParams) -> Response {
+fn upgrade(
+    ws: WebSocketUpgrade,
+    shared: Arc<Shared>,
+    page: Page,
+    p: WsParams,
+    slot: guard::IpSlot,
+) -> Response {
     let version = if p.v.as_deref() == Some("2") {
         Version::V2
     } else {
@@ -322,6 +432,11 @@ fn upgrade(ws: WebSocketUpgrade, shared: Arc<Shared>, page: Page, p: WsParams) -
         .max_message_size((max_frame * 4).max(64 * 1024))
         .on_upgrade(move |socket| {
             let tracker = shared.tracker.clone();
-            tracker.track_future(connection::serve(socket, shared, page, version))
+            tracker.track_future(async move {
+                connection::serve(socket, shared, page, version).await;
+                // The address's count drops when the connection ends (or
+                // with the closure, if the upgrade never completes).
+                drop(slot);
+            })
         })
 }

@@ -38,6 +38,11 @@ pub struct GatewayMetrics {
     pub samples_pending: IntGaugeVec,
     /// Public clients in this gateway's copy of the roster.
     pub roster_size: IntGaugeVec,
+    /// Requests refused before they were served (WebSocket upgrades and
+    /// API requests), by reason.
+    pub refused: IntCounterVec,
+    /// `delay_time` samples refused (no unused pong, or implausible).
+    pub samples_refused: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -52,13 +57,32 @@ impl GatewayMetrics {
         }
         m.samples_pending.with_label_values(none);
         m.roster_size.with_label_values(none);
+        for reason in [
+            "origin",
+            "ip_connections",
+            "ip_rate",
+            "ip_table",
+            "api_rate",
+        ] {
+            m.refused.with_label_values(&[reason]);
+        }
+        for reason in ["no_pong", "implausible"] {
+            m.samples_refused.with_label_values(&[reason]);
+        }
         m.ping_duration.with_label_values(none);
         m.server_rtt.with_label_values(none);
         m.broadcast_fanout.with_label_values(none);
         for code in ["1000", "1001", "1008", "1009", "1012", "1013"] {
             m.disconnects.with_label_values(&[code]);
         }
-        for code in ["bad_json", "unknown_command", "bad_delay", "bad_name"] {
+        for code in [
+            "bad_json",
+            "unknown_command",
+            "bad_delay",
+            "bad_name",
+            "bad_sample",
+            "too_many_renames",
+        ] {
             m.errors.with_label_values(&[code]);
         }
         for page in ["private", "public"] {
@@ -172,6 +196,18 @@ impl GatewayMetrics {
                 "pingapp_gateway_roster_size",
                 "Public clients in this gateway's copy of the roster.",
                 &[],
+            ),
+            refused: counter(
+                r,
+                "pingapp_gateway_refused_total",
+                "Requests refused before they were served (WebSocket upgrades and API requests), by reason.",
+                &["reason"],
+            ),
+            samples_refused: counter(
+                r,
+                "pingapp_gateway_samples_refused_total",
+                "Delay samples refused: no unused pong, or longer than the time since its ping.",
+                &["reason"],
             ),
         }
     }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayArgs;
+use crate::guard::{IpBudget, IpLimits, OriginPolicy};
 use crate::metrics::GatewayMetrics;
 use crate::persist::RecordItem;
 use crate::room::Room;
@@ -33,6 +34,12 @@ pub struct Shared {
     pub(crate) records: mpsc::Sender<RecordItem>,
     /// Cancelled when the gateway starts draining.
     pub(crate) shutdown: CancellationToken,
+    /// Which browser origins may open WebSockets.
+    pub(crate) origins: OriginPolicy,
+    /// Per-IP connection caps.
+    pub(crate) ip_limits: Arc<IpLimits>,
+    /// Per-IP budget of API requests.
+    pub(crate) api_budget: IpBudget,
     /// Every connection task, so the drain can wait for them.
     pub(crate) tracker: TaskTracker,
 }

@@ -79,6 +79,12 @@ pub enum ErrorCode {
     /// `channel_names` of a `watch` neither null nor an array of at most
     /// [`MAX_WATCH_IDS`] strings of at most [`MAX_WATCH_ID_BYTES`] bytes.
     BadWatch,
+    /// A `delay_time` that matches no unused pong of this connection, or
+    /// claims more time than passed since that pong's ping arrived.
+    BadSample,
+    /// A rename over the connection's rename budget
+    /// (`--max-renames-per-minute`); the name is unchanged.
+    TooManyRenames,
 }
 
 impl ErrorCode {
@@ -90,6 +96,8 @@ impl ErrorCode {
             ErrorCode::BadDelay => "bad_delay",
             ErrorCode::BadName => "bad_name",
             ErrorCode::BadWatch => "bad_watch",
+            ErrorCode::BadSample => "bad_sample",
+            ErrorCode::TooManyRenames => "too_many_renames",
         }
     }
 }
@@ -269,27 +277,68 @@ fn validate_delay(v: Option<&serde_json::Value>) -> Result<f64, ProtocolError> {
     Ok(ms)
 }
 
-/// Validates a requested name and returns it trimmed.
+/// Most combining marks allowed in a row (a base letter with a few
+/// diacritics is fine; a tall "zalgo" stack that draws over other rows is
+/// not).
+pub const MAX_COMBINING_MARKS: usize = 4;
+
+/// Validates a requested name (the name policy, docs/protocol.md
+/// "Rename") and returns it normalized (NFC) and trimmed.
 ///
 /// # Errors
-/// [`ErrorCode::BadName`] when empty after trimming, over 64 characters, or
-/// holding control characters.
+/// [`ErrorCode::BadName`] when, after normalizing and trimming, it is
+/// empty, over 64 characters, without a visible character (a letter,
+/// number, punctuation or symbol), holding a control, format (Cf), line or
+/// paragraph separator, private-use, surrogate or unassigned code point,
+/// holding more than [`MAX_COMBINING_MARKS`] combining marks in a row, or
+/// shaped like a client id (16 hexadecimal digits), which would let it
+/// pass for another client.
 pub fn validate_name(name: &str) -> Result<String, ProtocolError> {
+    use unicode_normalization::UnicodeNormalization;
+    use unicode_properties::{GeneralCategory as G, GeneralCategoryGroup, UnicodeGeneralCategory};
+
+    let bad = |detail: &'static str| Err(ProtocolError::new(ErrorCode::BadName, detail));
+    let name: String = name.nfc().collect();
     let name = name.trim();
     if name.is_empty() {
-        return Err(ProtocolError::new(ErrorCode::BadName, "name is empty"));
+        return bad("name is empty");
     }
     if name.chars().count() > MAX_NAME_CHARS {
-        return Err(ProtocolError::new(
-            ErrorCode::BadName,
-            "name is longer than 64 characters",
-        ));
+        return bad("name is longer than 64 characters");
     }
-    if name.chars().any(char::is_control) {
-        return Err(ProtocolError::new(
-            ErrorCode::BadName,
-            "name contains control characters",
-        ));
+    let mut marks = 0;
+    let mut visible = false;
+    for c in name.chars() {
+        match c.general_category() {
+            G::Control => return bad("name contains control characters"),
+            G::Format => return bad("name contains invisible format characters"),
+            G::LineSeparator | G::ParagraphSeparator => {
+                return bad("name contains line or paragraph separators");
+            }
+            G::PrivateUse | G::Surrogate | G::Unassigned => {
+                return bad("name contains private-use or unassigned code points");
+            }
+            _ => {}
+        }
+        match c.general_category_group() {
+            GeneralCategoryGroup::Mark => {
+                marks += 1;
+                if marks > MAX_COMBINING_MARKS {
+                    return bad("name stacks too many combining marks");
+                }
+            }
+            GeneralCategoryGroup::Separator => marks = 0,
+            _ => {
+                marks = 0;
+                visible = true;
+            }
+        }
+    }
+    if !visible {
+        return bad("name has no visible character");
+    }
+    if name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad("name looks like a client id");
     }
     Ok(name.to_owned())
 }
@@ -579,6 +628,41 @@ mod tests {
         }
         let ok = "é".repeat(64);
         assert!(parse_client(&format!(r#"{{"command":"change_name","name":"{ok}"}}"#)).is_ok());
+    }
+
+    #[test]
+    fn the_name_policy_refuses_invisible_impersonating_and_stacked_names() {
+        let name = |n: &str| validate_name(n).map_err(|e| e.detail.into_owned());
+        for bad in [
+            "\u{202E}evil",                              // bidi override (Cf)
+            "\u{200B}\u{200B}",                          // zero-width only (Cf)
+            "a\u{2028}b",                                // line separator (Zl)
+            "a\u{2029}b",                                // paragraph separator (Zp)
+            "\u{FEFF}bob",                               // BOM (Cf)
+            "bob\u{E0041}",                              // tag character (Cf)
+            "\u{E000}",                                  // private use (Co)
+            "a\u{0378}",                                 // unassigned (Cn)
+            "\u{0301}\u{0301}",                          // marks only: nothing visible
+            "\u{3000}",                                  // a wide space only
+            "x\u{0301}\u{0302}\u{0303}\u{0304}\u{0305}", // 5 stacked marks
+            "0123456789abcdef",                          // a client id's shape
+            "0123456789ABCDEF",
+        ] {
+            assert!(name(bad).is_err(), "{bad:?} is accepted");
+        }
+        assert_eq!(name("  Zoë  ").unwrap(), "Zoë");
+        assert_eq!(name("Zoe\u{0308}").unwrap(), "Zo\u{00EB}", "NFC");
+        assert!(name("x\u{0301}\u{0302}\u{0303}\u{0304}").is_ok(), "4 marks");
+        for good in [
+            "Ann Lee",
+            "李小龙",
+            "مرحبا",
+            "🙂",
+            "0123456789abcde",
+            "x-y_z.42",
+        ] {
+            assert_eq!(name(good).as_deref(), Ok(good), "{good:?}");
+        }
     }
 
     #[test]

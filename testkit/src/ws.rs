@@ -44,19 +44,50 @@ pub fn is(v: &Value, command: &str, id: &str) -> bool {
     v["command"] == command && v["channel_name"] == id
 }
 
+/// A WebSocket handshake request for `path` on `addr` with `headers`
+/// added.
+///
+/// # Panics
+/// A header name or value is not valid.
+pub fn handshake_request(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+    let mut req = format!("ws://{addr}{path}")
+        .into_client_request()
+        .expect("a valid URL");
+    for (name, value) in headers {
+        req.headers_mut().insert(
+            HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+            HeaderValue::from_str(value).expect("header value"),
+        );
+    }
+    req
+}
+
 impl Client {
     /// Connects to `path` (e.g. `/ws/public/?v=2`) on `addr`.
     ///
     /// # Panics
     /// The handshake failed or took longer than [`WAIT`].
     pub async fn connect(addr: SocketAddr, path: &str) -> Client {
-        let (ws, _) = tokio::time::timeout(
-            WAIT,
-            tokio_tungstenite::connect_async(format!("ws://{addr}{path}")),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("connect {path}: timed out"))
-        .unwrap_or_else(|e| panic!("connect {path}: {e}"));
+        Client::connect_with(addr, path, &[]).await
+    }
+
+    /// Connects to `path` on `addr` with `headers` added to the handshake
+    /// (an `Origin`, an `X-Forwarded-For`).
+    ///
+    /// # Panics
+    /// The handshake failed or took longer than [`WAIT`].
+    pub async fn connect_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Client {
+        let req = handshake_request(addr, path, headers);
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .unwrap_or_else(|_| panic!("connect {path}: timed out"))
+            .unwrap_or_else(|e| panic!("connect {path}: {e}"));
         Client::from_socket(ws)
     }
 
@@ -238,6 +269,18 @@ impl Client {
                 None => return None,
             }
         }
+    }
+
+    /// Pings with `seq`, waits for the pong, then reports `ms` for it: a
+    /// sample the gateway records (it records only samples answering a
+    /// pong it sent, docs/security.md). Frames before the pong are
+    /// skipped.
+    ///
+    /// # Panics
+    /// No pong within [`WAIT`].
+    pub async fn sample(&mut self, ms: f64, seq: u64) {
+        self.ping(seq).await;
+        self.delay(ms, seq).await;
     }
 
     /// Sends a delay sample.

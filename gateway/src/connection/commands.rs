@@ -1,7 +1,7 @@
 //! One handler per client command (docs/protocol.md): each answers or
 //! acts, and returns `Err` only when the connection must end.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use services::messages::SampleRecord;
@@ -9,6 +9,7 @@ use services::protocol::{
     ClientCommand, ErrorCode, PONG_V1, ProtocolError, Version, parse_client, write_pong,
 };
 
+use super::pongs::Refusal;
 use super::{Connection, Ending};
 use crate::persist::RecordItem;
 
@@ -25,7 +26,7 @@ impl Connection {
             // Boxed (see `serve`): one allocation per sample or rename, and
             // a smaller future for every connection.
             Ok(ClientCommand::DelayTime { delay_ms, seq }) => {
-                Box::pin(self.on_delay(delay_ms, seq)).await
+                Box::pin(self.on_delay(delay_ms, seq, received)).await
             }
             Ok(ClientCommand::ChangeName { name }) => Box::pin(self.on_change_name(name)).await,
             Ok(ClientCommand::Watch { channel_names }) => {
@@ -60,6 +61,7 @@ impl Connection {
             }
         };
         self.write(Message::Text(frame)).await?;
+        self.pongs.sent(seq, received);
         self.hot.pong_out.inc();
         self.hot.pings.inc();
         self.hot
@@ -68,11 +70,38 @@ impl Connection {
         Ok(())
     }
 
-    /// A delay sample: recorded (every page, for its own history); a
-    /// public client's statistics go to the room, and a v1 public page
-    /// gets the whole roster back, as the original app did.
-    async fn on_delay(&mut self, delay_ms: f64, seq: Option<u64>) -> Result<(), Ending> {
+    /// A delay sample: checked against the pongs sent ([`super::pongs`];
+    /// refused: an error frame in v2, dropped in v1), then recorded (every
+    /// page, for its own history); a public client's statistics go to the
+    /// room, and a v1 public page gets the whole roster back, as the
+    /// original app did.
+    async fn on_delay(
+        &mut self,
+        delay_ms: f64,
+        seq: Option<u64>,
+        received: Instant,
+    ) -> Result<(), Ending> {
         self.count_in("delay_time");
+        let margin = Duration::from_millis(self.shared.args.max_delay_excess_ms);
+        if let Err(refusal) = self.pongs.take(seq, self.v2(), delay_ms, received, margin) {
+            self.shared
+                .metrics
+                .samples_refused
+                .with_label_values(&[refusal.as_str()])
+                .inc();
+            if !self.v2() {
+                return Ok(());
+            }
+            let detail = match refusal {
+                Refusal::NoPong => "delay_time needs the seq of a pong not yet used",
+                Refusal::Implausible => "delay_time is longer than the time since that ping",
+            };
+            let e = ProtocolError {
+                code: ErrorCode::BadSample,
+                detail: detail.into(),
+            };
+            return self.send_error(&e).await;
+        }
         self.shared
             .metrics
             .client_delay
@@ -112,6 +141,13 @@ impl Connection {
             };
             return self.send_error(&e).await;
         };
+        if !self.renames.admit(Instant::now(), 1.0) {
+            let e = ProtocolError {
+                code: ErrorCode::TooManyRenames,
+                detail: "too many renames; try again in a minute".into(),
+            };
+            return self.send_error(&e).await;
+        }
         self.name.clone_from(&name);
         self.shared.room.rename(seat, name).await;
         Ok(())

@@ -12,6 +12,7 @@
 
 mod commands;
 mod ending;
+mod pongs;
 mod rate;
 
 use std::pin::Pin;
@@ -31,7 +32,9 @@ use tokio::time::Interval;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 pub use ending::Ending;
-use rate::RateWindow;
+use pongs::Pongs;
+use rate::Budget;
+pub use rate::TokenBucket;
 
 use crate::persist::RecordItem;
 use crate::room::Seat;
@@ -96,7 +99,12 @@ struct Connection {
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     stats: RollingStats,
     samples: u64,
-    rate: RateWindow,
+    /// Pongs sent that no sample used yet: every sample needs one.
+    pongs: Pongs,
+    /// Every frame and byte from the client counts against it.
+    budget: Budget,
+    /// Renames count against it too.
+    renames: TokenBucket,
     keepalive: Interval,
     last_heard: Instant,
     /// The keepalive Ping in flight: its number and when it left.
@@ -140,7 +148,13 @@ impl Connection {
             kick,
             stats: RollingStats::default(),
             samples: 0,
-            rate: RateWindow::new(args.max_messages_per_second),
+            pongs: Pongs::default(),
+            budget: Budget::new(
+                args.max_messages_per_second,
+                args.max_bytes_per_second,
+                args.max_frame_bytes,
+            ),
+            renames: args.rename_budget(),
             keepalive,
             last_heard: Instant::now(),
             ping_sent: None,
@@ -238,17 +252,25 @@ impl Connection {
             Some(Ok(msg)) => msg,
         };
         self.last_heard = received;
+        let len = match &msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+            Message::Close(_) => return Err(Ending::ClientClosed),
+        };
+        // Every frame counts, control frames included: a Ping flood costs
+        // the gateway as much as a ping command flood.
+        if !self.budget.admit(received, len) {
+            return Err(Ending::TooFast);
+        }
+        if len > self.shared.args.max_frame_bytes as usize {
+            return Err(Ending::TooBig);
+        }
         match msg {
             // tungstenite answers Pings itself.
-            Message::Ping(_) => Ok(()),
+            Message::Ping(_) | Message::Close(_) => Ok(()),
             Message::Pong(payload) => Box::pin(self.on_pong(&payload)).await,
-            Message::Close(_) => Err(Ending::ClientClosed),
-            Message::Text(text) => {
-                self.admit(received, text.len())?;
-                self.on_text(text, received).await
-            }
-            Message::Binary(bytes) => {
-                self.admit(received, bytes.len())?;
+            Message::Text(text) => self.on_text(text, received).await,
+            Message::Binary(_) => {
                 let e = ProtocolError {
                     code: ErrorCode::BadJson,
                     detail: "binary frames are not supported; send JSON text".into(),
@@ -256,17 +278,6 @@ impl Connection {
                 Box::pin(self.send_error(&e)).await
             }
         }
-    }
-
-    /// Counts a data frame against the rate limit and checks its size.
-    fn admit(&mut self, received: Instant, len: usize) -> Result<(), Ending> {
-        if !self.rate.admit(received) {
-            return Err(Ending::TooFast);
-        }
-        if len > self.shared.args.max_frame_bytes as usize {
-            return Err(Ending::TooBig);
-        }
-        Ok(())
     }
 
     /// The client's answer to a keepalive Ping: the server-side RTT.

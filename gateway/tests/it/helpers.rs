@@ -26,6 +26,7 @@ pub struct TestGateway {
     /// Its subjects.
     pub subjects: Subjects,
     reports: Inbox<GatewayReport>,
+    registry: prometheus::Registry,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -59,9 +60,31 @@ impl TestGateway {
             bus,
             subjects,
             reports,
+            registry,
             shutdown,
             task,
         }
+    }
+
+    /// The value of the series of `family` with exactly `labels`, 0 when
+    /// it does not exist.
+    pub fn metric(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
+        let families = self.registry.gather();
+        let Some(f) = families.iter().find(|f| f.name() == family) else {
+            return 0.0;
+        };
+        f.get_metric()
+            .iter()
+            .find(|m| {
+                m.get_label().len() == labels.len()
+                    && labels.iter().all(|(k, v)| {
+                        m.get_label()
+                            .iter()
+                            .any(|l| l.name() == *k && l.value() == *v)
+                    })
+            })
+            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+            .unwrap_or(0.0)
     }
 
     /// Opens a WebSocket on `path` (e.g. `/ws/public/?v=2`).

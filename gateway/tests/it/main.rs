@@ -5,6 +5,7 @@
 //! the real binaries.
 
 mod helpers;
+mod trust;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -81,10 +82,11 @@ async fn delays_reach_presence_with_the_next_tick_and_in_heartbeats() {
     let mut gw = TestGateway::start(args).await;
     let mut c = gw.ws("/ws/public/?v=2").await;
     let id = c.recv().await["channel_name"].as_str().unwrap().to_owned();
-    c.send(json!({"command": "delay_time", "delay_time": 5.0}))
-        .await;
-    c.send(json!({"command": "delay_time", "delay_time": 7.0}))
-        .await;
+    // Every sample answers a pong (docs/security.md).
+    c.ping(1).await;
+    c.delay(5.0, 1).await;
+    c.ping(2).await;
+    c.delay(7.0, 2).await;
     let tick = gw
         .report(|r| match &r.update {
             GatewayUpdate::Delays { delays, .. } => {
@@ -157,6 +159,8 @@ async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
         json!({"command": "change_name", "channel_name": "x", "name": "X"})
     );
     // Its copy of the roster has the delay.
+    v1.send(json!({"command": "ping"})).await;
+    v1.recv_until("pong", |_| true).await;
     v1.send(json!({"command": "delay_time", "delay_time": 9}))
         .await;
     let all = v1.recv_until("delay_times", |_| true).await;
@@ -266,8 +270,9 @@ async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
     let mut private = gw.ws("/ws/private/?v=2").await;
     private.recv_until("welcome", |_| true).await;
     for i in 0..20 {
+        private.ping(i + 1).await;
         private
-            .send(json!({"command": "delay_time", "delay_time": i, "seq": i}))
+            .send(json!({"command": "delay_time", "delay_time": i, "seq": i + 1}))
             .await;
     }
     // A ping answered after the samples means they were all accepted.

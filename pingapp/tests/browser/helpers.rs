@@ -396,7 +396,7 @@ impl WsClient {
             c.rename(name).await;
         }
         for (i, d) in delays.iter().enumerate() {
-            c.delay(*d, i as u64 + 1).await;
+            c.sample(*d, i as u64 + 1).await;
         }
         WsClient {
             id,
@@ -407,5 +407,15 @@ impl WsClient {
     /// Sends one JSON message.
     pub async fn send(&mut self, v: Value) {
         self.sender.send(v).await;
+    }
+
+    /// Sends a ping and a sample of `ms` for it: the gateway handles a
+    /// connection's frames in order, so the pong the sample needs
+    /// (docs/security.md, "Samples") is sent before the sample arrives.
+    pub async fn sample(&mut self, ms: f64, seq: u64) {
+        self.send(serde_json::json!({"command": "ping", "seq": seq}))
+            .await;
+        self.send(serde_json::json!({"command": "delay_time", "delay_time": ms, "seq": seq}))
+            .await;
     }
 }

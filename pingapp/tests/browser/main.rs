@@ -192,7 +192,8 @@ async fn public_pages_see_each_others_rows_renames_and_leaving() {
 
 #[tokio::test]
 async fn with_a_large_roster_the_page_watches_only_the_rows_in_view() {
-    let server = Server::start(&[]);
+    // 150 clients from 127.0.0.1 at once: over the per-IP connect rate.
+    let server = Server::start(&["--max-connects-per-ip-per-second", "0"]);
     // More than the 100 rows above which the page watches.
     let mut others = Vec::new();
     for i in 0..150 {
@@ -228,15 +229,11 @@ async fn with_a_large_roster_the_page_watches_only_the_rows_in_view() {
     // The last row is far below the fold: its delay is not sent to the
     // page. It reports first; a second later the first row (in view)
     // reports, and once that shows, the last one's would long have.
-    others[last_i]
-        .send(json!({"command":"delay_time","delay_time":22.0,"seq":1}))
-        .await;
+    others[last_i].sample(22.0, 1).await;
     // More than a roster tick apart, so the two samples travel in
     // different `delays` frames: the one awaited below is the later.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    others[first_i]
-        .send(json!({"command":"delay_time","delay_time":11.0,"seq":1}))
-        .await;
+    others[first_i].sample(11.0, 1).await;
     b.wait_for(
         "the first row's delay",
         &format!("{} === '11.00'", cell(&first)),
@@ -254,9 +251,7 @@ async fn with_a_large_roster_the_page_watches_only_the_rows_in_view() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seq = 2;
     loop {
-        others[last_i]
-            .send(json!({"command":"delay_time","delay_time":33.0,"seq":seq}))
-            .await;
+        others[last_i].sample(33.0, seq).await;
         seq += 1;
         // The pace of the resends while the page re-watches (a poll).
         tokio::time::sleep(Duration::from_millis(700)).await;

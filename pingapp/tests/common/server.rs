@@ -42,6 +42,10 @@ impl Server {
             .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
             .args(["--database-url", &db])
             .args(["--roster-tick-ms", "50", "--heartbeat-interval-ms", "200"])
+            // Tests poll the API every 20 ms from one address while they
+            // wait for the recorder: no per-IP API budget
+            // (docs/security.md).
+            .args(["--max-api-requests-per-ip-per-second", "0"])
             .args(extra);
         for (key, value) in env {
             builder = builder.env(key, value);

@@ -2,6 +2,7 @@
 //! on random ports, spoken to over real WebSockets and HTTP.
 
 mod helpers;
+mod trust;
 
 use std::time::Duration;
 
@@ -35,8 +36,7 @@ async fn v2_public_clients_see_each_others_connect_rename_delay_and_disconnect()
         .await;
     assert_eq!(rename["name"], "Bob", "names are trimmed");
 
-    b.send(json!({"command":"delay_time","delay_time":12.5,"seq":1}))
-        .await;
+    b.sample(12.5, 1).await;
     let delays = a
         .recv_until("delays", |v| v["delay_times"].get(&b_id).is_some())
         .await;
@@ -86,10 +86,8 @@ async fn a_watching_client_gets_only_the_delays_it_watches() {
     // A ping round trip: the watch is in place before the delays.
     w.send(json!({"command":"ping","seq":1})).await;
     w.recv_until("pong", |_| true).await;
-    b.send(json!({"command":"delay_time","delay_time":2.5,"seq":1}))
-        .await;
-    c.send(json!({"command":"delay_time","delay_time":3.5,"seq":1}))
-        .await;
+    b.sample(2.5, 1).await;
+    c.sample(3.5, 1).await;
     // A watches everyone: both reach it (in one frame or two).
     let mut missing = vec![b_id.clone(), c_id.clone()];
     while !missing.is_empty() {
@@ -108,8 +106,7 @@ async fn a_watching_client_gets_only_the_delays_it_watches() {
     }
 
     // Only C changes: W gets no frame at all.
-    c.send(json!({"command":"delay_time","delay_time":4.5,"seq":2}))
-        .await;
+    c.sample(4.5, 2).await;
     a.recv_until("delays", |v| v["delay_times"][&c_id]["delay_time"] == 4.5)
         .await;
     let quiet = w.collect_for(Duration::from_millis(300)).await;
@@ -123,8 +120,7 @@ async fn a_watching_client_gets_only_the_delays_it_watches() {
         .await;
     w.send(json!({"command":"ping","seq":2})).await;
     w.recv_until("pong", |_| true).await;
-    c.send(json!({"command":"delay_time","delay_time":5.5,"seq":3}))
-        .await;
+    c.sample(5.5, 3).await;
     w.recv_until("delays", |v| v["delay_times"][&c_id]["delay_time"] == 5.5)
         .await;
     // Watching changes nothing else: W still sees connects and renames.
@@ -164,6 +160,8 @@ async fn v1_clients_speak_exactly_the_original_protocol() {
         .await;
 
     // B has no sample yet: "-" in A's delay_times.
+    a.send_text(r#"{"command":"ping"}"#).await;
+    a.recv_until("pong", |_| true).await;
     a.send_text(r#"{"command":"delay_time","delay_time":12}"#)
         .await;
     let times = a.recv_until("delay_times", |_| true).await;
@@ -241,8 +239,7 @@ async fn private_clients_stay_private() {
     let p_id = welcome["channel_name"].as_str().unwrap().to_owned();
     let token = welcome["token"].as_str().unwrap().to_owned();
     for (i, d) in [5.0, 7.5, 6.25].iter().enumerate() {
-        p.send(json!({"command":"delay_time","delay_time":d,"seq":i}))
-            .await;
+        p.sample(*d, i as u64).await;
     }
     // Private clients may not rename: there is no roster to show a name in.
     p.send(json!({"command":"change_name","name":"secret"}))
@@ -252,8 +249,7 @@ async fn private_clients_stay_private() {
 
     // A public sample after the private ones, so we know they were processed.
     let (mut q, q_id, _) = public_v2(&server).await;
-    q.send(json!({"command":"delay_time","delay_time":3.0,"seq":1}))
-        .await;
+    q.sample(3.0, 1).await;
     let seen = watcher
         .collect_until(WAIT, |v| {
             v["command"] == "delays" && v["delay_times"].get(&q_id).is_some()
@@ -265,6 +261,8 @@ async fn private_clients_stay_private() {
             "private id in a broadcast: {v}"
         );
     }
+    v1_watcher.send_text(r#"{"command":"ping"}"#).await;
+    v1_watcher.recv_until("pong", |_| true).await;
     v1_watcher
         .send_text(r#"{"command":"delay_time","delay_time":1}"#)
         .await;
@@ -301,6 +299,14 @@ async fn private_clients_stay_private() {
         unknown,
         "wrong token: same as unknown"
     );
+    // The scheme is case-insensitive (RFC 9110): `bearer` opens it too.
+    let lower = reqwest::Client::new()
+        .get(server.url(&path))
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200, "lower-case bearer");
 
     // Stats count public samples only (q's 3.0 and the v1 watcher's 1),
     // never p's 5, 7.5 and 6.25.
@@ -356,10 +362,8 @@ async fn wait_for_samples(
 async fn public_samples_are_readable_by_anyone_and_the_api_rejects_bad_parameters() {
     let server = Server::start(&[]);
     let (mut c, id, _) = public_v2(&server).await;
-    c.send(json!({"command":"delay_time","delay_time":1.5,"seq":1}))
-        .await;
-    c.send(json!({"command":"delay_time","delay_time":2.5,"seq":2}))
-        .await;
+    c.sample(1.5, 1).await;
+    c.sample(2.5, 2).await;
     let path = format!("/api/clients/{id}/samples");
     let samples = wait_for_samples(&server, &path, None, 2).await;
     assert_eq!(samples.len(), 2);
@@ -511,7 +515,14 @@ async fn oversize_frames_close_with_1009_and_floods_with_1008() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_does_not_slow_the_others() {
-    let server = Server::start(&["--max-messages-per-second", "100000"]);
+    let server = Server::start(&[
+        "--max-messages-per-second",
+        "100000",
+        "--max-bytes-per-second",
+        "1073741824",
+        "--max-renames-per-minute",
+        "1000000",
+    ]);
     // The stalled client: a small receive buffer, and it never reads again.
     let (stalled, _, _) = helpers::public_v2_small_buffer(&server).await;
     let (mut reader, _, _) = public_v2(&server).await;
@@ -603,15 +614,15 @@ async fn keepalive_measures_server_rtt_and_silent_clients_are_closed() {
 
 #[tokio::test]
 async fn sigterm_drains_clients_with_1012_and_keeps_every_sample() {
-    let mut server = Server::start(&[]);
+    // A ping and a sample each, faster than the default 50 messages/s.
+    let mut server = Server::start(&["--max-messages-per-second", "1000"]);
     let mut c = server.ws("/ws/private/?v=2").await;
     let welcome = c.recv().await;
     let id = welcome["channel_name"].as_str().unwrap().to_owned();
     let token = welcome["token"].as_str().unwrap().to_owned();
     let n = 40;
     for i in 0..n {
-        c.send(json!({"command":"delay_time","delay_time":i as f64 + 0.5,"seq":i}))
-            .await;
+        c.sample(i as f64 + 0.5, i as u64).await;
     }
     c.ping(1000).await; // everything before it was processed
     let status = server.terminate().await;
@@ -729,6 +740,9 @@ fn bad_settings_stop_with_one_line_and_status_2() {
         vec!["--max-frame-bytes", "0"],
         vec!["--nats-url", "nats://h:port"],
         vec!["--retention", "forever"],
+        vec!["--trusted-proxies", "10.0.0.0/99"],
+        vec!["--max-connections-per-ip", "many"],
+        vec!["--header-timeout-ms", "5"],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingapp"))
             .args(&args)
@@ -756,8 +770,7 @@ async fn documented_metric_families_are_exposed() {
     // Traffic that touches every family: pings, samples, a rename, an error.
     let (mut c, id, _) = public_v2(&server).await;
     c.ping(1).await;
-    c.send(json!({"command":"delay_time","delay_time":4.0,"seq":1}))
-        .await;
+    c.sample(4.0, 1).await;
     c.send(json!({"command":"change_name","name":"m"})).await;
     c.send_text("nope").await;
     c.recv_until("error", |_| true).await;
@@ -805,8 +818,7 @@ async fn traces_run_from_the_gateway_into_the_recorder() {
         ],
     );
     let (mut c, id, _) = public_v2(&server).await;
-    c.send(json!({"command":"delay_time","delay_time":2.0,"seq":1}))
-        .await;
+    c.sample(2.0, 1).await;
     wait_for_samples(&server, &format!("/api/clients/{id}/samples"), None, 1).await;
 
     // One process: gateway and recorder share the service name.

@@ -113,6 +113,10 @@ impl Deployment {
             .args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()])
             .args(["--roster-tick-ms", "100"])
             .args(["--drain-timeout-ms", "3000"])
+            // Tests poll the API every 20 ms from one address while they
+            // wait for the recorder: no per-IP API budget
+            // (docs/security.md).
+            .args(["--max-api-requests-per-ip-per-second", "0"])
             .spawn();
         Node::ready(svc, Some(listen), admin).await
     }
@@ -381,6 +385,10 @@ impl Senders {
                     let mut seq = 0u64;
                     while !stop.load(Ordering::SeqCst) {
                         tick.tick().await;
+                        // Samples answer a pong (docs/security.md): the
+                        // gateway handles frames in order, so the pong of
+                        // this ping is sent before the sample arrives.
+                        sender.send(json!({"command": "ping", "seq": seq})).await;
                         sender
                             .send(json!({
                                 "command": "delay_time",

@@ -19,9 +19,10 @@ use helpers::{
 use serde_json::json;
 use testkit::PgCluster;
 
-/// Clients send a sample this often: 40 a second, within the default limit
-/// of 50 messages a second.
-const SAMPLE_EVERY: Duration = Duration::from_millis(25);
+/// Clients send a sample (a ping, then its `delay_time`) this often: 20
+/// samples and 40 messages a second, within the default limit of 50
+/// messages a second.
+const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 #[tokio::test]
 async fn v1_and_v2_clients_on_two_gateways_see_each_other() {
@@ -48,7 +49,7 @@ async fn v1_and_v2_clients_on_two_gateways_see_each_other() {
         .recv_until("change_name", |v| is(v, "change_name", &b.id))
         .await;
     assert_eq!(rename["name"], "Bob");
-    b.delay(12.5, 1).await;
+    b.sample(12.5, 1).await;
     let delays = a
         .recv_until("delays", |v| v["delay_times"].get(&b.id).is_some())
         .await;
@@ -57,6 +58,8 @@ async fn v1_and_v2_clients_on_two_gateways_see_each_other() {
     // v1 on gateway A: its delay_times reply lists the clients of both.
     let mut c = public_v1(&gw_a).await;
     b.recv_until("connect", |v| is(v, "connect", &c.id)).await;
+    c.send(json!({"command":"ping"})).await;
+    c.recv_until("pong", |_| true).await;
     c.send(json!({"command":"delay_time","delay_time":7})).await;
     let times = c.recv_until("delay_times", |_| true).await;
     let t = &times["delay_times"];
@@ -120,10 +123,10 @@ async fn private_history_is_readable_through_either_gateway_with_its_token_only(
 
     let mut p = private_v2(&gw_a).await;
     for (i, ms) in [5.0, 7.5, 6.25].into_iter().enumerate() {
-        p.delay(ms, i as u64).await;
+        p.sample(ms, i as u64).await;
     }
     let (mut q, _) = public_v2(&gw_b).await;
-    q.delay(3.0, 1).await;
+    q.sample(3.0, 1).await;
 
     let path = format!("/api/clients/{}/samples", p.id);
     for gw in [&gw_b, &gw_a] {
@@ -182,7 +185,7 @@ async fn statistics_beyond_the_shared_bounds_are_a_bad_request_not_unavailable()
     let d = Deployment::new().await;
     let (_presence, mut recorder, gw) = tokio::join!(d.presence(), d.recorder(), d.gateway("gw"));
     let (mut c, _) = public_v2(&gw).await;
-    c.delay(4.0, 1).await;
+    c.sample(4.0, 1).await;
     eventually(WAIT, "the sample counted in /api/stats", || async {
         let (status, body) = gw.get_json("/api/stats?window=1h&bucket=1m", None).await;
         status == 200
@@ -520,7 +523,7 @@ async fn two_presence_replicas_broadcast_once_and_fail_over() {
     w.own_connect().await;
     let (mut x, _) = public_v2(&gw_a).await;
     x.rename("Xavier").await;
-    x.delay(42.0, 1).await;
+    x.sample(42.0, 1).await;
     let mut seen = w
         .collect_until(WAIT, |v| {
             v["command"] == "delays" && v["delay_times"].get(&x.id).is_some()
@@ -690,6 +693,8 @@ async fn a_roster_larger_than_one_nats_message_reaches_every_page() {
     page.own_connect().await;
     // ... and v1's delay_times.
     let mut v1 = public_v1(&gw_a).await;
+    v1.send(json!({"command":"ping"})).await;
+    v1.recv_until("pong", |_| true).await;
     v1.send(json!({"command":"delay_time","delay_time":7}))
         .await;
     let table = v1.recv_until("delay_times", |_| true).await;
@@ -704,7 +709,7 @@ async fn services_drain_within_their_grace_period_while_nats_is_down() {
     let (mut presence, mut recorder, mut gw) =
         tokio::join!(d.presence(), d.recorder(), d.gateway("gw-a"));
     let mut c = private_v2(&gw).await;
-    c.delay(5.0, 0).await;
+    c.sample(5.0, 0).await;
     d.nats.stop().await;
     for node in [&gw, &presence, &recorder] {
         eventually(WAIT, "every service sees NATS down", || async {
@@ -763,7 +768,7 @@ async fn every_service_exposes_its_metrics_and_traces_cross_the_bus() {
     let (mut c, _) = public_v2(&gw).await;
     c.own_connect().await;
     c.ping_within(1, WAIT).await.expect("pong");
-    c.delay(3.5, 1).await;
+    c.sample(3.5, 1).await;
     c.rename("metrics").await;
     c.send(json!({"command":"dance"})).await;
     c.recv_until("error", |_| true).await;
