@@ -50,7 +50,8 @@ use reporter::{Reporter, ReporterConfig, ReporterHandle};
 use room::Room;
 use state::Shared;
 
-/// How long samples stay in the durable stream if no recorder takes them.
+/// How long samples stay in the durable stream if no recorder takes them
+/// (stored samples leave it at once: it is a work queue).
 pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 
 /// Everything a gateway needs to start.
@@ -103,7 +104,7 @@ impl Gateway {
             .with_context(|| format!("binding {}", cfg.listen))?;
         cfg.subjects
             .samples_stream()
-            .ensure(&*bus, STREAM_MAX_AGE)
+            .ensure(&*bus, STREAM_MAX_AGE, cfg.args.stream_max_bytes)
             .await
             .context("creating the sample stream")?;
         let broadcasts = cfg
@@ -127,6 +128,7 @@ impl Gateway {
             gateway_id: cfg.gateway_id.clone(),
             metrics: metrics.clone(),
             drain_timeout: cfg.args.drain_timeout(),
+            buffer_bytes: cfg.args.persist_buffer_bytes,
         }
         .spawn();
         let (reporter, reporter_task) = Reporter::spawn(

@@ -36,6 +36,12 @@ pub struct GatewayMetrics {
     pub persist_errors: IntCounterVec,
     /// Samples accepted but not yet persisted.
     pub samples_pending: IntGaugeVec,
+    /// Samples not accepted because the persist buffer was at its bound.
+    pub samples_refused: IntCounterVec,
+    /// Bytes of accepted records not yet stored.
+    pub persist_buffer_bytes: IntGaugeVec,
+    /// The bound of that buffer.
+    pub persist_buffer_max_bytes: IntGaugeVec,
     /// Public clients in this gateway's copy of the roster.
     pub roster_size: IntGaugeVec,
 }
@@ -47,10 +53,17 @@ impl GatewayMetrics {
         // Children exist (at zero) before their first event, so dashboards
         // and alerts see every series from the start.
         let none: &[&str] = &[];
-        for family in [&m.outbound_drops, &m.samples_persisted, &m.persist_errors] {
+        for family in [
+            &m.outbound_drops,
+            &m.samples_persisted,
+            &m.persist_errors,
+            &m.samples_refused,
+        ] {
             family.with_label_values(none);
         }
         m.samples_pending.with_label_values(none);
+        m.persist_buffer_bytes.with_label_values(none);
+        m.persist_buffer_max_bytes.with_label_values(none);
         m.roster_size.with_label_values(none);
         m.ping_duration.with_label_values(none);
         m.server_rtt.with_label_values(none);
@@ -58,7 +71,13 @@ impl GatewayMetrics {
         for code in ["1000", "1001", "1008", "1009", "1012", "1013"] {
             m.disconnects.with_label_values(&[code]);
         }
-        for code in ["bad_json", "unknown_command", "bad_delay", "bad_name"] {
+        for code in [
+            "bad_json",
+            "unknown_command",
+            "bad_delay",
+            "bad_name",
+            "busy",
+        ] {
             m.errors.with_label_values(&[code]);
         }
         for page in ["private", "public"] {
@@ -165,6 +184,24 @@ impl GatewayMetrics {
                 r,
                 "pingapp_gateway_samples_pending",
                 "Samples accepted but not yet stored.",
+                &[],
+            ),
+            samples_refused: counter(
+                r,
+                "pingapp_gateway_samples_refused_total",
+                "Samples not accepted (error frame busy) because the buffer of records not yet stored was at its bound.",
+                &[],
+            ),
+            persist_buffer_bytes: gauge(
+                r,
+                "pingapp_gateway_persist_buffer_bytes",
+                "Bytes of accepted records not yet stored in the durable stream.",
+                &[],
+            ),
+            persist_buffer_max_bytes: gauge(
+                r,
+                "pingapp_gateway_persist_buffer_max_bytes",
+                "The bound of that buffer (--persist-buffer-bytes).",
                 &[],
             ),
             roster_size: gauge(

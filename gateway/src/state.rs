@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use services::bus::SharedBus;
 use services::subjects::Subjects;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayArgs;
 use crate::metrics::GatewayMetrics;
-use crate::persist::RecordItem;
+use crate::persist::Records;
 use crate::room::Room;
 
 /// The axum state of the public listener.
@@ -30,7 +29,7 @@ pub struct Shared {
     /// The public room: roster copy, local fan-out, reports to presence.
     pub(crate) room: Arc<Room>,
     /// Accepted records on their way to the durable stream.
-    pub(crate) records: mpsc::Sender<RecordItem>,
+    pub(crate) records: Records,
     /// Cancelled when the gateway starts draining.
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so the drain can wait for them.

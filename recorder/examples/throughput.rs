@@ -109,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.stream_max_age = Duration::from_secs(3600);
     subjects
         .samples_stream()
-        .ensure(&*bus, cfg.stream_max_age)
+        .ensure(&*bus, cfg.stream_max_age, cfg.stream_max_bytes)
         .await?;
     let started = Instant::now();
     let topic = subjects.samples("bench");

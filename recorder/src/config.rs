@@ -28,6 +28,10 @@ pub struct RecorderConfig {
     /// The stream drops unconsumed batches older than this (default 7
     /// days): how long the recorders may all be down without loss.
     pub stream_max_age: Duration,
+    /// The stream's byte cap (default
+    /// [`services::bus::DEFAULT_STREAM_MAX_BYTES`]; the gateways' should
+    /// be the same, or each applies its own when it starts).
+    pub stream_max_bytes: u64,
 }
 
 impl RecorderConfig {
@@ -40,6 +44,7 @@ impl RecorderConfig {
             retention: Duration::from_secs(30 * 86_400),
             prune_interval: Duration::from_secs(60),
             stream_max_age: Duration::from_secs(7 * 86_400),
+            stream_max_bytes: services::bus::DEFAULT_STREAM_MAX_BYTES,
         }
     }
 }
@@ -75,6 +80,12 @@ pub struct RecorderCli {
     /// Applies when the durable consumer is created.
     #[arg(long, env = "PINGAPP_ACK_WAIT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
     pub ack_wait_ms: u64,
+    /// Byte cap of the durable sample stream (samples not yet stored); a
+    /// full stream refuses new batches, which wait in the gateways. Give
+    /// the gateways the same value.
+    #[arg(long, env = "PINGAPP_STREAM_MAX_BYTES", default_value_t = services::bus::DEFAULT_STREAM_MAX_BYTES,
+          value_parser = clap::value_parser!(u64).range(1_048_576..=(1 << 50)))]
+    pub stream_max_bytes: u64,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -87,6 +98,7 @@ impl RecorderCli {
         cfg.retention = self.retention;
         cfg.batch_max_samples = self.batch_max_samples as usize;
         cfg.batch_wait = Duration::from_millis(self.batch_wait_ms);
+        cfg.stream_max_bytes = self.stream_max_bytes;
         cfg
     }
 
@@ -119,6 +131,7 @@ mod tests {
         assert_eq!(cfg.batch_wait, Duration::from_millis(20));
         assert_eq!(cfg.batch_max_samples, 5000);
         assert_eq!(args.ack_wait(), Duration::from_secs(30));
+        assert_eq!(cfg.stream_max_bytes, 1 << 30);
         let bad = RecorderCli::try_parse_from([
             "recorder",
             "--nats-url",

@@ -79,6 +79,9 @@ pub enum ErrorCode {
     /// `channel_names` of a `watch` neither null nor an array of at most
     /// [`MAX_WATCH_IDS`] strings of at most [`MAX_WATCH_ID_BYTES`] bytes.
     BadWatch,
+    /// The gateway's buffer of samples not yet stored is at its bound: the
+    /// `delay_time` was not recorded (docs/protocol.md).
+    Busy,
 }
 
 impl ErrorCode {
@@ -90,6 +93,7 @@ impl ErrorCode {
             ErrorCode::BadDelay => "bad_delay",
             ErrorCode::BadName => "bad_name",
             ErrorCode::BadWatch => "bad_watch",
+            ErrorCode::Busy => "busy",
         }
     }
 }

@@ -33,7 +33,6 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 pub use ending::Ending;
 use rate::RateWindow;
 
-use crate::persist::RecordItem;
 use crate::room::Seat;
 use crate::state::Shared;
 
@@ -92,6 +91,9 @@ struct Connection {
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     stats: RollingStats,
     samples: u64,
+    /// The client's record until its first sample carries it to the
+    /// recorder: nothing is written for a client that never sends one.
+    unrecorded: Option<ClientRecord>,
     rate: RateWindow,
     keepalive: Interval,
     last_heard: Instant,
@@ -131,6 +133,7 @@ impl Connection {
             kick,
             stats: RollingStats::default(),
             samples: 0,
+            unrecorded: None,
             rate: RateWindow::new(args.max_messages_per_second),
             keepalive,
             last_heard: Instant::now(),
@@ -150,8 +153,8 @@ impl Connection {
         self.version == Version::V2
     }
 
-    /// Records the client, seats a public one, and sends the v2 welcome
-    /// (and, public, the roster).
+    /// Prepares the client's record (sent with its first sample), seats a
+    /// public one, and sends the v2 welcome (and, public, the roster).
     async fn open(&mut self) -> Result<(), Ending> {
         let shared = self.shared.clone();
         let token = self.v2().then(new_token);
@@ -163,8 +166,7 @@ impl Connection {
             gateway: shared.gateway_id.clone(),
             connected_at_us: now_ms * 1000,
         };
-        // Fails only once the drain gave up on the batcher.
-        let _ = shared.records.send(RecordItem::Client(record)).await;
+        self.unrecorded = Some(record);
 
         if self.public() {
             let (tx, rx) = mpsc::channel(shared.args.outbound_queue as usize);

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use gateway::{Gateway, GatewayArgs, GatewayConfig};
 use services::admin::Readiness;
+use services::bus::Consumed;
 use services::bus::SharedBus;
 use services::bus::memory::MemoryBus;
 use services::bus::topic::Inbox;
-use services::messages::{Broadcast, GatewayReport, GatewayUpdate, HeartbeatRequest};
+use services::messages::{Broadcast, GatewayReport, GatewayUpdate, HeartbeatRequest, RecordBatch};
 use services::subjects::Subjects;
 use testkit::ws::{Client, WAIT as WITHIN};
 use tokio::task::JoinHandle;
@@ -25,6 +26,8 @@ pub struct TestGateway {
     pub bus: SharedBus,
     /// Its subjects.
     pub subjects: Subjects,
+    /// Its metric families.
+    pub registry: prometheus::Registry,
     reports: Inbox<GatewayReport>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -58,6 +61,7 @@ impl TestGateway {
             addr,
             bus,
             subjects,
+            registry,
             reports,
             shutdown,
             task,
@@ -114,6 +118,32 @@ impl TestGateway {
             .publish(&*self.bus, &b)
             .await
             .expect("publish broadcast");
+    }
+
+    /// The value of the unlabelled metric `name` (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == name)
+            .and_then(|f| {
+                let m = f.get_metric().first()?;
+                Some(match f.get_field_type() {
+                    prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
+                    _ => m.get_gauge().get_value(),
+                })
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Consumes the sample stream (as the recorder would) through the
+    /// durable consumer `test`.
+    pub async fn consume_samples(&self) -> Consumed<RecordBatch> {
+        self.subjects
+            .samples_stream()
+            .consume(&*self.bus, "test")
+            .await
+            .expect("consume the sample stream")
     }
 
     /// Starts the drain and waits until `run` returns.
