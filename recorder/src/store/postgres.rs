@@ -63,6 +63,14 @@ const INSERT_BOTH: &str = "\
                          $10::double precision[], $11::boolean[]) \
     ON CONFLICT DO NOTHING";
 
+/// Whether a client with samples but no `clients` row is public: one probe
+/// of the primary key. (`bool_and(public)` here let the planner walk all of
+/// `samples_public_at` for an id with no samples: 160-380 ms at 1M rows,
+/// docs/benchmarks.md, 2026-11-30.) A client's samples all share its page,
+/// so its first sample says it.
+pub const ACCESS_BY_SAMPLES: &str = "\
+    SELECT public FROM samples WHERE channel_name = $1 ORDER BY channel_name, n LIMIT 1";
+
 /// Percentiles by linear interpolation between closest ranks:
 /// `percentile_cont(f)` is the definition
 /// [`services::stats::percentile_sorted`] computes (docs/protocol.md,
@@ -232,11 +240,10 @@ impl Store for PgStore {
         if let Some(client) = client {
             return Ok(Some(Access::from(client)));
         }
-        let public: Option<bool> =
-            sqlx::query_scalar("SELECT bool_and(public) FROM samples WHERE channel_name = $1")
-                .bind(channel_name)
-                .fetch_one(&self.pool)
-                .await?;
+        let public: Option<bool> = sqlx::query_scalar(ACCESS_BY_SAMPLES)
+            .bind(channel_name)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(public.map(Access::without_token))
     }
 
