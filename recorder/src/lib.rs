@@ -164,6 +164,7 @@ impl Recorder {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             health: self.health.clone(),
+            reads: Arc::new(tokio::sync::Semaphore::new(self.cfg.read_concurrency)),
         };
         tracker.spawn(
             responder

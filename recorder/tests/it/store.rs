@@ -516,3 +516,46 @@ async fn an_unknown_id_costs_an_index_probe_not_a_scan() {
     // And the access check still finds a known client without a row.
     assert_eq!(count(&*pg.store, "c8").await, 600, "c8 is public");
 }
+
+/// Reads have their own pool and statement timeout: a read stuck behind a
+/// lock is cut off after `statement_timeout`; the ping, on the other pool,
+/// answers meanwhile.
+#[tokio::test]
+async fn reads_are_cut_off_by_their_statement_timeout() {
+    let pg = TestPg::new().await;
+    let limits = recorder::store::ReadLimits {
+        connections: 1,
+        statement_timeout: Duration::from_millis(300),
+    };
+    let store = recorder::store::postgres::PgStore::connect_with(&pg.url, limits)
+        .await
+        .unwrap();
+    store
+        .insert(&[batch(
+            vec![client("a", true, None)],
+            samples("a", true, 0..3, 0),
+        )])
+        .await
+        .unwrap();
+    let mut blocker = pg.store.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE samples IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), store.samples(&query("a", None)))
+        .await
+        .expect("the read ends without the lock being released");
+    assert!(read.is_err(), "a blocked read fails: {read:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "cut off by the statement timeout after {took:?}"
+    );
+    // The lock holds only samples: the ping (SELECT 1) answers.
+    assert!(store.ping().await, "the ping has its own pool");
+
+    blocker.rollback().await.unwrap();
+    assert_eq!(count(&store, "a").await, 3);
+}
