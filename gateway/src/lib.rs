@@ -102,11 +102,22 @@ impl Gateway {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
-        cfg.subjects
-            .samples_stream()
+        let stream = cfg.subjects.samples_stream();
+        if let Err(e) = stream
             .ensure(&*bus, STREAM_MAX_AGE, cfg.args.stream_max_bytes)
             .await
-            .context("creating the sample stream")?;
+        {
+            // An old limits-retention stream not yet drained stays as it
+            // is until the recorder has stored its batches and migrates it
+            // (docs/architecture.md, "The durable sample stream"); batches
+            // go there meanwhile. Without any stream, nothing can be stored.
+            stream
+                .state(&*bus)
+                .await
+                .map_err(|_| e)
+                .context("creating the sample stream")?;
+            tracing::warn!("the sample stream is not at its settings yet; using it as it is");
+        }
         let broadcasts = cfg
             .subjects
             .broadcast()

@@ -458,3 +458,53 @@ async fn a_client_record_travels_with_the_first_sample_only() {
         "only the client that sent samples, its record first"
     );
 }
+
+/// A gateway starting next to a stream an older version made with limits
+/// retention, still holding batches no recorder stored, leaves it as it is
+/// (the recorder migrates it once drained) and starts, storing into it.
+#[tokio::test]
+async fn a_gateway_starts_on_an_undrained_old_limits_stream() {
+    use async_nats::jetstream::stream;
+    let nats = testkit::NatsServer::start().await;
+    let subjects = services::subjects::Subjects::new("old");
+    let spec = subjects.samples_stream();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.create_stream(stream::Config {
+        name: spec.name().to_owned(),
+        subjects: vec![spec.subjects().to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("old.samples.gw0", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let bus = services::bus::nats::NatsBus::connect(&nats.url(), "gw")
+        .await
+        .unwrap();
+    let cfg = gateway::GatewayConfig {
+        args: GatewayArgs::default(),
+        gateway_id: "gw".into(),
+        subjects: subjects.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+    };
+    let built = gateway::Gateway::build(
+        cfg,
+        std::sync::Arc::new(bus),
+        &prometheus::Registry::new(),
+        services::admin::Readiness::new(),
+    )
+    .await;
+    assert!(built.is_ok(), "{:?}", built.err());
+    let info = js
+        .get_stream(spec.name())
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.config.retention, stream::RetentionPolicy::Limits);
+    assert_eq!(info.state.messages, 1, "nothing unstored was dropped");
+}
