@@ -256,7 +256,9 @@ impl Batcher {
         };
         let mut queue: VecDeque<Sealed> = VecDeque::new();
         let mut in_flight = FuturesUnordered::new();
-        let mut deadline: Option<Instant> = None;
+        // Set when the drain starts; every batch, also those already in
+        // flight, gives up retrying past it.
+        let deadline: Drain = Arc::new(std::sync::OnceLock::new());
         let mut tick = tokio::time::interval(BATCH_WAIT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
@@ -282,7 +284,7 @@ impl Batcher {
                     None => {
                         open = false;
                         seal(&mut current, &mut current_bytes, &mut queue, &boot, &mut counter);
-                        deadline = Some(Instant::now() + this.drain_timeout);
+                        let _ = deadline.set(Instant::now() + this.drain_timeout);
                     }
                 },
                 _ = tick.tick() => seal(&mut current, &mut current_bytes, &mut queue, &boot, &mut counter),
@@ -292,7 +294,7 @@ impl Batcher {
                 let Some((id, batch, bytes)) = queue.pop_front() else {
                     break;
                 };
-                let (this, buffer) = (this.clone(), buffer.clone());
+                let (this, buffer, deadline) = (this.clone(), buffer.clone(), deadline.clone());
                 in_flight.push(async move {
                     persist(this, id, batch, deadline).await;
                     // Stored (or, past the drain timeout, given up).
@@ -305,6 +307,9 @@ impl Batcher {
         }
     }
 }
+
+/// When the drain gives up on unstored batches, once it started.
+type Drain = Arc<std::sync::OnceLock<Instant>>;
 
 /// A sealed batch: its message id, the batch, and its bytes in the buffer.
 type Sealed = (String, RecordBatch, u64);
@@ -330,12 +335,7 @@ fn seal(
     queue.push_back((id, batch, std::mem::take(current_bytes)));
 }
 
-async fn persist(
-    this: Arc<Batcher>,
-    msg_id: String,
-    batch: RecordBatch,
-    deadline: Option<Instant>,
-) {
+async fn persist(this: Arc<Batcher>, msg_id: String, batch: RecordBatch, deadline: Drain) {
     let span = tracing::info_span!(
         "gateway.persist_batch",
         batch = %msg_id,
@@ -352,7 +352,7 @@ async fn persist_traced(
     this: Arc<Batcher>,
     msg_id: String,
     batch: RecordBatch,
-    deadline: Option<Instant>,
+    deadline: Drain,
     headers: services::bus::Headers,
 ) {
     let n = batch.samples.len() as i64;
@@ -384,7 +384,7 @@ async fn persist_traced(
             }
         }
         let delay = backoff.next_delay();
-        if deadline.is_some_and(|d| Instant::now() + delay > d) {
+        if deadline.get().is_some_and(|d| Instant::now() + delay > *d) {
             tracing::error!(samples = n, batch = %msg_id, "drain timeout: sample batch not stored");
             return;
         }

@@ -226,20 +226,28 @@ async fn stream_loop(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = stream
-            .ensure(&*bus, cfg.stream_max_age, cfg.stream_max_bytes)
-            .await
-        {
-            tracing::warn!(error = %e, "the sample stream is not at its settings yet");
-        }
-        match stream.state(&*bus).await {
-            Ok(state) => {
-                let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-                metrics.stream_messages.set(gauge(state.messages));
-                metrics.stream_bytes.set(gauge(state.bytes));
-                metrics.stream_max_bytes.set(gauge(state.max_bytes));
+        let check = async {
+            if let Err(e) = stream
+                .ensure(&*bus, cfg.stream_max_age, cfg.stream_max_bytes)
+                .await
+            {
+                tracing::warn!(error = %e, "the sample stream is not at its settings yet");
             }
-            Err(e) => tracing::debug!(error = %e, "could not read the sample stream's state"),
+            match stream.state(&*bus).await {
+                Ok(state) => {
+                    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    metrics.stream_messages.set(gauge(state.messages));
+                    metrics.stream_bytes.set(gauge(state.bytes));
+                    metrics.stream_max_bytes.set(gauge(state.max_bytes));
+                }
+                Err(e) => tracing::debug!(error = %e, "could not read the sample stream's state"),
+            }
+        };
+        // With NATS down the requests wait for the reconnect: never hold
+        // the drain for them.
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = check => {}
         }
     }
 }
