@@ -100,7 +100,20 @@ impl ApiError {
             detail: detail.into(),
         }
     }
+
+    /// The recorder's read budget is spent: 429, retry after
+    /// [`BUSY_RETRY_AFTER_SECS`].
+    fn busy(detail: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "busy",
+            detail: detail.into(),
+        }
+    }
 }
+
+/// The `Retry-After` of a 429 (the recorder was busy), in seconds.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 impl From<BadRequest> for ApiError {
     fn from(e: BadRequest) -> Self {
@@ -115,6 +128,7 @@ impl ApiError {
         match kind {
             ReplyErrorKind::BadRequest => ApiError::bad_request(message),
             ReplyErrorKind::Unavailable => ApiError::unavailable(message),
+            ReplyErrorKind::Busy => ApiError::busy(message),
         }
     }
 }
@@ -127,11 +141,18 @@ impl From<BusError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(json!({"error": self.code, "detail": self.detail})),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(BUSY_RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }
 
@@ -306,6 +327,16 @@ mod tests {
         );
         let limit = ApiError::from(BadRequest("limit".into()));
         assert_eq!(limit.status, StatusCode::BAD_REQUEST);
+        let busy = ApiError::from_reply(ReplyErrorKind::Busy, "too many reads".into());
+        assert_eq!(
+            (busy.status, busy.code),
+            (StatusCode::TOO_MANY_REQUESTS, "busy")
+        );
+        let response = busy.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["retry-after"], "1");
+        let down = ApiError::unavailable("down").into_response();
+        assert!(!down.headers().contains_key("retry-after"));
     }
 
     #[test]

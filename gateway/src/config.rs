@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser};
+use services::bus::DEFAULT_STREAM_MAX_BYTES;
 use services::config::{LogArgs, parse_nats_url, parse_subject_prefix};
 use services::subjects::Subjects;
 
@@ -172,6 +173,19 @@ pub struct GatewayArgs {
     /// any. Requests without an `Origin` header are always allowed.
     #[arg(long, env = "PINGAPP_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Byte cap of the durable sample stream (samples not yet stored by
+    /// the recorder); a full stream refuses new batches, which wait in the
+    /// gateway (docs/architecture.md, "Bounds"). Give recorders the same.
+    #[arg(long, env = "PINGAPP_STREAM_MAX_BYTES", default_value_t = DEFAULT_STREAM_MAX_BYTES,
+          value_parser = clap::value_parser!(u64).range(1_048_576..=(1 << 50)))]
+    pub stream_max_bytes: u64,
+
+    /// Most bytes of accepted samples the gateway holds while the bus or
+    /// the stream refuses them; at the bound new samples are refused with
+    /// the error frame `busy` (docs/architecture.md, "Bounds").
+    #[arg(long, env = "PINGAPP_PERSIST_BUFFER_BYTES", default_value_t = crate::persist::DEFAULT_BUFFER_BYTES,
+          value_parser = clap::value_parser!(u64).range(65_536..=(1 << 40)))]
+    pub persist_buffer_bytes: u64,
 }
 
 impl Default for GatewayArgs {
@@ -195,6 +209,8 @@ impl Default for GatewayArgs {
             trusted_proxies: Vec::new(),
             header_timeout_ms: 10_000,
             allowed_origins: Vec::new(),
+            stream_max_bytes: DEFAULT_STREAM_MAX_BYTES,
+            persist_buffer_bytes: crate::persist::DEFAULT_BUFFER_BYTES,
         }
     }
 }
@@ -262,6 +278,8 @@ mod tests {
         let cfg = cli.config();
         assert_eq!(cfg.gateway_id, "g7");
         assert_eq!(cfg.args.ping_interval_ms, 250);
+        assert_eq!(cfg.args.stream_max_bytes, 1 << 30);
+        assert_eq!(cfg.args.persist_buffer_bytes, 64 << 20);
         assert_eq!(cfg.listen, "0.0.0.0:8000".parse().unwrap());
         assert!(
             GatewayCli::try_parse_from(["gateway"]).is_err(),

@@ -56,7 +56,8 @@ use state::Shared;
 /// Longest the drain waits for the goodbye to presence to be sent.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long samples stay in the durable stream if no recorder takes them.
+/// How long samples stay in the durable stream if no recorder takes them
+/// (stored samples leave it at once: it is a work queue).
 pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 
 /// Everything a gateway needs to start.
@@ -107,11 +108,22 @@ impl Gateway {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
-        cfg.subjects
-            .samples_stream()
-            .ensure(&*bus, STREAM_MAX_AGE)
+        let stream = cfg.subjects.samples_stream();
+        if let Err(e) = stream
+            .ensure(&*bus, STREAM_MAX_AGE, cfg.args.stream_max_bytes)
             .await
-            .context("creating the sample stream")?;
+        {
+            // An old limits-retention stream not yet drained stays as it
+            // is until the recorder has stored its batches and migrates it
+            // (docs/architecture.md, "The durable sample stream"); batches
+            // go there meanwhile. Without any stream, nothing can be stored.
+            stream
+                .state(&*bus)
+                .await
+                .map_err(|_| e)
+                .context("creating the sample stream")?;
+            tracing::warn!("the sample stream is not at its settings yet; using it as it is");
+        }
         let broadcasts = cfg
             .subjects
             .broadcast()
@@ -133,6 +145,7 @@ impl Gateway {
             gateway_id: cfg.gateway_id.clone(),
             metrics: metrics.clone(),
             drain_timeout: cfg.args.drain_timeout(),
+            buffer_bytes: cfg.args.persist_buffer_bytes,
         }
         .spawn();
         let (reporter, reporter_task) = Reporter::spawn(

@@ -36,12 +36,17 @@ pub struct GatewayMetrics {
     pub persist_errors: IntCounterVec,
     /// Samples accepted but not yet persisted.
     pub samples_pending: IntGaugeVec,
+    /// Bytes of accepted records not yet stored.
+    pub persist_buffer_bytes: IntGaugeVec,
+    /// The bound of that buffer.
+    pub persist_buffer_max_bytes: IntGaugeVec,
     /// Public clients in this gateway's copy of the roster.
     pub roster_size: IntGaugeVec,
     /// Requests refused before they were served (WebSocket upgrades and
     /// API requests), by reason.
     pub refused: IntCounterVec,
-    /// `delay_time` samples refused (no unused pong, or implausible).
+    /// `delay_time` samples refused, by reason: no unused pong,
+    /// implausible, or the persist buffer at its bound.
     pub samples_refused: IntCounterVec,
 }
 
@@ -56,6 +61,8 @@ impl GatewayMetrics {
             family.with_label_values(none);
         }
         m.samples_pending.with_label_values(none);
+        m.persist_buffer_bytes.with_label_values(none);
+        m.persist_buffer_max_bytes.with_label_values(none);
         m.roster_size.with_label_values(none);
         for reason in [
             "origin",
@@ -66,7 +73,7 @@ impl GatewayMetrics {
         ] {
             m.refused.with_label_values(&[reason]);
         }
-        for reason in ["no_pong", "implausible"] {
+        for reason in ["no_pong", "implausible", "buffer_full"] {
             m.samples_refused.with_label_values(&[reason]);
         }
         m.ping_duration.with_label_values(none);
@@ -82,6 +89,7 @@ impl GatewayMetrics {
             "bad_name",
             "bad_sample",
             "too_many_renames",
+            "busy",
         ] {
             m.errors.with_label_values(&[code]);
         }
@@ -191,6 +199,18 @@ impl GatewayMetrics {
                 "Samples accepted but not yet stored.",
                 &[],
             ),
+            persist_buffer_bytes: gauge(
+                r,
+                "pingapp_gateway_persist_buffer_bytes",
+                "Bytes of accepted records not yet stored in the durable stream.",
+                &[],
+            ),
+            persist_buffer_max_bytes: gauge(
+                r,
+                "pingapp_gateway_persist_buffer_max_bytes",
+                "The bound of that buffer (--persist-buffer-bytes).",
+                &[],
+            ),
             roster_size: gauge(
                 r,
                 "pingapp_gateway_roster_size",
@@ -206,7 +226,7 @@ impl GatewayMetrics {
             samples_refused: counter(
                 r,
                 "pingapp_gateway_samples_refused_total",
-                "Delay samples refused: no unused pong, or longer than the time since its ping.",
+                "Delay samples refused: no unused pong, longer than the time since its ping, or the buffer of records not yet stored at its bound (error frame busy).",
                 &["reason"],
             ),
         }

@@ -6,14 +6,13 @@ use std::sync::Arc;
 
 use services::bus::SharedBus;
 use services::subjects::Subjects;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayArgs;
 use crate::guard::{IpBudget, IpLimits, OriginPolicy};
 use crate::metrics::GatewayMetrics;
-use crate::persist::RecordItem;
+use crate::persist::Records;
 use crate::room::Room;
 
 /// The axum state of the public listener.
@@ -31,7 +30,7 @@ pub struct Shared {
     /// The public room: roster copy, local fan-out, reports to presence.
     pub(crate) room: Arc<Room>,
     /// Accepted records on their way to the durable stream.
-    pub(crate) records: mpsc::Sender<RecordItem>,
+    pub(crate) records: Records,
     /// Cancelled when the gateway starts draining.
     pub(crate) shutdown: CancellationToken,
     /// Which browser origins may open WebSockets.

@@ -57,6 +57,7 @@ pub async fn run(
 
     let mut recorder_cfg = RecorderConfig::new(subjects.clone());
     recorder_cfg.retention = args.retention;
+    recorder_cfg.stream_max_bytes = args.gateway.stream_max_bytes;
     let recorder = Recorder::build(
         recorder_cfg,
         bus.clone(),

@@ -109,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.stream_max_age = Duration::from_secs(3600);
     subjects
         .samples_stream()
-        .ensure(&*bus, cfg.stream_max_age)
+        .ensure(&*bus, cfg.stream_max_age, cfg.stream_max_bytes)
         .await?;
     let started = Instant::now();
     let topic = subjects.samples("bench");
@@ -118,6 +118,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let publish = rate(total, started.elapsed());
     println!("publish   into JetStream:                {publish:>10.0} samples/s");
+    let stream = subjects.samples_stream();
+    let held = stream.state(&*bus).await?;
+    println!(
+        "stream    after publishing:  {:>8} messages {:>12} bytes (what limits retention keeps after the acks)",
+        held.messages, held.bytes
+    );
 
     let registry = prometheus::Registry::new();
     let shared: SharedBus = bus.clone();
@@ -147,6 +153,19 @@ async fn main() -> anyhow::Result<()> {
     let through = rate(total, elapsed);
     shutdown.cancel();
     task.await??;
+    // The last acknowledgements may still be on their way.
+    let mut left = stream.state(&*bus).await?;
+    for _ in 0..100 {
+        if left.messages == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = stream.state(&*bus).await?;
+    }
+    println!(
+        "stream    after every ack:   {:>8} messages {:>12} bytes (work queue)",
+        left.messages, left.bytes
+    );
     println!("recorder  JetStream -> Postgres:         {through:>10.0} samples/s");
     println!(
         "recorder / baseline (2 at a time): {:.2}  ({} inserts, {:.1} ms mean insert)",

@@ -28,6 +28,14 @@ pub struct RecorderConfig {
     /// The stream drops unconsumed batches older than this (default 7
     /// days): how long the recorders may all be down without loss.
     pub stream_max_age: Duration,
+    /// The stream's byte cap (default
+    /// [`services::bus::DEFAULT_STREAM_MAX_BYTES`]; the gateways' should
+    /// be the same, or each applies its own when it starts).
+    pub stream_max_bytes: u64,
+    /// History and statistics reads answered at once, all kinds together
+    /// (default [`DEFAULT_READ_CONCURRENCY`]); more are answered `Busy` (docs/architecture.md,
+    /// "Bounds").
+    pub read_concurrency: usize,
 }
 
 impl RecorderConfig {
@@ -40,9 +48,15 @@ impl RecorderConfig {
             retention: Duration::from_secs(30 * 86_400),
             prune_interval: Duration::from_secs(60),
             stream_max_age: Duration::from_secs(7 * 86_400),
+            stream_max_bytes: services::bus::DEFAULT_STREAM_MAX_BYTES,
+            read_concurrency: DEFAULT_READ_CONCURRENCY,
         }
     }
 }
+
+/// Default of `--read-concurrency`: of the Postgres pool's 6 connections,
+/// 2 stay for inserts, one for pruning and the health check's ping.
+pub const DEFAULT_READ_CONCURRENCY: usize = 3;
 
 /// The flags of the `recorder` binary; every one also reads its
 /// environment variable.
@@ -75,6 +89,21 @@ pub struct RecorderCli {
     /// Applies when the durable consumer is created.
     #[arg(long, env = "PINGAPP_ACK_WAIT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
     pub ack_wait_ms: u64,
+    /// Byte cap of the durable sample stream (samples not yet stored); a
+    /// full stream refuses new batches, which wait in the gateways. Give
+    /// the gateways the same value.
+    #[arg(long, env = "PINGAPP_STREAM_MAX_BYTES", default_value_t = services::bus::DEFAULT_STREAM_MAX_BYTES,
+          value_parser = clap::value_parser!(u64).range(1_048_576..=(1 << 50)))]
+    pub stream_max_bytes: u64,
+    /// History and statistics reads answered at once; more are answered
+    /// busy (HTTP 429 with Retry-After at the gateway).
+    #[arg(long, env = "PINGAPP_READ_CONCURRENCY", default_value_t = DEFAULT_READ_CONCURRENCY as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub read_concurrency: u32,
+    /// Postgres statement timeout of every history and statistics read, ms.
+    #[arg(long, env = "PINGAPP_READ_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub read_timeout_ms: u64,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -87,7 +116,18 @@ impl RecorderCli {
         cfg.retention = self.retention;
         cfg.batch_max_samples = self.batch_max_samples as usize;
         cfg.batch_wait = Duration::from_millis(self.batch_wait_ms);
+        cfg.stream_max_bytes = self.stream_max_bytes;
+        cfg.read_concurrency = self.read_concurrency as usize;
         cfg
+    }
+
+    /// The read budget of the store: a pool of `--read-concurrency`
+    /// connections with `--read-timeout-ms` as statement timeout.
+    pub fn read_limits(&self) -> crate::store::ReadLimits {
+        crate::store::ReadLimits {
+            connections: self.read_concurrency,
+            statement_timeout: Duration::from_millis(self.read_timeout_ms),
+        }
     }
 
     /// How long a delivery may stay unacknowledged before it is redelivered.
@@ -119,6 +159,9 @@ mod tests {
         assert_eq!(cfg.batch_wait, Duration::from_millis(20));
         assert_eq!(cfg.batch_max_samples, 5000);
         assert_eq!(args.ack_wait(), Duration::from_secs(30));
+        assert_eq!(cfg.stream_max_bytes, 1 << 30);
+        assert_eq!(cfg.read_concurrency, 3);
+        assert_eq!(args.read_limits(), crate::store::ReadLimits::default());
         let bad = RecorderCli::try_parse_from([
             "recorder",
             "--nats-url",

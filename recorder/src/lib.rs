@@ -46,6 +46,10 @@ use crate::store::Store;
 /// The queue group the replicas answer queries in.
 pub const QUEUE_GROUP: &str = "recorder";
 
+/// How often the stream's fill is read into the metrics (and its settings
+/// checked, which finishes a pending migration to a work queue).
+const STREAM_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How often the database is pinged for readiness.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -105,10 +109,15 @@ impl Recorder {
         let latch = readiness.latch("recorder");
         let subjects = &cfg.subjects;
         let stream = subjects.samples_stream();
-        stream
-            .ensure(&*bus, cfg.stream_max_age)
+        if let Err(e) = stream
+            .ensure(&*bus, cfg.stream_max_age, cfg.stream_max_bytes)
             .await
-            .with_context(|| format!("creating the stream {}", stream.name()))?;
+        {
+            // An old limits-retention stream is replaced only once drained,
+            // which needs this recorder: consume it as it is (if it exists,
+            // else the consumer below fails) and migrate later.
+            tracing::warn!(error = %e, stream = stream.name(), "could not bring the stream to its settings; consuming it as it is");
+        }
         let deliveries = stream
             .consume(&*bus, &subjects.recorder_durable())
             .await
@@ -155,6 +164,7 @@ impl Recorder {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             health: self.health.clone(),
+            reads: Arc::new(tokio::sync::Semaphore::new(self.cfg.read_concurrency)),
         };
         tracker.spawn(
             responder
@@ -162,6 +172,12 @@ impl Recorder {
                 .serve(self.samples_sub, stop.clone(), tracker.clone()),
         );
         tracker.spawn(responder.serve(self.stats_sub, stop.clone(), tracker.clone()));
+        tracker.spawn(stream_loop(
+            self.bus.clone(),
+            self.cfg.clone(),
+            self.metrics.clone(),
+            stop.clone(),
+        ));
         tracker.spawn(ping_loop(
             self.store.clone(),
             self.health.clone(),
@@ -191,6 +207,48 @@ impl Recorder {
         tracker.close();
         tracker.wait().await;
         Ok(())
+    }
+}
+
+/// Keeps the stream gauges fresh and the stream at its settings (which
+/// replaces a drained old limits-retention stream by the work queue).
+async fn stream_loop(
+    bus: SharedBus,
+    cfg: RecorderConfig,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let stream = cfg.subjects.samples_stream();
+    let mut tick = tokio::time::interval(STREAM_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let check = async {
+            if let Err(e) = stream
+                .ensure(&*bus, cfg.stream_max_age, cfg.stream_max_bytes)
+                .await
+            {
+                tracing::warn!(error = %e, "the sample stream is not at its settings yet");
+            }
+            match stream.state(&*bus).await {
+                Ok(state) => {
+                    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    metrics.stream_messages.set(gauge(state.messages));
+                    metrics.stream_bytes.set(gauge(state.bytes));
+                    metrics.stream_max_bytes.set(gauge(state.max_bytes));
+                }
+                Err(e) => tracing::debug!(error = %e, "could not read the sample stream's state"),
+            }
+        };
+        // With NATS down the requests wait for the reconnect: never hold
+        // the drain for them.
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = check => {}
+        }
     }
 }
 

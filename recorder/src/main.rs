@@ -31,7 +31,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to NATS")?
         .with_ack_wait(args.ack_wait());
-    let store = recorder::store::connect_retrying(&args.database_url, DATABASE_PATIENCE).await?;
+    let store = recorder::store::connect_retrying(
+        &args.database_url,
+        DATABASE_PATIENCE,
+        args.read_limits(),
+    )
+    .await?;
     let recorder = Recorder::build(
         args.config(),
         Arc::new(bus),

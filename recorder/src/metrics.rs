@@ -31,6 +31,12 @@ pub(crate) struct Metrics {
     pub pruned: IntCounter,
     /// History and statistics queries by kind and outcome.
     pub queries: IntCounterVec,
+    /// Messages in the durable stream (not yet acknowledged).
+    pub stream_messages: IntGauge,
+    /// Their bytes.
+    pub stream_bytes: IntGauge,
+    /// The stream's byte cap.
+    pub stream_max_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -52,6 +58,15 @@ impl Metrics {
                 help,
                 NO_LABELS,
                 buckets,
+            )
+            .with_label_values(NO_LABELS)
+        };
+        let g = |name: &str, help: &str| {
+            gauge(
+                registry,
+                &format!("pingapp_recorder_{name}"),
+                help,
+                NO_LABELS,
             )
             .with_label_values(NO_LABELS)
         };
@@ -97,6 +112,18 @@ impl Metrics {
                 "pingapp_recorder_queries_total",
                 "History and statistics queries answered, by kind and outcome.",
                 &["kind", "outcome"],
+            ),
+            stream_messages: g(
+                "stream_messages",
+                "Record batches in the durable stream not yet stored and acknowledged.",
+            ),
+            stream_bytes: g(
+                "stream_bytes",
+                "Bytes of the durable stream's messages not yet stored and acknowledged.",
+            ),
+            stream_max_bytes: g(
+                "stream_max_bytes",
+                "The durable stream's byte cap; at the cap it refuses new batches.",
             ),
         }
     }

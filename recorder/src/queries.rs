@@ -20,8 +20,8 @@ use crate::DbHealth;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
-/// Queries answered at once per kind; more wait in the subscription.
-const CONCURRENCY: usize = 8;
+/// How long a caller refused as busy should wait before asking again.
+pub const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What the responders share.
 #[derive(Clone)]
@@ -30,6 +30,11 @@ pub(crate) struct Responder {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<DbHealth>,
+    /// The read budget, shared by every query kind (`--read-concurrency`):
+    /// a query beyond it is answered `Busy` at once, without touching the
+    /// database, so reads can never queue up in front of ingestion or the
+    /// health check.
+    pub reads: Arc<Semaphore>,
 }
 
 /// A query the recorder answers: its reply type, its metrics label, and
@@ -45,6 +50,8 @@ pub(crate) trait Query: Payload + Sync {
         r: &Responder,
         query: &Result<Self, BusError>,
     ) -> impl Future<Output = (Self::Reply, &'static str)> + Send;
+    /// The answer beyond the read budget.
+    fn busy() -> Self::Reply;
 }
 
 impl Query for SamplesQuery {
@@ -55,6 +62,9 @@ impl Query for SamplesQuery {
         query: &Result<Self, BusError>,
     ) -> impl Future<Output = (SamplesReply, &'static str)> + Send {
         r.samples(query)
+    }
+    fn busy() -> SamplesReply {
+        samples_error(busy())
     }
 }
 
@@ -67,11 +77,15 @@ impl Query for StatsQuery {
     ) -> impl Future<Output = (StatsReply, &'static str)> + Send {
         r.stats(query)
     }
+    fn busy() -> StatsReply {
+        stats_error(busy())
+    }
 }
 
 impl Responder {
-    /// Answers the requests of `sub` until `stop`, a few at a time; the
-    /// answers in flight are tracked by `tracker`.
+    /// Answers the requests of `sub` until `stop`, as many at a time as
+    /// the read budget allows and `Busy` beyond it; the answers in flight
+    /// are tracked by `tracker`.
     pub async fn serve<Q: Query>(
         self,
         mut sub: Inbox<Q, Q::Reply>,
@@ -79,7 +93,6 @@ impl Responder {
         tracker: TaskTracker,
     ) {
         let kind = Q::KIND;
-        let limit = Arc::new(Semaphore::new(CONCURRENCY));
         loop {
             let msg = tokio::select! {
                 () = stop.cancelled() => return,
@@ -89,14 +102,18 @@ impl Responder {
                 tracing::warn!(kind, "query subscription closed");
                 return;
             };
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                return;
-            };
             let this = self.clone();
-            tracker.spawn(async move {
-                this.answer(msg).await;
-                drop(permit);
-            });
+            match self.reads.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tracker.spawn(async move {
+                        this.answer(msg).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tracker.spawn(async move { this.refuse_busy(msg).await });
+                }
+            }
         }
     }
 
@@ -117,6 +134,18 @@ impl Responder {
         }
         .instrument(span)
         .await;
+    }
+
+    /// Answers `Busy` without reading anything.
+    async fn refuse_busy<Q: Query>(&self, req: Incoming<Q, Q::Reply>) {
+        if !req.wants_reply() {
+            self.metrics.query(Q::KIND, "no_reply");
+            return;
+        }
+        self.metrics.query(Q::KIND, "busy");
+        if let Err(e) = req.reply(&*self.bus, &Q::busy()).await {
+            tracing::warn!(error = %e, kind = Q::KIND, "could not send a busy answer");
+        }
     }
 
     async fn samples(
@@ -167,6 +196,17 @@ impl Responder {
 /// The refusal of a bad query: the caller's fault.
 fn bad_request(why: impl std::fmt::Display) -> (ReplyErrorKind, String) {
     (ReplyErrorKind::BadRequest, format!("bad request: {why}"))
+}
+
+/// The answer beyond the read budget.
+fn busy() -> (ReplyErrorKind, String) {
+    (
+        ReplyErrorKind::Busy,
+        format!(
+            "too many reads at once; retry after {} s",
+            BUSY_RETRY_AFTER.as_secs()
+        ),
+    )
 }
 
 /// The answer while the database cannot be used.

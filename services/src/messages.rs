@@ -367,6 +367,9 @@ pub enum ReplyErrorKind {
     /// also what a reply without a kind (an older recorder) means.
     #[default]
     Unavailable,
+    /// The recorder's read budget is spent (`--read-concurrency`): ask
+    /// again in a moment. The gateway answers 429 with `Retry-After`.
+    Busy,
 }
 
 #[cfg(test)]

@@ -85,6 +85,9 @@ pub enum ErrorCode {
     /// A rename over the connection's rename budget
     /// (`--max-renames-per-minute`); the name is unchanged.
     TooManyRenames,
+    /// The gateway's buffer of samples not yet stored is at its bound: the
+    /// `delay_time` was not recorded (docs/protocol.md).
+    Busy,
 }
 
 impl ErrorCode {
@@ -98,6 +101,7 @@ impl ErrorCode {
             ErrorCode::BadWatch => "bad_watch",
             ErrorCode::BadSample => "bad_sample",
             ErrorCode::TooManyRenames => "too_many_renames",
+            ErrorCode::Busy => "busy",
         }
     }
 }

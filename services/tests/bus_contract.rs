@@ -90,6 +90,7 @@ impl Harness {
             name: format!("{}_S", self.prefix.to_uppercase()),
             subjects: self.subject("durable.>"),
             max_age: Duration::from_secs(600),
+            max_bytes: 1 << 20,
         }
     }
 }
@@ -131,6 +132,8 @@ contract!(
     messages_larger_than_the_server_takes_arrive_whole,
     a_new_connection_is_connected,
     typed_topics_carry_their_message_types,
+    an_acknowledged_message_leaves_the_stream,
+    a_full_stream_refuses_new_messages_until_there_is_room,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -835,6 +838,242 @@ async fn nats_reconnects_after_a_server_restart_and_keeps_the_stream() {
     );
 }
 
+/// The stream is a work queue: it holds a message until it is
+/// acknowledged (also while it is out for delivery), and not after.
+async fn an_acknowledged_message_leaves_the_stream(h: Harness) {
+    let bus = h.connect().await;
+    let spec = h.stream_spec();
+    bus.ensure_stream(&spec).await.unwrap();
+    for i in 0..5 {
+        bus.persist(
+            &h.subject("durable.gw"),
+            Bytes::from(vec![b'x'; 100]),
+            Headers::new(),
+            &format!("leave-{i}"),
+        )
+        .await
+        .unwrap();
+    }
+    let full = bus.stream_state(&spec.name).await.unwrap();
+    assert_eq!(full.messages, 5);
+    assert!(full.bytes >= 500, "{full:?}");
+    assert_eq!(full.max_bytes, spec.max_bytes);
+
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        open.push(next_delivery(&mut d).await);
+    }
+    // Delivered but not acknowledged: still held.
+    assert_eq!(bus.stream_state(&spec.name).await.unwrap().messages, 5);
+    for delivery in open.drain(..3) {
+        delivery.ack().await.unwrap();
+    }
+    stream_holds(&bus, &spec.name, 2).await;
+    for delivery in open {
+        delivery.ack().await.unwrap();
+    }
+    stream_holds(&bus, &spec.name, 0).await;
+    assert_eq!(bus.stream_state(&spec.name).await.unwrap().bytes, 0);
+    match bus.stream_state("NO_SUCH_STREAM").await {
+        Err(BusError::NoStream(s)) => assert_eq!(s, "NO_SUCH_STREAM"),
+        other => panic!("state of a missing stream: expected NoStream, got {other:?}"),
+    }
+}
+
+/// Waits until the stream holds `n` messages.
+async fn stream_holds(bus: &SharedBus, stream: &str, n: u64) {
+    testkit::eventually(WAIT, &format!("the stream holds {n} messages"), || {
+        let (b, s) = (bus.clone(), stream.to_owned());
+        async move { b.stream_state(&s).await.unwrap().messages == n }
+    })
+    .await;
+}
+
+/// At its byte cap the stream refuses new messages (discard new) and
+/// keeps every message it holds; a refused message is not remembered as
+/// stored, so its retry is stored once an acknowledgement made room, and a
+/// larger cap given to `ensure_stream` applies to the existing stream.
+async fn a_full_stream_refuses_new_messages_until_there_is_room(h: Harness) {
+    let bus = h.connect().await;
+    let spec = StreamSpec {
+        max_bytes: 4096,
+        ..h.stream_spec()
+    };
+    bus.ensure_stream(&spec).await.unwrap();
+    let subject = h.subject("durable.gw");
+    let mut stored = Vec::new();
+    let refused = loop {
+        let id = format!("full-{}", stored.len());
+        match bus
+            .persist(&subject, Bytes::from(vec![b'x'; 1000]), Headers::new(), &id)
+            .await
+        {
+            Ok(()) => stored.push(id),
+            Err(BusError::StreamFull(s)) => {
+                assert_eq!(s, subject);
+                break id;
+            }
+            Err(e) => panic!("expected StreamFull at the cap, got {e:?}"),
+        }
+        assert!(stored.len() <= 4, "4096 bytes cannot hold 5 such messages");
+    };
+    assert!(stored.len() >= 2, "stored {stored:?} before refusing");
+    let state = bus.stream_state(&spec.name).await.unwrap();
+    assert_eq!(state.messages, stored.len() as u64);
+    assert!(state.bytes <= spec.max_bytes, "{state:?}");
+    // Still full: the retry is refused too.
+    assert!(matches!(
+        bus.persist(
+            &subject,
+            Bytes::from(vec![b'x'; 1000]),
+            Headers::new(),
+            &refused
+        )
+        .await,
+        Err(BusError::StreamFull(_))
+    ));
+
+    // One acknowledgement makes room: the retry is stored, once.
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    next_delivery(&mut d).await.ack().await.unwrap();
+    stream_holds(&bus, &spec.name, stored.len() as u64 - 1).await;
+    bus.persist(
+        &subject,
+        Bytes::from(vec![b'y'; 1000]),
+        Headers::new(),
+        &refused,
+    )
+    .await
+    .expect("room after an acknowledgement");
+    let mut rest = Vec::new();
+    while let Ok(Some(Ok(delivery))) = timeout(QUIET * 2, d.next()).await {
+        rest.push(delivery.payload[0]);
+        delivery.ack().await.unwrap();
+    }
+    let mut expected = vec![b'x'; stored.len() - 1];
+    expected.push(b'y');
+    assert_eq!(rest, expected, "every stored message once, then the retry");
+
+    // A larger cap applies to the existing stream.
+    let larger = StreamSpec {
+        max_bytes: 1 << 20,
+        ..spec.clone()
+    };
+    bus.ensure_stream(&larger).await.unwrap();
+    assert_eq!(
+        bus.stream_state(&spec.name).await.unwrap().max_bytes,
+        1 << 20
+    );
+    for i in 0..10 {
+        bus.persist(
+            &subject,
+            Bytes::from(vec![b'z'; 1000]),
+            Headers::new(),
+            &format!("larger-{i}"),
+        )
+        .await
+        .expect("room under the larger cap");
+    }
+}
+
+/// A stream an older version made with limits retention (acknowledged
+/// messages stay) becomes a work queue only once its consumers have
+/// acknowledged everything in it; before, `ensure_stream` refuses and
+/// leaves it working as it was.
+#[tokio::test]
+async fn nats_replaces_a_drained_limits_stream_by_a_work_queue() {
+    use async_nats::jetstream::stream;
+    let h = Harness::nats().await;
+    let bus = h.connect().await;
+    let spec = h.stream_spec();
+    let client = async_nats::connect(h.nats.as_ref().unwrap().url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: spec.name.clone(),
+        subjects: vec![spec.subjects.clone()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let subject = h.subject("durable.gw");
+    for i in 0..3 {
+        bus.persist(
+            &subject,
+            Bytes::from(format!("old-{i}")),
+            Headers::new(),
+            &format!("old-{i}"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    let first = next_delivery(&mut d).await;
+    first.ack().await.unwrap();
+
+    // Two not yet acknowledged: refused, and the old stream still works.
+    match bus.ensure_stream(&spec).await {
+        Err(BusError::Rejected { source, .. }) => {
+            assert!(source.to_string().contains("2 messages"), "{source}")
+        }
+        other => panic!("migrating an undrained stream: expected Rejected, got {other:?}"),
+    }
+    let retention = |js: async_nats::jetstream::Context, name: String| async move {
+        js.get_stream(&name)
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .retention
+    };
+    assert_eq!(
+        retention(js.clone(), spec.name.clone()).await,
+        stream::RetentionPolicy::Limits
+    );
+    bus.persist(
+        &subject,
+        Bytes::from_static(b"old-3"),
+        Headers::new(),
+        "old-3",
+    )
+    .await
+    .expect("the old stream takes messages again after a refused migration");
+    // The recorder catches up (the refused attempt took longer than the
+    // ack wait, so some come twice).
+    let mut seen = BTreeSet::new();
+    while let Ok(Some(Ok(delivery))) = timeout(QUIET * 2, d.next()).await {
+        seen.insert(text(&delivery.payload));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from(["old-1", "old-2", "old-3"].map(String::from))
+    );
+    drop(d);
+
+    // Drained: replaced by a capped work queue, which then works as one.
+    bus.ensure_stream(&spec)
+        .await
+        .expect("the drained stream is migrated");
+    assert_eq!(
+        retention(js.clone(), spec.name.clone()).await,
+        stream::RetentionPolicy::WorkQueue
+    );
+    let state = bus.stream_state(&spec.name).await.unwrap();
+    assert_eq!((state.messages, state.max_bytes), (0, spec.max_bytes));
+    bus.persist(&subject, Bytes::from_static(b"new"), Headers::new(), "new")
+        .await
+        .unwrap();
+    let mut d = bus.consume(&spec.name, "recorder").await.unwrap();
+    let delivery = next_delivery(&mut d).await;
+    assert_eq!(text(&delivery.payload), "new");
+    delivery.ack().await.unwrap();
+    stream_holds(&bus, &spec.name, 0).await;
+}
+
 /// The typed layer over either bus: each subject carries its message type,
 /// encoded and decoded once; a payload that is not that type arrives as
 /// [`BusError::Decode`] and the subscription goes on.
@@ -979,7 +1218,10 @@ async fn typed_topics_carry_their_message_types(h: Harness) {
     // The durable stream, typed.
     let spec = h.stream_spec();
     let stream: DurableStream<RecordBatch> = DurableStream::new(&spec.name, &spec.subjects);
-    stream.ensure(&*a, spec.max_age).await.unwrap();
+    stream
+        .ensure(&*a, spec.max_age, spec.max_bytes)
+        .await
+        .unwrap();
     let samples: Topic<RecordBatch> = Topic::new(h.subject("durable.gw"));
     let batch = RecordBatch {
         gateway: "gw".into(),

@@ -84,7 +84,10 @@ impl Client {
     /// The handshake failed or took longer than [`WAIT`].
     pub async fn connect_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Client {
         let req = handshake_request(addr, path, headers);
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        // No Nagle: a test that writes twice before it reads (a sample, then
+        // a ping) would otherwise wait for a delayed ACK, 40 ms each time.
+        let connect = tokio_tungstenite::connect_async_with_config(req, None, true);
+        let (ws, _) = tokio::time::timeout(WAIT, connect)
             .await
             .unwrap_or_else(|_| panic!("connect {path}: timed out"))
             .unwrap_or_else(|e| panic!("connect {path}: {e}"));

@@ -11,7 +11,6 @@ use services::protocol::{
 
 use super::pongs::Refusal;
 use super::{Connection, Ending};
-use crate::persist::RecordItem;
 
 impl Connection {
     /// Parses a text frame and hands it to its command's handler; a frame
@@ -117,9 +116,20 @@ impl Connection {
             delay_ms,
             public: self.public(),
         };
-        // Bounded: if the batcher ever falls this far behind, this client
-        // waits rather than the sample being lost.
-        let _ = self.shared.records.send(RecordItem::Sample(sample)).await;
+        // Never waits: at the buffer's bound the sample is refused and the
+        // client told, so its pings keep being answered (persist.rs).
+        if self
+            .shared
+            .records
+            .offer_sample(sample, &mut self.unrecorded)
+            .is_err()
+        {
+            let e = ProtocolError {
+                code: ErrorCode::Busy,
+                detail: "samples cannot be stored right now; this one was not recorded".into(),
+            };
+            self.send_error(&e).await?;
+        }
         let Some(seat) = &self.seat else {
             return Ok(());
         };

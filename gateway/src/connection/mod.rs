@@ -36,7 +36,6 @@ use pongs::Pongs;
 use rate::Budget;
 pub use rate::TokenBucket;
 
-use crate::persist::RecordItem;
 use crate::room::Seat;
 use crate::state::Shared;
 
@@ -105,6 +104,9 @@ struct Connection {
     budget: Budget,
     /// Renames count against it too.
     renames: TokenBucket,
+    /// The client's record until its first sample carries it to the
+    /// recorder: nothing is written for a client that never sends one.
+    unrecorded: Option<ClientRecord>,
     keepalive: Interval,
     last_heard: Instant,
     /// The keepalive Ping in flight: its number and when it left.
@@ -155,6 +157,7 @@ impl Connection {
                 args.max_frame_bytes,
             ),
             renames: args.rename_budget(),
+            unrecorded: None,
             keepalive,
             last_heard: Instant::now(),
             ping_sent: None,
@@ -173,8 +176,8 @@ impl Connection {
         self.version == Version::V2
     }
 
-    /// Records the client, seats a public one, and sends the v2 welcome
-    /// (and, public, the roster).
+    /// Prepares the client's record (sent with its first sample), seats a
+    /// public one, and sends the v2 welcome (and, public, the roster).
     async fn open(&mut self) -> Result<(), Ending> {
         let shared = self.shared.clone();
         let token = self.v2().then(new_token);
@@ -186,8 +189,7 @@ impl Connection {
             gateway: shared.gateway_id.clone(),
             connected_at_us: now_ms * 1000,
         };
-        // Fails only once the drain gave up on the batcher.
-        let _ = shared.records.send(RecordItem::Client(record)).await;
+        self.unrecorded = Some(record);
 
         if self.public() {
             let (tx, rx) = mpsc::channel(shared.args.outbound_queue as usize);

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use gateway::{Gateway, GatewayArgs, GatewayConfig};
 use services::admin::Readiness;
+use services::bus::Consumed;
 use services::bus::SharedBus;
 use services::bus::memory::MemoryBus;
 use services::bus::topic::Inbox;
-use services::messages::{Broadcast, GatewayReport, GatewayUpdate, HeartbeatRequest};
+use services::messages::{Broadcast, GatewayReport, GatewayUpdate, HeartbeatRequest, RecordBatch};
 use services::subjects::Subjects;
 use testkit::ws::{Client, WAIT as WITHIN};
 use tokio::task::JoinHandle;
@@ -25,8 +26,9 @@ pub struct TestGateway {
     pub bus: SharedBus,
     /// Its subjects.
     pub subjects: Subjects,
+    /// Its metric families.
+    pub registry: prometheus::Registry,
     reports: Inbox<GatewayReport>,
-    registry: prometheus::Registry,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -59,8 +61,8 @@ impl TestGateway {
             addr,
             bus,
             subjects,
-            reports,
             registry,
+            reports,
             shutdown,
             task,
         }
@@ -137,6 +139,16 @@ impl TestGateway {
             .publish(&*self.bus, &b)
             .await
             .expect("publish broadcast");
+    }
+
+    /// Consumes the sample stream (as the recorder would) through the
+    /// durable consumer `test`.
+    pub async fn consume_samples(&self) -> Consumed<RecordBatch> {
+        self.subjects
+            .samples_stream()
+            .consume(&*self.bus, "test")
+            .await
+            .expect("consume the sample stream")
     }
 
     /// Starts the drain and waits until `run` returns.

@@ -259,12 +259,7 @@ async fn limits_close_with_their_codes() {
 #[tokio::test]
 async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
     let mut gw = TestGateway::start(GatewayArgs::default()).await;
-    let mut deliveries = gw
-        .subjects
-        .samples_stream()
-        .consume(&*gw.bus, "test")
-        .await
-        .unwrap();
+    let mut deliveries = gw.consume_samples().await;
     let mut public = gw.ws("/ws/public/?v=2").await;
     public.recv_until("roster", |_| true).await;
     let mut private = gw.ws("/ws/private/?v=2").await;
@@ -323,4 +318,213 @@ async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
         d.delivery.ack().await.unwrap();
     }
     assert_eq!(samples, (0..20).map(f64::from).collect::<Vec<_>>());
+}
+
+/// Sends `n` samples with seqs from `*seq` on, each answering a pong of its
+/// own (docs/security.md), then a last ping, and reads up to its pong;
+/// returns how many samples were refused with `busy`.
+async fn samples_then_ping(c: &mut testkit::ws::Client, seq: &mut u64, n: u64) -> u64 {
+    let mut refused = 0;
+    for _ in 0..n {
+        refused += ping_counting_busy(c, *seq).await;
+        c.delay(1.0, *seq).await;
+        *seq += 1;
+    }
+    // Answered after every sample above was taken or refused.
+    refused += ping_counting_busy(c, u64::MAX - *seq).await;
+    refused
+}
+
+/// Pings with `seq` and reads up to its pong; returns how many `busy`
+/// error frames came before it.
+async fn ping_counting_busy(c: &mut testkit::ws::Client, seq: u64) -> u64 {
+    c.send(json!({"command": "ping", "seq": seq})).await;
+    let mut refused = 0;
+    loop {
+        let f = c.recv().await;
+        match f["command"].as_str() {
+            Some("pong") if f["seq"] == seq => return refused,
+            // The keepalive's measurement may come at any time.
+            Some("server_rtt") => {}
+            Some("error") => {
+                assert_eq!(f["code"], "busy", "{f}");
+                refused += 1;
+            }
+            other => panic!("unexpected frame {other:?}: {f}"),
+        }
+    }
+}
+
+/// The persist buffer's overflow policy (docs/architecture.md, "Bounds"):
+/// while the stream is full and nobody stores, the gateway holds accepted
+/// samples up to `--persist-buffer-bytes`, then refuses new ones with the
+/// error frame `busy`, still answering pings; once the stream has room
+/// again every accepted sample reaches it, once, and new ones are taken.
+#[tokio::test]
+async fn at_the_buffer_bound_samples_are_refused_pings_answered_and_nothing_accepted_is_lost() {
+    const BUFFER: u64 = 32 * 1024;
+    let args = GatewayArgs {
+        stream_max_bytes: 150_000,
+        persist_buffer_bytes: BUFFER,
+        max_messages_per_second: 100_000,
+        max_bytes_per_second: 1 << 30,
+        ..Default::default()
+    };
+    let gw = TestGateway::start(args).await;
+    let mut c = gw.ws("/ws/private/?v=2").await;
+    c.recv_until("welcome", |_| true).await;
+
+    // Nobody consumes: the stream fills, then the buffer.
+    let (mut seq, mut refused) = (0u64, 0u64);
+    while refused == 0 {
+        assert!(seq < 20_000, "no sample refused after {seq}");
+        refused += samples_then_ping(&mut c, &mut seq, 50).await;
+    }
+    // Full: every new sample is refused, and every ping answered.
+    assert_eq!(samples_then_ping(&mut c, &mut seq, 20).await, 20);
+    refused += 20;
+    assert_eq!(
+        gw.metric(
+            "pingapp_gateway_samples_refused_total",
+            &[("reason", "buffer_full")]
+        ),
+        refused as f64
+    );
+    let held = gw.metric("pingapp_gateway_persist_buffer_bytes", &[]);
+    assert!(
+        held > BUFFER as f64 / 2.0 && held <= BUFFER as f64 + 1024.0,
+        "the buffer holds {held} bytes"
+    );
+    assert_eq!(
+        gw.metric("pingapp_gateway_persist_buffer_max_bytes", &[]),
+        BUFFER as f64
+    );
+
+    // The stream drains: every accepted sample arrives once, the buffer
+    // empties, and samples are accepted again.
+    let accepted = seq - refused;
+    let mut deliveries = gw.consume_samples().await;
+    let mut ns = std::collections::BTreeSet::new();
+    let mut got = 0u64;
+    while got < accepted + 1 {
+        if got == accepted {
+            testkit::eventually(WITHIN, "the buffer is empty", || async {
+                gw.metric("pingapp_gateway_persist_buffer_bytes", &[]) == 0.0
+            })
+            .await;
+            assert_eq!(samples_then_ping(&mut c, &mut seq, 1).await, 0);
+        }
+        let d = tokio::time::timeout(WITHIN, deliveries.next())
+            .await
+            .unwrap_or_else(|_| panic!("{got} of {} samples arrived", accepted + 1))
+            .unwrap()
+            .unwrap();
+        let batch: RecordBatch = d.message.unwrap();
+        for sample in &batch.samples {
+            assert!(ns.insert(sample.n), "sample {} twice", sample.n);
+        }
+        got += batch.samples.len() as u64;
+        d.delivery.ack().await.unwrap();
+    }
+    assert_eq!(got, accepted + 1);
+}
+
+/// Nothing is written for a connection that never sends a sample: a
+/// client's record reaches the stream with its first sample, before it,
+/// and only once.
+#[tokio::test]
+async fn a_client_record_travels_with_the_first_sample_only() {
+    let gw = TestGateway::start(GatewayArgs::default()).await;
+    let mut deliveries = gw.consume_samples().await;
+    let mut silent = gw.ws("/ws/private/?v=2").await;
+    silent.recv_until("welcome", |_| true).await;
+    silent.ping(1).await;
+    let mut talker = gw.ws("/ws/private/?v=2").await;
+    let welcome = talker.recv_until("welcome", |_| true).await;
+    let id = welcome["channel_name"].as_str().unwrap().to_owned();
+    for seq in 0..3 {
+        talker.sample(3.0, seq).await;
+    }
+    talker.ping(9).await;
+
+    let mut order = Vec::new();
+    while let Ok(Some(d)) =
+        tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await
+    {
+        let d = d.unwrap();
+        let batch: RecordBatch = d.message.unwrap();
+        order.extend(
+            batch
+                .clients
+                .iter()
+                .map(|c| format!("client {}", c.channel_name)),
+        );
+        order.extend(
+            batch
+                .samples
+                .iter()
+                .map(|s| format!("sample {} {}", s.channel_name, s.n)),
+        );
+        d.delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        order,
+        [
+            format!("client {id}"),
+            format!("sample {id} 1"),
+            format!("sample {id} 2"),
+            format!("sample {id} 3"),
+        ],
+        "only the client that sent samples, its record first"
+    );
+}
+
+/// A gateway starting next to a stream an older version made with limits
+/// retention, still holding batches no recorder stored, leaves it as it is
+/// (the recorder migrates it once drained) and starts, storing into it.
+#[tokio::test]
+async fn a_gateway_starts_on_an_undrained_old_limits_stream() {
+    use async_nats::jetstream::stream;
+    let nats = testkit::NatsServer::start().await;
+    let subjects = services::subjects::Subjects::new("old");
+    let spec = subjects.samples_stream();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.create_stream(stream::Config {
+        name: spec.name().to_owned(),
+        subjects: vec![spec.subjects().to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("old.samples.gw0", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let bus = services::bus::nats::NatsBus::connect(&nats.url(), "gw")
+        .await
+        .unwrap();
+    let cfg = gateway::GatewayConfig {
+        args: GatewayArgs::default(),
+        gateway_id: "gw".into(),
+        subjects: subjects.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+    };
+    let built = gateway::Gateway::build(
+        cfg,
+        std::sync::Arc::new(bus),
+        &prometheus::Registry::new(),
+        services::admin::Readiness::new(),
+    )
+    .await;
+    assert!(built.is_ok(), "{:?}", built.err());
+    let info = js
+        .get_stream(spec.name())
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.config.retention, stream::RetentionPolicy::Limits);
+    assert_eq!(info.state.messages, 1, "nothing unstored was dropped");
 }

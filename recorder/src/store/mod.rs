@@ -172,9 +172,39 @@ pub trait Store: Send + Sync {
 /// # Errors
 /// Unknown scheme, unreachable database, or failed migration.
 pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    connect_with(url, ReadLimits::default()).await
+}
+
+/// The budget of history and statistics reads against Postgres
+/// (docs/architecture.md, "Bounds"): their own pool, so they can never take
+/// the connections of inserts, pruning or the health check's ping, and a
+/// statement timeout. (SQLite, the standalone store, has one writer and
+/// no statement timeout; the recorder's read budget applies to both.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Connections of the read pool: the recorder's `--read-concurrency`.
+    pub connections: u32,
+    /// Postgres `statement_timeout` of every read (`--read-timeout-ms`).
+    pub statement_timeout: Duration,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        Self {
+            connections: 3,
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Like [`connect`], with `reads` as the read budget of a Postgres store.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_with(url: &str, reads: ReadLimits) -> anyhow::Result<Arc<dyn Store>> {
     use anyhow::Context as _;
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = postgres::PgStore::connect(url)
+        let store = postgres::PgStore::connect_with(url, reads)
             .await
             .context("opening the Postgres database")?;
         Ok(Arc::new(store))
@@ -194,12 +224,16 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
 ///
 /// # Errors
 /// The last error once `patience` is spent, or at once for a bad URL.
-pub async fn connect_retrying(url: &str, patience: Duration) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn connect_retrying(
+    url: &str,
+    patience: Duration,
+    reads: ReadLimits,
+) -> anyhow::Result<Arc<dyn Store>> {
     let deadline = tokio::time::Instant::now() + patience;
     let mut backoff =
         services::retry::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
-        match connect(url).await {
+        match connect_with(url, reads).await {
             Err(e) if is_retryable(&e) => {
                 let delay = backoff.next_delay();
                 if tokio::time::Instant::now() + delay >= deadline {

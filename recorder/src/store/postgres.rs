@@ -30,8 +30,8 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPool
 use sqlx::{Connection, Postgres};
 
 use super::{
-    Access, HistoryRow, InsertOutcome, PRUNE_CHUNK, Store, StoreError, bucket_width, stored_sample,
-    to_db, window_start,
+    Access, HistoryRow, InsertOutcome, PRUNE_CHUNK, ReadLimits, Store, StoreError, bucket_width,
+    stored_sample, to_db, window_start,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -62,6 +62,14 @@ const INSERT_BOTH: &str = "\
     SELECT * FROM UNNEST($6::text[], $7::bigint[], $8::bigint[], $9::bigint[], \
                          $10::double precision[], $11::boolean[]) \
     ON CONFLICT DO NOTHING";
+
+/// Whether a client with samples but no `clients` row is public: one probe
+/// of the primary key. (`bool_and(public)` here let the planner walk all of
+/// `samples_public_at` for an id with no samples: 160-380 ms at 1M rows,
+/// docs/benchmarks.md, 2026-11-30.) A client's samples all share its page,
+/// so its first sample says it.
+pub const ACCESS_BY_SAMPLES: &str = "\
+    SELECT public FROM samples WHERE channel_name = $1 ORDER BY channel_name, n LIMIT 1";
 
 /// Percentiles by linear interpolation between closest ranks:
 /// `percentile_cont(f)` is the definition
@@ -159,31 +167,52 @@ fn bind_samples<'q>(q: PgQuery<'q>, samples: &[&SampleRecord]) -> PgQuery<'q> {
 /// A Postgres database.
 #[derive(Clone)]
 pub struct PgStore {
+    /// Inserts, pruning and the health check's ping.
     pool: PgPool,
+    /// History and statistics reads, with their statement timeout.
+    reads: PgPool,
 }
 
 impl PgStore {
+    /// Connects to `url` with the default [`ReadLimits`].
+    ///
+    /// # Errors
+    /// As [`PgStore::connect_with`].
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, ReadLimits::default()).await
+    }
+
     /// Connects to `url`, applies the migrations (under sqlx's advisory
-    /// lock) and opens a small pool.
+    /// lock) and opens two small pools: one for inserts, pruning and the
+    /// ping, one of `reads.connections` for reads, each read cut off by
+    /// `reads.statement_timeout`.
     ///
     /// # Errors
     /// A malformed URL, an unreachable server, or a failed migration.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    pub async fn connect_with(url: &str, reads: ReadLimits) -> Result<Self, StoreError> {
         let opts = PgConnectOptions::from_str(url)?;
         let mut conn = PgConnection::connect_with(&opts).await?;
         let migrated = MIGRATOR.run(&mut conn).await;
         // Closing ends the session, and with it any advisory lock.
         let _ = conn.close().await;
         migrated?;
+        let read_opts = opts.clone().options([(
+            "statement_timeout",
+            reads.statement_timeout.as_millis().max(1).to_string(),
+        )]);
         let pool = PgPoolOptions::new()
-            // Two inserts in flight, the query responders, the pruner and
-            // the pinger.
-            .max_connections(6)
+            // Two inserts in flight, the pruner and the pinger.
+            .max_connections(4)
             // Fail fast while the server is down: the caller retries.
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(opts)
             .await?;
-        Ok(Self { pool })
+        let reads = PgPoolOptions::new()
+            .max_connections(reads.connections.max(1))
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(read_opts)
+            .await?;
+        Ok(Self { pool, reads })
     }
 
     /// The connection pool (tests and tools).
@@ -227,16 +256,15 @@ impl Store for PgStore {
         let client: Option<(bool, Option<String>)> =
             sqlx::query_as("SELECT public, token_digest FROM clients WHERE channel_name = $1")
                 .bind(channel_name)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reads)
                 .await?;
         if let Some(client) = client {
             return Ok(Some(Access::from(client)));
         }
-        let public: Option<bool> =
-            sqlx::query_scalar("SELECT bool_and(public) FROM samples WHERE channel_name = $1")
-                .bind(channel_name)
-                .fetch_one(&self.pool)
-                .await?;
+        let public: Option<bool> = sqlx::query_scalar(ACCESS_BY_SAMPLES)
+            .bind(channel_name)
+            .fetch_optional(&self.reads)
+            .await?;
         Ok(public.map(Access::without_token))
     }
 
@@ -253,7 +281,7 @@ impl Store for PgStore {
         .bind(channel_name)
         .bind(since_us.unwrap_or(i64::MIN))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         Ok(rows.into_iter().map(stored_sample).collect())
     }
@@ -268,7 +296,7 @@ impl Store for PgStore {
         let rows: Vec<(i64, i64, f64, f64, f64, f64, f64)> = sqlx::query_as(STATS)
             .bind(window_start(now_us, window))
             .bind(width)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reads)
             .await?;
         Ok(rows
             .into_iter()

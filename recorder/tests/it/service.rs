@@ -290,6 +290,84 @@ async fn history_and_stats_are_answered_over_nats() {
     rec.stop().await;
 }
 
+/// Reads beyond the read budget are answered `Busy` at once, without
+/// waiting for the database, while the reads within it go on.
+#[tokio::test]
+async fn reads_beyond_the_budget_are_answered_busy_at_once() {
+    let nats = TestNats::new().await;
+    let pg = TestPg::new().await;
+    let mut cfg = test_config(nats.subjects.clone());
+    cfg.read_concurrency = 1;
+    let rec = Running::start(cfg, nats.shared(), pg.dyn_store()).await;
+    let now = services::unix_us();
+    let b = batch(
+        vec![client("pub", true, None)],
+        samples("pub", true, 1..4, now),
+    );
+    persist(&*nats.bus, &nats.subjects, &b, "busy1").await;
+    wait_for_count(&nats, &pg, 3).await;
+
+    // A lock makes the one read within the budget wait for the database.
+    let mut blocker = pg.store.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE clients IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let (bus, s) = (nats.bus.clone(), nats.subjects.clone());
+    let slow = tokio::spawn(async move { ask_samples(&*bus, &s, &history("pub", None)).await });
+    eventually(
+        Duration::from_secs(5),
+        "the first read waits on the lock",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'clients'::regclass",
+        )
+        .fetch_one(pg.store.pool())
+        .await
+        .unwrap()
+            > 0
+        },
+    )
+    .await;
+
+    let started = std::time::Instant::now();
+    let refused = ask_samples(&*nats.bus, &nats.subjects, &history("pub", None)).await;
+    assert!(
+        matches!(
+            &refused,
+            SamplesReply::Error {
+                kind: ReplyErrorKind::Busy,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let q = encode(&StatsQuery {
+        window_ms: 3600 * 1000,
+        bucket_ms: 60 * 1000,
+    });
+    assert!(matches!(
+        ask_stats(&*nats.bus, &nats.subjects, q).await,
+        StatsReply::Error {
+            kind: ReplyErrorKind::Busy,
+            ..
+        }
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "busy is answered at once"
+    );
+
+    blocker.rollback().await.unwrap();
+    assert_eq!(found(slow.await.unwrap()), 3, "the read within the budget");
+    assert_eq!(
+        found(ask_samples(&*nats.bus, &nats.subjects, &history("pub", None)).await),
+        3,
+        "the budget is free again"
+    );
+    rec.stop().await;
+}
+
 /// A message that is not a record batch, and a batch the database refuses
 /// (a NUL byte in text), are dropped; the messages after them still arrive.
 #[tokio::test]

@@ -473,3 +473,89 @@ async fn concurrent_migrations_are_safe() {
 fn round6(v: f64) -> f64 {
     (v * 1e6).round() / 1e6
 }
+
+/// A history read for an unknown id costs an index probe, not a scan: on a
+/// few hundred thousand rows, the access check by samples reads a handful
+/// of pages (`bool_and(public)` walked the whole `samples_public_at`).
+#[tokio::test]
+async fn an_unknown_id_costs_an_index_probe_not_a_scan() {
+    let pg = TestPg::new().await;
+    let pool = pg.store.pool();
+    sqlx::query(
+        "INSERT INTO samples SELECT 'c' || (i % 500), i, i, i * 1000, 1.5, i % 2 = 0 \
+         FROM generate_series(1, 300000) i",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE samples").execute(pool).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    // The generic plan, as a prepared statement runs it after a few calls.
+    // (The statement below is a constant of ours, not input.)
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let explain = format!(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}",
+        recorder::store::postgres::ACCESS_BY_SAMPLES
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(explain))
+        .bind("nobody-like-this")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    // EXPLAIN's `json` column is its text on the wire.
+    let plan: String = sqlx::Row::try_get_unchecked(&row, 0).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    let top = &plan[0]["Plan"];
+    let pages =
+        top["Shared Hit Blocks"].as_u64().unwrap() + top["Shared Read Blocks"].as_u64().unwrap();
+    assert!(pages < 20, "{pages} pages read for an unknown id: {plan}");
+
+    // And the access check still finds a known client without a row.
+    assert_eq!(count(&*pg.store, "c8").await, 600, "c8 is public");
+}
+
+/// Reads have their own pool and statement timeout: a read stuck behind a
+/// lock is cut off after `statement_timeout`; the ping, on the other pool,
+/// answers meanwhile.
+#[tokio::test]
+async fn reads_are_cut_off_by_their_statement_timeout() {
+    let pg = TestPg::new().await;
+    let limits = recorder::store::ReadLimits {
+        connections: 1,
+        statement_timeout: Duration::from_millis(300),
+    };
+    let store = recorder::store::postgres::PgStore::connect_with(&pg.url, limits)
+        .await
+        .unwrap();
+    store
+        .insert(&[batch(
+            vec![client("a", true, None)],
+            samples("a", true, 0..3, 0),
+        )])
+        .await
+        .unwrap();
+    let mut blocker = pg.store.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE samples IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), store.samples(&query("a", None)))
+        .await
+        .expect("the read ends without the lock being released");
+    assert!(read.is_err(), "a blocked read fails: {read:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "cut off by the statement timeout after {took:?}"
+    );
+    // The lock holds only samples: the ping (SELECT 1) answers.
+    assert!(store.ping().await, "the ping has its own pool");
+
+    blocker.rollback().await.unwrap();
+    assert_eq!(count(&store, "a").await, 3);
+}

@@ -1,10 +1,14 @@
 //! The in-memory bus of the standalone binary: same semantics as NATS within
 //! one process. Subscriptions are unbounded queues (the standalone process
 //! has no slow network consumer to protect against). The durable stream is
-//! a queue that drops a message id seen within the last
-//! [`DUPLICATE_WINDOW`] and delivers a message again after a `nak`, or when
-//! it was neither acknowledged nor refused within the ack wait, as
-//! JetStream does.
+//! a work queue, as the NATS bus's JetStream stream is: it drops a message
+//! id seen within the last [`DUPLICATE_WINDOW`], delivers a message again
+//! after a `nak`, or when it was neither acknowledged nor refused within
+//! the ack wait, forgets a message once it is acknowledged, and refuses
+//! new messages ([`BusError::StreamFull`]) while it holds
+//! [`StreamSpec::max_bytes`]. It counts a message's bytes as its subject,
+//! header and payload lengths (JetStream adds a small per-message
+//! overhead).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +23,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
     Acker, Bus, BusError, DEFAULT_ACK_WAIT, DUPLICATE_WINDOW, Deliveries, Delivery, Headers,
-    LeaseKey, Message, StreamSpec, Subscription, subject_matches,
+    LeaseKey, Message, StreamSpec, StreamState, Subscription, subject_matches,
 };
 
 /// An in-process bus. Clones share the same bus; each handle has its own
@@ -60,16 +64,32 @@ struct Queued {
     headers: Headers,
     /// Times delivered before.
     redeliveries: u64,
+    /// Its size as the stream counts it.
+    size: u64,
 }
 
 struct MemStream {
     subjects: String,
     queue: Mutex<VecDeque<Queued>>,
     notify: Notify,
+    /// Also held while a message is checked against the cap and stored, so
+    /// that concurrent persists cannot overshoot it.
     recent_ids: Mutex<RecentIds>,
+    /// Messages stored and not yet acknowledged (queued or out for
+    /// delivery), and their bytes.
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    /// The byte cap (0: none); [`Bus::ensure_stream`] may change it.
+    max_bytes: AtomicU64,
 }
 
 impl MemStream {
+    /// Forgets an acknowledged message.
+    fn remove(&self, item: &Queued) {
+        self.messages.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(item.size, Ordering::Relaxed);
+    }
+
     /// Puts a message back at the head of the queue, counting one more
     /// delivery.
     fn redeliver(&self, mut item: Queued) {
@@ -87,8 +107,8 @@ struct RecentIds {
 }
 
 impl RecentIds {
-    /// Remembers `id`; false if it was seen within the window.
-    fn insert(&mut self, id: &str, now: Instant) -> bool {
+    /// Whether `id` was seen within the window.
+    fn seen(&mut self, id: &str, now: Instant) -> bool {
         while let Some((at, _)) = self.by_age.front() {
             if now.duration_since(*at) < DUPLICATE_WINDOW {
                 break;
@@ -97,11 +117,14 @@ impl RecentIds {
                 self.ids.remove(&old);
             }
         }
-        if !self.ids.insert(id.to_owned()) {
-            return false;
+        self.ids.contains(id)
+    }
+
+    /// Remembers `id` as seen `now`.
+    fn insert(&mut self, id: &str, now: Instant) {
+        if self.ids.insert(id.to_owned()) {
+            self.by_age.push_back((now, id.to_owned()));
         }
-        self.by_age.push_back((now, id.to_owned()));
-        true
     }
 }
 
@@ -242,9 +265,25 @@ impl Bus for MemoryBus {
                     queue: Mutex::new(VecDeque::new()),
                     notify: Notify::new(),
                     recent_ids: Mutex::new(RecentIds::default()),
+                    messages: AtomicU64::new(0),
+                    bytes: AtomicU64::new(0),
+                    max_bytes: AtomicU64::new(spec.max_bytes),
                 })
-            });
+            })
+            .max_bytes
+            .store(spec.max_bytes, Ordering::Relaxed);
         Ok(())
+    }
+
+    async fn stream_state(&self, stream: &str) -> Result<StreamState, BusError> {
+        let s = self
+            .stream(stream)
+            .ok_or_else(|| BusError::NoStream(stream.to_owned()))?;
+        Ok(StreamState {
+            messages: s.messages.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            max_bytes: s.max_bytes.load(Ordering::Relaxed),
+        })
     }
 
     async fn persist(
@@ -263,20 +302,34 @@ impl Bus for MemoryBus {
             .find(|s| subject_matches(&s.subjects, subject))
             .cloned()
             .ok_or_else(|| BusError::NoStream(subject.to_owned()))?;
-        let fresh = stream
-            .recent_ids
-            .lock()
-            .expect("bus lock")
-            .insert(msg_id, Instant::now());
-        if !fresh {
+        let size = (subject.len()
+            + payload.len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()) as u64;
+        let now = Instant::now();
+        let mut recent = stream.recent_ids.lock().expect("bus lock");
+        if recent.seen(msg_id, now) {
             // A retry of a stored message: stored, as far as the caller
             // is concerned.
             return Ok(());
         }
+        let max = stream.max_bytes.load(Ordering::Relaxed);
+        if max > 0 && stream.bytes.load(Ordering::Relaxed) + size > max {
+            // Discard new: the id is not remembered, so a retry once there
+            // is room is stored.
+            return Err(BusError::StreamFull(subject.to_owned()));
+        }
+        recent.insert(msg_id, now);
+        stream.messages.fetch_add(1, Ordering::Relaxed);
+        stream.bytes.fetch_add(size, Ordering::Relaxed);
+        drop(recent);
         stream.queue.lock().expect("bus lock").push_back(Queued {
             payload,
             headers,
             redeliveries: 0,
+            size,
         });
         stream.notify.notify_one();
         Ok(())
@@ -380,8 +433,11 @@ impl MemAcker {
 impl Acker for MemAcker {
     async fn ack(&self) -> Result<(), BusError> {
         // Acknowledging after the ack wait passed is accepted, as JetStream
-        // does; the copy delivered again still comes.
-        self.take();
+        // does; the copy delivered again still comes (and stays stored
+        // until it is acknowledged).
+        if let Some(item) = self.take() {
+            self.stream.remove(&item);
+        }
         Ok(())
     }
 

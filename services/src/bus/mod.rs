@@ -44,6 +44,11 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// wait ([`memory::MemoryBus::with_ack_wait`], [`nats::NatsBus::with_ack_wait`]).
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
+/// Default byte cap of the durable sample stream (`--stream-max-bytes` of
+/// the gateway and the recorder): 1 GiB, half the dev overlay's 2 Gi NATS
+/// volume, about ten million samples waiting for the recorder.
+pub const DEFAULT_STREAM_MAX_BYTES: u64 = 1 << 30;
+
 /// Any error underneath the bus (the NATS client's, mostly).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -101,6 +106,11 @@ pub enum BusError {
     /// consumed from does not exist.
     #[error("no stream for {0}")]
     NoStream(String),
+    /// The durable stream is full (its byte cap, [`StreamSpec::max_bytes`],
+    /// is reached) and refuses new messages until the recorder has stored
+    /// and acknowledged some: retry later, nothing was stored.
+    #[error("the stream for {0} is full")]
+    StreamFull(String),
     /// A message too large to send, even in parts.
     #[error("a {bytes} byte message on {subject} is too large")]
     TooLarge {
@@ -201,15 +211,37 @@ impl Delivery {
 }
 
 /// The durable stream's settings.
+///
+/// The stream is a work queue (docs/architecture.md, "The durable sample
+/// stream"): a message leaves it when a consumer acknowledges it, so it
+/// holds only what is not yet stored. It is capped at `max_bytes` and
+/// discards new messages at the cap: a full stream refuses a
+/// [`Bus::persist`] with [`BusError::StreamFull`] instead of growing or
+/// dropping what it holds.
 #[derive(Debug, Clone)]
 pub struct StreamSpec {
     /// Stream name.
     pub name: String,
     /// Subjects it captures (wildcards allowed).
     pub subjects: String,
-    /// Messages older than this are dropped (0: kept until consumed and
-    /// limits are hit).
+    /// Messages older than this are dropped even if nobody consumed them
+    /// (0: no age limit).
     pub max_age: Duration,
+    /// Most bytes the stream holds (messages not yet acknowledged); at the
+    /// cap new messages are refused.
+    pub max_bytes: u64,
+}
+
+/// What the durable stream holds right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamState {
+    /// Messages stored and not yet acknowledged.
+    pub messages: u64,
+    /// Their bytes, as the stream counts them (JetStream adds subject,
+    /// headers and a per-message overhead to the payload).
+    pub bytes: u64,
+    /// The stream's byte cap.
+    pub max_bytes: u64,
 }
 
 /// A lease's name: the key-value bucket that holds it and its key there.
@@ -276,11 +308,20 @@ pub trait Bus: Send + Sync + 'static {
         timeout: Duration,
     ) -> Result<Bytes, BusError>;
 
-    /// Creates the durable stream if it does not exist yet.
+    /// Creates the durable stream if it does not exist yet; an existing
+    /// one gets the spec's limits. A NATS stream made by an older version
+    /// with limits retention is replaced by a work queue once its
+    /// consumers have acknowledged everything in it; until then this
+    /// refuses ([`BusError::Rejected`]) and leaves it untouched
+    /// (docs/architecture.md, "The durable sample stream").
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError>;
 
+    /// What the durable stream `stream` holds now.
+    async fn stream_state(&self, stream: &str) -> Result<StreamState, BusError>;
+
     /// Stores a message (with its headers) in the durable stream and
-    /// returns once it is stored. `msg_id` deduplicates retries of the same
+    /// returns once it is stored (a full stream refuses it with
+    /// [`BusError::StreamFull`]). `msg_id` deduplicates retries of the same
     /// message.
     async fn persist(
         &self,

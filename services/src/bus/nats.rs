@@ -21,7 +21,7 @@ use tokio_stream::StreamExt;
 
 use super::{
     Acker, Bus, BusError, DEFAULT_ACK_WAIT, DUPLICATE_WINDOW, Deliveries, Delivery, Headers,
-    LeaseKey, Message, StreamSpec, Subscription,
+    LeaseKey, Message, StreamSpec, StreamState, Subscription,
 };
 
 /// The header that marks one part of a message split for its size.
@@ -37,6 +37,10 @@ const MAX_CHUNKS: usize = 1024;
 const MAX_PARTIAL: usize = 16;
 /// An incomplete message older than this is dropped.
 const PARTIAL_TTL: Duration = Duration::from_secs(30);
+
+/// How long a stream being replaced by a work queue stays closed to new
+/// messages waiting for its consumers to acknowledge the rest.
+const MIGRATION_DRAIN_WAIT: Duration = Duration::from_secs(3);
 
 /// How long [`Bus::flush`] waits for the server's round trip.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -321,23 +325,40 @@ impl Bus for NatsBus {
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError> {
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: spec.name.clone(),
-                subjects: vec![spec.subjects.clone()],
-                storage: stream::StorageType::File,
-                max_age: spec.max_age,
-                duplicate_window: DUPLICATE_WINDOW,
-                ..Default::default()
-            })
+        let wanted = stream_config(spec);
+        let mut existing = match self.js.get_stream(&spec.name).await {
+            Ok(s) => s,
+            Err(e) if stream_not_found(&e) => return self.create_stream(wanted).await,
+            Err(e) => return Err(get_stream_error(&spec.name, e)),
+        };
+        let info = existing
+            .info()
             .await
-            .map_err(|e| match e.kind() {
-                jetstream::context::CreateStreamErrorKind::TimedOut => {
-                    BusError::Timeout(spec.name.clone())
-                }
-                _ => BusError::rejected("create the stream", e),
-            })?;
+            .map_err(|e| BusError::rejected("read the stream's settings", e))?
+            .clone();
+        let have = &info.config;
+        if have.retention != stream::RetentionPolicy::WorkQueue {
+            return self.migrate_to_work_queue(info, wanted).await;
+        }
+        if have.max_bytes != wanted.max_bytes
+            || have.max_age != wanted.max_age
+            || have.discard != wanted.discard
+        {
+            self.js
+                .update_stream(wanted)
+                .await
+                .map_err(|e| BusError::rejected("update the stream's limits", e))?;
+        }
         Ok(())
+    }
+
+    async fn stream_state(&self, name: &str) -> Result<StreamState, BusError> {
+        let info = self.stream_info(name).await?;
+        Ok(StreamState {
+            messages: info.state.messages,
+            bytes: info.state.bytes,
+            max_bytes: u64::try_from(info.config.max_bytes).unwrap_or(0),
+        })
     }
 
     async fn persist(
@@ -364,6 +385,7 @@ impl Bus for NatsBus {
                     subject: subject.to_owned(),
                     bytes,
                 },
+                _ if is_stream_full(&e) => BusError::StreamFull(subject.to_owned()),
                 _ => BusError::rejected("persist", e),
             }
         };
@@ -378,17 +400,11 @@ impl Bus for NatsBus {
 
     async fn consume(&self, stream: &str, durable: &str) -> Result<Deliveries, BusError> {
         let name = stream;
-        let stream = self.js.get_stream(name).await.map_err(|e| match e.kind() {
-            jetstream::context::GetStreamErrorKind::JetStream(j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-            {
-                BusError::NoStream(name.to_owned())
-            }
-            jetstream::context::GetStreamErrorKind::Request => {
-                BusError::disconnected("look up the stream", e)
-            }
-            _ => BusError::rejected("look up the stream", e),
-        })?;
+        let stream = self
+            .js
+            .get_stream(name)
+            .await
+            .map_err(|e| get_stream_error(name, e))?;
         let consumer: jetstream::consumer::PullConsumer = stream
             .get_or_create_consumer(
                 durable,
@@ -500,6 +516,181 @@ impl Bus for NatsBus {
             .await
             .unwrap_or_else(|_| Err(BusError::Timeout("flush".to_owned())))
     }
+}
+
+impl NatsBus {
+    /// Creates the stream (or finds it made by another replica meanwhile).
+    async fn create_stream(&self, config: stream::Config) -> Result<(), BusError> {
+        let name = config.name.clone();
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| match e.kind() {
+                jetstream::context::CreateStreamErrorKind::TimedOut => BusError::Timeout(name),
+                _ => BusError::rejected("create the stream", e),
+            })?;
+        Ok(())
+    }
+
+    /// Replaces a stream made with another retention (limits, by versions
+    /// before the work queue) by a work queue, when that loses nothing:
+    /// JetStream cannot change a stream's retention to or from work queue
+    /// in place.
+    ///
+    /// The old stream is closed to new messages first (its subjects are
+    /// moved aside, so publishers get "no stream" and retry). Then, if its
+    /// consumers acknowledge everything in it within
+    /// [`MIGRATION_DRAIN_WAIT`], it is deleted and the work queue created; otherwise its settings are restored and
+    /// this refuses, naming how many messages are not yet stored: the
+    /// recorder drains them and a later attempt (the recorder's periodic
+    /// stream check, or the next gateway start) migrates.
+    async fn migrate_to_work_queue(
+        &self,
+        old: stream::Info,
+        wanted: stream::Config,
+    ) -> Result<(), BusError> {
+        let name = wanted.name.clone();
+        let mut closed = old.config.clone();
+        closed.subjects = vec![format!("_pingapp_retiring.{name}")];
+        self.js
+            .update_stream(closed)
+            .await
+            .map_err(|e| BusError::rejected("close the old stream to new messages", e))?;
+        // Closed, the stream only shrinks: give the recorder a moment to
+        // acknowledge the batch in hand.
+        let deadline = Instant::now() + MIGRATION_DRAIN_WAIT;
+        let unstored = loop {
+            match self.unstored(&name).await {
+                Ok(n) if n > 0 && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(n) => break n,
+                Err(e) => {
+                    self.restore(old.config).await;
+                    return Err(e);
+                }
+            }
+        };
+        if unstored > 0 {
+            self.restore(old.config).await;
+            tracing::warn!(
+                stream = %name,
+                unstored,
+                "the sample stream still has limits retention and holds messages not yet \
+                 stored; it becomes a work queue once the recorder has stored them"
+            );
+            return Err(BusError::rejected(
+                "replace the limits-retention stream by a work queue",
+                format!("{unstored} messages of {name} are not yet stored; start the recorder"),
+            ));
+        }
+        // Another replica may have migrated it meanwhile: never delete a
+        // work queue.
+        let current = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| get_stream_error(&name, e))?;
+        if current.cached_info().config.retention == stream::RetentionPolicy::WorkQueue {
+            return Ok(());
+        }
+        self.js
+            .delete_stream(&name)
+            .await
+            .map_err(|e| BusError::rejected("delete the drained old stream", e))?;
+        tracing::info!(stream = %name, "replaced the drained limits-retention stream by a work queue");
+        self.create_stream(wanted).await
+    }
+
+    /// Messages of stream `name` that some consumer has not acknowledged
+    /// yet (all of them when it has no consumer).
+    async fn unstored(&self, name: &str) -> Result<u64, BusError> {
+        let messages = self.stream_info(name).await?.state.messages;
+        let stream = self
+            .js
+            .get_stream(name)
+            .await
+            .map_err(|e| get_stream_error(name, e))?;
+        let mut consumers = stream.consumers();
+        let mut any = false;
+        let mut unstored = 0u64;
+        while let Some(c) = consumers.next().await {
+            let c = c.map_err(|e| BusError::rejected("list the stream's consumers", e))?;
+            any = true;
+            unstored = unstored.max(c.num_pending + c.num_ack_pending as u64);
+        }
+        Ok(if any { unstored } else { messages })
+    }
+
+    /// Stream `name`'s settings and state, fresh from the server.
+    async fn stream_info(&self, name: &str) -> Result<stream::Info, BusError> {
+        let mut stream = self
+            .js
+            .get_stream(name)
+            .await
+            .map_err(|e| get_stream_error(name, e))?;
+        Ok(stream
+            .info()
+            .await
+            .map_err(|e| BusError::rejected("read the stream's state", e))?
+            .clone())
+    }
+
+    /// Puts a stream's settings back after a migration that did not happen.
+    async fn restore(&self, config: stream::Config) {
+        if let Err(e) = self.js.update_stream(config).await {
+            tracing::error!(error = %e, "could not restore the old stream's subjects");
+        }
+    }
+}
+
+/// The JetStream settings of our durable stream: a file-backed work queue
+/// capped in bytes, refusing new messages when full.
+fn stream_config(spec: &StreamSpec) -> stream::Config {
+    stream::Config {
+        name: spec.name.clone(),
+        subjects: vec![spec.subjects.clone()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::WorkQueue,
+        discard: stream::DiscardPolicy::New,
+        max_bytes: i64::try_from(spec.max_bytes)
+            .ok()
+            .filter(|&b| b > 0)
+            .unwrap_or(-1),
+        max_age: spec.max_age,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    }
+}
+
+fn stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+fn get_stream_error(name: &str, e: jetstream::context::GetStreamError) -> BusError {
+    if stream_not_found(&e) {
+        return BusError::NoStream(name.to_owned());
+    }
+    match e.kind() {
+        jetstream::context::GetStreamErrorKind::Request => {
+            BusError::disconnected("look up the stream", e)
+        }
+        _ => BusError::rejected("look up the stream", e),
+    }
+}
+
+/// Whether a publish was refused by a stream at its limits with discard
+/// new (nats-server answers "maximum bytes exceeded" or "maximum messages
+/// exceeded"; async-nats has no kind for it).
+fn is_stream_full(e: &jetstream::context::PublishError) -> bool {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text.contains("maximum bytes exceeded") || text.contains("maximum messages exceeded")
 }
 
 fn to_header_map(headers: &Headers) -> async_nats::HeaderMap {

@@ -386,24 +386,39 @@ impl<M> DurableStream<M> {
         &self.subjects
     }
 
-    /// Its settings, keeping messages up to `max_age`.
-    pub fn spec(&self, max_age: Duration) -> StreamSpec {
+    /// Its settings, keeping messages up to `max_age` and `max_bytes`.
+    pub fn spec(&self, max_age: Duration, max_bytes: u64) -> StreamSpec {
         StreamSpec {
             name: self.name.clone(),
             subjects: self.subjects.clone(),
             max_age,
+            max_bytes,
         }
     }
 }
 
 impl<M: Payload> DurableStream<M> {
-    /// Creates the stream if it does not exist yet, keeping messages up to
-    /// `max_age`.
+    /// Creates the stream if it does not exist yet, or brings an existing
+    /// one to these limits, keeping messages up to `max_age` and
+    /// `max_bytes` ([`Bus::ensure_stream`]).
     ///
     /// # Errors
     /// The server refused, or the bus is down.
-    pub async fn ensure(&self, bus: &dyn Bus, max_age: Duration) -> Result<(), BusError> {
-        bus.ensure_stream(&self.spec(max_age)).await
+    pub async fn ensure(
+        &self,
+        bus: &dyn Bus,
+        max_age: Duration,
+        max_bytes: u64,
+    ) -> Result<(), BusError> {
+        bus.ensure_stream(&self.spec(max_age, max_bytes)).await
+    }
+
+    /// What the stream holds now.
+    ///
+    /// # Errors
+    /// The stream does not exist, or the bus is down.
+    pub async fn state(&self, bus: &dyn Bus) -> Result<super::StreamState, BusError> {
+        bus.stream_state(&self.name).await
     }
 
     /// Consumes it through the shared durable consumer `durable`.
