@@ -144,7 +144,10 @@ impl Stack {
             // The pages on loopback only, like the other published ports.
             .env("PINGAPP_HTTP_PORT", format!("127.0.0.1:{}", self.http_port))
             .env("PINGAPP_PROMETHEUS_PORT", self.prometheus_port.to_string())
-            .env("PINGAPP_HAPROXY_STATS_PORT", self.stats_port.to_string());
+            .env("PINGAPP_HAPROXY_STATS_PORT", self.stats_port.to_string())
+            // The test polls the API every 20 ms from one address, past the
+            // default per-address budget (docs/security.md).
+            .env("PINGAPP_API_BUDGET", "0");
         cmd
     }
 
@@ -552,7 +555,10 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
         let pong = ws.until("pong", |_| true).await;
         assert_eq!(pong["seq"], 7, "{}: pong echoes seq", w.id);
         assert!(pong["server_time"].as_u64().is_some(), "v2 pong: {pong}");
+        // Every sample answers a pong of its own (docs/security.md).
         for seq in 1..=3u64 {
+            ws.send(json!({"command":"ping","seq":seq})).await;
+            ws.until("pong", |v| v["seq"] == seq).await;
             ws.send(json!({"command":"delay_time","delay_time":seq as f64 * 1.5,"seq":seq}))
                 .await;
         }
@@ -605,6 +611,8 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
     // A v2 private client: its samples are readable with its token only,
     // and it never shows up in the roster.
     let (mut private, pw) = Ws::v2(&base, "private").await.expect("private v2 client");
+    private.send(json!({"command":"ping","seq":1})).await;
+    private.until("pong", |v| v["seq"] == 1).await;
     private
         .send(json!({"command":"delay_time","delay_time":9.25,"seq":1}))
         .await;
@@ -781,15 +789,22 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
             w.gateway, "gateway-2",
             "a reconnect lands on the remaining gateway"
         );
+        ws.send(json!({"command":"ping","seq":1})).await;
+        ws.until("pong", |v| v["seq"] == 1).await;
         ws.send(json!({"command":"delay_time","delay_time":2.5,"seq":1}))
             .await;
         reconnected.push((ws, w));
     }
     let (mut watcher, _) = stayed.into_iter().next().expect("a client on gateway-2");
-    for old in &old_ids {
-        watcher
-            .until("disconnect", |v| v["channel_name"] == old.as_str())
+    // In whatever order presence announces them.
+    let mut leaving: BTreeSet<String> = old_ids.iter().cloned().collect();
+    while !leaving.is_empty() {
+        let gone = watcher
+            .until("disconnect", |v| {
+                leaving.contains(v["channel_name"].as_str().unwrap_or_default())
+            })
             .await;
+        leaving.remove(gone["channel_name"].as_str().unwrap_or_default());
     }
     testkit::eventually(
         Duration::from_secs(20),

@@ -33,7 +33,7 @@ pub struct RecorderConfig {
     /// be the same, or each applies its own when it starts).
     pub stream_max_bytes: u64,
     /// History and statistics reads answered at once, all kinds together
-    /// (default [`DEFAULT_READ_CONCURRENCY`]); more are answered `Busy` (docs/architecture.md,
+    /// (default 3, `--read-concurrency`); more are answered `Busy` (docs/architecture.md,
     /// "Bounds").
     pub read_concurrency: usize,
 }

@@ -415,9 +415,9 @@ async fn private_page_shows_every_statistic_a_live_chart_and_the_history() {
     assert_no_problems(&p, "private").await;
 
     // The history API as the page uses it: a fresh private client's token
-    // reads its (still empty) history once the recorder has registered the
-    // client (its record travels in the same batches as the samples, so
-    // right after the welcome the client may still be unknown: 404); a
+    // reads its history once the recorder has stored its first sample (a
+    // client's record travels with its first sample, so before that the
+    // client is unknown: 404, as for a client that never sends one); a
     // wrong or missing token always gets 404.
     let api = p
         .js_async(
@@ -425,22 +425,30 @@ async fn private_page_shows_every_statistic_a_live_chart_and_the_history() {
 const done = arguments[arguments.length - 1];
 const ws = new WebSocket(`ws://${location.host}/ws/private/?v=2`);
 ws.onerror = () => done({ error: 'websocket failed' });
+let me = null;
 ws.onmessage = async (ev) => {
   const m = JSON.parse(ev.data);
-  if (m.command !== 'welcome') return;
+  if (m.command === 'welcome') {
+    me = m;
+    ws.send(JSON.stringify({ command: 'ping', seq: 1 }));
+    return;
+  }
+  if (m.command !== 'pong' || m.seq !== 1) return;
+  // One sample, answering that pong (docs/security.md).
+  ws.send(JSON.stringify({ command: 'delay_time', delay_time: 0.5, seq: 1 }));
   const t0 = performance.now();
-  const url = `/api/clients/${encodeURIComponent(m.channel_name)}/samples`;
+  const url = `/api/clients/${encodeURIComponent(me.channel_name)}/samples`;
   const get = (token) => fetch(url, token ? { headers: { Authorization: `Bearer ${token}` } } : {});
-  let own = await get(m.token);
+  let own = await get(me.token);
   const first = own.status;
   while (own.status === 404 && performance.now() - t0 < 5000) {
     await new Promise((r) => setTimeout(r, 50));
-    own = await get(m.token);
+    own = await get(me.token);
   }
   const wrong = await get('0123');
   const none = await get(null);
   done({ first, own: own.status, after_ms: Math.round(performance.now() - t0), body: await own.json(),
-         id: m.channel_name, wrong: wrong.status, none: none.status });
+         id: me.channel_name, wrong: wrong.status, none: none.status });
   ws.close();
 };
 "#,
@@ -448,11 +456,11 @@ ws.onmessage = async (ev) => {
         .await;
     eprintln!("history of a fresh private client: {api}");
     assert_eq!(api["own"], 200, "{api}");
-    assert_eq!(
-        api["body"],
-        json!({"channel_name": api["id"], "samples": []}),
-        "{api}"
-    );
+    assert_eq!(api["body"]["channel_name"], api["id"], "{api}");
+    let samples = api["body"]["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), 1, "{api}");
+    assert_eq!(samples[0]["delay_time"], 0.5, "{api}");
+    assert_eq!(samples[0]["seq"], 1, "{api}");
     assert_eq!(
         (api["wrong"].clone(), api["none"].clone()),
         (json!(404), json!(404)),
