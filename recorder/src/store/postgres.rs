@@ -207,8 +207,14 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(opts)
             .await?;
+        // Every read connection is opened now and kept open: opening one
+        // on demand (a DNS lookup and a SCRAM handshake in a container)
+        // can take longer than the acquire timeout, which answered the
+        // first reads after a start 503 (seen in the compose test).
         let reads = PgPoolOptions::new()
             .max_connections(reads.connections.max(1))
+            .min_connections(reads.connections.max(1))
+            .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(read_opts)
             .await?;
