@@ -33,6 +33,16 @@ pub struct Client {
     pub view: ViewState,
 }
 
+/// The row of client `id` in a `view` frame (an array of rows) or a
+/// `view_update` (rows by id), if the frame has one.
+pub fn row_in<'a>(frame: &'a Value, id: &str) -> Option<&'a Value> {
+    match &frame["rows"] {
+        Value::Array(rows) => rows.iter().find(|r| r["channel_name"] == id),
+        Value::Object(rows) => rows.get(id),
+        _ => None,
+    }
+}
+
 /// A v2 page's view of the public room (docs/protocol.md, "Public room:
 /// the view"), kept as a page keeps it.
 #[derive(Debug, Default, Clone)]
@@ -327,7 +337,10 @@ impl Client {
         while !pred(&self.view) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if self.recv_within(left).await.is_none() {
-                panic!("the view did not become as expected within {WAIT:?}: {:?}", self.view);
+                panic!(
+                    "the view did not become as expected within {WAIT:?}: {:?}",
+                    self.view
+                );
             }
         }
         self.view.clone()
