@@ -169,11 +169,12 @@ mod tests {
         drop(private);
         // The refusals above took nothing: one of each is free again.
         let again = caps.admit(Page::Public, Version::V1).unwrap();
+        let third = caps.admit(Page::Private, Version::V1).unwrap();
         assert_eq!(
             caps.admit(Page::Private, Version::V1).err(),
             Some(CapRefusal::Connections)
         );
-        drop((v2, again));
+        drop((v2, again, third));
         assert!(caps.admit(Page::Public, Version::V2).is_ok());
     }
 }
