@@ -223,25 +223,6 @@ function main() {
   let session = null;
   let restoring = false; // the rename in flight restores the name after a reconnect
 
-  // Large rosters: only the delays of the rows in view (see roster.js).
-  const scroller = rosterEl ? rosterEl.closest(".table-wrap") : null;
-  /** The watch in force on this connection: null = every client. */
-  let watching = null;
-  let watchTimer = 0;
-  const updateWatch = () => {
-    watchTimer = 0;
-    if (!roster || !scroller || !session) return;
-    const ids = roster.watchIds(scroller);
-    const key = ids === null ? null : JSON.stringify([...ids].sort());
-    if (key === watching) return;
-    if (conn.send({ command: "watch", channel_names: ids })) watching = key;
-  };
-  const scheduleWatch = () => {
-    if (!watchTimer) watchTimer = setTimeout(updateWatch, 150);
-  };
-  scroller?.addEventListener("scroll", scheduleWatch, { passive: true });
-  if (roster) roster.onFlush = scheduleWatch;
-
   const setWhoami = () => {
     const set = (id, v) => {
       const el = $(id);
@@ -262,7 +243,6 @@ function main() {
     },
     onWelcome(s) {
       session = { ...s };
-      watching = null; // a new connection starts watching everyone
       setWhoami();
       const interval = $("ping-interval");
       if (interval) interval.textContent = (s.pingIntervalMs / 1000).toLocaleString();
@@ -297,17 +277,21 @@ function main() {
     },
     onMessage(msg) {
       if (!roster || !roster.handle(msg)) return;
-      if (msg.command === "change_name" && session && msg.channel_name === session.id) {
-        if (typeof msg.name !== "string") return;
-        const changed = session.name !== msg.name;
-        session.name = msg.name;
-        setWhoami();
-        if (nameInput) nameInput.placeholder = msg.name;
-        saveName(msg.name);
-        if (nameInput && nameInput.value.trim() === msg.name) nameInput.value = "";
-        if (changed && !restoring) showMessage(`Your name is now “${msg.name}”.`, "info", "renamed");
-        restoring = false;
-      }
+      // The own name: from the own row of a view frame (v2), or the echo of
+      // a rename.
+      let own = null;
+      if (msg.me && typeof msg.me === "object") own = msg.me;
+      else if (msg.command === "change_name") own = msg;
+      if (!own || !session || own.channel_name !== session.id || typeof own.name !== "string") return;
+      const changed = session.name !== own.name;
+      if (!changed) return;
+      session.name = own.name;
+      setWhoami();
+      if (nameInput) nameInput.placeholder = own.name;
+      saveName(own.name);
+      if (nameInput && nameInput.value.trim() === own.name) nameInput.value = "";
+      if (!restoring) showMessage(`Your name is now “${own.name}”.`, "info", "renamed");
+      restoring = false;
     },
     onDisconnect() {
       roster?.setStale(true);

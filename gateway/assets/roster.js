@@ -1,4 +1,5 @@
-// PingApp public roster table.
+// PingApp public roster table: the rows of the page's view of the room
+// (docs/protocol.md, "Public room: the view") and the own row.
 //
 // The model (id -> client record) changes at once with every message; the
 // table follows at the next animation frame, touching only the rows whose
@@ -11,15 +12,6 @@ import { formatMsBare, isNum } from "./stats.js";
 const DELAY_FIELDS = ["delay_time", "median", "jitter"];
 /** Rows created per animation frame while a snapshot is being built. */
 const CHUNK = 400;
-/**
- * Above this many clients the page asks the server for the delays of the
- * rows in view only (a v2 `watch`, see docs/protocol.md): every client's
- * delay, every second, for thousands of clients is more than a browser
- * needs for a table that shows a few dozen rows.
- */
-export const WATCH_ABOVE = 100;
-/** The server's limit on the ids of one `watch`. */
-export const WATCH_MAX = 200;
 
 /** A delay value as the model keeps it: a finite number or null. */
 function delayValue(v) {
@@ -52,37 +44,11 @@ export class RosterTable {
     this.waiters = [];
     /** Called after every DOM update (the rows in view may have moved). */
     this.onFlush = null;
-  }
-
-  /**
-   * The ids to watch: the own row and the rows in view of `scroller` (plus
-   * half a screen below), at most `max`; or null while the roster is small
-   * enough to get every update.
-   */
-  watchIds(scroller, max = WATCH_MAX) {
-    if (this.model.size <= WATCH_ABOVE) return null;
-    const ids = [];
-    if (this.selfId !== null && this.model.has(this.selfId)) ids.push(this.selfId);
-    const top = scroller.scrollTop;
-    const bottom = top + scroller.clientHeight * 1.5;
-    const rows = /** @type {HTMLCollectionOf<HTMLElement>} */ (this.tbody.children);
-    // Rows are in document order, so their offsets grow: find the first
-    // one that ends below the top edge.
-    let lo = 0;
-    let hi = rows.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      const r = rows[mid];
-      if (r.offsetTop + r.offsetHeight <= top) lo = mid + 1;
-      else hi = mid;
-    }
-    for (let i = lo; i < rows.length && ids.length < max; i++) {
-      const r = rows[i];
-      if (r.offsetTop >= bottom) break;
-      const id = r.dataset.id;
-      if (id && id !== this.selfId) ids.push(id);
-    }
-    return ids;
+    /** The room's size from the last view frame (null: count the model). */
+    this.total = null;
+    /** The window's ids in order, from the last `view` frame. */
+    this.order = [];
+    this.reorder = false;
   }
 
   /** Resolves once the next roster snapshot is completely in the DOM. */
@@ -118,6 +84,12 @@ export class RosterTable {
       case "delays":
         this.delays(msg.delay_times);
         return true;
+      case "view":
+        this.applyView(msg);
+        return true;
+      case "view_update":
+        this.applyUpdate(msg);
+        return true;
       default:
         return false;
     }
@@ -127,6 +99,7 @@ export class RosterTable {
   setSelf(id) {
     this.selfId = id;
     this.haveSnapshot = false;
+    this.total = null;
   }
 
   /** Marks the whole table out of date (connection lost). */
@@ -179,6 +152,75 @@ export class RosterTable {
   remove(id) {
     if (typeof id !== "string" || !this.model.delete(id)) return;
     this.touch(id);
+  }
+
+  /**
+   * A `view` frame (docs/protocol.md, "Public room: the view"): the rows
+   * of the window and the own row replace the model; rows that stay keep
+   * their elements. The first one after a (re)connect rebuilds the table.
+   */
+  applyView(msg) {
+    const first = !this.haveSnapshot;
+    if (first) this.model.clear();
+    const keep = new Set();
+    const order = [];
+    if (msg.me && typeof msg.me === "object" && typeof msg.me.channel_name === "string") {
+      this.setRec(msg.me, !first);
+      keep.add(msg.me.channel_name);
+    }
+    for (const r of Array.isArray(msg.rows) ? msg.rows : []) {
+      if (!r || typeof r !== "object" || typeof r.channel_name !== "string") continue;
+      this.setRec(r, !first);
+      keep.add(r.channel_name);
+      order.push(r.channel_name);
+    }
+    if (this.selfId !== null && this.model.has(this.selfId)) keep.add(this.selfId);
+    for (const id of [...this.model.keys()]) {
+      if (!keep.has(id)) this.remove(id);
+    }
+    this.order = order;
+    this.reorder = true;
+    this.setTotal(msg.total);
+    if (first) {
+      this.dirty.clear();
+      this.rebuild = true;
+      this.haveSnapshot = true;
+      this.setStale(false);
+    }
+    this.schedule();
+  }
+
+  /** A `view_update` frame: changed rows of the window, the own row, the count. */
+  applyUpdate(msg) {
+    if (msg.rows && typeof msg.rows === "object") {
+      for (const [id, r] of Object.entries(msg.rows)) {
+        if (this.model.has(id) && r && typeof r === "object") this.setRec({ ...r, channel_name: id }, true);
+      }
+    }
+    if (msg.me && typeof msg.me === "object" && msg.me.channel_name === this.selfId) {
+      this.setRec(msg.me, true);
+    }
+    this.setTotal(msg.total);
+    this.schedule();
+  }
+
+  /** Sets a row's record from a view row; `touch`: mark it for the DOM. */
+  setRec(r, touch) {
+    const id = r.channel_name;
+    let rec = this.model.get(id);
+    if (!rec) {
+      rec = { id, name: id, gateway: "", delay_time: null, median: null, jitter: null };
+      this.model.set(id, rec);
+    }
+    rec.name = text(r.name, id);
+    rec.gateway = text(r.gateway);
+    for (const f of DELAY_FIELDS) rec[f] = delayValue(r[f]);
+    if (touch) this.touch(id);
+  }
+
+  /** The room's size (`total` of a view frame). */
+  setTotal(total) {
+    if (Number.isInteger(total) && total >= 0) this.total = total;
   }
 
   /** Partial delay updates `{ID: {delay_time, median, jitter}}`; unknown ids ignored. */
@@ -261,11 +303,27 @@ export class RosterTable {
       }
     }
     this.dirty.clear();
-    const n = this.model.size;
+    if (this.reorder && !this.pending.size) this.applyOrder();
+    const n = this.total ?? this.model.size;
     this.countEl.dataset.count = String(n);
     this.countEl.textContent = n === 1 ? "1 client" : `${n} clients`;
     this.checkRendered();
     this.onFlush?.();
+  }
+
+  /** Puts the rows in the window's order, the own row first; moves only if needed. */
+  applyOrder() {
+    this.reorder = false;
+    const want = [];
+    const self = this.selfId !== null ? this.rows.get(this.selfId) : undefined;
+    if (self) want.push(self.tr);
+    for (const id of this.order) {
+      const row = this.rows.get(id);
+      if (row && id !== this.selfId) want.push(row.tr);
+    }
+    const now = this.tbody.children;
+    if (want.length === now.length && want.every((tr, i) => now[i] === tr)) return;
+    for (const tr of want) this.tbody.appendChild(tr);
   }
 
   createRow(rec) {

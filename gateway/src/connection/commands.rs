@@ -28,13 +28,18 @@ impl Connection {
                 Box::pin(self.on_delay(delay_ms, seq, received)).await
             }
             Ok(ClientCommand::ChangeName { name }) => Box::pin(self.on_change_name(name)).await,
-            Ok(ClientCommand::Watch { channel_names }) => {
+            Ok(ClientCommand::Watch { .. }) => {
+                // Superseded by `view`, whose frames only ever carry the
+                // rows in view (docs/protocol.md): accepted and ignored.
                 self.count_in("watch");
-                // Only delays depend on it: a no-op for v1 and private
-                // pages, which get none.
+                Ok(())
+            }
+            Ok(ClientCommand::View(spec)) => {
+                self.count_in("view");
+                // Its answer comes through the page's queue (`Room::set_view`);
+                // v1 and private pages have no view: accepted and ignored.
                 if let Some(seat) = &self.seat {
-                    let ids = channel_names.map(|ids| ids.into_iter().collect());
-                    self.shared.room.watch(seat, ids);
+                    self.shared.room.set_view(seat, spec);
                 }
                 Ok(())
             }
@@ -135,7 +140,7 @@ impl Connection {
         };
         self.shared.room.note_delay(seat, stats);
         if self.version == Version::V1 {
-            let frame = self.shared.room.v1_frame();
+            let frame = self.shared.room.v1_frame(seat);
             return self.send(frame, "delay_times").await;
         }
         Ok(())
