@@ -4,6 +4,7 @@ deployment (docs/security.md, "The bus"). Nothing it writes is committed.
 
     python3 deploy/nats/gen-auth.py OUT_DIR [--prefix pingapp]
         [--gateways gateway-0,gateway-1] [--hosts nats,localhost,127.0.0.1]
+        [--seed-mode 600]
 
 OUT_DIR gets:
   nats-server.conf   the shipped deploy/nats/nats-server.conf
@@ -173,16 +174,18 @@ def permissions(role: str, prefix: str, gateway: str | None) -> str:
     return "\n".join(lines)
 
 
-def seed_for(out: str, user: str) -> str:
+def seed_for(out: str, user: str, mode: int) -> str:
     path = os.path.join(out, "nkeys", f"{user}.nk")
     if os.path.exists(path):
         with open(path) as f:
             seed = f.read().strip()
+        os.chmod(path, mode)
         return public_of(seed)
     seed, public = new_user_nkey()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(seed + "\n")
+    os.chmod(path, mode)
     return public
 
 
@@ -221,7 +224,13 @@ def main() -> int:
                     help="comma-separated gateway ids (each gateway's --gateway-id)")
     ap.add_argument("--hosts", default="nats,localhost,127.0.0.1",
                     help="names and addresses in the server certificate")
+    ap.add_argument("--seed-mode", default="600",
+                    help="file mode of the seed files (644 for bind mounts into containers "
+                         "that run as another user on a single-user development host)")
     args = ap.parse_args()
+    if not re.fullmatch(r"[0-7]{3}", args.seed_mode):
+        print(f"--seed-mode {args.seed_mode!r}: three octal digits", file=sys.stderr)
+        return 2
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.prefix):
         print(f"--prefix {args.prefix!r}: letters, digits, '-' or '_'", file=sys.stderr)
         return 2
@@ -237,7 +246,7 @@ def main() -> int:
     users += [(f"gateway-{token(g)}", "gateway", g) for g in gateways]
     blocks = []
     for user, role, gateway in users:
-        public = seed_for(args.out, user)
+        public = seed_for(args.out, user, int(args.seed_mode, 8))
         blocks.append(
             f"    # {user}\n    {{\n      nkey: {public}\n"
             + permissions(role, args.prefix, gateway)
