@@ -123,7 +123,7 @@ rendered, overlay, want = sys.argv[1:]
 repo = want.rsplit(":", 1)[0]
 seen = 0
 for doc in yaml.safe_load_all(open(rendered)):
-    if not doc or doc.get("kind") != "Deployment":
+    if not doc or doc.get("kind") not in ("Deployment", "StatefulSet"):
         continue
     name = doc["metadata"]["name"]
     if name not in ("pingapp-gateway", "pingapp-presence", "pingapp-recorder"):
