@@ -118,7 +118,7 @@ pub struct NatsArgs {
     /// NATS identity: a credentials file (user JWT and nkey seed) or a file
     /// holding an nkey seed (`SU...`). Without it the connection is
     /// anonymous.
-    #[arg(long, env = "PINGAPP_NATS_CREDS", value_parser = parse_readable_file)]
+    #[arg(long, env = "PINGAPP_NATS_CREDS", value_parser = parse_nats_creds)]
     pub nats_creds: Option<PathBuf>,
     /// PEM file of the CA that signed the NATS server's certificate: the
     /// connection then requires TLS and verifies the server.
@@ -154,6 +154,18 @@ impl NatsArgs {
             },
         }
     }
+}
+
+/// Checks a NATS identity file: readable, and a credentials file or a user
+/// nkey seed ([`crate::bus::nats::identity_kind`]).
+///
+/// # Errors
+/// A one-line explanation, for clap to show.
+pub fn parse_nats_creds(s: &str) -> Result<PathBuf, String> {
+    let path = parse_readable_file(s)?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read it: {e}"))?;
+    crate::bus::nats::identity_kind(&text)?;
+    Ok(path)
 }
 
 /// Checks that a file can be read now (a secret mounted wrongly is then
@@ -292,7 +304,17 @@ mod tests {
         );
         let seed = dir.join("seed");
         std::fs::write(&seed, b"SU...").unwrap();
-        assert_eq!(parse_readable_file(seed.to_str().unwrap()), Ok(seed));
+        assert_eq!(
+            parse_readable_file(seed.to_str().unwrap()),
+            Ok(seed.clone())
+        );
+        assert_eq!(
+            parse_nats_creds(seed.to_str().unwrap()),
+            Err("neither a NATS credentials file nor a user nkey seed (SU...)".to_owned())
+        );
+        let real = nkeys::KeyPair::new_user().seed().unwrap();
+        std::fs::write(&seed, format!("{real}\n")).unwrap();
+        assert_eq!(parse_nats_creds(seed.to_str().unwrap()), Ok(seed));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -743,6 +743,10 @@ fn bad_settings_stop_with_one_line_and_status_2() {
         vec!["--trusted-proxies", "10.0.0.0/99"],
         vec!["--max-connections-per-ip", "many"],
         vec!["--header-timeout-ms", "5"],
+        // NATS identity and CA files: unreadable, or not an identity.
+        vec!["--nats-creds", "/nonexistent/pingapp.nk"],
+        vec!["--nats-creds", "Cargo.toml"],
+        vec!["--nats-tls-ca", "/nonexistent/ca.pem"],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pingapp"))
             .args(&args)

@@ -893,16 +893,34 @@ async fn with_identity(
     let text = tokio::fs::read_to_string(path)
         .await
         .map_err(|e| bad(e.to_string()))?;
-    if text.contains("BEGIN NATS USER JWT") {
-        return connect.credentials(&text).map_err(|e| bad(e.to_string()));
+    match identity_kind(&text).map_err(bad)? {
+        IdentityKind::Credentials => connect.credentials(&text).map_err(|e| bad(e.to_string())),
+        IdentityKind::Seed => Ok(connect.nkey(text.trim().to_owned())),
+    }
+}
+
+/// What a `--nats-creds` file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// A NATS credentials file: a user JWT and its nkey seed.
+    Credentials,
+    /// A bare user nkey seed (`SU...`).
+    Seed,
+}
+
+/// Tells what an identity file's `text` is.
+///
+/// # Errors
+/// It is neither a credentials file nor a valid user nkey seed.
+pub fn identity_kind(text: &str) -> Result<IdentityKind, String> {
+    if text.contains("BEGIN NATS USER JWT") && text.contains("BEGIN USER NKEY SEED") {
+        return Ok(IdentityKind::Credentials);
     }
     let seed = text.trim();
     if seed.starts_with("SU") && nkeys::KeyPair::from_seed(seed).is_ok() {
-        return Ok(connect.nkey(seed.to_owned()));
+        return Ok(IdentityKind::Seed);
     }
-    Err(bad(
-        "neither a NATS credentials file nor a user nkey seed (SU...)".to_owned(),
-    ))
+    Err("neither a NATS credentials file nor a user nkey seed (SU...)".to_owned())
 }
 
 /// Puts messages sent in parts together again, within [`ChunkLimits`].
