@@ -74,10 +74,18 @@ check_compose() {
         "${compose[@]}" -f docker-compose.yml config -q) ||
         fail "docker-compose.yml is not valid for ${compose[*]}"
 
-    say "files mounted by docker-compose.yml exist"
-    local path n=0
+    say "files mounted by docker-compose.yml exist (deploy/nats/secrets: as deploy/nats/gen-auth.py makes them)"
+    local path n=0 secrets="$TMP/nats-secrets"
+    python3 "$ROOT/deploy/nats/gen-auth.py" "$secrets" --gateways gateway-1,gateway-2 >/dev/null ||
+        fail "deploy/nats/gen-auth.py failed (it needs python3 and openssl)"
     while read -r path; do
-        [ -e "$ROOT/$path" ] || fail "docker-compose.yml mounts $path, which does not exist"
+        case "$path" in
+            ./deploy/nats/secrets | ./deploy/nats/secrets/*)
+                [ -e "$secrets${path#./deploy/nats/secrets}" ] ||
+                    fail "docker-compose.yml mounts $path, which deploy/nats/gen-auth.py does not make"
+                ;;
+            *) [ -e "$ROOT/$path" ] || fail "docker-compose.yml mounts $path, which does not exist" ;;
+        esac
         n=$((n + 1))
     done < <(grep -oE '\./deploy/[^:" ]+' "$ROOT/docker-compose.yml" | sort -u)
     [ "$n" -gt 0 ] || fail "found no ./deploy/ mounts in docker-compose.yml"
@@ -115,7 +123,7 @@ rendered, overlay, want = sys.argv[1:]
 repo = want.rsplit(":", 1)[0]
 seen = 0
 for doc in yaml.safe_load_all(open(rendered)):
-    if not doc or doc.get("kind") != "Deployment":
+    if not doc or doc.get("kind") not in ("Deployment", "StatefulSet"):
         continue
     name = doc["metadata"]["name"]
     if name not in ("pingapp-gateway", "pingapp-presence", "pingapp-recorder"):

@@ -123,6 +123,17 @@ tools() {
     [ "$(id -u)" -eq 0 ] || { log "must run as root (rootful podman)"; exit 1; }
 }
 
+# NATS identities, permissions and TLS (docs/security.md, "The bus"), made
+# once: deploy/nats/secrets is not committed. Later runs keep the seeds and
+# the CA.
+nats_identities() {
+    if [ ! -f "$ROOT/deploy/nats/secrets/auth.conf" ]; then
+        log "generating NATS identities in deploy/nats/secrets"
+    fi
+    python3 "$ROOT/deploy/nats/gen-auth.py" "$ROOT/deploy/nats/secrets" \
+        --gateways gateway-1,gateway-2 --seed-mode 644 >/dev/null
+}
+
 up() {
     tools
     bash "$HERE/build-base-images.sh"
@@ -131,6 +142,7 @@ up() {
     else
         bash "$HERE/build-image.sh" "${PINGAPP_BUILD_PROFILE:-debug}"
     fi
+    nats_identities
     start_api
     start_health_loop
     log "docker-compose up ($PROJECT): ${SERVICES[*]}"

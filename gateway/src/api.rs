@@ -269,13 +269,14 @@ async fn samples(
 ) -> Result<Response, ApiError> {
     let since_us = limits::parse_since(params.since.as_deref())?;
     let limit = limits::parse_limit(params.limit.as_deref())?;
-    let token = bearer_token(&headers);
+    // Only the token's digest goes to the recorder: no token on the bus.
+    let token_digest = bearer_token(&headers).map(|t| services::ids::token_digest(&t));
     if id.len() > limits::MAX_CLIENT_ID_LEN {
         return Err(ApiError::not_found());
     }
     let query = SamplesQuery {
         channel_name: id.clone(),
-        token,
+        token_digest,
         since_us,
         limit,
     };

@@ -27,6 +27,9 @@ pub struct GatewayCli {
     /// NATS server(s).
     #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
     pub nats_url: String,
+    /// NATS identity, TLS and reassembly bounds.
+    #[command(flatten)]
+    pub nats: services::config::NatsArgs,
     /// This gateway's id (default: the host name).
     #[arg(long, env = "PINGAPP_GATEWAY_ID")]
     pub gateway_id: Option<String>,

@@ -23,9 +23,14 @@ async fn main() -> anyhow::Result<()> {
     let admin = AdminServer::start(cli.admin_listen, registry.clone(), readiness.clone())
         .await
         .with_context(|| format!("binding the admin listener {}", cli.admin_listen))?;
-    let bus = NatsBus::connect(&cli.nats_url, &format!("gateway-{}", cfg.gateway_id))
-        .await
-        .context("connecting to NATS")?;
+    let bus = NatsBus::connect_with(
+        &cli.nats_url,
+        &format!("gateway-{}", cfg.gateway_id),
+        &cli.nats.options(),
+    )
+    .await
+    .context("connecting to NATS")?;
+    bus.register_metrics(&registry)?;
     let gateway = Gateway::build(cfg, Arc::new(bus), &registry, readiness).await?;
     tracing::info!(addr = %gateway.local_addr(), "gateway listening");
     gateway.run(shutdown).await?;

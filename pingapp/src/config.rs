@@ -29,6 +29,9 @@ pub struct Args {
     /// NATS server(s); unset: the in-memory bus.
     #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
     pub nats_url: Option<String>,
+    /// NATS identity, TLS and reassembly bounds.
+    #[command(flatten)]
+    pub nats: services::config::NatsArgs,
     /// This gateway's id.
     #[arg(long, env = "PINGAPP_GATEWAY_ID", default_value = "standalone")]
     pub gateway_id: String,

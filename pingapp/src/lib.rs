@@ -43,11 +43,13 @@ pub async fn run(
     let admin_addr = admin.local_addr();
 
     let bus: SharedBus = match &args.nats_url {
-        Some(url) => Arc::new(
-            NatsBus::connect(url, "pingapp")
+        Some(url) => {
+            let bus = NatsBus::connect_with(url, "pingapp", &args.nats.options())
                 .await
-                .context("connecting to NATS")?,
-        ),
+                .context("connecting to NATS")?;
+            bus.register_metrics(&registry)?;
+            Arc::new(bus)
+        }
         None => Arc::new(MemoryBus::new()),
     };
     let store = recorder::store::connect(&args.database_url)

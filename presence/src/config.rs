@@ -21,6 +21,9 @@ pub struct PresenceCli {
     /// NATS server(s), comma-separated.
     #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
     pub nats_url: String,
+    /// NATS identity, TLS and reassembly bounds.
+    #[command(flatten)]
+    pub nats: services::config::NatsArgs,
     /// First token of every subject.
     #[arg(long, env = "PINGAPP_SUBJECT_PREFIX", default_value = "pingapp", value_parser = parse_subject_prefix)]
     pub subject_prefix: String,
@@ -38,6 +41,10 @@ pub struct PresenceCli {
     /// gateways' heartbeat interval.
     #[arg(long, env = "PINGAPP_WARMUP_MS", default_value_t = 2500, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub warmup_ms: u64,
+    /// The most public clients one gateway may hold in the roster; a
+    /// heartbeat listing more, or a connect beyond it, is refused.
+    #[arg(long, env = "PINGAPP_MAX_CLIENTS_PER_GATEWAY", default_value_t = crate::roster::DEFAULT_MAX_CLIENTS_PER_GATEWAY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_clients_per_gateway: usize,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -51,6 +58,7 @@ impl PresenceCli {
         cfg.roster_tick = Duration::from_millis(self.roster_tick_ms);
         cfg.lease_ttl = Duration::from_millis(self.lease_ttl_ms);
         cfg.warmup = Duration::from_millis(self.warmup_ms);
+        cfg.max_clients_per_gateway = self.max_clients_per_gateway;
         cfg
     }
 }
@@ -76,6 +84,7 @@ mod tests {
         assert_eq!(cfg.warmup, Duration::ZERO);
         assert_eq!(cfg.roster_tick, Duration::from_millis(500));
         assert_eq!(cfg.lease_ttl, Duration::from_secs(6));
+        assert_eq!(cfg.max_clients_per_gateway, 50_000);
         let bad = PresenceCli::try_parse_from(["presence", "--nats-url", "nats://h:x"]);
         assert!(bad.is_err(), "a bad NATS port is refused");
     }

@@ -20,9 +20,10 @@ async fn main() -> anyhow::Result<()> {
     let admin = AdminServer::start(cli.admin_listen, registry.clone(), readiness.clone())
         .await
         .with_context(|| format!("binding the admin listener {}", cli.admin_listen))?;
-    let bus = NatsBus::connect(&cli.nats_url, "presence")
+    let bus = NatsBus::connect_with(&cli.nats_url, "presence", &cli.nats.options())
         .await
         .context("connecting to NATS")?;
+    bus.register_metrics(&registry)?;
     let presence =
         Presence::build(cli.config(), Arc::new(bus), &registry, readiness.clone()).await?;
     // Presence stops at once on the signal; readiness turns 503 with it.

@@ -18,6 +18,7 @@ pub(crate) struct Metrics {
     pub expired_clients: IntCounter,
     pub active: IntGauge,
     pub bad_reports: IntCounter,
+    pub refused: IntCounterVec,
     pub delay_flushes: IntCounterVec,
 }
 
@@ -82,6 +83,20 @@ impl Metrics {
                 "pingapp_presence_bad_reports_total",
                 "Gateway reports that could not be decoded.",
             ),
+            refused: {
+                let v = counter(
+                    registry,
+                    "pingapp_presence_refused_total",
+                    "Gateway reports (or entries of one) refused, by reason: subject (it names \
+                     another gateway than its subject), foreign_client (it names another \
+                     gateway's client), too_many_clients (over --max-clients-per-gateway).",
+                    &["reason"],
+                );
+                for reason in ["subject", "foreign_client", "too_many_clients"] {
+                    v.with_label_values(&[reason]);
+                }
+                v
+            },
             delay_flushes: {
                 let v = counter(
                     registry,

@@ -14,6 +14,11 @@
 //! - A gateway silent for [`MISSED_HEARTBEATS`] heartbeat intervals is
 //!   expired with all its clients.
 //! - Delay updates are coalesced and leave as one broadcast per tick.
+//! - A gateway speaks only for its own clients (docs/security.md, "The
+//!   bus"): a connect, rename or disconnect of a client that another
+//!   gateway holds is refused, and so are the entries of such clients in
+//!   its heartbeats and delay reports. A heartbeat or connect that would
+//!   give one gateway more than its cap of clients is refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -27,6 +32,11 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(2000);
 
 /// A gateway silent for this many heartbeat intervals is expired.
 pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// Default of the most public clients one gateway may hold in the roster
+/// (`presence --max-clients-per-gateway`): five times the 10,000
+/// connections a gateway is benchmarked with.
+pub const DEFAULT_MAX_CLIENTS_PER_GATEWAY: usize = 50_000;
 
 /// What presence knows about one gateway.
 #[derive(Debug, Clone)]
@@ -69,6 +79,27 @@ pub enum Outcome {
     Applied(Vec<Broadcast>),
     /// A heartbeat older than an event already applied: ignored.
     Stale,
+    /// The report was refused whole: nothing changed.
+    Refused(Refusal),
+}
+
+/// Why a report (or an entry of one) was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It names a client that another gateway holds.
+    ForeignClient,
+    /// It would give its gateway more clients than the cap.
+    TooManyClients,
+}
+
+impl Refusal {
+    /// The `reason` label of `pingapp_presence_refused_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::ForeignClient => "foreign_client",
+            Refusal::TooManyClients => "too_many_clients",
+        }
+    }
 }
 
 /// What [`Roster::expire`] did.
@@ -99,6 +130,13 @@ pub struct Roster {
     flushed_tick: i64,
     /// Until then, clients learned from heartbeats are added silently.
     warm_until: Instant,
+    /// Clients per gateway, kept with `clients`.
+    held: HashMap<String, usize>,
+    /// The most clients one gateway may hold.
+    max_per_gateway: usize,
+    /// Entries of applied reports that were skipped as another gateway's,
+    /// since the last [`Roster::take_refused_entries`].
+    refused_entries: u64,
 }
 
 impl Roster {
@@ -110,6 +148,54 @@ impl Roster {
             pending: BTreeMap::new(),
             flushed_tick: i64::MIN,
             warm_until,
+            held: HashMap::new(),
+            max_per_gateway: DEFAULT_MAX_CLIENTS_PER_GATEWAY,
+            refused_entries: 0,
+        }
+    }
+
+    /// The same roster, holding at most `max` clients per gateway.
+    pub fn with_max_clients_per_gateway(mut self, max: usize) -> Self {
+        self.max_per_gateway = max;
+        self
+    }
+
+    /// Entries of applied heartbeats and delay reports skipped because they
+    /// named another gateway's client, since the last call.
+    pub fn take_refused_entries(&mut self) -> u64 {
+        std::mem::take(&mut self.refused_entries)
+    }
+
+    /// Whether `channel_name` is held by a gateway other than `gateway`.
+    fn is_foreign(&self, channel_name: &str, gateway: &str) -> bool {
+        self.clients
+            .get(channel_name)
+            .is_some_and(|c| c.gateway != gateway)
+    }
+
+    /// Whether the report would break a rule of ownership or size; checked
+    /// before anything changes.
+    fn refusal(&self, gateway: &str, update: &GatewayUpdate) -> Option<Refusal> {
+        match update {
+            GatewayUpdate::Connect { client } => {
+                if self.is_foreign(&client.channel_name, gateway) {
+                    Some(Refusal::ForeignClient)
+                } else if !self.clients.contains_key(&client.channel_name)
+                    && self.held.get(gateway).copied().unwrap_or(0) >= self.max_per_gateway
+                {
+                    Some(Refusal::TooManyClients)
+                } else {
+                    None
+                }
+            }
+            GatewayUpdate::Rename { channel_name, .. }
+            | GatewayUpdate::Disconnect { channel_name } => self
+                .is_foreign(channel_name, gateway)
+                .then_some(Refusal::ForeignClient),
+            GatewayUpdate::Heartbeat { clients, .. } => {
+                (clients.len() > self.max_per_gateway).then_some(Refusal::TooManyClients)
+            }
+            GatewayUpdate::Delays { .. } | GatewayUpdate::Goodbye => None,
         }
     }
 
@@ -157,6 +243,9 @@ impl Roster {
             seq,
             update,
         } = report;
+        if let Some(refusal) = self.refusal(&gateway, &update) {
+            return Outcome::Refused(refusal);
+        }
         let state = self
             .gateways
             .entry(gateway.clone())
@@ -196,8 +285,7 @@ impl Roster {
             GatewayUpdate::Connect { mut client } => {
                 client.gateway = gateway;
                 self.pending.remove(&client.channel_name);
-                self.clients
-                    .insert(client.channel_name.clone(), client.clone());
+                self.insert(client.clone());
                 vec![Broadcast::Connect { client }]
             }
             GatewayUpdate::Rename { channel_name, name } => {
@@ -212,6 +300,10 @@ impl Roster {
             }
             GatewayUpdate::Delays { delays, .. } => {
                 for (id, stats) in delays {
+                    if self.is_foreign(&id, &gateway) {
+                        self.refused_entries += 1;
+                        continue;
+                    }
                     if let Some(c) = self.clients.get_mut(&id) {
                         c.stats = Some(stats);
                         self.pending.insert(id, stats);
@@ -250,12 +342,15 @@ impl Roster {
             out.push(Broadcast::Disconnect { channel_name: id });
         }
         for mut client in clients {
+            if self.is_foreign(&client.channel_name, gateway) {
+                self.refused_entries += 1;
+                continue;
+            }
             client.gateway = gateway.to_owned();
             match self.clients.get_mut(&client.channel_name) {
                 Some(known) => {
                     let renamed = known.name != client.name;
                     known.name.clone_from(&client.name);
-                    known.gateway.clone_from(&client.gateway);
                     if client.stats.is_some() {
                         known.stats = client.stats;
                     }
@@ -267,8 +362,7 @@ impl Roster {
                     }
                 }
                 None => {
-                    self.clients
-                        .insert(client.channel_name.clone(), client.clone());
+                    self.insert(client.clone());
                     if !silent {
                         out.push(Broadcast::Connect { client });
                     }
@@ -352,9 +446,30 @@ impl Roster {
         })
     }
 
+    /// Adds or replaces a client of `client.gateway`, keeping the
+    /// per-gateway counts.
+    fn insert(&mut self, client: RosterClient) {
+        let gateway = client.gateway.clone();
+        if let Some(old) = self.clients.insert(client.channel_name.clone(), client) {
+            self.uncount(&old.gateway);
+        }
+        *self.held.entry(gateway).or_default() += 1;
+    }
+
+    fn uncount(&mut self, gateway: &str) {
+        if let Some(n) = self.held.get_mut(gateway) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(gateway);
+            }
+        }
+    }
+
     fn remove(&mut self, channel_name: &str) -> Option<RosterClient> {
         self.pending.remove(channel_name);
-        self.clients.remove(channel_name)
+        let gone = self.clients.remove(channel_name)?;
+        self.uncount(&gone.gateway);
+        Some(gone)
     }
 
     fn remove_gateway_clients(&mut self, gateway: &str) -> Vec<Broadcast> {
@@ -433,7 +548,103 @@ mod tests {
         match o {
             Outcome::Applied(b) => b,
             Outcome::Stale => panic!("report was ignored as stale"),
+            Outcome::Refused(r) => panic!("report was refused: {r:?}"),
         }
+    }
+
+    #[test]
+    fn a_gateway_cannot_touch_another_gateways_clients() {
+        let (mut r, t0) = warm();
+        applied(r.apply(connect("a", 1, "x"), t0));
+        applied(r.apply(connect("b", 1, "y"), t0));
+        let foreign = Outcome::Refused(Refusal::ForeignClient);
+        // b renames, disconnects or reconnects a's client: refused.
+        let rename = report(
+            "b",
+            2,
+            GatewayUpdate::Rename {
+                channel_name: "x".into(),
+                name: "SYSTEM".into(),
+            },
+        );
+        assert_eq!(r.apply(rename, t0), foreign);
+        let leave = report(
+            "b",
+            3,
+            GatewayUpdate::Disconnect {
+                channel_name: "x".into(),
+            },
+        );
+        assert_eq!(r.apply(leave, t0), foreign);
+        assert_eq!(r.apply(connect("b", 4, "x"), t0), foreign);
+        // Its heartbeat lists a's client (and its own): only its own apply,
+        // a's entry is skipped and counted.
+        let mut stolen = client("x", "stolen", "b");
+        stolen.stats = Some(stats(1.0));
+        let hb = heartbeat("b", 5, vec![stolen, client("y", "y", "b")], 1000);
+        assert!(applied(r.apply(hb, t0)).is_empty());
+        assert_eq!(r.take_refused_entries(), 1);
+        // Its delays for a's client are skipped too.
+        let delays = report(
+            "b",
+            6,
+            GatewayUpdate::Delays {
+                delays: [("x".to_owned(), stats(60_000.0))].into(),
+                tick_ms: None,
+            },
+        );
+        applied(r.apply(delays, t0));
+        assert_eq!(r.take_refused_entries(), 1);
+        assert_eq!(r.take_delays(), None);
+        // An empty heartbeat and a goodbye of b leave a's client alone.
+        applied(r.apply(heartbeat("b", 7, vec![], 1000), t0));
+        applied(r.apply(report("b", 8, GatewayUpdate::Goodbye), t0));
+        assert_eq!(r.get("x"), Some(&client("x", "x", "a")));
+        assert_eq!(r.len(), 1);
+        // a itself still may.
+        applied(r.apply(
+            report(
+                "a",
+                2,
+                GatewayUpdate::Disconnect {
+                    channel_name: "x".into(),
+                },
+            ),
+            t0,
+        ));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_gateway_holds_at_most_its_cap_of_clients() {
+        let t0 = Instant::now();
+        let mut r = Roster::new(t0).with_max_clients_per_gateway(2);
+        let too_many = Outcome::Refused(Refusal::TooManyClients);
+        let three: Vec<_> = ["p", "q", "s"].map(|id| client(id, id, "a")).into();
+        assert_eq!(
+            r.apply(heartbeat("a", 1, three.clone(), 1000), t0),
+            too_many
+        );
+        assert!(r.is_empty(), "a refused heartbeat changes nothing");
+        applied(r.apply(heartbeat("a", 2, three[..2].to_vec(), 1000), t0));
+        assert_eq!(r.apply(connect("a", 3, "s"), t0), too_many);
+        // A known client may connect again; another gateway has its own cap.
+        applied(r.apply(connect("a", 4, "p"), t0));
+        applied(r.apply(connect("b", 1, "s"), t0));
+        assert_eq!(r.len(), 3);
+        // Room again once one leaves.
+        applied(r.apply(
+            report(
+                "a",
+                5,
+                GatewayUpdate::Disconnect {
+                    channel_name: "q".into(),
+                },
+            ),
+            t0,
+        ));
+        applied(r.apply(connect("a", 6, "t"), t0));
+        assert_eq!(r.len(), 3);
     }
 
     /// A roster whose warm-up is over.

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lease;
 use crate::metrics::{Metrics, broadcast_kind, update_kind};
-use crate::roster::{Outcome, Roster};
+use crate::roster::{Outcome, Refusal, Roster};
 
 /// How often silent gateways are looked for.
 const EXPIRY_CHECK: Duration = Duration::from_millis(500);
@@ -41,11 +41,13 @@ pub struct PresenceConfig {
     /// How often the active replica re-publishes the whole roster, so that
     /// lost broadcasts heal.
     pub snapshot_interval: Duration,
+    /// The most public clients one gateway may hold in the roster.
+    pub max_clients_per_gateway: usize,
 }
 
 impl PresenceConfig {
     /// The defaults: 500 ms roster tick, 2.5 s warm-up, 6 s lease, 30 s
-    /// snapshots, and a random replica id.
+    /// snapshots, 50,000 clients per gateway, and a random replica id.
     pub fn new(subjects: Subjects) -> Self {
         Self {
             subjects,
@@ -54,6 +56,7 @@ impl PresenceConfig {
             warmup: Duration::from_millis(2500),
             lease_ttl: Duration::from_secs(6),
             snapshot_interval: Duration::from_secs(30),
+            max_clients_per_gateway: crate::roster::DEFAULT_MAX_CLIENTS_PER_GATEWAY,
         }
     }
 }
@@ -155,7 +158,8 @@ impl Presence {
             bus,
             subjects: cfg.subjects.clone(),
             metrics,
-            roster: Roster::new(warm_until),
+            roster: Roster::new(warm_until)
+                .with_max_clients_per_gateway(cfg.max_clients_per_gateway),
             lease: lease_rx,
             active: false,
             warmed: false,
@@ -314,9 +318,32 @@ impl State {
         };
         let kind = update_kind(&report.update);
         self.metrics.events.with_label_values(&[kind]).inc();
+        // A report speaks for the gateway whose subject it came on (NATS
+        // permissions let only that gateway publish there): another
+        // gateway's id in it is a forgery.
+        let own = self.subjects.gateway_reports(&report.gateway);
+        if m.subject != own.subject() {
+            self.refuse("subject");
+            tracing::warn!(
+                subject = %m.subject,
+                gateway = %report.gateway,
+                kind,
+                "a gateway report names another gateway than its subject; refused"
+            );
+            return;
+        }
         let gateway = report.gateway.clone();
         let seq = report.seq;
-        match self.roster.apply(report, now) {
+        let outcome = self.roster.apply(report, now);
+        let skipped = self.roster.take_refused_entries();
+        if skipped > 0 {
+            self.metrics
+                .refused
+                .with_label_values(&[Refusal::ForeignClient.label()])
+                .inc_by(skipped);
+            tracing::warn!(%gateway, kind, skipped, "report entries naming another gateway's clients skipped");
+        }
+        match outcome {
             Outcome::Applied(broadcasts) => {
                 if kind == "heartbeat" {
                     self.metrics.heartbeats.inc();
@@ -338,8 +365,16 @@ impl State {
                 self.metrics.stale_heartbeats.inc();
                 tracing::debug!(%gateway, seq, "stale heartbeat ignored");
             }
+            Outcome::Refused(refusal) => {
+                self.refuse(refusal.label());
+                tracing::warn!(%gateway, kind, reason = refusal.label(), "gateway report refused");
+            }
         }
         self.update_gauges();
+    }
+
+    fn refuse(&self, reason: &str) {
+        self.metrics.refused.with_label_values(&[reason]).inc();
     }
 
     async fn on_request(&mut self, m: Incoming<RosterRequest, RosterReply>) {

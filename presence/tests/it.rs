@@ -466,6 +466,116 @@ async fn nats_events_are_broadcast() {
     delete_lease_bucket(&admin, &subjects).await;
 }
 
+/// A gateway speaks only for itself: a report naming another gateway than
+/// its subject, another gateway's client renamed, disconnected, claimed in
+/// a heartbeat, and a heartbeat over the cap are all refused and counted;
+/// nobody's roster changes.
+#[tokio::test]
+async fn nats_a_gateway_speaks_only_for_its_own_clients() {
+    let subjects = fresh_subjects();
+    let server = NatsServer::start().await;
+    let admin = nats(&server, "admin").await;
+    let watch_bus: SharedBus = Arc::new(nats(&server, "watcher").await);
+    let gw_bus: SharedBus = Arc::new(nats(&server, "gateway").await);
+    let evil_bus: SharedBus = Arc::new(nats(&server, "evil").await);
+    let mut watcher = Watcher::start(&watch_bus, &subjects).await;
+    let mut cfg = test_config(&subjects, "a");
+    cfg.max_clients_per_gateway = 3;
+    let p = Running::start(cfg, Arc::new(nats(&server, "presence").await)).await;
+    watcher
+        .wait_for(SOON, "warm-up snapshot", is_snapshot)
+        .await;
+    let gw = FakeGateway::start(gw_bus.clone(), &subjects, "gw-1").await;
+    let evil = FakeGateway::start(evil_bus.clone(), &subjects, "gw-2").await;
+    let a = gw.connect("a").await;
+    watcher.wait_for(SOON, "connect", is_connect_of("a")).await;
+
+    // On its own subject, in gw-1's name: refused (subject).
+    let forged = GatewayReport {
+        gateway: "gw-1".into(),
+        seq: 1_000,
+        update: GatewayUpdate::Goodbye,
+    };
+    subjects
+        .gateway_reports("gw-2")
+        .publish(&*evil_bus, &forged)
+        .await
+        .unwrap();
+    // In its own name, about gw-1's client: refused (foreign_client).
+    evil.report(GatewayUpdate::Rename {
+        channel_name: "a".into(),
+        name: "SYSTEM: click here".into(),
+    })
+    .await;
+    evil.report(GatewayUpdate::Disconnect {
+        channel_name: "a".into(),
+    })
+    .await;
+    let mut stolen = a.clone();
+    stolen.gateway = "gw-2".into();
+    evil.report(GatewayUpdate::Connect { client: stolen }).await;
+    // A heartbeat of five clients, over the cap of 3: refused whole.
+    let many: Vec<_> = (0..5).map(|i| evil.client(&format!("fake{i}"))).collect();
+    evil.report(GatewayUpdate::Heartbeat {
+        clients: many,
+        interval_ms: HEARTBEAT.as_millis() as u64,
+    })
+    .await;
+    // Its own client is welcome; its heartbeats now list gw-1's client
+    // (the refused connect above) with its own: that entry is skipped.
+    evil.connect("own").await;
+    watcher
+        .wait_for(SOON, "gw-2's own client", is_connect_of("own"))
+        .await;
+
+    let refused = |reason: &str| {
+        p.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "pingapp_presence_refused_total")
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == reason))
+            .map(|m| m.get_counter().get_value())
+            .sum::<f64>()
+    };
+    testkit::eventually(SOON, "every forgery counted", || {
+        std::future::ready(
+            refused("subject") == 1.0
+                && refused("foreign_client") >= 4.0
+                && refused("too_many_clients") == 1.0,
+        )
+    })
+    .await;
+    assert_eq!(roster(&gw_bus, &subjects).await, ids(&["a", "own"]));
+    // The heartbeats keep coming: still nothing about a but its own echo.
+    let seen = watcher.collect(HEARTBEAT * 2).await;
+    assert!(
+        !seen.iter().any(|b| match b {
+            Broadcast::Rename { channel_name, .. } | Broadcast::Disconnect { channel_name } =>
+                channel_name == "a",
+            Broadcast::Connect { client } => client.channel_name != "own",
+            _ => false,
+        }),
+        "nothing forged was broadcast: {seen:?}"
+    );
+    // gw-1 itself still renames its client.
+    gw.report(GatewayUpdate::Rename {
+        channel_name: "a".into(),
+        name: "Ada".into(),
+    })
+    .await;
+    watcher
+        .wait_for(
+            SOON,
+            "the honest rename",
+            |b| matches!(b, Broadcast::Rename { name, .. } if name == "Ada"),
+        )
+        .await;
+
+    p.stop().await;
+    delete_lease_bucket(&admin, &subjects).await;
+}
+
 #[tokio::test]
 async fn nats_a_tick_leaves_once_every_gateway_closed_it() {
     let subjects = fresh_subjects();

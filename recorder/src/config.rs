@@ -69,6 +69,9 @@ pub struct RecorderCli {
     /// NATS server(s), comma-separated.
     #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
     pub nats_url: String,
+    /// NATS identity, TLS and reassembly bounds.
+    #[command(flatten)]
+    pub nats: services::config::NatsArgs,
     /// The Postgres database.
     #[arg(long, env = "DATABASE_URL", value_parser = parse_postgres_url)]
     pub database_url: String,

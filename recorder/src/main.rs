@@ -27,10 +27,11 @@ async fn main() -> anyhow::Result<()> {
     let admin = AdminServer::start(args.admin_listen, registry.clone(), readiness.clone())
         .await
         .with_context(|| format!("binding the admin listener {}", args.admin_listen))?;
-    let bus = NatsBus::connect(&args.nats_url, "recorder")
+    let bus = NatsBus::connect_with(&args.nats_url, "recorder", &args.nats.options())
         .await
         .context("connecting to NATS")?
         .with_ack_wait(args.ack_wait());
+    bus.register_metrics(&registry)?;
     let store = recorder::store::connect_retrying(
         &args.database_url,
         DATABASE_PATIENCE,

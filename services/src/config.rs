@@ -4,6 +4,7 @@
 //! setting stops the binary with one line naming it and exit status 2.
 
 use std::fmt::Display;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, ValueEnum};
 
@@ -109,6 +110,81 @@ pub fn parse_nats_url(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// How a service connects to NATS beyond its URL: its identity, TLS, and
+/// the bounds of reassembling large messages (docs/security.md, "The
+/// bus"). Every binary that talks to NATS flattens these in.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS identity: a credentials file (user JWT and nkey seed) or a file
+    /// holding an nkey seed (`SU...`). Without it the connection is
+    /// anonymous.
+    #[arg(long, env = "PINGAPP_NATS_CREDS", value_parser = parse_nats_creds)]
+    pub nats_creds: Option<PathBuf>,
+    /// PEM file of the CA that signed the NATS server's certificate: the
+    /// connection then requires TLS and verifies the server.
+    #[arg(long, env = "PINGAPP_NATS_TLS_CA", value_parser = parse_readable_file)]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a NATS server that verifies clients
+    /// (with `--nats-tls-key`).
+    #[arg(long, env = "PINGAPP_NATS_TLS_CERT", value_parser = parse_readable_file, requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM key of `--nats-tls-cert`.
+    #[arg(long, env = "PINGAPP_NATS_TLS_KEY", value_parser = parse_readable_file, requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Most bytes of incomplete messages (sent in parts) held per
+    /// subscription; at the bound the oldest are dropped.
+    #[arg(long, env = "PINGAPP_NATS_MAX_CHUNK_BYTES", default_value_t = crate::bus::nats::DEFAULT_MAX_CHUNK_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..))]
+    pub nats_max_chunk_bytes: usize,
+    /// An incomplete message (sent in parts) is dropped this long after its
+    /// first part, ms.
+    #[arg(long, env = "PINGAPP_NATS_CHUNK_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub nats_chunk_timeout_ms: u64,
+}
+
+impl NatsArgs {
+    /// The connection options these flags give.
+    pub fn options(&self) -> crate::bus::nats::NatsOptions {
+        crate::bus::nats::NatsOptions {
+            creds: self.nats_creds.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
+            chunks: crate::bus::nats::ChunkLimits {
+                max_bytes: self.nats_max_chunk_bytes,
+                timeout: std::time::Duration::from_millis(self.nats_chunk_timeout_ms),
+            },
+        }
+    }
+}
+
+/// Checks a NATS identity file: readable, and a credentials file or a user
+/// nkey seed ([`crate::bus::nats::identity_kind`]).
+///
+/// # Errors
+/// A one-line explanation, for clap to show.
+pub fn parse_nats_creds(s: &str) -> Result<PathBuf, String> {
+    let path = parse_readable_file(s)?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read it: {e}"))?;
+    crate::bus::nats::identity_kind(&text)?;
+    Ok(path)
+}
+
+/// Checks that a file can be read now (a secret mounted wrongly is then
+/// a clear start-up error rather than a failed connection later).
+///
+/// # Errors
+/// A one-line explanation, for clap to show.
+pub fn parse_readable_file(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    match std::fs::File::open(&path).and_then(|mut f| {
+        let mut byte = [0u8; 1];
+        std::io::Read::read(&mut f, &mut byte)
+    }) {
+        Ok(0) => Err("the file is empty".to_owned()),
+        Ok(_) => Ok(path),
+        Err(e) => Err(format!("cannot read it: {e}")),
+    }
+}
+
 /// Parses a subject prefix: one NATS token of letters, digits, `-` and `_`.
 ///
 /// # Errors
@@ -212,5 +288,33 @@ mod tests {
         assert!(parse_duration("99999999999999999999").is_err());
         assert!(parse_subject_prefix("t_1-a").is_ok());
         assert!(parse_subject_prefix("a.b").is_err());
+    }
+
+    #[test]
+    fn identity_files_must_be_readable() {
+        let missing = parse_readable_file("/nonexistent/pingapp.creds").unwrap_err();
+        assert!(missing.starts_with("cannot read it: "), "{missing}");
+        let dir = std::env::temp_dir().join(format!("pingapp-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert_eq!(
+            parse_readable_file(empty.to_str().unwrap()),
+            Err("the file is empty".to_owned())
+        );
+        let seed = dir.join("seed");
+        std::fs::write(&seed, b"SU...").unwrap();
+        assert_eq!(
+            parse_readable_file(seed.to_str().unwrap()),
+            Ok(seed.clone())
+        );
+        assert_eq!(
+            parse_nats_creds(seed.to_str().unwrap()),
+            Err("neither a NATS credentials file nor a user nkey seed (SU...)".to_owned())
+        );
+        let real = nkeys::KeyPair::new_user().seed().unwrap();
+        std::fs::write(&seed, format!("{real}\n")).unwrap();
+        assert_eq!(parse_nats_creds(seed.to_str().unwrap()), Ok(seed));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -27,9 +27,16 @@ pub fn token_digest(token: &str) -> String {
 /// compared in constant time so the answer's timing tells nothing about
 /// how much of the digest matched.
 pub fn token_matches(stored_digest: &str, token: &str) -> bool {
+    digest_matches(stored_digest, &token_digest(token))
+}
+
+/// Whether a presented token digest (what a history query carries over
+/// the bus instead of the token) is `stored_digest`, compared in constant
+/// time.
+pub fn digest_matches(stored_digest: &str, presented_digest: &str) -> bool {
     stored_digest
         .as_bytes()
-        .ct_eq(token_digest(token).as_bytes())
+        .ct_eq(presented_digest.as_bytes())
         .into()
 }
 
@@ -67,5 +74,8 @@ mod tests {
         );
         assert!(!token_matches(&digest[..10], &t), "a prefix is no match");
         assert!(!token_matches("", &t));
+        assert!(digest_matches(&digest, &token_digest(&t)));
+        assert!(!digest_matches(&digest, &t), "a token is not its digest");
+        assert!(!digest_matches(&digest, &digest[..63]));
     }
 }

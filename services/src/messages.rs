@@ -265,8 +265,12 @@ impl RecordBatch {
 pub struct SamplesQuery {
     /// Whose samples.
     pub channel_name: String,
-    /// The bearer token presented, if any.
-    pub token: Option<String>,
+    /// The digest ([`crate::ids::token_digest`]) of the bearer token
+    /// presented, if any: the token itself never crosses the bus
+    /// (docs/security.md, "The bus"). An older gateway's `token` field is
+    /// ignored, so its private reads answer 404 until it is upgraded.
+    #[serde(default)]
+    pub token_digest: Option<String>,
     /// Only samples at or after this time, Unix µs.
     pub since_us: Option<i64>,
     /// At most this many, oldest first.

@@ -15,10 +15,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use services::bus::memory::MemoryBus;
 use services::bus::nats::NatsBus;
+use services::bus::{Bus, DurableStream, Service, Topic};
 use services::bus::{
     BusError, Deliveries, Delivery, Headers, LeaseKey, SharedBus, StreamSpec, Subscription,
 };
-use services::bus::{DurableStream, Service, Topic};
 use services::messages::{Broadcast, RecordBatch, ReplyErrorKind, StatsQuery, StatsReply};
 use testkit::NatsServer;
 use tokio::time::timeout;
@@ -1259,4 +1259,97 @@ async fn typed_topics_carry_their_message_types(h: Harness) {
         "garbage in the stream is a decode error"
     );
     d2.delivery.ack().await.unwrap();
+}
+
+/// A hostile publisher sends many incomplete messages in parts (the
+/// `Pingapp-Chunk` header, never the last part): the subscriber holds at
+/// most its byte bound, drops every one of them by its timer, whether or
+/// not more parts come, and still puts an honest large message together.
+#[tokio::test]
+async fn nats_incomplete_chunked_messages_are_bounded_and_expire() {
+    const BOUND: usize = 4 << 20;
+    const PART: usize = 64 * 1024;
+    let h = Harness::nats().await;
+    let url = h.nats.as_ref().unwrap().url();
+    let options = services::bus::nats::NatsOptions {
+        chunks: services::bus::nats::ChunkLimits {
+            max_bytes: BOUND,
+            timeout: Duration::from_millis(1500),
+        },
+        ..Default::default()
+    };
+    let victim = NatsBus::connect_with(&url, "victim", &options)
+        .await
+        .expect("connect");
+    let subject = h.subject("chunked");
+    let mut sub = victim.subscribe(&subject, None).await.unwrap();
+    victim.flush().await.unwrap();
+    // The subscriber's loop, as every service runs one.
+    let (tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let _ = tx.send(m);
+        }
+    });
+
+    let attacker = async_nats::connect(&url).await.expect("raw connection");
+    let part = Bytes::from(vec![b'x'; PART]);
+    let mut most = 0;
+    // 200 sets of 10 parts, 9 of each sent: 112 MiB if all were kept.
+    for set in 0..200 {
+        for index in 0..9 {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Pingapp-Chunk", format!("evil{set} {index} 10").as_str());
+            attacker
+                .publish_with_headers(subject.clone(), headers, part.clone())
+                .await
+                .unwrap();
+        }
+        if set % 20 == 19 {
+            attacker.flush().await.unwrap();
+            victim.flush().await.unwrap();
+            most = most.max(victim.chunk_bytes_held());
+        }
+    }
+    attacker.flush().await.unwrap();
+    testkit::eventually(WAIT, "the victim has read every part", || {
+        let v = victim.clone();
+        async move {
+            v.chunk_sets_dropped("over_bytes") + v.chunk_sets_dropped("over_sets") > 150
+                && v.chunk_bytes_held() > 0
+        }
+    })
+    .await;
+    most = most.max(victim.chunk_bytes_held());
+    assert!(most > 0, "the parts were held for a while");
+    assert!(
+        most <= BOUND as u64,
+        "held {most} bytes, more than the bound {BOUND}"
+    );
+    // No part comes any more: only the timer can free what is held.
+    testkit::eventually(WAIT, "incomplete messages expire by the timer", || {
+        let v = victim.clone();
+        async move { v.chunk_bytes_held() == 0 }
+    })
+    .await;
+    assert!(victim.chunk_sets_dropped("expired") > 0);
+    assert!(received.try_recv().is_err(), "no forged part got through");
+
+    // An honest 3 MB message (three parts) is still put together, by the
+    // victim and by a fresh subscriber.
+    let honest = NatsBus::connect(&url, "honest").await.unwrap();
+    let big_sub = NatsBus::connect_with(&url, "victim-2", &options)
+        .await
+        .unwrap();
+    let mut whole = big_sub.subscribe(&subject, None).await.unwrap();
+    big_sub.flush().await.unwrap();
+    let payload = large(3_000_000, 7);
+    honest
+        .publish(&subject, payload.clone(), Headers::new())
+        .await
+        .unwrap();
+    assert!(next(&mut whole).await.payload == payload);
+    let m = timeout(WAIT, received.recv()).await.unwrap().unwrap();
+    assert!(m.payload == payload, "the first victim got it too");
+    reader.abort();
 }

@@ -99,7 +99,8 @@ pub trait Store: Send + Sync {
 
     /// One client's samples, oldest first, at or after `since_us`, at most
     /// `limit` (capped at [`MAX_SAMPLES`]). `None` when the client is
-    /// unknown or its [`Access`] does not let `token` read it: the caller
+    /// unknown or its [`Access`] does not let the query's token digest read
+    /// it: the caller
     /// cannot tell these apart. Both backends share this rule; they only
     /// say who the client is ([`Store::access`]) and read the rows
     /// ([`Store::read_history`]).
@@ -110,7 +111,7 @@ pub trait Store: Send + Sync {
         let Some(access) = self.access(&q.channel_name).await? else {
             return Ok(None);
         };
-        if !access.allows(q.token.as_deref()) {
+        if !access.allows(q.token_digest.as_deref()) {
             return Ok(None);
         }
         let history = self
@@ -273,13 +274,15 @@ pub struct Access {
 impl Access {
     /// The privacy rule (`docs/protocol.md`, "HTTP API"): a public client's
     /// history is readable by anyone; a private client's only with the
-    /// token whose digest was stored, compared in constant time.
-    pub fn allows(&self, token: Option<&str>) -> bool {
+    /// token whose digest was stored: `presented` is the digest of the
+    /// token the reader presented (the token never reaches the recorder),
+    /// compared in constant time.
+    pub fn allows(&self, presented: Option<&str>) -> bool {
         if self.public {
             return true;
         }
-        match (&self.token_digest, token) {
-            (Some(stored), Some(token)) => services::ids::token_matches(stored, token),
+        match (&self.token_digest, presented) {
+            (Some(stored), Some(presented)) => services::ids::digest_matches(stored, presented),
             _ => false,
         }
     }
@@ -377,12 +380,12 @@ mod tests {
     fn privacy_rule() {
         let token = "secret";
         let digest = services::ids::token_digest(token);
-        let may_read = |public, stored: Option<&str>, token| {
+        let may_read = |public, stored: Option<&str>, token: Option<&str>| {
             Access {
                 public,
                 token_digest: stored.map(str::to_owned),
             }
-            .allows(token)
+            .allows(token.map(services::ids::token_digest).as_deref())
         };
         assert!(may_read(true, None, None));
         assert!(may_read(true, Some(&digest), Some("wrong")));
@@ -393,6 +396,14 @@ mod tests {
         assert!(
             !may_read(false, Some(token), Some(token)),
             "the digest, not the token, is stored"
+        );
+        let stored = Access {
+            public: false,
+            token_digest: Some(digest.clone()),
+        };
+        assert!(
+            !stored.allows(Some(token)),
+            "a query carries the digest; a token in its place is no match"
         );
     }
 

@@ -90,7 +90,7 @@ async fn ask_stats(bus: &dyn Bus, subjects: &Subjects, payload: Bytes) -> StatsR
 fn history(id: &str, token: Option<&str>) -> SamplesQuery {
     SamplesQuery {
         channel_name: id.to_owned(),
-        token: token.map(str::to_owned),
+        token_digest: token.map(services::ids::token_digest),
         since_us: None,
         limit: 1000,
     }

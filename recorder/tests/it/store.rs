@@ -44,7 +44,7 @@ contract!(
 fn query(id: &str, token: Option<&str>) -> SamplesQuery {
     SamplesQuery {
         channel_name: id.to_owned(),
-        token: token.map(str::to_owned),
+        token_digest: token.map(services::ids::token_digest),
         since_us: None,
         limit: 10_000,
     }

@@ -133,6 +133,15 @@ pub enum BusError {
     /// A request came without a reply subject, so it cannot be answered.
     #[error("a request on {0} has no reply subject")]
     NoReplySubject(String),
+    /// A NATS identity file (`--nats-creds`) that cannot be read or is
+    /// neither a credentials file nor an nkey seed.
+    #[error("cannot use {path:?} as the NATS identity: {reason}")]
+    BadIdentity {
+        /// The file as given.
+        path: std::path::PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// A NATS server address that does not parse.
     #[error("{address:?} is not a NATS server address: {reason}")]
     BadAddress {

@@ -10,6 +10,7 @@
 //! subscriptions and reply inboxes, never to a queue group.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use async_nats::ServerAddr;
 use async_nats::jetstream::{self, AckKind, consumer::pull, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
+use prometheus::{IntCounterVec, IntGauge, Opts};
 use tokio_stream::StreamExt;
 
 use super::{
@@ -35,8 +37,13 @@ const MAX_CHUNKS: usize = 1024;
 /// Most messages being put together at once per subscription; the oldest
 /// incomplete one is dropped beyond that.
 const MAX_PARTIAL: usize = 16;
-/// An incomplete message older than this is dropped.
-const PARTIAL_TTL: Duration = Duration::from_secs(30);
+/// Default of [`ChunkLimits::max_bytes`] (`--nats-max-chunk-bytes`):
+/// 16 MiB, a roster snapshot of about 100,000 clients.
+pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
+/// Default of [`ChunkLimits::timeout`] (`--nats-chunk-timeout-ms`). The
+/// parts of one message are published back to back, so an honest message
+/// is whole within milliseconds.
+pub const DEFAULT_CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a stream being replaced by a work queue stays closed to new
 /// messages waiting for its consumers to acknowledge the rest.
@@ -71,25 +78,133 @@ pub fn server_addrs(list: &str) -> Result<Vec<ServerAddr>, BusError> {
         .collect()
 }
 
+/// Bounds of putting messages sent in parts together again, per
+/// subscription (and per request's reply inbox): docs/security.md, "The
+/// bus".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLimits {
+    /// Most payload bytes of incomplete messages held at once. A part that
+    /// does not fit drops the oldest incomplete messages first, then its
+    /// own.
+    pub max_bytes: usize,
+    /// An incomplete message is dropped this long after its first part
+    /// arrived, by a timer (whether or not more parts come).
+    pub timeout: Duration,
+}
+
+impl Default for ChunkLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_CHUNK_BYTES,
+            timeout: DEFAULT_CHUNK_TIMEOUT,
+        }
+    }
+}
+
+/// What connects a [`NatsBus`]: its identity, TLS and reassembly bounds.
+/// The default is an anonymous, plain connection with the default bounds.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// A NATS credentials file (a user JWT and its nkey seed) or a file
+    /// holding just an nkey seed (`SU...`): the connection's identity.
+    pub creds: Option<PathBuf>,
+    /// PEM file of the CA that signed the server's certificate; with it
+    /// the connection requires TLS and verifies the server.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that verify clients
+    /// (mutual TLS).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    /// Bounds of reassembling messages sent in parts.
+    pub chunks: ChunkLimits,
+}
+
+/// The reassembly's metrics, shared by every subscription of one bus and
+/// registered by [`NatsBus::register_metrics`].
+#[derive(Clone)]
+struct ChunkMetrics {
+    /// Bytes of incomplete messages held, all subscriptions together.
+    held: IntGauge,
+    /// Incomplete messages dropped, by reason.
+    dropped: IntCounterVec,
+}
+
+/// The `reason`s of `pingapp_bus_chunk_sets_dropped_total`.
+const DROP_REASONS: [&str; 4] = ["expired", "over_bytes", "over_sets", "malformed"];
+
+impl ChunkMetrics {
+    fn new() -> Self {
+        let held = IntGauge::new(
+            "pingapp_bus_chunk_bytes",
+            "Payload bytes of incomplete messages (sent in parts) held by this process's \
+             bus subscriptions.",
+        )
+        .expect("valid gauge");
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "pingapp_bus_chunk_sets_dropped_total",
+                "Incomplete messages sent in parts that were dropped, by reason: expired \
+                 (timer), over_bytes (the per-subscription byte bound), over_sets (too many \
+                 at once) or malformed (a bad or inconsistent part header).",
+            ),
+            &["reason"],
+        )
+        .expect("valid counter");
+        for reason in DROP_REASONS {
+            dropped.with_label_values(&[reason]);
+        }
+        Self { held, dropped }
+    }
+}
+
 /// A bus over one NATS connection, which reconnects by itself.
 #[derive(Clone)]
 pub struct NatsBus {
     client: async_nats::Client,
     js: jetstream::Context,
     ack_wait: Duration,
+    chunks: ChunkLimits,
+    chunk_metrics: ChunkMetrics,
 }
 
 impl NatsBus {
     /// Connects to `url` (a comma-separated list of servers works, see
-    /// [`server_addrs`]), waiting for the first connection and retrying for
-    /// ever afterwards.
+    /// [`server_addrs`]) anonymously and without TLS, waiting for the first
+    /// connection and retrying for ever afterwards.
     ///
     /// # Errors
     /// The URL is malformed or the first connection failed.
     pub async fn connect(url: &str, name: &str) -> Result<Self, BusError> {
+        Self::connect_with(url, name, &NatsOptions::default()).await
+    }
+
+    /// [`NatsBus::connect`] with an identity, TLS and reassembly bounds.
+    /// `name` also names the connection's reply inbox ([`inbox_prefix`]).
+    ///
+    /// # Errors
+    /// The URL is malformed, a file of `options` cannot be read or is not
+    /// what it should be, or the first connection failed.
+    pub async fn connect_with(
+        url: &str,
+        name: &str,
+        options: &NatsOptions,
+    ) -> Result<Self, BusError> {
         let addrs = server_addrs(url)?;
-        let client = async_nats::ConnectOptions::new()
+        let mut connect = async_nats::ConnectOptions::new();
+        if let Some(path) = &options.creds {
+            connect = with_identity(connect, path).await?;
+        }
+        if let Some(ca) = &options.tls_ca {
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &options.tls_client {
+            connect = connect.add_client_certificate(cert.clone(), key.clone());
+        }
+        let client = connect
             .name(name)
+            // Replies (and JetStream's answers) come to an inbox of this
+            // connection's own, so that NATS permissions can let each
+            // identity read only its own (docs/security.md, "The bus").
+            .custom_inbox_prefix(inbox_prefix(name))
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
@@ -104,7 +219,33 @@ impl NatsBus {
             client,
             js,
             ack_wait: DEFAULT_ACK_WAIT,
+            chunks: options.chunks,
+            chunk_metrics: ChunkMetrics::new(),
         })
+    }
+
+    /// Registers the bus's own metrics (`pingapp_bus_*`) in `registry`.
+    ///
+    /// # Errors
+    /// They are registered there already.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.chunk_metrics.held.clone()))?;
+        registry.register(Box::new(self.chunk_metrics.dropped.clone()))
+    }
+
+    /// Payload bytes of incomplete messages (sent in parts) that this
+    /// bus's subscriptions hold now (`pingapp_bus_chunk_bytes`).
+    pub fn chunk_bytes_held(&self) -> u64 {
+        u64::try_from(self.chunk_metrics.held.get()).unwrap_or(0)
+    }
+
+    /// Incomplete messages dropped so far for `reason` (`expired`,
+    /// `over_bytes`, `over_sets`, `malformed`).
+    pub fn chunk_sets_dropped(&self, reason: &str) -> u64 {
+        self.chunk_metrics
+            .dropped
+            .with_label_values(&[reason])
+            .get()
     }
 
     /// The same bus, creating durable consumers that deliver a message
@@ -123,9 +264,32 @@ impl NatsBus {
         &self.client
     }
 
-    fn map_sub(sub: async_nats::Subscriber) -> Subscription {
-        let mut parts = Reassembler::default();
-        Box::pin(sub.filter_map(move |m| parts.push(m)))
+    fn reassembler(&self) -> Reassembler {
+        Reassembler::new(self.chunks, self.chunk_metrics.clone())
+    }
+
+    /// Our subscription of a NATS one: parts put together, and incomplete
+    /// messages dropped by a timer while the subscription is polled.
+    fn map_sub(&self, sub: async_nats::Subscriber) -> Subscription {
+        let parts = self.reassembler();
+        Box::pin(futures_util::stream::unfold(
+            (sub, parts),
+            |(mut sub, mut parts)| async move {
+                loop {
+                    let expiry = parts.next_expiry();
+                    let m = tokio::select! {
+                        m = sub.next() => m?,
+                        () = sleep_until(expiry) => {
+                            parts.expire(tokio::time::Instant::now());
+                            continue;
+                        }
+                    };
+                    if let Some(whole) = parts.push(m) {
+                        return Some((whole, (sub, parts)));
+                    }
+                }
+            },
+        ))
     }
 
     /// The largest payload sent as one message.
@@ -282,7 +446,7 @@ impl Bus for NatsBus {
             async_nats::SubscribeErrorKind::Other => BusError::disconnected("subscribe", e),
             _ => BusError::rejected("subscribe", e),
         })?;
-        Ok(Self::map_sub(sub))
+        Ok(self.map_sub(sub))
     }
 
     async fn request(
@@ -302,7 +466,7 @@ impl Bus for NatsBus {
             .map_err(|e| BusError::disconnected("subscribe to the reply inbox", e))?;
         self.publish_parts(subject, Some(&inbox), payload, &headers)
             .await?;
-        let mut parts = Reassembler::default();
+        let mut parts = self.reassembler();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let m = match tokio::time::timeout_at(deadline, replies.next()).await {
@@ -701,22 +865,139 @@ fn to_header_map(headers: &Headers) -> async_nats::HeaderMap {
     map
 }
 
-/// Puts messages sent in parts together again.
-#[derive(Default)]
+/// The reply inbox prefix of a connection named `name`:
+/// `_INBOX.{name as one subject token}` (`_INBOX.presence`,
+/// `_INBOX.gateway-{id}`).
+pub fn inbox_prefix(name: &str) -> String {
+    format!("_INBOX.{}", crate::subjects::token(name))
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the identity in `path`: a credentials file (user JWT and seed) or
+/// a bare nkey seed.
+async fn with_identity(
+    connect: async_nats::ConnectOptions,
+    path: &Path,
+) -> Result<async_nats::ConnectOptions, BusError> {
+    let bad = |reason: String| BusError::BadIdentity {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    match identity_kind(&text).map_err(bad)? {
+        IdentityKind::Credentials => connect.credentials(&text).map_err(|e| bad(e.to_string())),
+        IdentityKind::Seed => Ok(connect.nkey(text.trim().to_owned())),
+    }
+}
+
+/// What a `--nats-creds` file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// A NATS credentials file: a user JWT and its nkey seed.
+    Credentials,
+    /// A bare user nkey seed (`SU...`).
+    Seed,
+}
+
+/// Tells what an identity file's `text` is.
+///
+/// # Errors
+/// It is neither a credentials file nor a valid user nkey seed.
+pub fn identity_kind(text: &str) -> Result<IdentityKind, String> {
+    if text.contains("BEGIN NATS USER JWT") && text.contains("BEGIN USER NKEY SEED") {
+        return Ok(IdentityKind::Credentials);
+    }
+    let seed = text.trim();
+    if seed.starts_with("SU") && nkeys::KeyPair::from_seed(seed).is_ok() {
+        return Ok(IdentityKind::Seed);
+    }
+    Err("neither a NATS credentials file nor a user nkey seed (SU...)".to_owned())
+}
+
+/// Puts messages sent in parts together again, within [`ChunkLimits`].
 struct Reassembler {
     partial: HashMap<String, Partial>,
+    limits: ChunkLimits,
+    /// Payload bytes held in `partial`.
+    held: usize,
+    metrics: ChunkMetrics,
 }
 
 /// The parts of one message received so far.
 struct Partial {
-    first_seen: Instant,
+    first_seen: tokio::time::Instant,
     parts: Vec<Option<Bytes>>,
     received: usize,
+    /// Payload bytes of the parts received.
+    bytes: usize,
     /// Subject, reply and headers come from part 0.
     head: Option<async_nats::Message>,
 }
 
 impl Reassembler {
+    fn new(limits: ChunkLimits, metrics: ChunkMetrics) -> Self {
+        Self {
+            partial: HashMap::new(),
+            limits,
+            held: 0,
+            metrics,
+        }
+    }
+
+    /// When the oldest incomplete message expires, if there is one.
+    fn next_expiry(&self) -> Option<tokio::time::Instant> {
+        self.partial
+            .values()
+            .map(|p| p.first_seen + self.limits.timeout)
+            .min()
+    }
+
+    /// Drops the incomplete messages that are due at `now`.
+    fn expire(&mut self, now: tokio::time::Instant) {
+        let timeout = self.limits.timeout;
+        let due: Vec<String> = self
+            .partial
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.first_seen) >= timeout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in due {
+            self.drop_set(&id, "expired");
+        }
+    }
+
+    /// Forgets one incomplete message, counting why.
+    fn drop_set(&mut self, id: &str, reason: &'static str) {
+        if let Some(p) = self.partial.remove(id) {
+            self.release(p.bytes);
+            self.metrics.dropped.with_label_values(&[reason]).inc();
+            tracing::debug!(id, reason, bytes = p.bytes, "incomplete message dropped");
+        }
+    }
+
+    fn release(&mut self, bytes: usize) {
+        self.held -= bytes;
+        self.metrics.held.sub(bytes as i64);
+    }
+
+    /// The oldest incomplete message other than `except`.
+    fn oldest_except(&self, except: &str) -> Option<String> {
+        self.partial
+            .iter()
+            .filter(|(k, _)| k.as_str() != except)
+            .min_by_key(|(_, p)| p.first_seen)
+            .map(|(k, _)| k.clone())
+    }
+
     /// Takes one received message; returns a whole message when it is one,
     /// or when it completes one sent in parts.
     fn push(&mut self, m: async_nats::Message) -> Option<Message> {
@@ -729,38 +1010,49 @@ impl Reassembler {
             return Some(to_message(m, None));
         };
         let Some((id, index, count)) = parse_chunk(&chunk) else {
+            self.metrics.dropped.with_label_values(&["malformed"]).inc();
             tracing::debug!(subject = %m.subject, chunk, "malformed chunk header; dropped");
             return None;
         };
-        let now = Instant::now();
-        self.partial
-            .retain(|_, p| now.duration_since(p.first_seen) < PARTIAL_TTL);
-        if !self.partial.contains_key(id) && self.partial.len() >= MAX_PARTIAL {
-            let oldest = self
-                .partial
-                .iter()
-                .min_by_key(|(_, p)| p.first_seen)
-                .map(|(k, _)| k.clone());
-            if let Some(oldest) = oldest {
-                tracing::debug!(id = %oldest, "incomplete message dropped");
-                self.partial.remove(&oldest);
+        let now = tokio::time::Instant::now();
+        self.expire(now);
+        if !self.partial.contains_key(id) {
+            if self.partial.len() >= MAX_PARTIAL
+                && let Some(oldest) = self.oldest_except(id)
+            {
+                self.drop_set(&oldest, "over_sets");
             }
+            self.partial.insert(
+                id.to_owned(),
+                Partial {
+                    first_seen: now,
+                    parts: vec![None; count],
+                    received: 0,
+                    bytes: 0,
+                    head: None,
+                },
+            );
         }
-        let partial = self
-            .partial
-            .entry(id.to_owned())
-            .or_insert_with(|| Partial {
-                first_seen: now,
-                parts: vec![None; count],
-                received: 0,
-                head: None,
-            });
+        let partial = &self.partial[id];
         if partial.parts.len() != count || partial.parts[index].is_some() {
+            self.metrics.dropped.with_label_values(&["malformed"]).inc();
             tracing::debug!(id, index, count, "inconsistent chunk; dropped");
             return None;
         }
+        let size = m.payload.len();
+        while self.held + size > self.limits.max_bytes {
+            let Some(victim) = self.oldest_except(id) else {
+                self.drop_set(id, "over_bytes");
+                return None;
+            };
+            self.drop_set(&victim, "over_bytes");
+        }
+        self.held += size;
+        self.metrics.held.add(size as i64);
+        let partial = self.partial.get_mut(id)?;
         partial.parts[index] = Some(m.payload.clone());
         partial.received += 1;
+        partial.bytes += size;
         if index == 0 {
             partial.head = Some(m);
         }
@@ -768,13 +1060,20 @@ impl Reassembler {
             return None;
         }
         let partial = self.partial.remove(id)?;
-        let mut whole = bytes::BytesMut::new();
+        self.release(partial.bytes);
+        let mut whole = bytes::BytesMut::with_capacity(partial.bytes);
         for part in partial.parts.into_iter().flatten() {
             whole.extend_from_slice(&part);
         }
         partial
             .head
             .map(|head| to_message(head, Some(whole.freeze())))
+    }
+}
+
+impl Drop for Reassembler {
+    fn drop(&mut self) {
+        self.metrics.held.sub(self.held as i64);
     }
 }
 

@@ -51,6 +51,39 @@ impl Deployment {
         }
     }
 
+    /// NATS with the shipped configuration (`deploy/nats`: an nkey
+    /// identity per service and per gateway of `gateways`, subject
+    /// permissions, TLS) and a fresh database; every service started
+    /// connects with its own identity.
+    pub async fn secured(gateways: &[&str]) -> Deployment {
+        let prefix = unique_prefix();
+        let (nats, db) = tokio::join!(
+            NatsServer::start_secured(&prefix, gateways),
+            testkit::fresh_database()
+        );
+        Deployment {
+            nats,
+            prefix,
+            db_url: db.url.clone(),
+            env: Vec::new(),
+            _db: Some(db),
+        }
+    }
+
+    /// The NATS identity and TLS flags of `user` (`presence`, `recorder`,
+    /// `gateway-{id}`) when the server is secured; none otherwise.
+    pub fn nats_identity(&self, user: &str) -> Vec<String> {
+        if !self.nats.is_secured() {
+            return Vec::new();
+        }
+        vec![
+            "--nats-creds".to_owned(),
+            self.nats.creds(user).display().to_string(),
+            "--nats-tls-ca".to_owned(),
+            self.nats.tls_ca().display().to_string(),
+        ]
+    }
+
     /// Whether the recorders' durable consumer has delivered and had
     /// acknowledged every message of the samples stream (false while the
     /// stream or consumer does not exist yet).
@@ -110,6 +143,7 @@ impl Deployment {
             .args(["--nats-url", &self.nats.url()])
             .args(["--subject-prefix", &self.prefix])
             .args(["--gateway-id", id])
+            .args(self.nats_identity(&format!("gateway-{id}")))
             .args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()])
             .args(["--roster-tick-ms", "100"])
             .args(["--drain-timeout-ms", "3000"])
@@ -137,6 +171,7 @@ impl Deployment {
             .args(["--subject-prefix", &self.prefix])
             .args(["--roster-tick-ms", "100"])
             .args(["--lease-ttl-ms", &ttl_ms.to_string()])
+            .args(self.nats_identity("presence"))
             .spawn();
         Node::ready(svc, None, admin).await
     }
@@ -159,6 +194,7 @@ impl Deployment {
             .args(["--batch-wait-ms", &batch_wait_ms.to_string()])
             .args(["--ack-wait-ms", "2000"])
             .args(["--retention", "0"])
+            .args(self.nats_identity("recorder"))
             .spawn();
         Node::ready(svc, None, admin).await
     }
@@ -330,6 +366,17 @@ impl Node {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
+}
+
+/// The `delay_time`s of a history answer (`/api/clients/{id}/samples`), in
+/// its order.
+pub fn delays(body: &Value) -> Vec<f64> {
+    body["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .map(|s| s["delay_time"].as_f64().expect("a delay"))
+        .collect()
 }
 
 /// A v2 public client past its welcome and first view (returned too).
