@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use helpers::{Deployment, WAIT, eventually, private_v2, public_v2};
+use helpers::{Deployment, WAIT, eventually, private_v2, public_v1};
 use services::messages::{
     Broadcast, GatewayReport, GatewayUpdate, RecordBatch, RosterClient, SampleRecord, encode,
 };
@@ -138,11 +138,10 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
     let (presence, gw_a, gw_b) = tokio::join!(d.presence(), d.gateway("gw-a"), d.gateway("gw-b"));
 
     // Honest clients: a public one on each gateway, a private one with a
-    // stored sample.
-    let (mut a, _) = public_v2(&gw_a).await;
-    a.own_connect().await;
-    let (mut b, _) = public_v2(&gw_b).await;
-    b.own_connect().await;
+    // stored sample. The public ones are the original (v1) page, which
+    // gets every roster event, so a forged broadcast would reach it.
+    let mut a = public_v1(&gw_a).await;
+    let b = public_v1(&gw_b).await;
     a.recv_until("connect", |v| v["channel_name"] == b.id.as_str())
         .await;
     let mut p = private_v2(&gw_a).await;
