@@ -218,29 +218,18 @@ function main() {
 
   // ---- roster and rename (public page) ---------------------------------
   const rosterEl = /** @type {HTMLTableElement | null} */ ($("roster"));
-  const roster = rosterEl ? new RosterTable(rosterEl, $("client-count")) : null;
   const nameInput = /** @type {HTMLInputElement | null} */ ($("name"));
   let session = null;
   let restoring = false; // the rename in flight restores the name after a reconnect
-
-  // Large rosters: only the delays of the rows in view (see roster.js).
-  const scroller = rosterEl ? rosterEl.closest(".table-wrap") : null;
-  /** The watch in force on this connection: null = every client. */
-  let watching = null;
-  let watchTimer = 0;
-  const updateWatch = () => {
-    watchTimer = 0;
-    if (!roster || !scroller || !session) return;
-    const ids = roster.watchIds(scroller);
-    const key = ids === null ? null : JSON.stringify([...ids].sort());
-    if (key === watching) return;
-    if (conn.send({ command: "watch", channel_names: ids })) watching = key;
-  };
-  const scheduleWatch = () => {
-    if (!watchTimer) watchTimer = setTimeout(updateWatch, 150);
-  };
-  scroller?.addEventListener("scroll", scheduleWatch, { passive: true });
-  if (roster) roster.onFlush = scheduleWatch;
+  // The table asks the server for the rows around the screen (a v2 `view`,
+  // see roster.js); `conn` exists by the time it sends.
+  const roster = rosterEl
+    ? new RosterTable(rosterEl, $("client-count"), {
+        scroller: rosterEl.closest(".table-wrap"),
+        filterInput: /** @type {HTMLInputElement | null} */ ($("roster-filter")),
+        send: (msg) => conn.send(msg),
+      })
+    : null;
 
   const setWhoami = () => {
     const set = (id, v) => {
@@ -262,7 +251,6 @@ function main() {
     },
     onWelcome(s) {
       session = { ...s };
-      watching = null; // a new connection starts watching everyone
       setWhoami();
       const interval = $("ping-interval");
       if (interval) interval.textContent = (s.pingIntervalMs / 1000).toLocaleString();
@@ -296,24 +284,27 @@ function main() {
       showMessage(detail ? `Server error (${code}): ${detail}` : `Server error (${code})`, "error", code);
     },
     onMessage(msg) {
-      if (!roster || !roster.handle(msg)) return;
-      if (msg.command === "change_name" && session && msg.channel_name === session.id) {
-        if (typeof msg.name !== "string") return;
-        const changed = session.name !== msg.name;
-        session.name = msg.name;
-        setWhoami();
-        if (nameInput) nameInput.placeholder = msg.name;
-        saveName(msg.name);
-        if (nameInput && nameInput.value.trim() === msg.name) nameInput.value = "";
-        if (changed && !restoring) showMessage(`Your name is now “${msg.name}”.`, "info", "renamed");
-        restoring = false;
-      }
+      roster?.handle(msg);
     },
     onDisconnect() {
       roster?.setStale(true);
       history?.stop();
     },
   });
+
+  // A rename is confirmed by the own row of the next view frame.
+  if (roster) {
+    roster.onMe = (me) => {
+      if (!session || me.id !== session.id || me.name === session.name) return;
+      session.name = me.name;
+      setWhoami();
+      if (nameInput) nameInput.placeholder = me.name;
+      saveName(me.name);
+      if (nameInput && nameInput.value.trim() === me.name) nameInput.value = "";
+      if (!restoring) showMessage(`Your name is now “${me.name}”.`, "info", "renamed");
+      restoring = false;
+    };
+  }
 
   retryBtn?.addEventListener("click", () => conn.retryNow());
 
