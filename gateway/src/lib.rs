@@ -14,6 +14,7 @@ pub mod connection;
 pub mod feed;
 pub mod guard;
 pub mod hub;
+pub mod index;
 pub mod metrics;
 pub mod mirror;
 pub mod pages;
@@ -21,6 +22,7 @@ pub mod persist;
 pub mod reporter;
 pub mod room;
 pub mod state;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -159,7 +161,14 @@ impl Gateway {
             syncs,
         );
         let room = Arc::new(Room::new(reporter.clone(), metrics.clone()));
+        let ticks = {
+            let room = room.clone();
+            let stop = stop.clone();
+            let period = cfg.args.roster_tick();
+            async move { room.run_ticks(period, stop).await }
+        };
         let feed = vec![
+            tokio::spawn(ticks),
             tokio::spawn(feed::broadcasts(room.clone(), broadcasts, stop.clone())),
             tokio::spawn(feed::fetch_roster(
                 room.clone(),

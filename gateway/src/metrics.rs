@@ -48,6 +48,14 @@ pub struct GatewayMetrics {
     /// `delay_time` samples refused, by reason: no unused pong,
     /// implausible, or the persist buffer at its bound.
     pub samples_refused: IntCounterVec,
+    /// Distinct views of the v2 public pages (each computed and serialized
+    /// once per tick).
+    pub views: IntGaugeVec,
+    /// Time to compute, serialize and queue one tick's view frames.
+    pub view_tick: HistogramVec,
+    /// The connection caps, by kind (`connections`, `public`,
+    /// `v1_public`).
+    pub connection_cap: IntGaugeVec,
 }
 
 impl GatewayMetrics {
@@ -70,6 +78,9 @@ impl GatewayMetrics {
             "ip_rate",
             "ip_table",
             "api_rate",
+            "max_connections",
+            "max_public_clients",
+            "max_v1_public_clients",
         ] {
             m.refused.with_label_values(&[reason]);
         }
@@ -79,6 +90,8 @@ impl GatewayMetrics {
         m.ping_duration.with_label_values(none);
         m.server_rtt.with_label_values(none);
         m.broadcast_fanout.with_label_values(none);
+        m.views.with_label_values(none);
+        m.view_tick.with_label_values(none);
         for code in ["1000", "1001", "1008", "1009", "1012", "1013"] {
             m.disconnects.with_label_values(&[code]);
         }
@@ -88,6 +101,7 @@ impl GatewayMetrics {
             "bad_delay",
             "bad_name",
             "bad_sample",
+            "bad_view",
             "too_many_renames",
             "busy",
         ] {
@@ -228,6 +242,25 @@ impl GatewayMetrics {
                 "pingapp_gateway_samples_refused_total",
                 "Delay samples refused: no unused pong, longer than the time since its ping, or the buffer of records not yet stored at its bound (error frame busy).",
                 &["reason"],
+            ),
+            views: gauge(
+                r,
+                "pingapp_gateway_views",
+                "Distinct views of the v2 public pages (each computed and serialized once per tick).",
+                &[],
+            ),
+            view_tick: histogram(
+                r,
+                "pingapp_gateway_view_tick_seconds",
+                "Time to compute, serialize and queue one roster tick's view frames.",
+                &[],
+                FAST_SECONDS,
+            ),
+            connection_cap: gauge(
+                r,
+                "pingapp_gateway_connection_cap",
+                "The connection caps: connections (--max-connections), public (--max-public-clients), v1_public (--max-v1-public-clients).",
+                &["kind"],
             ),
         }
     }

@@ -1,37 +1,89 @@
 //! The public room as one gateway sees it: the roster copy ([`Mirror`]),
-//! the local public connections ([`Hub`]) and the way to presence
-//! ([`ReporterHandle`]), behind one narrow interface.
+//! the local public connections (v1 pages' queues, v2 pages grouped by
+//! view) and the way to presence ([`ReporterHandle`]), behind one narrow
+//! interface.
 //!
-//! Connections join, rename, note delays and leave through it; the roster
-//! feed hands it presence's broadcasts. Its one lock (the mirror's) is
-//! never held across an await or while another lock is taken.
+//! Connections join, rename, note delays, choose their view and leave
+//! through it; the roster feed hands it presence's broadcasts; a tick task
+//! ([`Room::run_ticks`]) sends every v2 page what changed in its view, at
+//! most one frame per tick (docs/protocol.md, "Public room: the view").
+//!
+//! Each lock (the mirror's, the v1 queues', the views') is held alone,
+//! never across an await; frames are serialized once per distinct view.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use services::messages::{Broadcast, RosterClient};
+use services::protocol::ViewSpec;
 use services::stats::DelayStats;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Audience, Hub};
+use crate::hub::{Outbox, Outboxes};
 use crate::metrics::GatewayMetrics;
 use crate::mirror::Mirror;
 use crate::reporter::{Membership, ReporterHandle};
+use crate::view::{self, Window};
+
+/// Most cached `/api/roster` pages per tick; more distinct requests in one
+/// tick are built each time (bounded by the API's per-address budget).
+const API_CACHE_ENTRIES: usize = 256;
 
 /// A public connection's place in the room, from [`Room::join`].
 #[derive(Debug)]
 pub struct Seat {
     key: u64,
     channel_name: String,
+    v2: bool,
+}
+
+/// A v2 page in a view group.
+struct Member {
+    outbox: Outbox,
+    channel_name: String,
+}
+
+/// The v2 pages that share one view, and what they were last sent.
+struct Group {
+    members: HashMap<u64, Member>,
+    /// The window every member has (the base of the next tick's diff).
+    last: Window,
+    /// `last` as a `view` frame, serialized when first needed.
+    full: Option<Utf8Bytes>,
+}
+
+/// The v2 pages by view.
+#[derive(Default)]
+struct Views {
+    groups: HashMap<ViewSpec, Group>,
+    /// Each seated v2 page's view.
+    of: HashMap<u64, ViewSpec>,
+    next: u64,
+    /// The roster version of the last tick.
+    ticked: Option<u64>,
+}
+
+/// The `/api/roster` pages built in the current tick.
+#[derive(Default)]
+struct ApiCache {
+    tick: u64,
+    pages: HashMap<ViewSpec, Bytes>,
 }
 
 /// The public room of this gateway.
 pub struct Room {
     mirror: Mutex<Mirror>,
-    hub: Hub,
+    v1: Mutex<Outboxes>,
+    views: Mutex<Views>,
+    api: Mutex<ApiCache>,
+    ticks: AtomicU64,
+    /// Woken by a `Delays` broadcast: presence closed a tick.
+    delays_came: Notify,
     reporter: ReporterHandle,
     metrics: GatewayMetrics,
 }
@@ -41,15 +93,20 @@ impl Room {
     pub fn new(reporter: ReporterHandle, metrics: GatewayMetrics) -> Self {
         Self {
             mirror: Mutex::new(Mirror::default()),
-            hub: Hub::default(),
+            v1: Mutex::new(Outboxes::default()),
+            views: Mutex::new(Views::default()),
+            api: Mutex::new(ApiCache::default()),
+            ticks: AtomicU64::new(0),
+            delays_came: Notify::new(),
             reporter,
             metrics,
         }
     }
 
-    /// Seats a public connection: its queue gets every broadcast from now
-    /// on (`kick` is cancelled if the queue overflows), the local roster
-    /// copy lists it at once, and presence is told.
+    /// Seats a public connection: the local roster copy lists it at once,
+    /// presence is told, and its queue gets, for v1, every event from now
+    /// on, for v2, the default view's frames (`kick` is cancelled if the
+    /// queue overflows). A v2 page's first frame is [`Room::view_frame`].
     pub async fn join(
         &self,
         client: RosterClient,
@@ -57,11 +114,26 @@ impl Room {
         queue: mpsc::Sender<Utf8Bytes>,
         kick: CancellationToken,
     ) -> Seat {
-        let key = self.hub.register(v2, queue, kick);
         let channel_name = client.channel_name.clone();
         self.mirror().add_local(client.clone());
+        let outbox = Outbox { tx: queue, kick };
+        let key = if v2 {
+            let key = {
+                let mut views = self.views();
+                views.next += 1;
+                views.next
+            };
+            self.enter(key, ViewSpec::default(), outbox, &channel_name);
+            key
+        } else {
+            self.v1.lock().expect("v1 lock").add(outbox)
+        };
         self.reporter.send(Membership::Join(client)).await;
-        Seat { key, channel_name }
+        Seat {
+            key,
+            channel_name,
+            v2,
+        }
     }
 
     /// Renames a seated client (pages learn it from presence's broadcast).
@@ -74,22 +146,40 @@ impl Room {
             .await;
     }
 
-    /// Notes a seated client's new delay: in the roster copy at once (v1
-    /// replies show the own delay immediately), to presence at the next
+    /// Notes a seated client's new delay: in the roster copy at once (its
+    /// v1 reply and its next view frame show it), to presence at the next
     /// roster tick.
     pub fn note_delay(&self, seat: &Seat, stats: DelayStats) {
         self.mirror().set_stats(&seat.channel_name, stats);
         self.reporter.note_delay(&seat.channel_name, stats);
     }
 
-    /// Sets which clients' delays the seat gets (`None`: everyone).
-    pub fn watch(&self, seat: &Seat, ids: Option<HashSet<String>>) {
-        self.hub.set_watch(seat.key, ids);
+    /// Gives a v2 page the view `spec` from now on; returns the `view`
+    /// frame answering it (no-op and `None` for a v1 page).
+    pub fn set_view(&self, seat: &Seat, spec: ViewSpec) -> Option<Utf8Bytes> {
+        if !seat.v2 {
+            return None;
+        }
+        let member = self.views().remove(seat.key)?;
+        Some(self.enter(seat.key, spec, member.outbox, &seat.channel_name))
+    }
+
+    /// The `view` frame of the page's current view, with its own row.
+    pub fn view_frame(&self, seat: &Seat) -> Option<Utf8Bytes> {
+        let me = self.me_json(&seat.channel_name);
+        let mut views = self.views();
+        let spec = views.of.get(&seat.key)?.clone();
+        let group = views.groups.get_mut(&spec)?;
+        Some(group_frame(&spec, group, me.as_deref()))
     }
 
     /// Unseats a connection and tells presence it left.
     pub async fn leave(&self, seat: Seat) {
-        self.hub.unregister(seat.key);
+        if seat.v2 {
+            self.views().remove(seat.key);
+        } else {
+            self.v1.lock().expect("v1 lock").remove(seat.key);
+        }
         self.mirror().remove_local(&seat.channel_name);
         self.reporter
             .send(Membership::Leave {
@@ -98,14 +188,10 @@ impl Room {
             .await;
     }
 
-    /// The v1 `delay_times` frame (the whole roster).
-    pub fn v1_frame(&self) -> Utf8Bytes {
-        self.mirror().v1_frame()
-    }
-
-    /// The v2 `roster` frame (the whole roster).
-    pub fn v2_frame(&self) -> Utf8Bytes {
-        self.mirror().v2_frame()
+    /// The v1 `delay_times` frame (the whole roster) for `seat`: shared
+    /// bytes, with its own latest entry.
+    pub fn v1_frame(&self, seat: &Seat) -> Utf8Bytes {
+        self.mirror().v1_frame(Some(&seat.channel_name))
     }
 
     /// Every public client, oldest connection first.
@@ -113,10 +199,35 @@ impl Room {
         self.mirror().list()
     }
 
+    /// A page of the roster for the HTTP API, built by `build` from the
+    /// roster copy once per tick for each distinct `spec` and then shared.
+    pub fn api_page(&self, spec: &ViewSpec, build: impl FnOnce(&Mirror) -> Bytes) -> Bytes {
+        let tick = self.ticks.load(Ordering::Relaxed);
+        {
+            let mut cache = self.api.lock().expect("api cache lock");
+            if cache.tick != tick {
+                cache.tick = tick;
+                cache.pages.clear();
+            }
+            if let Some(page) = cache.pages.get(spec) {
+                return page.clone();
+            }
+        }
+        let page = build(&self.mirror());
+        let mut cache = self.api.lock().expect("api cache lock");
+        if cache.tick == tick && cache.pages.len() < API_CACHE_ENTRIES {
+            cache.pages.insert(spec.clone(), page.clone());
+        }
+        page
+    }
+
     /// Applies one of presence's broadcasts to the roster copy and queues
-    /// the resulting frames, each serialized once, for every local page.
+    /// the resulting v1 frames, each serialized once, for every local v1
+    /// page. v2 pages see the change at the next tick; a `Delays`
+    /// broadcast (presence closed a tick) starts that tick at once.
     pub fn apply(&self, broadcast: Broadcast) {
         let started = Instant::now();
+        let delays = matches!(broadcast, Broadcast::Delays { .. });
         let fanout = {
             let mut mirror = self.mirror();
             let fanout = mirror.apply(broadcast);
@@ -127,19 +238,17 @@ impl Room {
             fanout
         };
         let mut dropped = 0;
-        for msg in fanout.events {
-            dropped += self
-                .hub
-                .fanout(&Utf8Bytes::from(msg.to_json()), Audience::All);
+        if !fanout.events.is_empty() {
+            let mut v1 = self.v1.lock().expect("v1 lock");
+            if !v1.is_empty() {
+                for msg in fanout.events {
+                    dropped += v1.fanout(&Utf8Bytes::from(msg.to_json()));
+                }
+            }
         }
-        if let Some(delays) = fanout.delays {
-            dropped += self.hub.fanout_delays(&delays);
-        }
-        if dropped > 0 {
-            self.metrics
-                .outbound_drops
-                .with_label_values(&[] as &[&str])
-                .inc_by(dropped as u64);
+        self.count_drops(dropped);
+        if delays {
+            self.delays_came.notify_one();
         }
         self.metrics
             .broadcast_fanout
@@ -147,7 +256,233 @@ impl Room {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// Runs a tick ([`Room::tick`]) when presence's `Delays` broadcast of
+    /// a tick arrives, or one `period` after the last tick if none comes
+    /// (no delay changed anywhere), until `stop`. Ticks are at least half
+    /// a period apart, so a page gets at most one frame per tick.
+    pub async fn run_ticks(&self, period: Duration, stop: CancellationToken) {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.delays_came.notified() => {
+                    let earliest = last + period / 2;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep_until(earliest) => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(last + period) => {}
+            }
+            last = tokio::time::Instant::now();
+            self.tick();
+        }
+    }
+
+    /// One tick: every view whose window changed gets one frame, computed
+    /// and serialized once for all its pages (the whole window if its rows
+    /// moved, else the changed rows and the counts); a page whose own row
+    /// changed gets it as `me` in the same frame. O(view) per distinct
+    /// view, O(1) per page without its own change.
+    pub fn tick(&self) {
+        let started = Instant::now();
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+        let (specs, ticked) = {
+            let views = self.views();
+            (
+                views.groups.keys().cloned().collect::<Vec<_>>(),
+                views.ticked,
+            )
+        };
+        let v1_pages = !self.v1.lock().expect("v1 lock").is_empty();
+        let (version, windows, mine) = {
+            let mut mirror = self.mirror();
+            if v1_pages {
+                mirror.refresh_v1();
+            }
+            let version = mirror.version();
+            if ticked == Some(version) {
+                return;
+            }
+            let changed = mirror.take_changed();
+            let windows: Vec<(ViewSpec, Window)> = specs
+                .into_iter()
+                .map(|s| {
+                    let w = mirror.window(&s);
+                    (s, w)
+                })
+                .collect();
+            // Own rows that changed: only this gateway's pages have one.
+            let mine: HashMap<String, String> = changed
+                .into_iter()
+                .filter(|id| mirror.is_local(id))
+                .filter_map(|id| {
+                    let row = mirror.row(&id)?;
+                    Some((id, row.to_json()))
+                })
+                .collect();
+            (version, windows, mine)
+        };
+        let mut dropped = 0;
+        {
+            let mut views = self.views();
+            views.ticked = Some(version);
+            for (spec, w) in windows {
+                let Some(group) = views.groups.get_mut(&spec) else {
+                    continue;
+                };
+                if group.last.version > w.version {
+                    // Seated after this tick's windows were taken: it
+                    // already has a newer one.
+                    continue;
+                }
+                let frame = view::diff_frame(&spec, &group.last, &w).map(Utf8Bytes::from);
+                if frame
+                    .as_ref()
+                    .is_some_and(|f| f.as_str().starts_with(r#"{"command":"view","#))
+                {
+                    group.full = frame.clone();
+                } else if frame.is_some() {
+                    group.full = None;
+                }
+                group.last = w;
+                dropped += send_tick(group, frame, &mine);
+            }
+            let kicked: Vec<u64> = views
+                .of
+                .keys()
+                .copied()
+                .filter(|k| {
+                    let spec = &views.of[k];
+                    !views
+                        .groups
+                        .get(spec)
+                        .is_some_and(|g| g.members.contains_key(k))
+                })
+                .collect();
+            for k in kicked {
+                views.of.remove(&k);
+            }
+            let count = views.groups.len();
+            views.groups.retain(|_, g| !g.members.is_empty());
+            if count != views.groups.len() || dropped > 0 {
+                self.metrics
+                    .views
+                    .with_label_values(&[] as &[&str])
+                    .set(views.groups.len() as i64);
+            }
+        }
+        self.count_drops(dropped);
+        self.metrics
+            .view_tick
+            .with_label_values(&[] as &[&str])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Puts a v2 page in the group of `spec` (creating it with the current
+    /// window) and returns the group's `view` frame with the page's own row.
+    fn enter(&self, key: u64, spec: ViewSpec, outbox: Outbox, channel_name: &str) -> Utf8Bytes {
+        let me = self.me_json(channel_name);
+        let exists = self.views().groups.contains_key(&spec);
+        let fresh = (!exists).then(|| self.mirror().window(&spec));
+        let mut views = self.views();
+        views.of.insert(key, spec.clone());
+        let group = views.groups.entry(spec.clone()).or_insert_with(|| Group {
+            members: HashMap::new(),
+            last: fresh.unwrap_or_else(|| Window {
+                version: 0,
+                total: 0,
+                matched: 0,
+                rows: Vec::new(),
+            }),
+            full: None,
+        });
+        group.members.insert(
+            key,
+            Member {
+                outbox,
+                channel_name: channel_name.to_owned(),
+            },
+        );
+        let frame = group_frame(&spec, group, me.as_deref());
+        let n = views.groups.len();
+        self.metrics
+            .views
+            .with_label_values(&[] as &[&str])
+            .set(n as i64);
+        frame
+    }
+
+    fn me_json(&self, channel_name: &str) -> Option<String> {
+        self.mirror().row(channel_name).map(|r| r.to_json())
+    }
+
+    fn count_drops(&self, dropped: usize) {
+        if dropped > 0 {
+            self.metrics
+                .outbound_drops
+                .with_label_values(&[] as &[&str])
+                .inc_by(dropped as u64);
+        }
+    }
+
     fn mirror(&self) -> std::sync::MutexGuard<'_, Mirror> {
         self.mirror.lock().expect("mirror lock")
     }
+
+    fn views(&self) -> std::sync::MutexGuard<'_, Views> {
+        self.views.lock().expect("views lock")
+    }
+}
+
+impl Views {
+    /// Takes a page out of its group (the group goes when empty).
+    fn remove(&mut self, key: u64) -> Option<Member> {
+        let spec = self.of.remove(&key)?;
+        let group = self.groups.get_mut(&spec)?;
+        let member = group.members.remove(&key);
+        if group.members.is_empty() {
+            self.groups.remove(&spec);
+        }
+        member
+    }
+}
+
+/// The group's `view` frame (serialized once, kept), with `me` added.
+fn group_frame(spec: &ViewSpec, group: &mut Group, me: Option<&str>) -> Utf8Bytes {
+    let full = group
+        .full
+        .get_or_insert_with(|| Utf8Bytes::from(view::full_frame(spec, &group.last)));
+    match me {
+        Some(me) => Utf8Bytes::from(view::with_me(full.as_str(), me)),
+        None => full.clone(),
+    }
+}
+
+/// Queues a tick's frame for every member of `group`, with `me` for those
+/// whose own row changed (a `view_update` of the counts and `me` alone when
+/// the group has no frame this tick). Slow members are kicked and removed;
+/// returns how many.
+fn send_tick(group: &mut Group, frame: Option<Utf8Bytes>, mine: &HashMap<String, String>) -> usize {
+    if frame.is_none() && mine.is_empty() {
+        return 0;
+    }
+    let mut counts_only: Option<String> = None;
+    let before = group.members.len();
+    let (total, matched) = (group.last.total, group.last.matched);
+    group.members.retain(|_, m| {
+        let me = mine.get(&m.channel_name);
+        let out = match (&frame, me) {
+            (None, None) => return true,
+            (Some(f), None) => f.clone(),
+            (Some(f), Some(me)) => Utf8Bytes::from(view::with_me(f.as_str(), me)),
+            (None, Some(me)) => {
+                let base =
+                    counts_only.get_or_insert_with(|| view::update_frame(total, matched, &[]));
+                Utf8Bytes::from(view::with_me(base, me))
+            }
+        };
+        m.outbox.offer(out)
+    });
+    before - group.members.len()
 }

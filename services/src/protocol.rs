@@ -22,6 +22,103 @@ pub const MAX_DELAY_MS: f64 = 60_000.0;
 pub const MAX_WATCH_IDS: usize = 200;
 /// Longest client id a `watch` may name, in bytes.
 pub const MAX_WATCH_ID_BYTES: usize = 64;
+/// Most rows one `view` may ask for (docs/protocol.md, "Public room: the
+/// view"): a tall screen's worth twice over.
+pub const MAX_VIEW_LIMIT: u32 = 200;
+/// Rows of the default view, the one a page gets before (or without)
+/// sending `view`.
+pub const DEFAULT_VIEW_LIMIT: u32 = 50;
+/// Longest `filter` of a view, in characters (a name is at most 64).
+pub const MAX_FILTER_CHARS: usize = 64;
+
+/// The order of a view's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sort {
+    /// By lower-cased name, then id.
+    #[default]
+    Name,
+    /// By latest delay, then id; clients without a sample last.
+    Delay,
+}
+
+/// Ascending or descending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Smallest first.
+    #[default]
+    Asc,
+    /// Largest first.
+    Desc,
+}
+
+/// The part of the public roster one page sees: a window of the sorted,
+/// filtered list (docs/protocol.md, "Public room: the view").
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ViewSpec {
+    /// The order of the rows.
+    pub sort: Sort,
+    /// Ascending or descending.
+    pub order: Order,
+    /// Only names containing it, ignoring case; empty: everyone. Kept
+    /// lower-cased.
+    pub filter: String,
+    /// The first row of the window.
+    pub offset: u64,
+    /// The most rows in the window (at most [`MAX_VIEW_LIMIT`]).
+    pub limit: u32,
+}
+
+impl Default for ViewSpec {
+    /// The default view: the first [`DEFAULT_VIEW_LIMIT`] rows by name.
+    fn default() -> Self {
+        Self {
+            sort: Sort::Name,
+            order: Order::Asc,
+            filter: String::new(),
+            offset: 0,
+            limit: DEFAULT_VIEW_LIMIT,
+        }
+    }
+}
+
+/// Parses a view's `sort` (`name`, `delay`); `None` is the default.
+///
+/// # Errors
+/// Anything else, with the reason.
+pub fn parse_sort(v: Option<&str>) -> Result<Sort, &'static str> {
+    match v {
+        None | Some("name") => Ok(Sort::Name),
+        Some("delay") => Ok(Sort::Delay),
+        Some(_) => Err("sort must be \"name\" or \"delay\""),
+    }
+}
+
+/// Parses a view's `order` (`asc`, `desc`); `None` is the default.
+///
+/// # Errors
+/// Anything else, with the reason.
+pub fn parse_order(v: Option<&str>) -> Result<Order, &'static str> {
+    match v {
+        None | Some("asc") => Ok(Order::Asc),
+        Some("desc") => Ok(Order::Desc),
+        Some(_) => Err("order must be \"asc\" or \"desc\""),
+    }
+}
+
+/// Checks a view's `filter` (at most [`MAX_FILTER_CHARS`] characters) and
+/// returns it lower-cased, as names are compared.
+///
+/// # Errors
+/// Too long, with the reason.
+pub fn parse_filter(v: Option<&str>) -> Result<String, &'static str> {
+    let f = v.unwrap_or("");
+    if f.chars().count() > MAX_FILTER_CHARS {
+        return Err("filter is longer than 64 characters");
+    }
+    Ok(f.to_lowercase())
+}
 
 /// Which page a connection belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -79,6 +176,8 @@ pub enum ErrorCode {
     /// `channel_names` of a `watch` neither null nor an array of at most
     /// [`MAX_WATCH_IDS`] strings of at most [`MAX_WATCH_ID_BYTES`] bytes.
     BadWatch,
+    /// A `view` field of the wrong type or out of bounds.
+    BadView,
     /// A `delay_time` that matches no unused pong of this connection, or
     /// claims more time than passed since that pong's ping arrived.
     BadSample,
@@ -99,6 +198,7 @@ impl ErrorCode {
             ErrorCode::BadDelay => "bad_delay",
             ErrorCode::BadName => "bad_name",
             ErrorCode::BadWatch => "bad_watch",
+            ErrorCode::BadView => "bad_view",
             ErrorCode::BadSample => "bad_sample",
             ErrorCode::TooManyRenames => "too_many_renames",
             ErrorCode::Busy => "busy",
@@ -154,12 +254,14 @@ pub enum ClientCommand {
         /// Trimmed, 1..=64 characters, no control characters.
         name: String,
     },
-    /// v2 public: send `delays` only for these clients (the rows a page
-    /// shows); `None` (the default) for every client.
+    /// v2 public, superseded by `view`: accepted and ignored once valid
+    /// (docs/protocol.md).
     Watch {
         /// The watched client ids, without repeats.
         channel_names: Option<Vec<String>>,
     },
+    /// v2 public: the part of the roster this page sees from now on.
+    View(ViewSpec),
 }
 
 #[derive(Deserialize)]
@@ -174,6 +276,16 @@ struct RawCommand<'a> {
     name: Option<NameField<'a>>,
     #[serde(default)]
     channel_names: Option<serde_json::Value>,
+    #[serde(default)]
+    sort: Option<serde_json::Value>,
+    #[serde(default)]
+    order: Option<serde_json::Value>,
+    #[serde(default)]
+    filter: Option<serde_json::Value>,
+    #[serde(default)]
+    offset: Option<serde_json::Value>,
+    #[serde(default)]
+    limit: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +334,7 @@ pub fn parse_client(text: &str) -> Result<ClientCommand, ProtocolError> {
         "watch" => Ok(ClientCommand::Watch {
             channel_names: validate_watch(raw.channel_names)?,
         }),
+        "view" => Ok(ClientCommand::View(validate_view(&raw)?)),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownCommand,
             format!("unknown command {:?}", truncate(other, 40)),
@@ -257,6 +370,38 @@ fn validate_watch(v: Option<serde_json::Value>) -> Result<Option<Vec<String>>, P
     ids.sort_unstable();
     ids.dedup();
     Ok(Some(ids))
+}
+
+fn validate_view(raw: &RawCommand<'_>) -> Result<ViewSpec, ProtocolError> {
+    let bad = |detail: &'static str| ProtocolError::new(ErrorCode::BadView, detail);
+    let text = |v: &Option<serde_json::Value>, what: &'static str| match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(bad(what)),
+    };
+    let sort = text(&raw.sort, "sort must be a string")?;
+    let order = text(&raw.order, "order must be a string")?;
+    let filter = text(&raw.filter, "filter must be a string")?;
+    let offset = match &raw.offset {
+        None | Some(serde_json::Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| bad("offset must be a whole number >= 0"))?,
+    };
+    let limit = match &raw.limit {
+        None | Some(serde_json::Value::Null) => DEFAULT_VIEW_LIMIT,
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= u64::from(MAX_VIEW_LIMIT) => n as u32,
+            _ => return Err(bad("limit must be a whole number from 0 to 200")),
+        },
+    };
+    Ok(ViewSpec {
+        sort: parse_sort(sort.as_deref()).map_err(bad)?,
+        order: parse_order(order.as_deref()).map_err(bad)?,
+        filter: parse_filter(filter.as_deref()).map_err(bad)?,
+        offset,
+        limit,
+    })
 }
 
 fn validate_delay(v: Option<&serde_json::Value>) -> Result<f64, ProtocolError> {
@@ -717,6 +862,39 @@ mod tests {
         }
         // Other commands ignore the key.
         assert!(parse_client(r#"{"command":"ping","channel_names":5}"#).is_ok());
+    }
+
+    #[test]
+    fn view_fields_default_and_are_checked() {
+        assert_eq!(
+            parse_client(r#"{"command":"view"}"#),
+            Ok(ClientCommand::View(ViewSpec::default()))
+        );
+        assert_eq!(
+            parse_client(
+                r#"{"command":"view","sort":"delay","order":"desc","filter":"ÄnN","offset":10,"limit":200}"#
+            ),
+            Ok(ClientCommand::View(ViewSpec {
+                sort: Sort::Delay,
+                order: Order::Desc,
+                filter: "änn".into(),
+                offset: 10,
+                limit: 200,
+            }))
+        );
+        let long = "x".repeat(65);
+        for text in [
+            r#"{"command":"view","sort":"age"}"#.to_owned(),
+            r#"{"command":"view","sort":1}"#.to_owned(),
+            r#"{"command":"view","order":"up"}"#.to_owned(),
+            r#"{"command":"view","offset":-1}"#.to_owned(),
+            r#"{"command":"view","offset":1.5}"#.to_owned(),
+            r#"{"command":"view","limit":201}"#.to_owned(),
+            r#"{"command":"view","limit":"5"}"#.to_owned(),
+            format!(r#"{{"command":"view","filter":"{long}"}}"#),
+        ] {
+            assert_eq!(code(&text), ErrorCode::BadView, "{text}");
+        }
     }
 
     #[test]

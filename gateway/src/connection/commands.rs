@@ -28,15 +28,23 @@ impl Connection {
                 Box::pin(self.on_delay(delay_ms, seq, received)).await
             }
             Ok(ClientCommand::ChangeName { name }) => Box::pin(self.on_change_name(name)).await,
-            Ok(ClientCommand::Watch { channel_names }) => {
+            Ok(ClientCommand::Watch { .. }) => {
+                // Superseded by `view`, whose frames only ever carry the
+                // rows in view (docs/protocol.md): accepted and ignored.
                 self.count_in("watch");
-                // Only delays depend on it: a no-op for v1 and private
-                // pages, which get none.
-                if let Some(seat) = &self.seat {
-                    let ids = channel_names.map(|ids| ids.into_iter().collect());
-                    self.shared.room.watch(seat, ids);
-                }
                 Ok(())
+            }
+            Ok(ClientCommand::View(spec)) => {
+                self.count_in("view");
+                // v1 and private pages have no view: accepted and ignored.
+                let frame = self
+                    .seat
+                    .as_ref()
+                    .and_then(|s| self.shared.room.set_view(s, spec));
+                match frame {
+                    Some(frame) => Box::pin(self.send(frame, "view")).await,
+                    None => Ok(()),
+                }
             }
             Err(e) => {
                 self.count_in("invalid");
@@ -135,7 +143,7 @@ impl Connection {
         };
         self.shared.room.note_delay(seat, stats);
         if self.version == Version::V1 {
-            let frame = self.shared.room.v1_frame();
+            let frame = self.shared.room.v1_frame(seat);
             return self.send(frame, "delay_times").await;
         }
         Ok(())

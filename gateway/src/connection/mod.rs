@@ -177,7 +177,7 @@ impl Connection {
     }
 
     /// Prepares the client's record (sent with its first sample), seats a
-    /// public one, and sends the v2 welcome (and, public, the roster).
+    /// public one, and sends the v2 welcome (and, public, its first view).
     async fn open(&mut self) -> Result<(), Ending> {
         let shared = self.shared.clone();
         let token = self.v2().then(new_token);
@@ -215,8 +215,9 @@ impl Connection {
             };
             self.send(Utf8Bytes::from(welcome.to_json()), "welcome")
                 .await?;
-            if self.public() {
-                self.send(shared.room.v2_frame(), "roster").await?;
+            let first_view = self.seat.as_ref().and_then(|s| shared.room.view_frame(s));
+            if let Some(frame) = first_view {
+                self.send(frame, "view").await?;
             }
         }
         Ok(())
