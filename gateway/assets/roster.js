@@ -33,6 +33,8 @@ const DELAY_FIELDS = ["delay_time", "median", "jitter"];
 export const SCROLL_DEBOUNCE_MS = 80;
 /** Wait after the last keystroke in the filter before asking (ms). */
 export const FILTER_DEBOUNCE_MS = 250;
+/** Longest a wanted window waits while the user keeps scrolling (ms). */
+export const VIEW_MAX_WAIT_MS = 250;
 /** Row height when the stylesheet does not say (`--row-h`, px). */
 const DEFAULT_ROW_PX = 34;
 /** Detached row elements kept for reuse. */
@@ -104,6 +106,8 @@ export class RosterTable {
     this.pinned = null;
     this.frame = 0;
     this.viewTimer = 0;
+    /** When the pending view request must go out at the latest (ms, performance.now()). */
+    this.viewDue = 0;
     this.rowPx = DEFAULT_ROW_PX;
     /** Called after every DOM update. */
     this.onFlush = null;
@@ -190,10 +194,12 @@ export class RosterTable {
   onView(msg) {
     this.setCounts(msg);
     this.setMe(msg.me);
-    const key = orderKey(msg.sort, msg.order, typeof msg.filter === "string" ? msg.filter : "");
+    // The server answers with the filter lower-cased, as the page sends it.
+    const filter = typeof msg.filter === "string" ? msg.filter.toLowerCase() : "";
+    const key = orderKey(this.sort, this.order, this.filter);
     // A window of an older sort or filter (the user changed it since):
     // only its counts and own row are current.
-    if (key === orderKey(this.sort, this.order, this.filter) && Array.isArray(msg.rows)) {
+    if (key === orderKey(msg.sort, msg.order, filter) && Array.isArray(msg.rows)) {
       const rows = [];
       for (const r of msg.rows) {
         const rec = record(r);
@@ -278,12 +284,22 @@ export class RosterTable {
     return { top: s.scrollTop - this.tbody.offsetTop, height: s.clientHeight };
   }
 
+  /**
+   * Debounced: asks for the window `ms` after the last call, but at most
+   * VIEW_MAX_WAIT_MS after the first of a burst, so a long scroll gets
+   * rows on the way, not only once it stops.
+   */
   scheduleView(ms) {
+    const now = performance.now();
+    if (!this.viewTimer) this.viewDue = now + VIEW_MAX_WAIT_MS;
     clearTimeout(this.viewTimer);
-    this.viewTimer = setTimeout(() => {
-      this.viewTimer = 0;
-      this.requestView();
-    }, ms);
+    this.viewTimer = setTimeout(
+      () => {
+        this.viewTimer = 0;
+        this.requestView();
+      },
+      Math.max(0, Math.min(ms, this.viewDue - now)),
+    );
   }
 
   /**

@@ -66,8 +66,12 @@ export function orderKey(sort, order, filter) {
   return `${sort}\u0000${order}\u0000${filter}`;
 }
 
-/** A filter as the page sends it: trimmed, at most MAX_FILTER characters. */
+/**
+ * A filter as the page sends it: trimmed, lower-cased (the server compares
+ * names ignoring case and answers with the filter lower-cased), at most
+ * MAX_FILTER characters.
+ */
 export function normalizeFilter(text) {
-  const t = typeof text === "string" ? text.trim() : "";
+  const t = typeof text === "string" ? text.trim().toLowerCase() : "";
   return [...t].slice(0, MAX_FILTER).join("");
 }

@@ -58,6 +58,7 @@ test("covers: a window must start at or before the first row and reach the last 
 
 test("filters are trimmed and cut to the server's limit, in characters", () => {
   assert.equal(V.normalizeFilter("  ann "), "ann");
+  assert.equal(V.normalizeFilter("ÄnN"), "änn");
   assert.equal(V.normalizeFilter(null), "");
   const long = "é".repeat(70);
   assert.equal([...V.normalizeFilter(long)].length, V.MAX_FILTER);
