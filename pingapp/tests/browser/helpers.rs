@@ -477,7 +477,7 @@ impl Crowd {
                     tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
                         .await
                         .unwrap_or_else(|e| {
-                            panic!("crowd client {i}: {e} (ulimit -n is too low for the crowd?)")
+                            panic!("crowd client {i}: {e} (per-IP caps not off, or ulimit -n too low?)")
                         });
                 let welcome = loop {
                     match ws.next().await {
