@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use bytes::Bytes;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
@@ -23,6 +24,7 @@ use serde_json::json;
 use services::bus::BusError;
 use services::limits::{self, BadRequest};
 use services::messages::{ReplyErrorKind, SamplesQuery, SamplesReply, StatsQuery, StatsReply};
+use services::protocol::{ViewSpec, parse_filter, parse_order, parse_sort};
 
 use tracing::Instrument;
 
@@ -156,33 +158,101 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Rows of one `/api/roster` page unless `limit` says otherwise.
+pub const ROSTER_DEFAULT_LIMIT: u32 = 100;
+/// Most rows of one `/api/roster` page.
+pub const ROSTER_MAX_LIMIT: u32 = 1000;
+
 #[derive(Serialize)]
-struct RosterEntry {
-    channel_name: String,
-    name: String,
-    gateway: String,
-    delay_time: Option<f64>,
-    median: Option<f64>,
-    jitter: Option<f64>,
+struct RosterEntry<'a> {
+    #[serde(flatten)]
+    row: &'a crate::view::Row,
     connected_at: String,
 }
 
-async fn roster(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let clients: Vec<RosterEntry> = shared
-        .room
-        .list()
-        .into_iter()
-        .map(|c| RosterEntry {
-            connected_at: rfc3339_us(c.connected_at_ms * 1000),
-            delay_time: c.stats.map(|s| s.delay_time),
-            median: c.stats.map(|s| s.median),
-            jitter: c.stats.map(|s| s.jitter),
-            channel_name: c.channel_name,
-            name: c.name,
-            gateway: c.gateway,
+#[derive(Serialize)]
+struct RosterPage<'a> {
+    total: usize,
+    matched: usize,
+    next_cursor: Option<String>,
+    clients: Vec<RosterEntry<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RosterParams {
+    sort: Option<String>,
+    order: Option<String>,
+    filter: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+impl RosterParams {
+    /// The page as a view: the same order and filter as the pages'
+    /// (docs/protocol.md, "`GET /api/roster`").
+    fn spec(&self) -> Result<ViewSpec, ApiError> {
+        let limit = match self.limit.as_deref() {
+            None => ROSTER_DEFAULT_LIMIT,
+            Some(l) => match l.parse::<u32>() {
+                Ok(n) if (1..=ROSTER_MAX_LIMIT).contains(&n) => n,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "limit must be an integer from 1 to 1000",
+                    ));
+                }
+            },
+        };
+        let offset = match self.cursor.as_deref() {
+            None | Some("") => 0,
+            Some(c) => c
+                .parse::<u64>()
+                .map_err(|_| ApiError::bad_request("cursor is not one this API returned"))?,
+        };
+        Ok(ViewSpec {
+            sort: parse_sort(self.sort.as_deref()).map_err(ApiError::bad_request)?,
+            order: parse_order(self.order.as_deref()).map_err(ApiError::bad_request)?,
+            filter: parse_filter(self.filter.as_deref()).map_err(ApiError::bad_request)?,
+            offset,
+            limit,
         })
-        .collect();
-    Json(json!({ "clients": clients }))
+    }
+}
+
+/// `GET /api/roster`: one page of the roster, built once per tick for
+/// each distinct request and shared ([`crate::room::Room::api_page`]).
+async fn roster(
+    State(shared): State<Arc<Shared>>,
+    Query(p): Query<RosterParams>,
+) -> Result<Response, ApiError> {
+    let spec = p.spec()?;
+    let body = shared.room.api_page(&spec, |mirror| {
+        let w = mirror.window(&spec);
+        let end = spec.offset + w.rows.len() as u64;
+        let page = RosterPage {
+            total: w.total,
+            matched: w.matched,
+            next_cursor: (end < w.matched as u64).then(|| end.to_string()),
+            clients: w
+                .rows
+                .iter()
+                .map(|row| RosterEntry {
+                    connected_at: rfc3339_us(
+                        mirror.connected_at_ms(&row.channel_name).unwrap_or(0) * 1000,
+                    ),
+                    row,
+                })
+                .collect(),
+        };
+        Bytes::from(serde_json::to_vec(&page).expect("roster pages serialize"))
+    });
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

@@ -136,6 +136,26 @@ pub struct GatewayArgs {
     #[arg(long, env = "PINGAPP_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
     pub max_connections_per_ip: u32,
 
+    /// Most concurrent WebSocket connections of this gateway, private and
+    /// public; more get 503 with `Retry-After` before the upgrade
+    /// (docs/protocol.md, "Connection caps").
+    #[arg(long, env = "PINGAPP_MAX_CONNECTIONS", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Most concurrent public connections (v1 and v2) of this gateway;
+    /// more get 503 with `Retry-After` before the upgrade.
+    #[arg(long, env = "PINGAPP_MAX_PUBLIC_CLIENTS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_public_clients: u32,
+
+    /// Most concurrent public v1 connections of this gateway (each costs
+    /// O(room): every event, and the whole roster per sample); more get
+    /// 503 with `Retry-After` before the upgrade.
+    #[arg(long, env = "PINGAPP_MAX_V1_PUBLIC_CLIENTS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_v1_public_clients: u32,
+
     /// Most new WebSocket connections per second from one client address
     /// (sustained; a burst of twice as many); more get 429 before the
     /// upgrade. 0: no cap.
@@ -204,6 +224,9 @@ impl Default for GatewayArgs {
             drain_timeout_ms: 10_000,
             max_delay_excess_ms: 500,
             max_connections_per_ip: 256,
+            max_connections: 50_000,
+            max_public_clients: 20_000,
+            max_v1_public_clients: 1_000,
             max_connects_per_ip_per_second: 20,
             max_api_requests_per_ip_per_second: 20,
             trusted_proxies: Vec::new(),

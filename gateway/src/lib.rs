@@ -9,6 +9,7 @@
 //! goodbye, pending samples are flushed.
 
 pub mod api;
+pub mod caps;
 pub mod config;
 pub mod connection;
 pub mod feed;
@@ -186,10 +187,26 @@ impl Gateway {
             cfg.args.trusted_proxies.clone(),
         ));
         let api_budget = guard::IpBudget::new(cfg.args.max_api_requests_per_ip_per_second);
+        let caps = caps::Caps::new(
+            cfg.args.max_connections,
+            cfg.args.max_public_clients,
+            cfg.args.max_v1_public_clients,
+        );
+        for (kind, max) in [
+            ("connections", cfg.args.max_connections),
+            ("public", cfg.args.max_public_clients),
+            ("v1_public", cfg.args.max_v1_public_clients),
+        ] {
+            metrics
+                .connection_cap
+                .with_label_values(&[kind])
+                .set(i64::from(max));
+        }
         let shared = Arc::new(Shared {
             origins,
             ip_limits,
             api_budget,
+            caps,
             args: cfg.args,
             gateway_id: cfg.gateway_id,
             subjects: cfg.subjects,
@@ -391,8 +408,8 @@ async fn ws_public(
     guarded_upgrade(ws, shared, Page::Public, p, peer, &headers)
 }
 
-/// Refuses the upgrade when a check of [`guard`] fails (counted by
-/// reason), upgrades otherwise.
+/// Refuses the upgrade when a check of [`guard`] fails or the gateway is
+/// at a connection cap ([`caps`]), counted by reason; upgrades otherwise.
 fn guarded_upgrade(
     ws: WebSocketUpgrade,
     shared: Arc<Shared>,
@@ -406,9 +423,21 @@ fn guarded_upgrade(
         refused("origin");
         return guard::forbidden_origin();
     }
+    let version = if p.v.as_deref() == Some("2") {
+        Version::V2
+    } else {
+        Version::V1
+    };
+    let cap = match shared.caps.admit(page, version) {
+        Ok(cap) => cap,
+        Err(why) => {
+            refused(why.as_str());
+            return why.response();
+        }
+    };
     let ip = shared.ip_limits.client_ip(peer.ip(), headers);
     match shared.ip_limits.admit(ip) {
-        Ok(slot) => upgrade(ws, shared, page, p, slot),
+        Ok(slot) => upgrade(ws, shared, page, version, (slot, cap)),
         Err(why) => {
             refused(why.as_str());
             why.response()
@@ -416,22 +445,22 @@ fn guarded_upgrade(
     }
 }
 
-/// The most a connection's write buffer may hold: room for a roster of
-/// several hundred thousand clients.
-const MAX_WRITE_BUFFER: usize = 256 << 20;
+/// The most a v1 public connection's write buffer may hold: room for a
+/// `delay_times` roster of several hundred thousand clients.
+const MAX_WRITE_BUFFER_V1: usize = 256 << 20;
+
+/// The most any other connection's write buffer may hold: a v2 page's
+/// largest frame is a full view (at most 200 rows and its own, some
+/// 100 KB with the longest names).
+const MAX_WRITE_BUFFER: usize = 1 << 20;
 
 fn upgrade(
     ws: WebSocketUpgrade,
     shared: Arc<Shared>,
     page: Page,
-    p: WsParams,
-    slot: guard::IpSlot,
+    version: Version,
+    slot: (guard::IpSlot, caps::CapSlot),
 ) -> Response {
-    let version = if p.v.as_deref() == Some("2") {
-        Version::V2
-    } else {
-        Version::V1
-    };
     let max_frame = shared.args.max_frame_bytes as usize;
     // Small buffers keep an idle connection cheap (tungstenite's defaults
     // are 128 KiB per connection; the write buffer only grows while queued
@@ -442,14 +471,20 @@ fn upgrade(
     // read: 1 KiB holds dozens of client messages (a ping is ~30 bytes), and
     // tungstenite grows it for a larger frame. 4 KiB cost 3 KiB more per
     // idle connection (bench/idle_memory.sh).
-    // The write buffer must hold the largest frame we send: the roster (v2
-    // `roster`, v1 `delay_times`) is about 150 bytes per public client, so
-    // a 1 MiB cap failed every new public connection past ~7,000 clients.
-    // Slow readers are bounded by the outbound queue and the write timeout,
-    // not by this cap.
+    // The write buffer must hold the largest frame we send, and keeps its
+    // capacity afterwards (tungstenite never shrinks it): for a v2 page a
+    // full view, O(view) whatever the room; for a v1 public page the whole
+    // roster (`delay_times`, about 60 bytes per client), which is why v1
+    // public connections have a cap of their own. Slow readers are bounded
+    // by the outbound queue and the write timeout, not by this cap.
+    let max_write = if page == Page::Public && version == Version::V1 {
+        MAX_WRITE_BUFFER_V1
+    } else {
+        MAX_WRITE_BUFFER
+    };
     ws.read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_write_buffer_size(max_write)
         .max_frame_size((max_frame * 4).max(64 * 1024))
         .max_message_size((max_frame * 4).max(64 * 1024))
         .on_upgrade(move |socket| {

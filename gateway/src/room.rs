@@ -105,8 +105,8 @@ impl Room {
 
     /// Seats a public connection: the local roster copy lists it at once,
     /// presence is told, and its queue gets, for v1, every event from now
-    /// on, for v2, the default view's frames (`kick` is cancelled if the
-    /// queue overflows). A v2 page's first frame is [`Room::view_frame`].
+    /// on, for v2, the default view: its first `view` frame at once, then
+    /// one frame per tick (`kick` is cancelled if the queue overflows).
     pub async fn join(
         &self,
         client: RosterClient,
@@ -118,12 +118,18 @@ impl Room {
         self.mirror().add_local(client.clone());
         let outbox = Outbox { tx: queue, kick };
         let key = if v2 {
-            let key = {
-                let mut views = self.views();
-                views.next += 1;
-                views.next
-            };
-            self.enter(key, ViewSpec::default(), outbox, &channel_name);
+            let me = self.me_json(&channel_name);
+            let mut views = self.views();
+            views.next += 1;
+            let key = views.next;
+            self.enter(
+                &mut views,
+                key,
+                ViewSpec::default(),
+                outbox,
+                &channel_name,
+                me,
+            );
             key
         } else {
             self.v1.lock().expect("v1 lock").add(outbox)
@@ -154,23 +160,27 @@ impl Room {
         self.reporter.note_delay(&seat.channel_name, stats);
     }
 
-    /// Gives a v2 page the view `spec` from now on; returns the `view`
-    /// frame answering it (no-op and `None` for a v1 page).
-    pub fn set_view(&self, seat: &Seat, spec: ViewSpec) -> Option<Utf8Bytes> {
+    /// Gives a v2 page the view `spec` from now on: the `view` frame
+    /// answering it is queued after whatever the old view queued, so the
+    /// page never applies an old view's update to the new window. A no-op
+    /// for a v1 page.
+    pub fn set_view(&self, seat: &Seat, spec: ViewSpec) {
         if !seat.v2 {
-            return None;
+            return;
         }
-        let member = self.views().remove(seat.key)?;
-        Some(self.enter(seat.key, spec, member.outbox, &seat.channel_name))
-    }
-
-    /// The `view` frame of the page's current view, with its own row.
-    pub fn view_frame(&self, seat: &Seat) -> Option<Utf8Bytes> {
         let me = self.me_json(&seat.channel_name);
         let mut views = self.views();
-        let spec = views.of.get(&seat.key)?.clone();
-        let group = views.groups.get_mut(&spec)?;
-        Some(group_frame(&spec, group, me.as_deref()))
+        let Some(member) = views.remove(seat.key) else {
+            return; // kicked: the connection is ending
+        };
+        self.enter(
+            &mut views,
+            seat.key,
+            spec,
+            member.outbox,
+            &seat.channel_name,
+            me,
+        );
     }
 
     /// Unseats a connection and tells presence it left.
@@ -192,11 +202,6 @@ impl Room {
     /// bytes, with its own latest entry.
     pub fn v1_frame(&self, seat: &Seat) -> Utf8Bytes {
         self.mirror().v1_frame(Some(&seat.channel_name))
-    }
-
-    /// Every public client, oldest connection first.
-    pub fn list(&self) -> Vec<RosterClient> {
-        self.mirror().list()
     }
 
     /// A page of the roster for the HTTP API, built by `build` from the
@@ -323,7 +328,7 @@ impl Room {
                 .collect();
             (version, windows, mine)
         };
-        let mut dropped = 0;
+        let mut kicked = Vec::new();
         {
             let mut views = self.views();
             views.ticked = Some(version);
@@ -346,33 +351,21 @@ impl Room {
                     group.full = None;
                 }
                 group.last = w;
-                dropped += send_tick(group, frame, &mine);
+                kicked.extend(send_tick(group, frame, &mine));
             }
-            let kicked: Vec<u64> = views
-                .of
-                .keys()
-                .copied()
-                .filter(|k| {
-                    let spec = &views.of[k];
-                    !views
-                        .groups
-                        .get(spec)
-                        .is_some_and(|g| g.members.contains_key(k))
-                })
-                .collect();
-            for k in kicked {
-                views.of.remove(&k);
+            for k in &kicked {
+                views.of.remove(k);
             }
             let count = views.groups.len();
             views.groups.retain(|_, g| !g.members.is_empty());
-            if count != views.groups.len() || dropped > 0 {
+            if count != views.groups.len() || !kicked.is_empty() {
                 self.metrics
                     .views
                     .with_label_values(&[] as &[&str])
                     .set(views.groups.len() as i64);
             }
         }
-        self.count_drops(dropped);
+        self.count_drops(kicked.len());
         self.metrics
             .view_tick
             .with_label_values(&[] as &[&str])
@@ -380,37 +373,42 @@ impl Room {
     }
 
     /// Puts a v2 page in the group of `spec` (creating it with the current
-    /// window) and returns the group's `view` frame with the page's own row.
-    fn enter(&self, key: u64, spec: ViewSpec, outbox: Outbox, channel_name: &str) -> Utf8Bytes {
-        let me = self.me_json(channel_name);
-        let exists = self.views().groups.contains_key(&spec);
-        let fresh = (!exists).then(|| self.mirror().window(&spec));
-        let mut views = self.views();
+    /// window) and queues the group's `view` frame with the page's own row
+    /// for it. Under the views lock, so no tick's frame can come before it.
+    fn enter(
+        &self,
+        views: &mut Views,
+        key: u64,
+        spec: ViewSpec,
+        outbox: Outbox,
+        channel_name: &str,
+        me: Option<String>,
+    ) {
         views.of.insert(key, spec.clone());
         let group = views.groups.entry(spec.clone()).or_insert_with(|| Group {
             members: HashMap::new(),
-            last: fresh.unwrap_or_else(|| Window {
-                version: 0,
-                total: 0,
-                matched: 0,
-                rows: Vec::new(),
-            }),
+            // Lock order: views, then mirror (nothing takes them the other
+            // way round).
+            last: self.mirror().window(&spec),
             full: None,
         });
-        group.members.insert(
-            key,
-            Member {
-                outbox,
-                channel_name: channel_name.to_owned(),
-            },
-        );
         let frame = group_frame(&spec, group, me.as_deref());
-        let n = views.groups.len();
+        if outbox.offer(frame) {
+            group.members.insert(
+                key,
+                Member {
+                    outbox,
+                    channel_name: channel_name.to_owned(),
+                },
+            );
+        } else {
+            views.remove(key);
+            self.count_drops(1);
+        }
         self.metrics
             .views
             .with_label_values(&[] as &[&str])
-            .set(n as i64);
-        frame
+            .set(views.groups.len() as i64);
     }
 
     fn me_json(&self, channel_name: &str) -> Option<String> {
@@ -462,15 +460,19 @@ fn group_frame(spec: &ViewSpec, group: &mut Group, me: Option<&str>) -> Utf8Byte
 /// Queues a tick's frame for every member of `group`, with `me` for those
 /// whose own row changed (a `view_update` of the counts and `me` alone when
 /// the group has no frame this tick). Slow members are kicked and removed;
-/// returns how many.
-fn send_tick(group: &mut Group, frame: Option<Utf8Bytes>, mine: &HashMap<String, String>) -> usize {
+/// returns their keys.
+fn send_tick(
+    group: &mut Group,
+    frame: Option<Utf8Bytes>,
+    mine: &HashMap<String, String>,
+) -> Vec<u64> {
+    let mut kicked = Vec::new();
     if frame.is_none() && mine.is_empty() {
-        return 0;
+        return kicked;
     }
     let mut counts_only: Option<String> = None;
-    let before = group.members.len();
     let (total, matched) = (group.last.total, group.last.matched);
-    group.members.retain(|_, m| {
+    group.members.retain(|key, m| {
         let me = mine.get(&m.channel_name);
         let out = match (&frame, me) {
             (None, None) => return true,
@@ -482,7 +484,11 @@ fn send_tick(group: &mut Group, frame: Option<Utf8Bytes>, mine: &HashMap<String,
                 Utf8Bytes::from(view::with_me(base, me))
             }
         };
-        m.outbox.offer(out)
+        let kept = m.outbox.offer(out);
+        if !kept {
+            kicked.push(*key);
+        }
+        kept
     });
-    before - group.members.len()
+    kicked
 }

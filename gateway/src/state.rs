@@ -9,6 +9,7 @@ use services::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::caps::Caps;
 use crate::config::GatewayArgs;
 use crate::guard::{IpBudget, IpLimits, OriginPolicy};
 use crate::metrics::GatewayMetrics;
@@ -35,6 +36,8 @@ pub struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Which browser origins may open WebSockets.
     pub(crate) origins: OriginPolicy,
+    /// The gateway's connection caps.
+    pub(crate) caps: Caps,
     /// Per-IP connection caps.
     pub(crate) ip_limits: Arc<IpLimits>,
     /// Per-IP budget of API requests.

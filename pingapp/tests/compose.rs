@@ -424,6 +424,14 @@ impl Ws {
         }
     }
 
+    /// The next frame, whatever it is; `what` names what the caller waits
+    /// for, in the panic message.
+    async fn until_any(&mut self, what: &str) -> Value {
+        self.next_json()
+            .await
+            .unwrap_or_else(|e| panic!("waiting for {what}: {e}"))
+    }
+
     /// Reads until the server closes; the close code (0 without a frame).
     async fn close_code(&mut self) -> u16 {
         let deadline = tokio::time::Instant::now() + 4 * FRAME_WAIT;
@@ -541,7 +549,7 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
     let mut public = Vec::new();
     for _ in 0..4 {
         let (mut ws, w) = Ws::v2(&base, "public").await.expect("public v2 client");
-        ws.until("roster", |_| true).await;
+        ws.until("view", |_| true).await;
         public.push((ws, w));
     }
     let gateways: BTreeSet<&str> = public.iter().map(|(_, w)| w.gateway.as_str()).collect();
@@ -591,11 +599,16 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
         .0
         .send(json!({"command":"change_name","name":"through-haproxy"}))
         .await;
-    let change = public[on_2]
-        .0
-        .until("change_name", |v| v["channel_name"] == renamed.as_str())
-        .await;
-    assert_eq!(change["name"], "through-haproxy");
+    // It sees it in its view (the room is small: every row is in it).
+    let renamed_in_view = |v: &Value| {
+        testkit::ws::row_in(v, &renamed).is_some_and(|r| r["name"] == "through-haproxy")
+    };
+    loop {
+        let v = public[on_2].0.until_any("the rename in the view").await;
+        if renamed_in_view(&v) {
+            break;
+        }
+    }
 
     // Bad input is answered, the connection stays open.
     public[on_2].0.send(json!({"command":"frobnicate"})).await;
@@ -795,16 +808,28 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
             .await;
         reconnected.push((ws, w));
     }
+    // The clients of the stopped gateway leave every roster (presence's
+    // disconnects; a page on gateway-2 sees them go from its view).
     let (mut watcher, _) = stayed.into_iter().next().expect("a client on gateway-2");
-    // In whatever order presence announces them.
-    let mut leaving: BTreeSet<String> = old_ids.iter().cloned().collect();
-    while !leaving.is_empty() {
-        let gone = watcher
-            .until("disconnect", |v| {
-                leaving.contains(v["channel_name"].as_str().unwrap_or_default())
-            })
-            .await;
-        leaving.remove(gone["channel_name"].as_str().unwrap_or_default());
+    let mut in_view: BTreeSet<String> = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = watcher.until_any("the old ids to leave the view").await;
+        if v["command"] == "view" {
+            in_view = v["rows"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["channel_name"].as_str().map(str::to_owned))
+                .collect();
+            if old_ids.iter().all(|id| !in_view.contains(id)) {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old ids are still in the view: {in_view:?}"
+        );
     }
     testkit::eventually(
         Duration::from_secs(20),

@@ -597,7 +597,8 @@ pub enum ServerMessage {
         /// Every public client by id.
         delay_times: BTreeMap<String, V1RosterEntry>,
     },
-    /// v2 public: the roster once, after welcome.
+    /// Earlier v2 public pages: the whole roster once, after welcome. No
+    /// longer sent: v2 pages get a view (docs/protocol.md).
     Roster {
         /// Every public client by id.
         clients: BTreeMap<String, V2RosterEntry>,
@@ -624,7 +625,8 @@ pub enum ServerMessage {
         /// Its id.
         channel_name: String,
     },
-    /// v2 public: the clients whose delay changed since the last tick.
+    /// Earlier v2 public pages: the clients whose delay changed since the
+    /// last tick. No longer sent: v2 pages get a view (docs/protocol.md).
     Delays {
         /// Changed clients by id.
         delay_times: BTreeMap<String, DelayStats>,

@@ -28,6 +28,85 @@ pub struct Client {
     pub id: String,
     /// Its token (v2 only), once the test learnt it.
     pub token: String,
+    /// Its view of the public room, as the `view` and `view_update`
+    /// frames received so far built it (v2 public pages).
+    pub view: ViewState,
+}
+
+/// The row of client `id` in a `view` frame (an array of rows) or a
+/// `view_update` (rows by id), if the frame has one.
+pub fn row_in<'a>(frame: &'a Value, id: &str) -> Option<&'a Value> {
+    match &frame["rows"] {
+        Value::Array(rows) => rows.iter().find(|r| r["channel_name"] == id),
+        Value::Object(rows) => rows.get(id),
+        _ => None,
+    }
+}
+
+/// A v2 page's view of the public room (docs/protocol.md, "Public room:
+/// the view"), kept as a page keeps it.
+#[derive(Debug, Default, Clone)]
+pub struct ViewState {
+    /// Public clients in the room.
+    pub total: u64,
+    /// Of them, those the filter keeps.
+    pub matched: u64,
+    /// The window's rows, in order.
+    pub rows: Vec<Value>,
+    /// The own row.
+    pub me: Option<Value>,
+    /// The `view` frame last received (the view it answers).
+    pub last_full: Option<Value>,
+    /// How many `view` and `view_update` frames were received.
+    pub frames: usize,
+}
+
+impl ViewState {
+    /// Applies a frame; false if it is not a view frame.
+    ///
+    /// # Panics
+    /// A `view_update` names a row that is not in the window.
+    pub fn apply(&mut self, v: &Value) -> bool {
+        match v["command"].as_str() {
+            Some("view") => {
+                self.rows = v["rows"].as_array().cloned().unwrap_or_default();
+                self.last_full = Some(v.clone());
+            }
+            Some("view_update") => {
+                if let Some(changed) = v["rows"].as_object() {
+                    for (id, row) in changed {
+                        let at = self
+                            .rows
+                            .iter()
+                            .position(|r| r["channel_name"] == id.as_str())
+                            .unwrap_or_else(|| panic!("view_update for {id}, not in the window"));
+                        self.rows[at] = row.clone();
+                    }
+                }
+            }
+            _ => return false,
+        }
+        self.total = v["total"].as_u64().expect("total");
+        self.matched = v["matched"].as_u64().expect("matched");
+        if v.get("me").is_some() {
+            self.me = Some(v["me"].clone());
+        }
+        self.frames += 1;
+        true
+    }
+
+    /// The window's row of client `id`.
+    pub fn row(&self, id: &str) -> Option<&Value> {
+        self.rows.iter().find(|r| r["channel_name"] == id)
+    }
+
+    /// The ids of the window, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.rows
+            .iter()
+            .map(|r| r["channel_name"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
 }
 
 /// How a connection ended.
@@ -115,6 +194,7 @@ impl Client {
             ws,
             id: String::new(),
             token: String::new(),
+            view: ViewState::default(),
         }
     }
 
@@ -152,7 +232,11 @@ impl Client {
         let fut = async {
             loop {
                 match self.ws.next().await {
-                    Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
+                    Some(Ok(Message::Text(t))) => {
+                        let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                        self.view.apply(&v);
+                        return v;
+                    }
                     Some(Ok(Message::Close(c))) => {
                         panic!("closed while waiting for a frame: {c:?}")
                     }
@@ -242,6 +326,37 @@ impl Client {
         tokio::time::timeout(WAIT, fut)
             .await
             .expect("not closed within 10 s")
+    }
+
+    /// Reads frames until its view satisfies `pred`; returns the view.
+    ///
+    /// # Panics
+    /// It did not within [`WAIT`].
+    pub async fn view_until(&mut self, pred: impl Fn(&ViewState) -> bool) -> ViewState {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !pred(&self.view) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if self.recv_within(left).await.is_none() {
+                panic!(
+                    "the view did not become as expected within {WAIT:?}: {:?}",
+                    self.view
+                );
+            }
+        }
+        self.view.clone()
+    }
+
+    /// Sends a `view` command and waits for the `view` frame answering it.
+    pub async fn set_view(&mut self, view: Value) -> Value {
+        let mut cmd = view;
+        cmd["command"] = json!("view");
+        self.send(cmd.clone()).await;
+        self.recv_until("view", |v| {
+            ["sort", "order", "offset", "limit"]
+                .iter()
+                .all(|k| cmd.get(*k).is_none() || cmd[*k] == v[*k])
+        })
+        .await
     }
 
     /// Waits for the broadcast of its own connect (the echo presence sends

@@ -36,15 +36,12 @@ impl Connection {
             }
             Ok(ClientCommand::View(spec)) => {
                 self.count_in("view");
+                // Its answer comes through the page's queue (`Room::set_view`);
                 // v1 and private pages have no view: accepted and ignored.
-                let frame = self
-                    .seat
-                    .as_ref()
-                    .and_then(|s| self.shared.room.set_view(s, spec));
-                match frame {
-                    Some(frame) => Box::pin(self.send(frame, "view")).await,
-                    None => Ok(()),
+                if let Some(seat) = &self.seat {
+                    self.shared.room.set_view(seat, spec);
                 }
+                Ok(())
             }
             Err(e) => {
                 self.count_in("invalid");

@@ -215,10 +215,8 @@ impl Connection {
             };
             self.send(Utf8Bytes::from(welcome.to_json()), "welcome")
                 .await?;
-            let first_view = self.seat.as_ref().and_then(|s| shared.room.view_frame(s));
-            if let Some(frame) = first_view {
-                self.send(frame, "view").await?;
-            }
+            // A public v2 page's first view is already in its queue
+            // (`Room::join`), written right after this.
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! the real binaries.
 
 mod helpers;
+mod room;
 mod trust;
 
 use std::collections::BTreeMap;
@@ -36,9 +37,10 @@ async fn a_public_client_is_reported_joining_renaming_and_leaving_in_sequence() 
     let welcome = c.recv().await;
     assert_eq!(welcome["command"], "welcome");
     let id = welcome["channel_name"].as_str().unwrap().to_owned();
-    let roster = c.recv().await;
-    assert_eq!(roster["command"], "roster");
-    assert_eq!(roster["clients"][&id]["name"], id, "its own row at once");
+    let view = c.recv().await;
+    assert_eq!(view["command"], "view");
+    assert_eq!(view["me"]["name"], id, "its own row at once");
+    assert_eq!(view["me"]["channel_name"], id);
 
     let joined = gw.event().await;
     assert!(
@@ -112,10 +114,14 @@ async fn delays_reach_presence_with_the_next_tick_and_in_heartbeats() {
 }
 
 #[tokio::test]
-async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
-    let gw = TestGateway::start(GatewayArgs::default()).await;
+async fn broadcasts_become_v1_frames_at_once_and_view_frames_for_v2() {
+    let gw = TestGateway::start(GatewayArgs {
+        roster_tick_ms: 100,
+        ..Default::default()
+    })
+    .await;
     let mut v2 = gw.ws("/ws/public/?v=2").await;
-    v2.recv_until("roster", |_| true).await;
+    v2.recv_until("view", |_| true).await;
     let mut v1 = gw.ws("/ws/public/").await;
     // A v1 page has no welcome: a ping answered means it is seated.
     v1.send(json!({"command": "ping"})).await;
@@ -128,13 +134,12 @@ async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
         client: other("x", "Xena"),
     })
     .await;
-    let expected = json!({"command": "connect", "channel_name": "x", "name": "Xena"});
-    for page in [&mut v1, &mut v2] {
-        let f = page.recv_until("connect", |_| true).await;
-        assert_eq!(f["channel_name"], "x");
-        assert_eq!(f["name"], "Xena");
-        assert_eq!(f["command"], expected["command"]);
-    }
+    let f = v1.recv_until("connect", |_| true).await;
+    assert_eq!(f["channel_name"], "x");
+    assert_eq!(f["name"], "Xena");
+    // The v2 page sees it in its view (and never a connect frame).
+    v2.view_until(|v| v.row("x").is_some_and(|r| r["name"] == "Xena"))
+        .await;
     let stats = DelayStats {
         delay_time: 3.0,
         median: 3.0,
@@ -149,10 +154,13 @@ async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
         name: "X".into(),
     })
     .await;
-    let d = v2.recv().await;
-    assert_eq!(d["command"], "delays");
-    assert_eq!(d["delay_times"]["x"]["delay_time"], 3.0);
-    assert_eq!(v2.recv().await["command"], "change_name");
+    let view = v2
+        .view_until(|v| {
+            v.row("x")
+                .is_some_and(|r| r["name"] == "X" && r["delay_time"] == 3.0)
+        })
+        .await;
+    assert_eq!(view.row("x").unwrap()["jitter"], 0.5);
     // The v1 page's next frame is the rename: it got no delays.
     assert_eq!(
         v1.recv().await,
@@ -167,6 +175,14 @@ async fn broadcasts_become_frames_for_v1_and_v2_pages_and_delays_for_v2_only() {
     assert_eq!(
         all["delay_times"]["x"],
         json!({"name": "X", "delay_time": 3})
+    );
+    // The v2 page got no per-event frame at all.
+    let quiet = v2.collect_for(Duration::from_millis(300)).await;
+    assert!(
+        quiet.iter().all(
+            |f| ["view", "view_update", "server_rtt"].contains(&f["command"].as_str().unwrap())
+        ),
+        "{quiet:?}"
     );
 }
 
@@ -185,16 +201,10 @@ async fn the_roster_is_fetched_from_presence_at_start() {
     };
     req.reply(&*gw.bus, &reply).await.unwrap();
     let mut c = gw.ws("/ws/public/?v=2").await;
-    loop {
-        // The snapshot is applied as a whole: a page that connects after it
-        // sees the client in its roster, one before it gets a connect.
-        let f = c.recv().await;
-        let listed = f["command"] == "roster" && f["clients"]["early"]["name"] == "Early";
-        let announced = f["command"] == "connect" && f["channel_name"] == "early";
-        if listed || announced {
-            break;
-        }
-    }
+    // The snapshot is applied as a whole: the page sees the client in its
+    // first view, or in a later one if it connected before the reply.
+    c.view_until(|v| v.row("early").is_some_and(|r| r["name"] == "Early"))
+        .await;
 }
 
 #[tokio::test]
@@ -261,7 +271,7 @@ async fn the_drain_closes_with_1012_says_goodbye_and_stores_every_sample() {
     let mut gw = TestGateway::start(GatewayArgs::default()).await;
     let mut deliveries = gw.consume_samples().await;
     let mut public = gw.ws("/ws/public/?v=2").await;
-    public.recv_until("roster", |_| true).await;
+    public.recv_until("view", |_| true).await;
     let mut private = gw.ws("/ws/private/?v=2").await;
     private.recv_until("welcome", |_| true).await;
     for i in 0..20 {

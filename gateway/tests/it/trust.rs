@@ -101,7 +101,7 @@ async fn samples_count_only_against_pongs_sent_once_each_and_in_time() {
     .await;
     let mut c = gw.ws("/ws/public/?v=2").await;
     let id = c.recv().await["channel_name"].as_str().unwrap().to_owned();
-    c.recv_until("roster", |_| true).await;
+    c.recv_until("view", |_| true).await;
 
     // No ping, a seq never pinged, a 60 s delay 0 s after its ping, a pong
     // used twice: each gets bad_sample and none reaches the roster.
@@ -232,7 +232,7 @@ async fn the_name_policy_and_the_rename_budget_hold() {
     .await;
     let mut c = gw.ws("/ws/public/?v=2").await;
     let id = c.recv().await["channel_name"].as_str().unwrap().to_owned();
-    c.recv_until("roster", |_| true).await;
+    c.recv_until("view", |_| true).await;
     gw.event().await; // its connect
     for bad in [
         "\u{202E}evil".to_owned(),

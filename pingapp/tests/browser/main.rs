@@ -271,6 +271,13 @@ async fn with_a_large_roster_the_page_holds_only_the_rows_near_the_screen() {
         .js("return document.querySelector('#roster thead tr.pinned')?.dataset.id")
         .await;
     assert_eq!(pinned, own.as_str(), "the own row stays pinned");
+    // The count follows the room.
+    drop(others.pop());
+    b.wait_for(
+        "the count of 150",
+        "document.getElementById('client-count').textContent === '150 clients'",
+    )
+    .await;
     assert_no_problems(&b, "public").await;
     b.close().await;
 }

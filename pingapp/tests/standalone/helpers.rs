@@ -66,25 +66,16 @@ impl Server {
     }
 }
 
-/// A v2 public client past its welcome and roster; returns (client, id, token).
+/// A v2 public client past its welcome and first view; returns (client,
+/// id, token).
 pub async fn public_v2(server: &Server) -> (Client, String, String) {
     let mut c = server.ws("/ws/public/?v=2").await;
     let welcome = c.recv().await;
     assert_eq!(welcome["command"], "welcome", "{welcome}");
     let id = welcome["channel_name"].as_str().unwrap().to_owned();
     let token = welcome["token"].as_str().unwrap().to_owned();
-    let roster = c.recv().await;
-    assert_eq!(roster["command"], "roster", "{roster}");
-    (c, id, token)
-}
-
-/// Like [`public_v2`], but over a socket with a 4 KiB receive buffer, for
-/// a client that will stop reading.
-pub async fn public_v2_small_buffer(server: &Server) -> (Client, String, String) {
-    let mut c = Client::connect_small_buffer(server.addr, "/ws/public/?v=2", 4096).await;
-    let welcome = c.recv().await;
-    let id = welcome["channel_name"].as_str().unwrap().to_owned();
-    let token = welcome["token"].as_str().unwrap().to_owned();
-    c.recv().await;
+    let view = c.recv().await;
+    assert_eq!(view["command"], "view", "{view}");
+    c.id.clone_from(&id);
     (c, id, token)
 }

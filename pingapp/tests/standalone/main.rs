@@ -12,124 +12,90 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
-async fn v2_public_clients_see_each_others_connect_rename_delay_and_disconnect() {
+async fn v2_public_clients_see_each_others_join_rename_delay_and_leave_in_their_view() {
     let server = Server::start(&[]);
     let (mut a, a_id, _) = public_v2(&server).await;
-    a.recv_until("connect", |v| v["channel_name"] == a_id.as_str())
-        .await;
+    assert_eq!(a.view.me.as_ref().unwrap()["channel_name"], a_id.as_str());
 
     let (mut b, b_id, _) = public_v2(&server).await;
-    let connect = a
-        .recv_until("connect", |v| v["channel_name"] == b_id.as_str())
+    let v = a
+        .view_until(|v| v.row(&b_id).is_some() && v.total == 2)
         .await;
-    assert_eq!(
-        connect["name"],
-        b_id.as_str(),
-        "a new client's name is its id"
-    );
-    assert_eq!(connect["gateway"], "standalone");
+    let row = v.row(&b_id).unwrap();
+    assert_eq!(row["name"], b_id.as_str(), "a new client's name is its id");
+    assert_eq!(row["gateway"], "standalone");
 
     b.send(json!({"command":"change_name","name":"  Bob  "}))
         .await;
-    let rename = a
-        .recv_until("change_name", |v| v["channel_name"] == b_id.as_str())
+    a.view_until(|v| v.row(&b_id).is_some_and(|r| r["name"] == "Bob"))
         .await;
-    assert_eq!(rename["name"], "Bob", "names are trimmed");
+    // Its own page learns it through its own row.
+    b.view_until(|v| v.me.as_ref().is_some_and(|m| m["name"] == "Bob"))
+        .await;
 
     b.sample(12.5, 1).await;
-    let delays = a
-        .recv_until("delays", |v| v["delay_times"].get(&b_id).is_some())
+    let v = a
+        .view_until(|v| v.row(&b_id).is_some_and(|r| r["delay_time"] == 12.5))
         .await;
-    let d = &delays["delay_times"][&b_id];
-    assert_eq!(d["delay_time"], 12.5);
+    let d = v.row(&b_id).unwrap();
     assert_eq!(d["median"], 12.5);
     assert_eq!(d["jitter"], 0.0);
 
-    // A newcomer's roster holds both, with B's name and delay.
-    let (_c, _, _) = {
-        let mut c = server.ws("/ws/public/?v=2").await;
-        let welcome = c.recv().await;
-        let roster = c.recv().await;
-        assert_eq!(roster["command"], "roster");
-        let clients = roster["clients"].as_object().unwrap();
-        assert!(clients.contains_key(&a_id));
-        assert_eq!(clients[&b_id]["name"], "Bob");
-        assert_eq!(clients[&b_id]["delay_time"], 12.5);
-        assert_eq!(clients[&b_id]["gateway"], "standalone");
-        let id = welcome["channel_name"].as_str().unwrap().to_owned();
-        assert!(
-            clients.contains_key(&id),
-            "the roster includes the client itself"
-        );
-        (c, id, ())
-    };
+    // A newcomer's first view holds both, with B's name and delay, and
+    // itself.
+    let (c, c_id, _) = public_v2(&server).await;
+    let first = c.view.last_full.clone().unwrap();
+    let rows = first["rows"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["channel_name"] == a_id.as_str()));
+    let bob = rows
+        .iter()
+        .find(|r| r["channel_name"] == b_id.as_str())
+        .unwrap();
+    assert_eq!(bob["name"], "Bob");
+    assert_eq!(bob["delay_time"], 12.5);
+    assert_eq!(bob["gateway"], "standalone");
+    assert_eq!(first["me"]["channel_name"], c_id.as_str(), "its own row");
 
     b.close().await;
-    a.recv_until("disconnect", |v| v["channel_name"] == b_id.as_str())
+    a.view_until(|v| v.row(&b_id).is_none() && v.total == 2)
         .await;
+    drop(c);
 }
 
 #[tokio::test]
-async fn a_watching_client_gets_only_the_delays_it_watches() {
+async fn a_page_gets_only_the_rows_of_its_view() {
     let server = Server::start(&[]);
-    let (mut w, w_id, _) = public_v2(&server).await;
-    let (mut a, a_id, _) = public_v2(&server).await;
+    let (mut w, _, _) = public_v2(&server).await;
     let (mut b, b_id, _) = public_v2(&server).await;
     let (mut c, c_id, _) = public_v2(&server).await;
-    w.recv_until("connect", |v| v["channel_name"] == c_id.as_str())
-        .await;
-    a.recv_until("connect", |v| v["channel_name"] == c_id.as_str())
-        .await;
+    w.view_until(|v| v.total == 3).await;
 
-    w.send(json!({"command":"watch","channel_names":[b_id, "unknown"]}))
+    // W views B alone (its name, still its id, as a filter); `watch` is
+    // accepted and changes nothing.
+    w.send(json!({"command":"watch","channel_names":[c_id]}))
         .await;
-    // A ping round trip: the watch is in place before the delays.
-    w.send(json!({"command":"ping","seq":1})).await;
-    w.recv_until("pong", |_| true).await;
+    let v = w.set_view(json!({"filter": b_id, "limit": 10})).await;
+    assert_eq!(v["matched"], 1);
+    assert_eq!(v["total"], 3);
     b.sample(2.5, 1).await;
     c.sample(3.5, 1).await;
-    // A watches everyone: both reach it (in one frame or two).
-    let mut missing = vec![b_id.clone(), c_id.clone()];
-    while !missing.is_empty() {
-        let v = a.recv_until("delays", |_| true).await;
-        missing.retain(|id| v["delay_times"].get(id).is_none());
-    }
-    let mut seen = w
+    let seen = w
         .collect_until(WAIT, |v| {
-            v["command"] == "delays" && v["delay_times"].get(&b_id).is_some()
+            testkit::ws::row_in(v, &b_id).is_some_and(|r| r["delay_time"] == 2.5)
         })
         .await;
-    seen.extend(w.collect_for(Duration::from_millis(300)).await);
-    for v in seen.iter().filter(|v| v["command"] == "delays") {
-        let ids: Vec<&String> = v["delay_times"].as_object().unwrap().keys().collect();
-        assert_eq!(ids, [&b_id], "W watches only B: {v}");
+    // Only C changes: W gets nothing about it (its count is unchanged).
+    c.sample(4.5, 2).await;
+    let mut all = seen;
+    all.extend(w.collect_for(Duration::from_millis(1500)).await);
+    for v in &all {
+        assert!(!v.to_string().contains(&c_id), "C is not in W's view: {v}");
+        assert_ne!(v["command"], "error", "{v}");
     }
 
-    // Only C changes: W gets no frame at all.
-    c.sample(4.5, 2).await;
-    a.recv_until("delays", |v| v["delay_times"][&c_id]["delay_time"] == 4.5)
-        .await;
-    let quiet = w.collect_for(Duration::from_millis(300)).await;
-    assert!(
-        quiet.iter().all(|v| v["command"] != "delays"),
-        "nothing W watches changed: {quiet:?}"
-    );
-
-    // Back to everyone.
-    w.send(json!({"command":"watch","channel_names":null}))
-        .await;
-    w.send(json!({"command":"ping","seq":2})).await;
-    w.recv_until("pong", |_| true).await;
-    c.sample(5.5, 3).await;
-    w.recv_until("delays", |v| v["delay_times"][&c_id]["delay_time"] == 5.5)
-        .await;
-    // Watching changes nothing else: W still sees connects and renames.
-    a.send(json!({"command":"change_name","name":"Ann"})).await;
-    let rename = w
-        .recv_until("change_name", |v| v["channel_name"] == a_id.as_str())
-        .await;
-    assert_eq!(rename["name"], "Ann");
-    let _ = w_id;
+    // Back to everyone: C is there with its latest delay.
+    w.set_view(json!({})).await;
+    assert_eq!(w.view.row(&c_id).unwrap()["delay_time"], 4.5);
 }
 
 #[tokio::test]
@@ -252,7 +218,7 @@ async fn private_clients_stay_private() {
     q.sample(3.0, 1).await;
     let seen = watcher
         .collect_until(WAIT, |v| {
-            v["command"] == "delays" && v["delay_times"].get(&q_id).is_some()
+            testkit::ws::row_in(v, &q_id).is_some_and(|r| r["delay_time"] == 3.0)
         })
         .await;
     for v in &seen {
@@ -524,8 +490,10 @@ async fn a_client_that_never_reads_does_not_slow_the_others() {
         "1000000",
     ]);
     // The stalled client: a small receive buffer, and it never reads again.
-    let (stalled, _, _) = helpers::public_v2_small_buffer(&server).await;
-    let (mut reader, _, _) = public_v2(&server).await;
+    // v1 pages get every event (a v2 page gets at most one frame a tick,
+    // which no rename storm can pile up).
+    let stalled = helpers::Client::connect_small_buffer(server.addr, "/ws/public/", 4096).await;
+    let mut reader = server.ws("/ws/public/").await;
     let (driver, driver_id, _) = public_v2(&server).await;
     let mut driver = driver.into_sender();
 

@@ -293,14 +293,25 @@ impl Node {
 
     /// The ids in `/api/roster`.
     pub async fn roster_ids(&self) -> BTreeSet<String> {
-        let (status, body) = self.get_json("/api/roster", None).await;
-        assert_eq!(status, 200, "{body}");
-        body["clients"]
-            .as_array()
-            .expect("clients")
-            .iter()
-            .map(|c| c["channel_name"].as_str().unwrap().to_owned())
-            .collect()
+        let mut ids = BTreeSet::new();
+        let mut cursor = String::new();
+        // Every page of the paged roster (docs/protocol.md).
+        loop {
+            let path = format!("/api/roster?limit=1000&cursor={cursor}");
+            let (status, body) = self.get_json(&path, None).await;
+            assert_eq!(status, 200, "{body}");
+            ids.extend(
+                body["clients"]
+                    .as_array()
+                    .expect("clients")
+                    .iter()
+                    .map(|c| c["channel_name"].as_str().unwrap().to_owned()),
+            );
+            match body["next_cursor"].as_str() {
+                Some(next) => cursor = next.to_owned(),
+                None => return ids,
+            }
+        }
     }
 
     /// Sum of the samples of metric `name` on the admin listener.
@@ -321,16 +332,16 @@ impl Node {
     }
 }
 
-/// A v2 public client past its welcome and roster (returned too).
+/// A v2 public client past its welcome and first view (returned too).
 pub async fn public_v2(node: &Node) -> (Client, Value) {
     let mut c = node.ws("/ws/public/?v=2").await;
     let welcome = c.recv().await;
     assert_eq!(welcome["command"], "welcome", "{welcome}");
     c.id = welcome["channel_name"].as_str().unwrap().to_owned();
     c.token = welcome["token"].as_str().unwrap().to_owned();
-    let roster = c.recv().await;
-    assert_eq!(roster["command"], "roster", "{roster}");
-    (c, roster)
+    let view = c.recv().await;
+    assert_eq!(view["command"], "view", "{view}");
+    (c, view)
 }
 
 /// A v2 private client past its welcome.

@@ -17,6 +17,7 @@ use helpers::{
     private_v2, public_v1, public_v2,
 };
 use serde_json::json;
+use services::messages::Broadcast;
 use testkit::PgCluster;
 
 /// Clients send a sample (a ping, then its `delay_time`) this often: 20
@@ -32,32 +33,33 @@ async fn v1_and_v2_clients_on_two_gateways_see_each_other() {
 
     // v2 on gateway A, v2 on gateway B.
     let (mut a, _) = public_v2(&gw_a).await;
-    a.own_connect().await;
-    let (mut b, roster) = public_v2(&gw_b).await;
-    assert!(
-        roster["clients"].get(&a.id).is_some(),
-        "B's first roster holds A of the other gateway: {roster}"
-    );
-    assert_eq!(roster["clients"][&a.id]["gateway"], "gw-a");
-    let connect = a.recv_until("connect", |v| is(v, "connect", &b.id)).await;
-    assert_eq!(connect["gateway"], "gw-b");
-    assert_eq!(connect["name"], b.id.as_str());
+    eventually(WAIT, "gateway B learned of A through presence", || async {
+        gw_b.roster_ids().await.contains(&a.id)
+    })
+    .await;
+    let (mut b, view) = public_v2(&gw_b).await;
+    let row_a = view["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["channel_name"] == a.id.as_str())
+        .unwrap_or_else(|| panic!("B's first view holds A of the other gateway: {view}"));
+    assert_eq!(row_a["gateway"], "gw-a");
+    let v = a.view_until(|v| v.row(&b.id).is_some()).await;
+    assert_eq!(v.row(&b.id).unwrap()["gateway"], "gw-b");
+    assert_eq!(v.row(&b.id).unwrap()["name"], b.id.as_str());
 
     // Rename and delays cross gateways.
     b.rename("Bob").await;
-    let rename = a
-        .recv_until("change_name", |v| is(v, "change_name", &b.id))
+    a.view_until(|v| v.row(&b.id).is_some_and(|r| r["name"] == "Bob"))
         .await;
-    assert_eq!(rename["name"], "Bob");
     b.sample(12.5, 1).await;
-    let delays = a
-        .recv_until("delays", |v| v["delay_times"].get(&b.id).is_some())
+    a.view_until(|v| v.row(&b.id).is_some_and(|r| r["delay_time"] == 12.5))
         .await;
-    assert_eq!(delays["delay_times"][&b.id]["delay_time"], 12.5);
 
     // v1 on gateway A: its delay_times reply lists the clients of both.
     let mut c = public_v1(&gw_a).await;
-    b.recv_until("connect", |v| is(v, "connect", &c.id)).await;
+    b.view_until(|v| v.row(&c.id).is_some()).await;
     c.send(json!({"command":"ping"})).await;
     c.recv_until("pong", |_| true).await;
     c.send(json!({"command":"delay_time","delay_time":7})).await;
@@ -93,15 +95,16 @@ async fn v1_and_v2_clients_on_two_gateways_see_each_other() {
     // Disconnects cross gateways too.
     let (b_id, e_id) = (b.id.clone(), e.id.clone());
     b.close().await;
-    a.recv_until("disconnect", |v| is(v, "disconnect", &b_id))
-        .await;
+    a.view_until(|v| v.row(&b_id).is_none()).await;
     c.recv_until("disconnect", |v| is(v, "disconnect", &b_id))
         .await;
     e.close().await;
-    let gone = a
+    let gone = c
         .recv_until("disconnect", |v| is(v, "disconnect", &e_id))
         .await;
     assert_eq!(gone, json!({"command":"disconnect","channel_name":e_id}));
+    a.view_until(|v| v.row(&e_id).is_none() && v.total == 2)
+        .await;
     for gw in [&gw_a, &gw_b] {
         eventually(WAIT, "the roster lost B and E", || async {
             let ids = gw.roster_ids().await;
@@ -383,10 +386,7 @@ async fn a_nats_restart_loses_nothing_and_pings_keep_their_pongs() {
 
     // Presence answers again: a newcomer on B reaches the watcher on A.
     let (newcomer, _) = public_v2(&gw_b).await;
-    let seen = watcher
-        .collect_until(WAIT, |v| is(v, "connect", &newcomer.id))
-        .await;
-    println!("the watcher saw {:?}", disconnects(&seen));
+    watcher.view_until(|v| v.row(&newcomer.id).is_some()).await;
 }
 
 #[tokio::test]
@@ -394,8 +394,8 @@ async fn a_killed_gateways_clients_leave_every_roster_within_ten_seconds() {
     let d = Deployment::new().await;
     let (_presence, mut gw_a, gw_b) =
         tokio::join!(d.presence(), d.gateway("gw-a"), d.gateway("gw-b"));
-    let (mut watcher, _) = public_v2(&gw_b).await;
-    watcher.own_connect().await;
+    // The watcher is a v1 page: it gets every disconnect as it happens.
+    let mut watcher = public_v1(&gw_b).await;
     let (x, _) = public_v2(&gw_a).await;
     watcher
         .recv_until("connect", |v| is(v, "connect", &x.id))
@@ -449,10 +449,10 @@ async fn a_presence_restart_causes_no_spurious_disconnect() {
     let d = Deployment::new().await;
     let (mut presence, gw_a, gw_b) =
         tokio::join!(d.presence(), d.gateway("gw-a"), d.gateway("gw-b"));
-    let (mut w, _) = public_v2(&gw_b).await;
-    w.own_connect().await;
-    let (mut a, _) = public_v2(&gw_a).await;
-    a.own_connect().await;
+    // v1 pages: they get every connect and disconnect as presence
+    // broadcasts it (v2 pages see only their view).
+    let mut w = public_v1(&gw_b).await;
+    let mut a = public_v1(&gw_a).await;
     w.recv_until("connect", |v| is(v, "connect", &a.id)).await;
     let mut everyone = BTreeSet::from([w.id.clone(), a.id.clone()]);
     let mut newcomers = Vec::new();
@@ -467,8 +467,22 @@ async fn a_presence_restart_causes_no_spurious_disconnect() {
                 "presence exits cleanly on SIGTERM: {status}"
             );
         }
-        // A client joins gateway A while presence is down.
-        let (mut n, _) = public_v2(&gw_a).await;
+        // A client joins gateway A while presence is down; its id from
+        // gateway A's own roster.
+        let mut n = gw_a.ws("/ws/public/").await;
+        let started = Instant::now();
+        let ids = loop {
+            let ids = gw_a.roster_ids().await;
+            if ids.len() == everyone.len() + 1 {
+                break ids;
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "gateway A does not list the newcomer"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        n.id = ids.difference(&everyone).next().unwrap().clone();
         // Presence stays down across two gateway heartbeats (time is the
         // subject: heartbeats nobody hears).
         tokio::time::sleep(Duration::from_millis(HEARTBEAT_MS * 2)).await;
@@ -519,28 +533,65 @@ async fn two_presence_replicas_broadcast_once_and_fail_over() {
     })
     .await;
 
-    let (mut w, _) = public_v2(&gw_b).await;
-    w.own_connect().await;
+    // Presence's broadcasts as they leave it, and a v1 page (which gets
+    // each event as a frame of its own).
+    let bus = services::bus::nats::NatsBus::connect(&d.nats.url(), "test-listener")
+        .await
+        .unwrap();
+    let subjects = services::subjects::Subjects::new(&d.prefix);
+    let mut broadcasts = subjects.broadcast().subscribe(&bus).await.unwrap();
+    let mut w = public_v1(&gw_b).await;
     let (mut x, _) = public_v2(&gw_a).await;
     x.rename("Xavier").await;
     x.sample(42.0, 1).await;
-    let mut seen = w
-        .collect_until(WAIT, |v| {
-            v["command"] == "delays" && v["delay_times"].get(&x.id).is_some()
-        })
-        .await;
-    seen.extend(w.collect_for(Duration::from_secs(1)).await);
+    let mut heard = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    let mut quiet_until = None;
+    loop {
+        let now = Instant::now();
+        let until = quiet_until.unwrap_or(deadline);
+        if now >= until {
+            assert!(quiet_until.is_some(), "no delay broadcast for X: {heard:?}");
+            break;
+        }
+        let Ok(Some(m)) =
+            tokio::time::timeout(until - now, futures_util::StreamExt::next(&mut broadcasts)).await
+        else {
+            continue;
+        };
+        let b = m.message.expect("a broadcast");
+        if matches!(&b, Broadcast::Delays { delays } if delays.contains_key(&x.id))
+            && quiet_until.is_none()
+        {
+            quiet_until = Some(Instant::now() + Duration::from_secs(1));
+        }
+        heard.push(b);
+    }
+    let about_x = |f: fn(&Broadcast, &str) -> bool| heard.iter().filter(|b| f(b, &x.id)).count();
+    assert_eq!(
+        about_x(|b, id| matches!(b, Broadcast::Connect { client } if client.channel_name == id)),
+        1,
+        "one connect broadcast: {heard:?}"
+    );
+    assert_eq!(
+        about_x(|b, id| matches!(b, Broadcast::Rename { channel_name, .. } if channel_name == id)),
+        1,
+        "one rename broadcast: {heard:?}"
+    );
+    assert_eq!(
+        about_x(|b, id| matches!(b, Broadcast::Delays { delays } if delays.contains_key(id))),
+        1,
+        "one delay update: {heard:?}"
+    );
+    // The v1 page got each event once.
+    let seen = w.collect_for(Duration::from_millis(300)).await;
     let count = |command: &str| {
         seen.iter()
-            .filter(|v| {
-                v["command"] == command
-                    && (v["channel_name"] == x.id.as_str() || v["delay_times"].get(&x.id).is_some())
-            })
+            .filter(|v| v["command"] == command && v["channel_name"] == x.id.as_str())
             .count()
     };
-    assert_eq!(count("connect"), 1, "one connect broadcast: {seen:?}");
-    assert_eq!(count("change_name"), 1, "one rename broadcast: {seen:?}");
-    assert_eq!(count("delays"), 1, "one delay update: {seen:?}");
+    assert_eq!(count("connect"), 1, "one connect frame: {seen:?}");
+    assert_eq!(count("change_name"), 1, "one rename frame: {seen:?}");
 
     // Kill the active replica: the other takes over.
     let leader = if replicas[0].metric(active).await == 1.0 {
@@ -551,9 +602,10 @@ async fn two_presence_replicas_broadcast_once_and_fail_over() {
     replicas[leader].svc.kill();
     let killed = Instant::now();
     let survivor = &replicas[1 - leader];
-    let (mut y, _) = public_v2(&gw_a).await;
+    // A v1 page learns its id from its own connect, broadcast by the
+    // survivor.
+    let mut y = public_v1(&gw_a).await;
     w.recv_until("connect", |v| is(v, "connect", &y.id)).await;
-    y.own_connect().await;
     assert!(
         killed.elapsed() < Duration::from_secs(10),
         "events flow again {:?} after the kill",
@@ -588,8 +640,7 @@ async fn a_presence_replica_stopped_with_sigterm_hands_over_its_lease() {
         replicas[0].metric(active).await + replicas[1].metric(active).await == 1.0
     })
     .await;
-    let (mut w, _) = public_v2(&gw).await;
-    w.own_connect().await;
+    let mut w = public_v1(&gw).await;
 
     let leader = usize::from(replicas[0].metric(active).await != 1.0);
     let status = replicas[leader].svc.terminate().await;
@@ -611,8 +662,7 @@ async fn a_presence_replica_stopped_with_sigterm_hands_over_its_lease() {
         || async { survivor.metric(active).await == 1.0 },
     )
     .await;
-    let (mut y, _) = public_v2(&gw).await;
-    y.own_connect().await;
+    let mut y = public_v1(&gw).await;
     w.recv_until("connect", |v| is(v, "connect", &y.id)).await;
     y.rename("Yolanda").await;
     let mut seen = w.collect_until(WAIT, |v| is(v, "change_name", &y.id)).await;
@@ -681,16 +731,21 @@ async fn a_roster_larger_than_one_nats_message_reaches_every_page() {
     })
     .await;
 
-    // New pages get it in one frame (more than 1 MiB): v2's roster ...
-    let (mut page, roster) = public_v2(&gw_b).await;
-    let listed = roster["clients"].as_object().unwrap();
+    // A new v2 page gets its view of it: the count, and its first rows
+    // only (the frame does not grow with the room) ...
+    let (page, view) = public_v2(&gw_b).await;
     assert!(
-        listed.len() > FAKE,
-        "{} clients in the roster",
-        listed.len()
+        view["total"].as_u64().unwrap() > FAKE as u64,
+        "{} clients in the room",
+        view["total"]
     );
-    assert_eq!(listed[&format!("{:016x}", FAKE - 1)]["gateway"], "gw-fake");
-    page.own_connect().await;
+    assert_eq!(view["rows"].as_array().unwrap().len(), 50);
+    assert!(
+        view.to_string().len() < 20_000,
+        "{} bytes",
+        view.to_string().len()
+    );
+    assert_eq!(view["me"]["channel_name"], page.id.as_str());
     // ... and v1's delay_times.
     let mut v1 = public_v1(&gw_a).await;
     v1.send(json!({"command":"ping"})).await;
@@ -766,7 +821,6 @@ async fn every_service_exposes_its_metrics_and_traces_cross_the_bus() {
     // Traffic through every service: pings, samples, a rename, an error,
     // history and statistics queries.
     let (mut c, _) = public_v2(&gw).await;
-    c.own_connect().await;
     c.ping_within(1, WAIT).await.expect("pong");
     c.sample(3.5, 1).await;
     c.rename("metrics").await;
