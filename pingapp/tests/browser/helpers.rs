@@ -431,6 +431,8 @@ impl WsClient {
 pub struct Crowd {
     /// Every client's id, by index.
     pub ids: Vec<String>,
+    /// The clients whose connection the server ended (not [`Crowd::leave`]).
+    gone: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<usize>>>,
     controls: Vec<tokio::sync::mpsc::UnboundedSender<Value>>,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -461,6 +463,7 @@ impl Crowd {
             .read_buffer_size(4096)
             .write_buffer_size(0);
         let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        let gone = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
         let mut tasks = tokio::task::JoinSet::new();
         let mut pending = Vec::with_capacity(n);
         let mut controls = Vec::with_capacity(n);
@@ -469,7 +472,7 @@ impl Crowd {
             let (id_tx, id_rx) = tokio::sync::oneshot::channel::<String>();
             controls.push(tx);
             pending.push(id_rx);
-            let (url, gate) = (url.clone(), gate.clone());
+            let (url, gate, gone) = (url.clone(), gate.clone(), gone.clone());
             let (name, delay) = (name(i), delay(i));
             tasks.spawn(async move {
                 let permit = gate.acquire_owned().await.unwrap();
@@ -502,8 +505,11 @@ impl Crowd {
                 loop {
                     tokio::select! {
                         frame = ws.next() => match frame {
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                                gone.lock().unwrap().insert(i);
+                                return;
+                            }
                             Some(Ok(_)) => {}
-                            _ => return,
                         },
                         act = rx.recv() => match act {
                             Some(v) => {
@@ -549,9 +555,16 @@ impl Crowd {
         }
         Crowd {
             ids,
+            gone,
             controls,
             tasks,
         }
+    }
+
+    /// The clients the server disconnected so far (a slow reader closed
+    /// with 1013, say): they left the room without [`Crowd::leave`].
+    pub fn gone(&self) -> std::collections::BTreeSet<usize> {
+        self.gone.lock().unwrap().clone()
     }
 
     /// Makes client `i` act; false when it is gone.

@@ -36,14 +36,15 @@ struct Room {
 
 impl Room {
     /// The crowd's names in the list's order for `sort` and `order`, with
-    /// `filter` (case-insensitive, contained).
-    fn names(&self, sort: &str, order: &str, filter: &str) -> Vec<String> {
+    /// `filter` (case-insensitive, contained), without the clients in
+    /// `gone` (disconnected by the server).
+    fn names(&self, gone: &BTreeSet<usize>, sort: &str, order: &str, filter: &str) -> Vec<String> {
         let filter = filter.to_lowercase();
         let mut rows: Vec<usize> = self
             .present
             .iter()
             .copied()
-            .filter(|i| self.names[i].to_lowercase().contains(&filter))
+            .filter(|i| !gone.contains(i) && self.names[i].to_lowercase().contains(&filter))
             .collect();
         match sort {
             "name" => rows.sort_by(|a, b| {
@@ -162,12 +163,18 @@ async fn dom_bound(b: &Browser) -> u64 {
 }
 
 /// Waits until the rows on screen are exactly the expected ones: the
-/// page's own row where `own_at` puts it, the crowd's `expected` names
-/// elsewhere. `own_at(pos)` says whether the own row is at list position
-/// `pos`; `skip` rows of the crowd come before the screen.
-async fn wait_visible(b: &Browser, what: &str, expected: &[String], own_first: bool) {
+/// page's own row first when `own_first`, then the crowd's names in the
+/// order `expected()` gives (asked again on every poll, as the server may
+/// disconnect a client meanwhile).
+async fn wait_visible(
+    b: &Browser,
+    what: &str,
+    expected: impl Fn() -> Vec<String>,
+    own_first: bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        let expected = expected();
         let v = b.js(VISIBLE_JS).await;
         let rows = v["rows"].as_array().unwrap();
         let mut problem = None;
@@ -262,7 +269,7 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
     wait_visible(
         &b,
         "the first rows by name",
-        &room.names("name", "asc", ""),
+        || room.names(&crowd.gone(), "name", "asc", ""),
         true,
     )
     .await;
@@ -282,7 +289,7 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
     wait_visible(
         &b,
         "the last rows by name",
-        &room.names("name", "asc", ""),
+        || room.names(&crowd.gone(), "name", "asc", ""),
         true,
     )
     .await;
@@ -295,7 +302,7 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
                 .wrapping_add(1442695040888963407);
             (rng >> 33) as usize % m
         };
-        for step in 0..60 {
+        for step in 0..60_u32 {
             for _ in 0..25 {
                 let i = next(N);
                 if room.present.contains(&i) {
@@ -310,7 +317,7 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
                 crowd.send(i, Act::Rename(renamed.clone()));
                 room.names.insert(i, renamed);
             }
-            if step % 5 == 0 {
+            if step.is_multiple_of(5) {
                 let i = next(N);
                 if room.present.remove(&i) {
                     crowd.leave(i);
@@ -329,18 +336,29 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
         "at most {bound} rows in the DOM while scrolling: {fling}"
     );
     assert!(fling["max_nodes"].as_u64().unwrap() < 2000, "{fling}");
-    b.wait_for(
-        "the count after the leaves",
-        &format!(
-            "document.getElementById('client-count').dataset.count === '{}'",
-            room.present.len() + 1
-        ),
-    )
-    .await;
+    // The count: the crowd without those that left or that the server
+    // disconnected, and the page.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let want =
+            (room.present.len() - crowd.gone().intersection(&room.present).count() + 1).to_string();
+        let count = b
+            .js("return document.getElementById('client-count').dataset.count")
+            .await;
+        if count == want.as_str() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the count after the leaves: {count}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("clients the server disconnected: {}", crowd.gone().len());
     wait_visible(
         &b,
         "the first rows by name",
-        &room.names("name", "asc", ""),
+        || room.names(&crowd.gone(), "name", "asc", ""),
         true,
     )
     .await;
@@ -349,7 +367,7 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
     wait_visible(
         &b,
         "the last rows by name",
-        &room.names("name", "asc", ""),
+        || room.names(&crowd.gone(), "name", "asc", ""),
         true,
     )
     .await;
@@ -360,7 +378,7 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
     wait_visible(
         &b,
         "the middle rows by name",
-        &room.names("name", "asc", ""),
+        || room.names(&crowd.gone(), "name", "asc", ""),
         true,
     )
     .await;
@@ -391,7 +409,7 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
     wait_visible(
         &b,
         "the slowest clients first",
-        &room.names("delay", "desc", ""),
+        || room.names(&crowd.gone(), "delay", "desc", ""),
         false,
     )
     .await;
@@ -402,30 +420,39 @@ async fn a_room_of_10000_scrolls_sorts_and_filters_with_a_bounded_dom() {
           f.dispatchEvent(new Event('input'));",
     )
     .await;
-    let matches = room.names("delay", "desc", "user 0123");
+    let matches = room.names(&crowd.gone(), "delay", "desc", "user 0123");
     assert!(!matches.is_empty());
     b.wait_for(
         "the filter's count",
         &format!(
             "document.getElementById('client-count').textContent === '{} of {} clients match'",
             matches.len(),
-            fmt_thousands(room.present.len() + 1)
+            fmt_thousands(
+                room.present.len() - crowd.gone().intersection(&room.present).count() + 1
+            )
         ),
     )
     .await;
-    wait_visible(&b, "the filtered rows by delay", &matches, false).await;
+    wait_visible(
+        &b,
+        "the filtered rows by delay",
+        || room.names(&crowd.gone(), "delay", "desc", "user 0123"),
+        false,
+    )
+    .await;
     // And by name, ascending.
     click_sort(&b, "name").await;
     wait_visible(
         &b,
         "the filtered rows by name",
-        &room.names("name", "asc", "user 0123"),
+        || room.names(&crowd.gone(), "name", "asc", "user 0123"),
         false,
     )
     .await;
     let rows = b
         .js("return document.querySelectorAll('#roster tbody tr').length")
         .await;
+    let matches = room.names(&crowd.gone(), "name", "asc", "user 0123");
     assert_eq!(rows, json!(matches.len()), "only the matches are rendered");
 
     let problems: Vec<Value> = b.problems().await;
@@ -442,7 +469,7 @@ fn fmt_thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
