@@ -208,12 +208,12 @@ impl Mirror {
     }
 
     fn rename(&mut self, id: &str, name: &str) {
-        if let Some(e) = self.clients.get(id) {
-            if e.client.name != name {
-                let mut c = e.client.clone();
-                c.name = name.to_owned();
-                self.upsert(c);
-            }
+        if let Some(e) = self.clients.get(id)
+            && e.client.name != name
+        {
+            let mut c = e.client.clone();
+            c.name = name.to_owned();
+            self.upsert(c);
         }
     }
 
