@@ -218,10 +218,18 @@ function main() {
 
   // ---- roster and rename (public page) ---------------------------------
   const rosterEl = /** @type {HTMLTableElement | null} */ ($("roster"));
-  const roster = rosterEl ? new RosterTable(rosterEl, $("client-count")) : null;
   const nameInput = /** @type {HTMLInputElement | null} */ ($("name"));
   let session = null;
   let restoring = false; // the rename in flight restores the name after a reconnect
+  // The table asks the server for the rows around the screen (a v2 `view`,
+  // see roster.js); `conn` exists by the time it sends.
+  const roster = rosterEl
+    ? new RosterTable(rosterEl, $("client-count"), {
+        scroller: rosterEl.closest(".table-wrap"),
+        filterInput: /** @type {HTMLInputElement | null} */ ($("roster-filter")),
+        send: (msg) => conn.send(msg),
+      })
+    : null;
 
   const setWhoami = () => {
     const set = (id, v) => {
@@ -276,28 +284,27 @@ function main() {
       showMessage(detail ? `Server error (${code}): ${detail}` : `Server error (${code})`, "error", code);
     },
     onMessage(msg) {
-      if (!roster || !roster.handle(msg)) return;
-      // The own name: from the own row of a view frame (v2), or the echo of
-      // a rename.
-      let own = null;
-      if (msg.me && typeof msg.me === "object") own = msg.me;
-      else if (msg.command === "change_name") own = msg;
-      if (!own || !session || own.channel_name !== session.id || typeof own.name !== "string") return;
-      const changed = session.name !== own.name;
-      if (!changed) return;
-      session.name = own.name;
-      setWhoami();
-      if (nameInput) nameInput.placeholder = own.name;
-      saveName(own.name);
-      if (nameInput && nameInput.value.trim() === own.name) nameInput.value = "";
-      if (!restoring) showMessage(`Your name is now “${own.name}”.`, "info", "renamed");
-      restoring = false;
+      roster?.handle(msg);
     },
     onDisconnect() {
       roster?.setStale(true);
       history?.stop();
     },
   });
+
+  // A rename is confirmed by the own row of the next view frame.
+  if (roster) {
+    roster.onMe = (me) => {
+      if (!session || me.id !== session.id || me.name === session.name) return;
+      session.name = me.name;
+      setWhoami();
+      if (nameInput) nameInput.placeholder = me.name;
+      saveName(me.name);
+      if (nameInput && nameInput.value.trim() === me.name) nameInput.value = "";
+      if (!restoring) showMessage(`Your name is now “${me.name}”.`, "info", "renamed");
+      restoring = false;
+    };
+  }
 
   retryBtn?.addEventListener("click", () => conn.retryNow());
 

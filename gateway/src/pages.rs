@@ -18,6 +18,7 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
     ("stats.js", JS, include_str!("../assets/stats.js")),
     ("chart.js", JS, include_str!("../assets/chart.js")),
     ("roster.js", JS, include_str!("../assets/roster.js")),
+    ("view.js", JS, include_str!("../assets/view.js")),
     ("history.js", JS, include_str!("../assets/history.js")),
 ];
 

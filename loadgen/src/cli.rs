@@ -17,6 +17,8 @@ const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_RATE: f64 = 10_000.0;
 /// Slowest connect ramp accepted (connections per second).
 const MIN_RAMP: f64 = 0.01;
+/// Highest `--churn` and `--renames` rate accepted (events per second).
+const MAX_EVENTS: f64 = 10_000.0;
 
 /// Which PingApp page the simulated clients open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -128,6 +130,23 @@ pub struct Args {
     /// page shows N rows of its table), so it gets only their delays
     #[arg(long, env = "PINGAPP_WATCH", value_name = "N")]
     pub watch: Option<u32>,
+
+    /// Churn: N clients a second close (1000) and connect again as new
+    /// clients, taken round robin, while the window is open (0 = none)
+    #[arg(long, env = "PINGAPP_CHURN", value_name = "N", default_value_t = 0.0)]
+    pub churn: f64,
+
+    /// Public page: N renames a second, by clients taken round robin, while
+    /// the window is open (0 = none)
+    #[arg(long, env = "PINGAPP_RENAMES", value_name = "N", default_value_t = 0.0)]
+    pub renames: f64,
+
+    /// Runtime worker threads; 1 runs every client on one thread (the
+    /// cheapest, and it leaves the other cores to the server under test);
+    /// 0 = one per CPU
+    #[arg(long, env = "PINGAPP_THREADS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub threads: u16,
 }
 
 /// A setting that parses but makes no sense.
@@ -160,6 +179,12 @@ pub enum ConfigError {
     /// `--watch` without public v2 clients, or outside 1..=200.
     #[error("--watch needs --page public and --protocol 2, and a count from 1 to 200")]
     Watch,
+    /// `--churn` is negative, not finite, or above the connect ramp limit.
+    #[error("--churn must be a number from 0 to {MAX_EVENTS}, got {0}")]
+    Churn(f64),
+    /// `--renames` is negative, not finite, too high, or not on the public page.
+    #[error("--renames needs --page public and a number from 0 to {MAX_EVENTS}, got {0}")]
+    Renames(f64),
 }
 
 /// Validated settings of one run; see [`Args`] for what each one means.
@@ -192,6 +217,12 @@ pub struct Config {
     pub measure_delays: bool,
     /// Watch this many other clients' delays (v2 `watch`).
     pub watch: Option<u32>,
+    /// Clients recycled (closed and connected again) per second in the window.
+    pub churn: f64,
+    /// Renames per second in the window, round robin over the clients.
+    pub renames: f64,
+    /// Runtime worker threads, 0 = one per CPU (used by the binary).
+    pub threads: u16,
     /// Print a progress line to stderr every second.
     pub progress: bool,
 }
@@ -237,6 +268,14 @@ impl Args {
         {
             return Err(ConfigError::Watch);
         }
+        if !(self.churn.is_finite() && (0.0..=MAX_EVENTS).contains(&self.churn)) {
+            return Err(ConfigError::Churn(self.churn));
+        }
+        if !(self.renames.is_finite() && (0.0..=MAX_EVENTS).contains(&self.renames))
+            || (self.renames > 0.0 && self.page != Page::Public)
+        {
+            return Err(ConfigError::Renames(self.renames));
+        }
         Ok(Config {
             base_urls,
             clients: self.clients,
@@ -251,6 +290,9 @@ impl Args {
             measure_broadcast: self.measure_broadcast,
             measure_delays: self.measure_delays,
             watch: self.watch,
+            churn: self.churn,
+            renames: self.renames,
+            threads: self.threads,
             progress: true,
         })
     }
@@ -409,6 +451,14 @@ mod tests {
             Err(ConfigError::Rate(_))
         ));
         assert_eq!(parse(&["--ramp", "0"]), Err(ConfigError::Ramp(0.0)));
+        assert_eq!(parse(&["--churn=-1"]), Err(ConfigError::Churn(-1.0)));
+        assert_eq!(parse(&["--renames", "5"]), Err(ConfigError::Renames(5.0)));
+        assert_eq!(
+            parse(&["--page", "public", "--renames", "1e9"]),
+            Err(ConfigError::Renames(1e9))
+        );
+        let config = parse(&["--page", "public", "--churn", "20", "--renames", "10"]).unwrap();
+        assert_eq!((config.churn, config.renames), (20.0, 10.0));
         assert_eq!(parse(&["--duration", "0s"]), Err(ConfigError::Duration));
         assert_eq!(
             parse(&["--measure-broadcast"]),

@@ -21,13 +21,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_conf
 
 use crate::cli::Protocol;
 use crate::runner::{
-    CLOSE_TIMEOUT, CONNECT_TIMEOUT, DELAY_OBSERVERS, DRAIN, PING_TIMEOUT, RENAME_INTERVAL, Shared,
+    CLOSE_TIMEOUT, CONNECT_TIMEOUT, DELAY_OBSERVERS, DRAIN, PING_TIMEOUT, POKE_RECYCLE,
+    POKE_RENAME, RENAME_INTERVAL, Shared,
 };
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Commands counted in a fixed array, so the common case allocates nothing.
-const KNOWN_COMMANDS: [&str; 9] = [
+const KNOWN_COMMANDS: [&str; 12] = [
     "welcome",
     "pong",
     "roster",
@@ -37,6 +38,9 @@ const KNOWN_COMMANDS: [&str; 9] = [
     "delays",
     "delay_times",
     "error",
+    "view",
+    "view_update",
+    "server_rtt",
 ];
 /// Distinct unknown commands tracked per client before lumping into `_other`,
 /// so a misbehaving server cannot grow our memory without bound.
@@ -46,10 +50,12 @@ const RENAME_PREFIX: &str = "lg-";
 /// Fractional part of the golden ratio: spreads the clients' first pings
 /// evenly over one interval so they do not fire in lockstep.
 const GOLDEN: f64 = 0.618_033_988_749_894_9;
-/// The start of a `roster` frame as the gateway writes it.
-const ROSTER_PREFIX: &str = r#"{"command":"roster""#;
-/// The start of a `delays` frame as the gateway writes it.
-const DELAYS_PREFIX: &str = r#"{"command":"delays""#;
+/// The start of every frame as the gateway (and echo-server) writes it:
+/// `command` first, so a frame's command is read without parsing it.
+const COMMAND_PREFIX: &str = r#"{"command":""#;
+/// Most rows an observer remembers the last delay of (a view holds at
+/// most 200; churn brings new ids): beyond it the memory starts over.
+const MAX_SEEN: usize = 4096;
 
 /// With `--measure-delays`, `delay_time` is the send time in Unix µs modulo
 /// this (60 s, the highest delay the server accepts), sent as ms.
@@ -76,17 +82,56 @@ struct Incoming<'a> {
     channel_name: Option<Cow<'a, str>>,
 }
 
-/// A `delays` frame, parsed only by delay observers.
+/// The frames that carry other clients' delays, parsed only by delay
+/// observers: `delays` (`delay_times`: id -> entry), `view` (`rows`: a
+/// list of rows) and `view_update` (`rows`: id -> row); docs/protocol.md.
 #[derive(Deserialize)]
-struct DelaysFrame<'a> {
-    #[serde(borrow)]
-    delay_times: HashMap<Cow<'a, str>, DelayEntry>,
+struct DelayCarrier {
+    delay_times: Option<HashMap<String, serde_json::Value>>,
+    rows: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct DelayEntry {
-    /// A number, or `"-"` for a client without a sample.
-    delay_time: serde_json::Value,
+impl DelayCarrier {
+    /// Every (id, delay) pair the frame holds; rows without a numeric
+    /// `delay_time` (no sample yet: `null`, or v1's `"-"`) are left out.
+    fn delays(&self) -> Vec<(&str, f64)> {
+        let number = |entry: &serde_json::Value| entry.get("delay_time")?.as_f64();
+        let mut out = Vec::new();
+        if let Some(map) = &self.delay_times {
+            out.extend(
+                map.iter()
+                    .filter_map(|(id, e)| Some((id.as_str(), number(e)?))),
+            );
+        }
+        match &self.rows {
+            Some(serde_json::Value::Array(rows)) => out.extend(
+                rows.iter()
+                    .filter_map(|row| Some((row.get("channel_name")?.as_str()?, number(row)?))),
+            ),
+            Some(serde_json::Value::Object(rows)) => out.extend(
+                rows.iter()
+                    .filter_map(|(id, row)| Some((id.as_str(), number(row)?))),
+            ),
+            _ => {}
+        }
+        out
+    }
+}
+
+/// The command of a frame that starts with [`COMMAND_PREFIX`].
+fn command_of(text: &str) -> Option<&str> {
+    let rest = text.strip_prefix(COMMAND_PREFIX)?;
+    Some(&rest[..rest.find('"')?])
+}
+
+/// The `seq` of a `pong` frame, read without parsing the frame (its keys
+/// are `command`, `seq`, `server_time`, no nested objects).
+fn pong_seq(text: &str) -> Option<u64> {
+    let rest = &text[text.find(r#""seq":"#)? + 6..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 /// Frames received by one client, by command.
@@ -129,13 +174,66 @@ struct InFlight {
 enum Outcome {
     /// The run stopped; we close the connection.
     Stopped,
+    /// `--churn` picked this client: close and connect again as a new one.
+    Recycled,
     /// The server closed (with this code) or the connection broke (1006).
     Closed(u16),
 }
 
 /// Connects client `index` and drives it until the run stops or the server
-/// drops it. Every outcome ends up in `shared`'s counters.
+/// drops it; with `--churn` it closes and connects again as a new client
+/// when asked. Every outcome ends up in `shared`'s counters.
 pub(crate) async fn run(index: u32, shared: Arc<Shared>) {
+    let mut replacement = false;
+    loop {
+        let Some(mut ws) = connect(index, &shared, replacement).await else {
+            return;
+        };
+        let target = index as usize % shared.urls.len();
+        let mut client = Client::new(index, target, Arc::clone(&shared));
+        let outcome = client.drive(&mut ws).await;
+        let recycled = matches!(outcome, Outcome::Recycled);
+        match outcome {
+            Outcome::Stopped | Outcome::Recycled => {
+                let reason = if recycled {
+                    "loadgen churn"
+                } else {
+                    "loadgen done"
+                };
+                let _ = timeout(CLOSE_TIMEOUT, async {
+                    let close = CloseFrame {
+                        code: CloseCode::Normal,
+                        reason: reason.into(),
+                    };
+                    if ws.close(Some(close)).await.is_ok() {
+                        // Read until the server's close reply ends the stream.
+                        while let Some(Ok(_)) = ws.next().await {}
+                    }
+                })
+                .await;
+            }
+            Outcome::Closed(code) => {
+                shared.closed_by_server(code);
+                // Let tungstenite flush its close reply, if it owes one.
+                let _ = timeout(CLOSE_TIMEOUT, async {
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+            }
+        }
+        shared.client_finished(client.frames.into_entries());
+        if !recycled || shared.stop.is_cancelled() {
+            return;
+        }
+        shared.counters.churn_closed.fetch_add(1, Relaxed);
+        replacement = true;
+    }
+}
+
+/// Opens client `index`'s connection; `None` when the run stopped first or
+/// the connect failed (counted: a first connect in the ramp's tally, a
+/// replacement in the churn's).
+async fn connect(index: u32, shared: &Shared, replacement: bool) -> Option<Ws> {
     let target = index as usize % shared.urls.len();
     let connect = timeout(
         CONNECT_TIMEOUT,
@@ -144,45 +242,31 @@ pub(crate) async fn run(index: u32, shared: Arc<Shared>) {
     let connected = tokio::select! {
         biased;
         () = shared.stop.cancelled() => {
-            shared.attempt_finished();
-            return;
+            if !replacement {
+                shared.attempt_finished();
+            }
+            return None;
         }
         result = connect => result,
     };
-    let mut ws = match connected {
-        Ok(Ok((ws, _response))) => ws,
-        Ok(Err(error)) => return shared.connect_failed(&error),
-        Err(_) => {
-            return shared.connect_failed(&format_args!("no handshake within {CONNECT_TIMEOUT:?}"));
+    let error = match connected {
+        Ok(Ok((ws, _response))) => {
+            if replacement {
+                shared.reconnected();
+            } else {
+                shared.connected();
+            }
+            return Some(ws);
         }
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no handshake within {CONNECT_TIMEOUT:?}"),
     };
-    shared.connected();
-
-    let mut client = Client::new(index, target, Arc::clone(&shared));
-    match client.drive(&mut ws).await {
-        Outcome::Stopped => {
-            let _ = timeout(CLOSE_TIMEOUT, async {
-                let close = CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "loadgen done".into(),
-                };
-                if ws.close(Some(close)).await.is_ok() {
-                    // Read until the server's close reply ends the stream.
-                    while let Some(Ok(_)) = ws.next().await {}
-                }
-            })
-            .await;
-        }
-        Outcome::Closed(code) => {
-            shared.closed_by_server(code);
-            // Let tungstenite flush its close reply, if it owes one.
-            let _ = timeout(CLOSE_TIMEOUT, async {
-                while let Some(Ok(_)) = ws.next().await {}
-            })
-            .await;
-        }
+    if replacement {
+        shared.counters.churn_failed.fetch_add(1, Relaxed);
+    } else {
+        shared.connect_failed(&error);
     }
-    shared.client_finished(client.frames.into_entries());
+    None
 }
 
 struct Client {
@@ -212,6 +296,10 @@ struct Client {
     next_rename: Option<Instant>,
     /// Drain deadline, once the run stopped.
     stopping: Option<Instant>,
+    /// Renames sent on `--renames`' behalf.
+    renames: u64,
+    /// Delay observers: the last delay seen per other client.
+    seen: HashMap<String, f64>,
     frames: FrameCounts,
 }
 
@@ -246,6 +334,8 @@ impl Client {
             next_ping: now + interval.map_or(Duration::ZERO, |iv| iv.mul_f64(phase)),
             next_rename: renamer.then(|| now + RENAME_INTERVAL),
             stopping: None,
+            renames: 0,
+            seen: HashMap::new(),
             frames: FrameCounts::default(),
             shared,
         }
@@ -253,6 +343,8 @@ impl Client {
 
     async fn drive(&mut self, ws: &mut Ws) -> Outcome {
         let stop = self.shared.stop.clone();
+        let shared = Arc::clone(&self.shared);
+        let poke = shared.pokes.get(self.index as usize);
         loop {
             if let Some(deadline) = self.stopping
                 && (self.in_flight.is_none() || Instant::now() >= deadline)
@@ -271,6 +363,9 @@ impl Client {
                     Some(Err(_)) | None => ControlFlow::Break(Outcome::Closed(1006)),
                 },
                 () = sleep_until(wake) => self.on_timer(ws).await,
+                flags = wait_poke(poke), if poke.is_some() && self.stopping.is_none() => {
+                    self.on_poke(ws, flags).await
+                }
             };
             if let ControlFlow::Break(outcome) = flow {
                 return outcome;
@@ -293,6 +388,24 @@ impl Client {
             wake = wake.min(at);
         }
         wake
+    }
+
+    /// `--churn` and `--renames` asked for something. Delay observers and
+    /// the renamer of `--measure-broadcast` stay (they measure).
+    async fn on_poke(&mut self, ws: &mut Ws, flags: u8) -> ControlFlow<Outcome> {
+        if flags & POKE_RENAME != 0 {
+            self.renames += 1;
+            let text = format!(
+                r#"{{"command":"change_name","name":"lg{}-{}"}}"#,
+                self.index, self.renames
+            );
+            send(ws, text).await?;
+            self.shared.counters.renames.fetch_add(1, Relaxed);
+        }
+        if flags & POKE_RECYCLE != 0 && !self.delay_observer && self.next_rename.is_none() {
+            return ControlFlow::Break(Outcome::Recycled);
+        }
+        ControlFlow::Continue(())
     }
 
     async fn on_timer(&mut self, ws: &mut Ws) -> ControlFlow<Outcome> {
@@ -372,21 +485,42 @@ impl Client {
 
     async fn on_text(&mut self, ws: &mut Ws, text: &str) -> ControlFlow<Outcome> {
         let received_at = Instant::now();
-        // The large frames, unless this client reads them: counted by their
-        // prefix (the server puts `command` first), not parsed.
-        if text.starts_with(ROSTER_PREFIX) {
-            self.frames.add("roster");
-            return ControlFlow::Continue(());
+        let in_window = self.shared.in_window();
+        if in_window {
+            let n = text.len() as u64;
+            self.shared.counters.bytes_received.fetch_add(n, Relaxed);
         }
-        if text.starts_with(DELAYS_PREFIX) {
-            if self.shared.in_window() {
-                let n = text.len() as u64;
-                self.shared.counters.delays_bytes.fetch_add(n, Relaxed);
+        // Most frames are only counted: their command is read from the
+        // prefix, never parsed (the cheap path 10,000 clients need).
+        let command = command_of(text);
+        match command {
+            Some("pong") => {
+                self.frames.add("pong");
+                return self.on_pong(ws, pong_seq(text), received_at).await;
             }
-            if !self.delay_observer {
-                self.frames.add("delays");
+            Some("error") => {
+                self.frames.add("error");
+                self.shared.counters.server_errors.fetch_add(1, Relaxed);
                 return ControlFlow::Continue(());
             }
+            Some(carrier @ ("delays" | "view" | "view_update")) => {
+                if carrier == "delays" && in_window {
+                    let n = text.len() as u64;
+                    self.shared.counters.delays_bytes.fetch_add(n, Relaxed);
+                }
+                self.frames.add(carrier);
+                if self.delay_observer && in_window {
+                    self.on_delays(text);
+                }
+                return ControlFlow::Continue(());
+            }
+            Some("welcome") => {}
+            Some("change_name") if self.measure_broadcast => {}
+            Some(other) => {
+                self.frames.add(other);
+                return ControlFlow::Continue(());
+            }
+            None => {}
         }
         let Ok(frame) = serde_json::from_str::<Incoming<'_>>(text) else {
             self.frames.add("_unparsed");
@@ -414,9 +548,6 @@ impl Client {
                 {
                     self.shared.add_id(id);
                 }
-            }
-            "delays" if self.delay_observer && self.shared.in_window() => {
-                self.on_delays(text);
             }
             "error" => {
                 self.shared.counters.server_errors.fetch_add(1, Relaxed);
@@ -483,19 +614,30 @@ impl Client {
 }
 
 impl Client {
-    /// Records, for every other client's value in a `delays` frame, how long
-    /// ago it was sent (the value is its send time, see `DELAY_CLOCK_US`).
-    fn on_delays(&self, text: &str) {
-        let Ok(frame) = serde_json::from_str::<DelaysFrame<'_>>(text) else {
+    /// Records, for every other client's value in a frame that carries
+    /// delays, how long ago it was sent (the value is its send time, see
+    /// `DELAY_CLOCK_US`). A `view` frame repeats the rows of its window
+    /// whether they changed or not, and a row may scroll into the window
+    /// long after its last report: so a value counts only when the
+    /// observer saw that client before with another value, i.e. exactly
+    /// when an update reached it.
+    fn on_delays(&mut self, text: &str) {
+        let Ok(frame) = serde_json::from_str::<DelayCarrier>(text) else {
             return;
         };
         let now = unix_micros() % DELAY_CLOCK_US;
-        for (id, entry) in &frame.delay_times {
-            if self.channel_name.as_deref() == Some(id.as_ref()) {
+        if self.seen.len() > MAX_SEEN {
+            self.seen.clear();
+        }
+        for (id, sent) in frame.delays() {
+            if self.channel_name.as_deref() == Some(id) {
                 continue;
             }
-            if let Some(sent) = entry.delay_time.as_f64() {
-                self.shared.record_delay(delay_age(now, sent));
+            match self.seen.insert(id.to_owned(), sent) {
+                Some(before) if before != sent => {
+                    self.shared.record_delay(delay_age(now, sent));
+                }
+                _ => {}
             }
         }
     }
@@ -507,6 +649,15 @@ fn delay_age(now_us: u64, sent_ms: f64) -> u64 {
     let sent_us = (sent_ms * 1000.0).round() as i64;
     let clock = DELAY_CLOCK_US as i64;
     (now_us as i64 - sent_us).rem_euclid(clock) as u64
+}
+
+/// The next poke of this client's [`Poke`](crate::runner::Poke); never
+/// without one.
+async fn wait_poke(poke: Option<&crate::runner::Poke>) -> u8 {
+    match poke {
+        Some(poke) => poke.wait().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sends a text frame; a failed or stalled write ends the connection.
@@ -550,12 +701,53 @@ mod tests {
         assert_eq!(delay_age(1_500_000, 1000.0), 500_000);
         assert_eq!(delay_age(100_000, 59_900.0), 200_000);
         assert_eq!(delay_age(2_000, 1.5), 500);
-        let frame: DelaysFrame<'_> = serde_json::from_str(
-            r#"{"command":"delays","delay_times":{"a":{"delay_time":12.5,"median":1},"b":{"delay_time":"-"}}}"#,
-        )
-        .unwrap();
-        assert_eq!(frame.delay_times["a"].delay_time.as_f64(), Some(12.5));
-        assert_eq!(frame.delay_times["b"].delay_time.as_f64(), None);
+        let delays = |text: &str| {
+            let frame: DelayCarrier = serde_json::from_str(text).unwrap();
+            let mut pairs: Vec<(String, f64)> = frame
+                .delays()
+                .into_iter()
+                .map(|(id, d)| (id.to_owned(), d))
+                .collect();
+            pairs.sort_by(|a, b| a.0.cmp(&b.0));
+            pairs
+        };
+        let a = |d: f64| ("a".to_owned(), d);
+        assert_eq!(
+            delays(
+                r#"{"command":"delays","delay_times":{"a":{"delay_time":12.5,"median":1},"b":{"delay_time":"-"}}}"#
+            ),
+            [a(12.5)]
+        );
+        assert_eq!(
+            delays(
+                r#"{"command":"view","total":3,"rows":[{"channel_name":"a","delay_time":12.5},{"channel_name":"b","delay_time":null}],"me":{"channel_name":"c","delay_time":1}}"#
+            ),
+            [a(12.5)]
+        );
+        assert_eq!(
+            delays(
+                r#"{"command":"view_update","total":3,"rows":{"a":{"channel_name":"a","delay_time":12.5}}}"#
+            ),
+            [a(12.5)]
+        );
+        assert!(delays(r#"{"command":"view_update","total":3}"#).is_empty());
+    }
+
+    #[test]
+    fn commands_and_pong_seqs_read_without_parsing() {
+        assert_eq!(command_of(r#"{"command":"pong","seq":7}"#), Some("pong"));
+        assert_eq!(
+            command_of(r#"{"command":"view_update","total":1}"#),
+            Some("view_update")
+        );
+        assert_eq!(command_of(r#"{"seq":7,"command":"pong"}"#), None);
+        assert_eq!(command_of(r#"{"command":"pong"#), None);
+        assert_eq!(
+            pong_seq(r#"{"command":"pong","seq":17,"server_time":1}"#),
+            Some(17)
+        );
+        assert_eq!(pong_seq(r#"{"command":"pong","seq":9}"#), Some(9));
+        assert_eq!(pong_seq(r#"{"command":"pong"}"#), None);
     }
 
     #[test]

@@ -10,7 +10,8 @@ mod client;
 pub mod echo;
 mod runner;
 pub mod summary;
+mod usage;
 
 pub use cli::{Args, Config, ConfigError, Page, Protocol};
 pub use runner::run;
-pub use summary::Summary;
+pub use summary::{ChurnStats, SelfUsage, Summary};

@@ -8,8 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = match loadgen::Args::parse().into_config() {
         Ok(config) => config,
         Err(error) => {
@@ -17,6 +16,29 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // One shared runtime for every client: on one thread when asked (the
+    // cheapest per client, see docs/loadgen.md), else one worker per CPU.
+    let runtime = if config.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if config.threads > 1 {
+            builder.worker_threads(usize::from(config.threads));
+        }
+        builder.enable_all().build()
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(config)),
+        Err(error) => {
+            eprintln!("loadgen: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: loadgen::Config) -> ExitCode {
     let shutdown = match services::shutdown::signal() {
         Ok(shutdown) => shutdown,
         Err(error) => {

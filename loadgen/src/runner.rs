@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -19,8 +19,10 @@ use tokio_util::task::TaskTracker;
 use crate::cli::Config;
 use crate::client;
 use crate::summary::{
-    BroadcastStats, DelayStats, ErrorCounts, LatencyStats, Summary, new_histogram, per_second,
+    BroadcastStats, ChurnStats, DelayStats, ErrorCounts, LatencyStats, SelfUsage, Summary,
+    new_histogram, per_second,
 };
+use crate::usage;
 
 /// A ping with no pong for this long counts as a timeout.
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,6 +62,46 @@ pub(crate) struct Counters {
     pub(crate) renames_sent: AtomicU64,
     /// Bytes of the `delays` frames received in the window.
     pub(crate) delays_bytes: AtomicU64,
+    /// `--churn`: connections closed to be replaced by a new client.
+    pub(crate) churn_closed: AtomicU64,
+    /// `--churn`: replacement connections that succeeded / failed.
+    pub(crate) churn_connected: AtomicU64,
+    pub(crate) churn_failed: AtomicU64,
+    /// `--renames`: renames sent.
+    pub(crate) renames: AtomicU64,
+    /// Bytes of every text frame received in the window, all clients.
+    pub(crate) bytes_received: AtomicU64,
+}
+
+/// Asks client `i` to do something from outside its task (`--churn`,
+/// `--renames`): a flag word and a wake-up, one per client.
+#[derive(Default)]
+pub(crate) struct Poke {
+    flags: AtomicU8,
+    notify: Notify,
+}
+
+/// [`Poke`] flag: close and connect again as a new client.
+pub(crate) const POKE_RECYCLE: u8 = 1;
+/// [`Poke`] flag: rename yourself.
+pub(crate) const POKE_RENAME: u8 = 2;
+
+impl Poke {
+    fn send(&self, flag: u8) {
+        self.flags.fetch_or(flag, Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Waits for a poke and returns (and clears) its flags.
+    pub(crate) async fn wait(&self) -> u8 {
+        loop {
+            let flags = self.flags.swap(0, Relaxed);
+            if flags != 0 {
+                return flags;
+            }
+            self.notify.notified().await;
+        }
+    }
 }
 
 /// State shared by the runner and every client task.
@@ -91,6 +133,8 @@ pub(crate) struct Shared {
     delays: Mutex<Histogram<u64>>,
     /// Every simulated client's id, in the order their welcomes came.
     ids: Mutex<Vec<String>>,
+    /// One per client with `--churn` or `--renames`, else empty.
+    pub(crate) pokes: Vec<Poke>,
     closed_by_server: Mutex<BTreeMap<u16, u64>>,
     frames: Mutex<BTreeMap<String, u64>>,
 }
@@ -104,6 +148,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn new(config: Config) -> Self {
         let urls = config.ws_urls();
+        let pokes = if config.churn > 0.0 || config.renames > 0.0 {
+            (0..config.clients).map(|_| Poke::default()).collect()
+        } else {
+            Vec::new()
+        };
         Self {
             url: urls[0].clone(),
             urls,
@@ -121,6 +170,7 @@ impl Shared {
             broadcast_other: Mutex::new(new_histogram()),
             delays: Mutex::new(new_histogram()),
             ids: Mutex::new(Vec::new()),
+            pokes,
             closed_by_server: Mutex::new(BTreeMap::new()),
             frames: Mutex::new(BTreeMap::new()),
         }
@@ -167,6 +217,12 @@ impl Shared {
         self.counters.connected.fetch_add(1, Relaxed);
         self.counters.open.fetch_add(1, Relaxed);
         self.attempt_finished();
+    }
+
+    /// A replacement connection (`--churn`) succeeded.
+    pub(crate) fn reconnected(&self) {
+        self.counters.churn_connected.fetch_add(1, Relaxed);
+        self.counters.open.fetch_add(1, Relaxed);
     }
 
     /// Counts a failed connect; the first one is also printed, since a
@@ -306,6 +362,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Summary 
 
     // Window.
     let mut window = Duration::ZERO;
+    let mut cpu_start = None;
     if interrupted {
         eprintln!("loadgen: interrupted while connecting");
     } else if connected == 0 {
@@ -320,6 +377,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Summary 
             );
         }
         let _ = shared.window_start.set(ramp_end);
+        cpu_start = usage::cpu_time();
+        if !shared.pokes.is_empty() {
+            tokio::spawn(poke_clients(Arc::clone(&shared)));
+        }
         let end = ramp_end + shared.config.duration;
         loop {
             tokio::select! {
@@ -333,6 +394,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Summary 
         }
         window = ramp_end.elapsed();
     }
+    // loadgen's own cost over the window, before the drain.
+    let own = cpu_start
+        .zip(usage::cpu_time())
+        .map(|(start, end)| (end - start, usage::memory_kib()));
 
     // Drain: clients finish in-flight pings and close.
     shared.stop.cancel();
@@ -355,7 +420,57 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Summary 
         &shared,
         (ramp_end - started).as_secs_f64(),
         window.as_secs_f64(),
+        own,
     )
+}
+
+/// `--churn` and `--renames`: while the window is open, pokes one client
+/// every `1 / rate` seconds for each, round robin. Churn skips the first
+/// [`DELAY_OBSERVERS`] clients (they measure, and the renamer of
+/// `--measure-broadcast` is usually among them) unless there are few
+/// clients; renames start half way round, so a client is rarely asked for
+/// both at once.
+async fn poke_clients(shared: Arc<Shared>) {
+    let config = &shared.config;
+    let n = shared.pokes.len();
+    let churn_from = if n > 2 * DELAY_OBSERVERS as usize {
+        DELAY_OBSERVERS as usize
+    } else {
+        0
+    };
+    let schedule = |rate: f64| (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let (churn_every, rename_every) = (schedule(config.churn), schedule(config.renames));
+    let start = Instant::now();
+    let (mut churn_at, mut rename_at) = (start, start);
+    let (mut churned, mut renamed) = (0usize, 0usize);
+    loop {
+        let next = match (churn_every, rename_every) {
+            (Some(_), Some(_)) => churn_at.min(rename_at),
+            (Some(_), None) => churn_at,
+            (None, Some(_)) => rename_at,
+            (None, None) => return,
+        };
+        tokio::select! {
+            () = shared.stop.cancelled() => return,
+            () = sleep_until(next) => {}
+        }
+        let now = Instant::now();
+        if let Some(every) = churn_every {
+            while churn_at <= now {
+                let i = churn_from + churned % (n - churn_from);
+                shared.pokes[i].send(POKE_RECYCLE);
+                churned += 1;
+                churn_at += every;
+            }
+        }
+        if let Some(every) = rename_every {
+            while rename_at <= now {
+                shared.pokes[(n / 2 + renamed) % n].send(POKE_RENAME);
+                renamed += 1;
+                rename_at += every;
+            }
+        }
+    }
 }
 
 /// Spawns one client task per `1 / ramp` seconds until all are started or
@@ -373,7 +488,12 @@ async fn connect_all(shared: Arc<Shared>, tracker: TaskTracker, started: Instant
     }
 }
 
-fn summarize(shared: &Shared, ramp_secs: f64, duration_secs: f64) -> Summary {
+fn summarize(
+    shared: &Shared,
+    ramp_secs: f64,
+    duration_secs: f64,
+    own: Option<(Duration, Option<(u64, u64)>)>,
+) -> Summary {
     let c = &shared.counters;
     let config = &shared.config;
     let errors = ErrorCounts {
@@ -413,5 +533,15 @@ fn summarize(shared: &Shared, ramp_secs: f64, duration_secs: f64) -> Summary {
         }),
         frames_by_command: lock(&shared.frames).clone(),
         delays_bytes: c.delays_bytes.load(Relaxed),
+        bytes_received: c.bytes_received.load(Relaxed),
+        churn: (config.churn > 0.0 || config.renames > 0.0).then(|| ChurnStats {
+            closed: c.churn_closed.load(Relaxed),
+            reconnected: c.churn_connected.load(Relaxed),
+            reconnect_failed: c.churn_failed.load(Relaxed),
+            renames: c.renames.load(Relaxed),
+        }),
+        loadgen: own.map(|(cpu, memory)| {
+            SelfUsage::new(cpu, duration_secs, c.connected.load(Relaxed), memory)
+        }),
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -133,6 +134,57 @@ pub struct DelayStats {
     pub latency_us: LatencyStats,
 }
 
+/// `--churn` and `--renames`: what the clients did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChurnStats {
+    /// Connections closed (1000) to be replaced by a new client.
+    pub closed: u64,
+    /// Replacement connections that succeeded.
+    pub reconnected: u64,
+    /// Replacement connections that failed (the client is gone for the run).
+    pub reconnect_failed: u64,
+    /// Renames sent.
+    pub renames: u64,
+}
+
+/// loadgen's own cost over the window: what its clients take from the
+/// machine the server under test shares.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SelfUsage {
+    /// CPU time (user + system) over the window, in % of one core.
+    pub cpu_percent: f64,
+    /// The same, per connected client: µs of CPU per second.
+    pub cpu_us_per_client_per_sec: f64,
+    /// Resident memory at the end of the window, KiB (`None` off Linux).
+    pub rss_kib: Option<u64>,
+    /// Peak resident memory of the run, KiB.
+    pub peak_rss_kib: Option<u64>,
+    /// `rss_kib` per connected client.
+    pub rss_kib_per_client: Option<f64>,
+}
+
+impl SelfUsage {
+    /// From the CPU time used over a window of `secs` seconds with
+    /// `clients` connected, and `(VmRSS, VmHWM)` in KiB.
+    pub fn new(cpu: Duration, secs: f64, clients: u64, memory: Option<(u64, u64)>) -> Self {
+        let cpu_us_per_sec = per_second(u64::try_from(cpu.as_micros()).unwrap_or(u64::MAX), secs);
+        let per_client = |x: f64| {
+            if clients == 0 {
+                0.0
+            } else {
+                x / clients as f64
+            }
+        };
+        Self {
+            cpu_percent: cpu_us_per_sec / 10_000.0,
+            cpu_us_per_client_per_sec: per_client(cpu_us_per_sec),
+            rss_kib: memory.map(|(rss, _)| rss),
+            peak_rss_kib: memory.map(|(_, hwm)| hwm),
+            rss_kib_per_client: memory.map(|(rss, _)| per_client(rss as f64)),
+        }
+    }
+}
+
 /// The result of one run.
 ///
 /// JSON keys (stable, snake_case):
@@ -162,6 +214,13 @@ pub struct DelayStats {
 ///   server commands
 /// - `delays_bytes`: the size of every `delays` frame received in the
 ///   window, summed over all clients
+/// - `bytes_received`: the size of every text frame received in the
+///   window, summed over all clients
+/// - `churn`: `null`, or with `--churn` or `--renames` `{closed,
+///   reconnected, reconnect_failed, renames}`
+/// - `loadgen`: `null` (no window, or not Linux), or loadgen's own cost
+///   over the window: `{cpu_percent, cpu_us_per_client_per_sec, rss_kib,
+///   peak_rss_kib, rss_kib_per_client}`
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     /// Endpoint URLs, separated by spaces.
@@ -204,6 +263,12 @@ pub struct Summary {
     pub frames_by_command: BTreeMap<String, u64>,
     /// Bytes of the `delays` frames received by all clients in the window.
     pub delays_bytes: u64,
+    /// Bytes of every text frame received by all clients in the window.
+    pub bytes_received: u64,
+    /// What `--churn` and `--renames` did.
+    pub churn: Option<ChurnStats>,
+    /// loadgen's own CPU and memory over the window.
+    pub loadgen: Option<SelfUsage>,
 }
 
 /// Formats an optional value, `-` for none.
@@ -305,6 +370,32 @@ impl fmt::Display for Summary {
                 f,
                 "delays     {} observers; delay_time to delays frame µs {}",
                 delays.observers, delays.latency_us
+            )?;
+        }
+        if let Some(churn) = &self.churn {
+            writeln!(
+                f,
+                "churn      {} closed, {} reconnected, {} failed to reconnect; {} renames",
+                churn.closed, churn.reconnected, churn.reconnect_failed, churn.renames
+            )?;
+        }
+        if self.duration_secs > 0.0 {
+            writeln!(
+                f,
+                "received   {:.0} bytes/s per client (text frames)",
+                per_second(self.bytes_received, self.duration_secs)
+                    / self.clients_connected.max(1) as f64
+            )?;
+        }
+        if let Some(own) = &self.loadgen {
+            writeln!(
+                f,
+                "loadgen    cpu {:.1}% ({:.1} µs/s per client), rss {} KiB ({} KiB per client, peak {} KiB)",
+                own.cpu_percent,
+                own.cpu_us_per_client_per_sec,
+                Opt(own.rss_kib),
+                Opt(own.rss_kib_per_client.map(|x| format!("{x:.1}"))),
+                Opt(own.peak_rss_kib)
             )?;
         }
         let frames: Vec<String> = self
@@ -428,6 +519,19 @@ mod tests {
             }),
             frames_by_command: BTreeMap::from([("pong".into(), 10)]),
             delays_bytes: 0,
+            bytes_received: 1000,
+            churn: Some(ChurnStats {
+                closed: 3,
+                reconnected: 2,
+                reconnect_failed: 1,
+                renames: 4,
+            }),
+            loadgen: Some(SelfUsage::new(
+                Duration::from_millis(500),
+                2.0,
+                2,
+                Some((1000, 2000)),
+            )),
         };
         let json = serde_json::to_value(&summary).unwrap();
         assert_eq!(json["page"], "public");
@@ -442,5 +546,15 @@ mod tests {
         assert_eq!(json["delays"]["latency_us"]["p50"], 500);
         assert!(text.contains("delays     2 observers"), "{text}");
         assert!(text.contains("frames     pong 10"), "{text}");
+        assert_eq!(json["churn"]["renames"], 4);
+        assert_eq!(json["loadgen"]["cpu_percent"], 25.0);
+        assert_eq!(json["loadgen"]["cpu_us_per_client_per_sec"], 125_000.0);
+        assert_eq!(json["loadgen"]["rss_kib_per_client"], 500.0);
+        assert!(
+            text.contains("churn      3 closed, 2 reconnected"),
+            "{text}"
+        );
+        assert!(text.contains("received   250 bytes/s per client"), "{text}");
+        assert!(text.contains("loadgen    cpu 25.0%"), "{text}");
     }
 }

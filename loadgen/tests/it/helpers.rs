@@ -73,6 +73,19 @@ pub type Watches = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>)>>>;
 
 /// [`start_fake_public`] that also records every `watch` in `watches`.
 pub async fn start_fake_public_recording(close_with: Option<u16>, watches: Watches) -> SocketAddr {
+    start_fake_public_full(close_with, watches, Watches::default()).await
+}
+
+/// [`start_fake_public_recording`] that also records, per connection, the
+/// names it was renamed to and, as `"close CODE REASON"`, how it ended
+/// (`"gone"` without a close frame), in `events`. Every `delay_time` is
+/// also sent to everyone as a `view_update` row, as the gateway's view
+/// does for the rows in a window.
+pub async fn start_fake_public_full(
+    close_with: Option<u16>,
+    watches: Watches,
+    events: Watches,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let (broadcasts, _) = broadcast::channel::<String>(1024);
@@ -83,6 +96,7 @@ pub async fn start_fake_public_recording(close_with: Option<u16>, watches: Watch
             let id = format!("c{next_id}");
             let broadcasts = broadcasts.clone();
             let watches = watches.clone();
+            let events = events.clone();
             tokio::spawn(async move {
                 let Ok(mut ws) = accept_async(stream).await else {
                     return;
@@ -95,10 +109,21 @@ pub async fn start_fake_public_recording(close_with: Option<u16>, watches: Watch
                 let _ = broadcasts.send(
                     json!({"command": "connect", "channel_name": id, "name": id}).to_string(),
                 );
+                let event = |what: String| events.lock().unwrap().push((id.clone(), vec![what]));
                 loop {
                     tokio::select! {
                         message = ws.next() => {
-                            let Some(Ok(message)) = message else { return };
+                            let message = match message {
+                                Some(Ok(Message::Close(frame))) => {
+                                    event(frame.map_or("close".into(), |f| format!("close {} {}", u16::from(f.code), f.reason)));
+                                    return;
+                                }
+                                Some(Ok(message)) => message,
+                                _ => {
+                                    event("gone".into());
+                                    return;
+                                }
+                            };
                             let Message::Text(text) = message else { continue };
                             let Ok(frame) = serde_json::from_str::<Value>(text.as_str()) else { continue };
                             match frame["command"].as_str() {
@@ -113,6 +138,9 @@ pub async fn start_fake_public_recording(close_with: Option<u16>, watches: Watch
                                 }
                                 Some("delay_time") => {
                                     let _ = ws.send(Message::text(EMPTY_DELAYS)).await;
+                                    let row = json!({"channel_name": id, "name": id, "delay_time": frame["delay_time"]});
+                                    let update = json!({"command": "view_update", "total": 1, "matched": 1, "rows": {id.clone(): row}});
+                                    let _ = broadcasts.send(update.to_string());
                                 }
                                 Some("watch") => {
                                     let ids = frame["channel_names"].as_array().into_iter().flatten()
@@ -120,6 +148,7 @@ pub async fn start_fake_public_recording(close_with: Option<u16>, watches: Watch
                                     watches.lock().unwrap().push((id.clone(), ids));
                                 }
                                 Some("change_name") => {
+                                    event(format!("rename {}", frame["name"].as_str().unwrap_or("?")));
                                     let renamed = json!({"command": "change_name", "channel_name": id, "name": frame["name"]});
                                     let _ = broadcasts.send(renamed.to_string());
                                 }

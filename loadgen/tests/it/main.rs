@@ -7,7 +7,8 @@ use std::process::Command;
 
 use futures_util::StreamExt;
 use helpers::{
-    EMPTY_DELAYS, EchoProcess, Watches, config, start_fake_public, start_fake_public_recording,
+    EMPTY_DELAYS, EchoProcess, Watches, config, start_fake_public, start_fake_public_full,
+    start_fake_public_recording,
 };
 use loadgen::Summary;
 use serde_json::Value;
@@ -291,6 +292,108 @@ async fn watch_sends_each_client_a_run_of_other_clients() {
     assert!(summary.delays_bytes > 0, "{summary:?}");
     assert_eq!(summary.delays_bytes % EMPTY_DELAYS.len() as u64, 0);
     assert!(summary.delays_bytes <= delays * EMPTY_DELAYS.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_recycles_clients_and_renames_go_round_robin() {
+    let events = Watches::default();
+    let addr = start_fake_public_full(None, Watches::default(), events.clone()).await;
+    let summary = loadgen::run(
+        config(
+            &format!("ws://{addr}"),
+            &[
+                "--clients",
+                "40",
+                "--duration",
+                "2s",
+                "--page",
+                "public",
+                "--churn",
+                "10",
+                "--renames",
+                "5",
+            ],
+        ),
+        never(),
+    )
+    .await;
+
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    let churn = summary.churn.as_ref().expect("churn stats");
+    // 10/s and 5/s over 2 s: one event at the window's start, then one per
+    // period (the last may fall on the window's end).
+    assert!((19..=21).contains(&churn.closed), "{churn:?}");
+    assert_eq!(churn.reconnected, churn.closed, "{churn:?}");
+    assert_eq!(churn.reconnect_failed, 0);
+    assert!((9..=11).contains(&churn.renames), "{churn:?}");
+    let events = events.lock().unwrap().clone();
+    let count = |prefix: &str| {
+        events
+            .iter()
+            .filter(|(_, what)| what[0].starts_with(prefix))
+            .collect::<Vec<_>>()
+    };
+    // The server saw each recycled connection close with 1000 and every
+    // rename, each by another client, none of the first 16 (observers)
+    // recycled.
+    let churned = count("close 1000 loadgen churn");
+    assert_eq!(churned.len() as u64, churn.closed, "{events:?}");
+    let renames = count("rename lg");
+    assert_eq!(renames.len() as u64, churn.renames, "{events:?}");
+    let renamers: std::collections::BTreeSet<_> = renames.iter().map(|(id, _)| id).collect();
+    assert_eq!(renamers.len(), renames.len(), "round robin: {renames:?}");
+    assert_eq!(count("close 1000 loadgen done").len(), 40, "{events:?}");
+    assert!(count("gone").is_empty(), "{events:?}");
+    // 40 first welcomes and one per replacement.
+    assert_eq!(
+        summary.frames_by_command["welcome"],
+        40 + churn.reconnected,
+        "{summary:?}"
+    );
+    let own = summary
+        .loadgen
+        .as_ref()
+        .expect("loadgen's own usage on Linux");
+    assert!(
+        own.rss_kib.unwrap() > 0 && own.cpu_percent >= 0.0,
+        "{own:?}"
+    );
+    assert!(summary.bytes_received > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_latency_counts_each_update_a_view_carries_once() {
+    let addr = start_fake_public(None).await;
+    let summary = loadgen::run(
+        config(
+            &format!("ws://{addr}"),
+            &[
+                "--clients",
+                "3",
+                "--duration",
+                "3s",
+                "--rate",
+                "4",
+                "--page",
+                "public",
+                "--measure-delays",
+            ],
+        ),
+        never(),
+    )
+    .await;
+
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    let delays = summary.delays.as_ref().expect("delay stats");
+    assert_eq!(delays.observers, 3);
+    // Each client reports 4 times a second; every report but the first one
+    // an observer sees of a client is a changed value: 3 observers x 2
+    // others x about 12 reports in the window.
+    let samples = delays.latency_us.samples;
+    assert!((40..=80).contains(&samples), "{delays:?}");
+    // The fake relays at once: loopback latency, far below a second.
+    assert!(delays.latency_us.p99.unwrap() < 500_000, "{delays:?}");
+    assert!(summary.frames_by_command["view_update"] > samples);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -419,3 +419,172 @@ impl WsClient {
             .await;
     }
 }
+
+// ---- a crowd: thousands of cheap public clients ------------------------------
+
+/// `n` public v2 clients over plain WebSockets, each on its own task:
+/// client `i` is named by `name(i)` and reports one sample of `delay(i)`
+/// ms; each asks for an empty view (`limit` 0, docs/protocol.md) so that
+/// the room's frames to the crowd stay small, and discards everything it
+/// gets. [`Crowd::send`] makes client `i` send more; all leave when the
+/// crowd is dropped.
+pub struct Crowd {
+    /// Every client's id, by index.
+    pub ids: Vec<String>,
+    /// The clients whose connection the server ended (not [`Crowd::leave`]).
+    gone: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<usize>>>,
+    controls: Vec<tokio::sync::mpsc::UnboundedSender<Value>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+/// What [`Crowd::send`] asks a client to do.
+pub enum Act {
+    /// Ping and report a sample of this many ms for it.
+    Sample(f64),
+    /// Rename.
+    Rename(String),
+}
+
+impl Crowd {
+    /// Connects the crowd, 64 handshakes at a time; panics naming the
+    /// first failure (e.g. `ulimit -n` too low: it needs one descriptor
+    /// per client in this process and in the server).
+    pub async fn join(
+        server: &Server,
+        n: usize,
+        name: impl Fn(usize) -> String,
+        delay: impl Fn(usize) -> f64,
+    ) -> Crowd {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
+
+        let url = format!("ws://{}/ws/public/?v=2", server.addr);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        let gone = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut pending = Vec::with_capacity(n);
+        let mut controls = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+            let (id_tx, id_rx) = tokio::sync::oneshot::channel::<String>();
+            controls.push(tx);
+            pending.push(id_rx);
+            let (url, gate, gone) = (url.clone(), gate.clone(), gone.clone());
+            let (name, delay) = (name(i), delay(i));
+            tasks.spawn(async move {
+                let permit = gate.acquire_owned().await.unwrap();
+                let (mut ws, _) =
+                    tokio_tungstenite::connect_async_with_config(&url, Some(config), true)
+                        .await
+                        .unwrap_or_else(|e| {
+                            panic!("crowd client {i}: {e} (per-IP caps not off, or ulimit -n too low?)")
+                        });
+                let welcome = loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) => break t,
+                        Some(Ok(_)) => continue,
+                        other => panic!("crowd client {i}: no welcome: {other:?}"),
+                    }
+                };
+                let welcome: Value = serde_json::from_str(welcome.as_str()).unwrap();
+                let id = welcome["channel_name"].as_str().unwrap().to_owned();
+                let mut seq = 1;
+                for v in [
+                    json!({"command": "view", "limit": 0}),
+                    json!({"command": "change_name", "name": name}),
+                    json!({"command": "ping", "seq": seq}),
+                    json!({"command": "delay_time", "delay_time": delay, "seq": seq}),
+                ] {
+                    ws.send(Message::text(v.to_string())).await.unwrap();
+                }
+                drop(permit);
+                let _ = id_tx.send(id);
+                loop {
+                    tokio::select! {
+                        frame = ws.next() => match frame {
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                                gone.lock().unwrap().insert(i);
+                                return;
+                            }
+                            Some(Ok(_)) => {}
+                        },
+                        act = rx.recv() => match act {
+                            Some(v) => {
+                                let mut frames = vec![v.clone()];
+                                if v["command"] == "delay_time" {
+                                    seq += 1;
+                                    frames = vec![
+                                        json!({"command": "ping", "seq": seq}),
+                                        json!({"command": "delay_time", "delay_time": v["delay_time"], "seq": seq}),
+                                    ];
+                                }
+                                for f in frames {
+                                    if ws.send(Message::text(f.to_string())).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            None => {
+                                let _ = ws.close(None).await;
+                                return;
+                            }
+                        },
+                    }
+                }
+            });
+        }
+        let mut ids = Vec::with_capacity(n);
+        for (i, rx) in pending.into_iter().enumerate() {
+            match rx.await {
+                Ok(id) => ids.push(id),
+                Err(_) => {
+                    // The task panicked: surface its message.
+                    while let Some(done) = tasks.join_next().await {
+                        if let Err(e) = done
+                            && e.is_panic()
+                        {
+                            std::panic::resume_unwind(e.into_panic());
+                        }
+                    }
+                    panic!("crowd client {i} ended before its welcome");
+                }
+            }
+        }
+        Crowd {
+            ids,
+            gone,
+            controls,
+            tasks,
+        }
+    }
+
+    /// The clients the server disconnected so far (a slow reader closed
+    /// with 1013, say): they left the room without [`Crowd::leave`].
+    pub fn gone(&self) -> std::collections::BTreeSet<usize> {
+        self.gone.lock().unwrap().clone()
+    }
+
+    /// Makes client `i` act; false when it is gone.
+    pub fn send(&self, i: usize, act: Act) -> bool {
+        let v = match act {
+            Act::Sample(ms) => json!({"command": "delay_time", "delay_time": ms}),
+            Act::Rename(name) => json!({"command": "change_name", "name": name}),
+        };
+        self.controls[i].send(v).is_ok()
+    }
+
+    /// Client `i` leaves (closes its connection).
+    pub fn leave(&mut self, i: usize) {
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        self.controls[i] = tx;
+    }
+}
+
+impl Drop for Crowd {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}

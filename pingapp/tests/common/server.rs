@@ -38,10 +38,17 @@ impl Server {
         env: &[(&str, &str)],
     ) -> Server {
         let db = format!("sqlite://{}/pingapp.db", dir.path().display());
+        // Fast roster ticks and heartbeats, unless the test sets its own
+        // (a test with thousands of clients keeps the defaults).
+        let fast: &[&str] = if extra.contains(&"--roster-tick-ms") {
+            &[]
+        } else {
+            &["--roster-tick-ms", "50", "--heartbeat-interval-ms", "200"]
+        };
         let mut builder = Service::command_at(env!("CARGO_BIN_EXE_pingapp"))
             .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
             .args(["--database-url", &db])
-            .args(["--roster-tick-ms", "50", "--heartbeat-interval-ms", "200"])
+            .args(fast)
             // Tests poll the API every 20 ms from one address while they
             // wait for the recorder: no per-IP API budget
             // (docs/security.md).
