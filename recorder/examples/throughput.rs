@@ -174,9 +174,12 @@ async fn main() -> anyhow::Result<()> {
         1000.0 * metric::<f64>(&registry, "pingapp_recorder_insert_duration_seconds_sum")
             / metric::<f64>(&registry, "pingapp_recorder_insert_duration_seconds_count").max(1.0)
     );
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM samples")
-        .fetch_one(store.pool())
-        .await?;
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM sample_staging) \
+              + (SELECT coalesce(sum(samples), 0) FROM sample_blocks)::bigint",
+    )
+    .fetch_one(store.pool())
+    .await?;
     anyhow::ensure!(
         stored as usize == total,
         "{stored} stored, {total} expected"

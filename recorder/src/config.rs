@@ -23,7 +23,8 @@ pub struct RecorderConfig {
     /// Samples older than this are deleted (default 30 days; zero keeps
     /// them for ever).
     pub retention: Duration,
-    /// How often old samples are deleted (default 1 min).
+    /// How often staged samples are packed and old ones deleted (default
+    /// 1 min).
     pub prune_interval: Duration,
     /// The stream drops unconsumed batches older than this (default 7
     /// days): how long the recorders may all be down without loss.

@@ -517,6 +517,13 @@ impl Store for Flaky {
     ) -> Result<Vec<StatsBucket>, StoreError> {
         self.inner.stats(window, bucket, now_us).await
     }
+    async fn pack_step(
+        &self,
+        before_us: i64,
+        after: i32,
+    ) -> Result<Option<(u64, i32)>, StoreError> {
+        self.inner.pack_step(before_us, after).await
+    }
     async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
         self.inner.prune(older_than_us).await
     }
