@@ -298,3 +298,56 @@ pub async fn packing_keeps_reads_and_prunes_whole_blocks(store: Arc<dyn Store>) 
         "pruned",
     );
 }
+
+/// The `samples` view decodes blocks in SQL to exactly what was stored.
+#[tokio::test]
+async fn the_samples_view_shows_every_stored_sample() {
+    let pg = crate::helpers::TestPg::new().await;
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut model = Model::default();
+    for (id, public) in CLIENTS {
+        let mut s = random_samples(&mut rng, id, public, 300);
+        s[3].delay_ms = -0.0;
+        s[4].delay_ms = 1e-310;
+        s[5].delay_ms = f64::MAX;
+        s[6].seq = Some(u64::MAX);
+        s.iter().for_each(|s| {
+            model.add(s);
+        });
+        pg.store.insert(&[batch(Vec::new(), s)]).await.unwrap();
+    }
+    pg.store.pack(BASE_US + 3 * BLOCK_US).await.unwrap();
+    let rows: Vec<(String, i64, Option<i64>, i64, f64, bool)> = sqlx::query_as(
+        "SELECT channel_name, n, seq, at_us, delay_ms, public FROM samples ORDER BY channel_name, n",
+    )
+    .fetch_all(pg.store.pool())
+    .await
+    .unwrap();
+    let packed: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(samples), 0)::bigint FROM sample_blocks")
+            .fetch_one(pg.store.pool())
+            .await
+            .unwrap();
+    assert!(packed > 100, "some samples are packed: {packed}");
+    assert_eq!(rows.len(), model.samples.len());
+    for ((name, n, seq, at_us, delay, public), s) in rows.iter().zip(model.samples.values()) {
+        assert_eq!(
+            (
+                name.as_str(),
+                *n as u64,
+                seq.map(|v| v as u64),
+                *at_us,
+                delay.to_bits(),
+                *public
+            ),
+            (
+                s.channel_name.as_str(),
+                s.n,
+                s.seq,
+                s.at_us,
+                s.delay_ms.to_bits(),
+                s.public
+            ),
+        );
+    }
+}

@@ -460,13 +460,10 @@ async fn connect_picks_the_backend_by_scheme() {
 async fn concurrent_migrations_are_safe() {
     // Arrange: an empty database (the fixture migrated it; undo that).
     let pg = TestPg::new().await;
-    sqlx::query(
-        "DROP TABLE sample_staging, sample_blocks, sample_pack_fence, channels, clients, \
-         _sqlx_migrations",
-    )
-    .execute(pg.store.pool())
-    .await
-    .unwrap();
+    sqlx::raw_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        .execute(pg.store.pool())
+        .await
+        .unwrap();
     // Act: four replicas start at once.
     let opens = (0..4).map(|_| recorder::store::connect(&pg.url));
     let results = futures_util::future::join_all(opens).await;
