@@ -223,13 +223,15 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
 /// The budget of history and statistics reads against Postgres
 /// (docs/architecture.md, "Bounds"): their own pool, so they can never take
 /// the connections of inserts, pruning or the health check's ping, and a
-/// statement timeout. (SQLite, the standalone store, has one writer and
-/// no statement timeout; the recorder's read budget applies to both.)
+/// statement timeout. (SQLite, the standalone store, has one pool; its
+/// reads are interrupted at the same timeout by a progress handler; the
+/// recorder's read budget applies to both.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadLimits {
     /// Connections of the read pool: the recorder's `--read-concurrency`.
     pub connections: u32,
-    /// Postgres `statement_timeout` of every read (`--read-timeout-ms`).
+    /// How long one read may run (`--read-timeout-ms`): Postgres'
+    /// `statement_timeout`, SQLite's progress handler.
     pub statement_timeout: Duration,
 }
 
@@ -254,7 +256,7 @@ pub async fn connect_with(url: &str, reads: ReadLimits) -> anyhow::Result<Arc<dy
             .context("opening the Postgres database")?;
         Ok(Arc::new(store))
     } else if url.starts_with("sqlite:") {
-        let store = sqlite::SqliteStore::connect(url)
+        let store = sqlite::SqliteStore::connect_with(url, reads)
             .await
             .context("opening the SQLite database")?;
         Ok(Arc::new(store))

@@ -1,23 +1,26 @@
 //! The SQLite store of the standalone binary: one file in WAL mode, so
-//! history and statistics reads run beside the single writer.
+//! history and statistics reads run beside the single writer. SQLite has no
+//! statement timeout: a progress handler interrupts a read that runs past
+//! the read timeout ([`ReadLimits::statement_timeout`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use services::messages::SampleRecord;
 use services::messages::{RecordBatch, StatsBucket, StoredSample};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::block::{self, Sample};
 use super::{
     Access, Buckets, History, InsertOutcome, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK, PackStep,
-    STATS_BLOCKS, STATS_STAGED, StagedRow, Store, StoreError, block_keys, bucket_width,
+    ReadLimits, STATS_BLOCKS, STATS_STAGED, StagedRow, Store, StoreError, block_keys, bucket_width,
     fold_blocks, merge_blocks, staged_sample, stored_sample, to_sample, window_start,
 };
 
@@ -27,10 +30,16 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// limit of 32,766 parameters a statement.
 const INSERT_CHUNK: usize = 1_000;
 
+/// SQLite virtual-machine steps between two checks of a read's deadline.
+const PROGRESS_STEPS: i32 = 10_000;
+
 /// A SQLite database file.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// How long one read may run: SQLite has no `statement_timeout`, so a
+    /// progress handler interrupts a read past it (SQLITE_INTERRUPT).
+    read_timeout: Duration,
 }
 
 impl SqliteStore {
@@ -41,6 +50,16 @@ impl SqliteStore {
     /// # Errors
     /// A malformed URL, an unusable file, or a failed migration.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, ReadLimits::default()).await
+    }
+
+    /// Like [`SqliteStore::connect`], every read cut off after
+    /// `reads.statement_timeout` (`reads.connections` does not apply: the
+    /// recorder's read budget bounds the reads at once).
+    ///
+    /// # Errors
+    /// As [`SqliteStore::connect`].
+    pub async fn connect_with(url: &str, reads: ReadLimits) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -62,10 +81,32 @@ impl SqliteStore {
         };
         let pool = pool_opts
             .acquire_timeout(Duration::from_secs(10))
+            // A read that was cut off or abandoned leaves its deadline
+            // behind: no other use of the connection inherits it.
+            .before_acquire(|conn, _| {
+                Box::pin(async move {
+                    conn.lock_handle().await?.remove_progress_handler();
+                    Ok(true)
+                })
+            })
             .connect_with(opts)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            read_timeout: reads.statement_timeout,
+        })
+    }
+
+    /// A connection for one read, interrupted once the read timeout has
+    /// passed.
+    async fn read_conn(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let deadline = Instant::now() + self.read_timeout;
+        conn.lock_handle()
+            .await?
+            .set_progress_handler(PROGRESS_STEPS, move || Instant::now() < deadline);
+        Ok(conn)
     }
 
     /// The connection pool (tests and tools).
@@ -268,10 +309,11 @@ impl Store for SqliteStore {
     }
 
     async fn access(&self, channel_name: &str) -> Result<Option<Access>, StoreError> {
+        let mut conn = self.read_conn().await?;
         let client: Option<(bool, Option<String>)> =
             sqlx::query_as("SELECT public, token_digest FROM clients WHERE channel_name = ?")
                 .bind(channel_name)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await?;
         if let Some(client) = client {
             return Ok(Some(Access::from(client)));
@@ -279,7 +321,7 @@ impl Store for SqliteStore {
         let public: Option<bool> =
             sqlx::query_scalar("SELECT public FROM channels WHERE channel_name = ?")
                 .bind(channel_name)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await?;
         Ok(public.map(Access::without_token))
     }
@@ -292,7 +334,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StoredSample>, StoreError> {
         let mut history = History::new(since_us, limit);
         // One read transaction, one snapshot: packing moves samples.
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.read_conn().await?;
+        let mut tx = conn.begin().await?;
         let id: Option<i32> = sqlx::query_scalar("SELECT id FROM channels WHERE channel_name = ?")
             .bind(channel_name)
             .fetch_optional(&mut *tx)
@@ -338,7 +381,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StatsBucket>, StoreError> {
         let width = bucket_width(bucket)?;
         let since = window_start(now_us, window);
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.read_conn().await?;
+        let mut tx = conn.begin().await?;
         let staged: Vec<(i64, f64)> = sqlx::query_as(STATS_STAGED)
             .bind(since)
             .fetch_all(&mut *tx)

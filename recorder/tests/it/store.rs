@@ -572,3 +572,46 @@ async fn reads_are_cut_off_by_their_statement_timeout() {
     blocker.rollback().await.unwrap();
     assert_eq!(count(&store, "a").await, 3);
 }
+
+/// SQLite has no statement timeout: a progress handler interrupts a read
+/// past the read timeout, and the connection is clean for what follows.
+#[tokio::test]
+async fn sqlite_reads_are_cut_off_by_the_read_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let cut = |ms| recorder::store::ReadLimits {
+        connections: 1,
+        statement_timeout: Duration::from_millis(ms),
+    };
+    let strict = recorder::store::sqlite::SqliteStore::connect_with(&url, cut(0))
+        .await
+        .unwrap();
+    strict
+        .insert(&[batch(
+            vec![client("a", true, None)],
+            samples("a", true, 0..5000, 0),
+        )])
+        .await
+        .unwrap();
+    let window = Duration::from_secs(86_400);
+    let now = 10_000_000_000;
+    let err = strict
+        .stats(window, Duration::from_secs(60), now)
+        .await
+        .expect_err("a read past its deadline is interrupted");
+    assert!(err.to_string().contains("interrupt"), "{err}");
+    // Writes on the same pool are not cut off by a read's deadline.
+    let o = strict
+        .insert(&[batch(Vec::new(), samples("a", true, 5000..6000, 0))])
+        .await
+        .expect("a write after an interrupted read");
+    assert_eq!(o.inserted, 1000);
+    let patient = recorder::store::sqlite::SqliteStore::connect_with(&url, cut(5000))
+        .await
+        .unwrap();
+    let buckets = patient
+        .stats(window, Duration::from_secs(60), now)
+        .await
+        .unwrap();
+    assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 6000);
+}
