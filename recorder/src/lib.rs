@@ -275,9 +275,9 @@ async fn ping_loop(store: Arc<dyn Store>, health: Arc<DbHealth>, stop: Cancellat
 /// meantime and are staged, not merged into a packed block.
 pub const PACK_DELAY: Duration = Duration::from_secs(60);
 
-/// Every `interval`: packs the staged samples of blocks that ended
-/// [`PACK_DELAY`] ago, and deletes samples older than the retention (zero:
-/// none).
+/// Every `interval`: creates the partitions the next days need, packs the
+/// staged samples of blocks that ended [`PACK_DELAY`] ago, and deletes
+/// samples older than the retention (zero: none).
 async fn maintenance_loop(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
@@ -299,6 +299,11 @@ async fn maintenance_loop(
             _ = tick.tick() => {}
         }
         let now = services::unix_us();
+        match store.maintain_partitions(now, retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(partitions = n, "created partitions of packed samples"),
+            Err(e) => tracing::warn!(error = %e, "creating partitions failed; trying again later"),
+        }
         let before = store::block::block_of(now.saturating_sub(us(PACK_DELAY)));
         let started = std::time::Instant::now();
         match store.pack(before).await {

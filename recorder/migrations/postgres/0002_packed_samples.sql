@@ -26,14 +26,18 @@ CREATE TABLE sample_staging (
 CREATE INDEX sample_staging_channel_at ON sample_staging (channel_id, at_us);
 
 -- One client's samples of one block [block_start_us, +10 min), packed
--- (recorder/src/store/block.rs).
+-- (recorder/src/store/block.rs). Partitioned by UTC day: the recorder
+-- creates `sample_blocks_dYYYYMMDD` ahead of time and retention drops whole
+-- days; blocks of a day without its partition wait in the default one
+-- until the recorder creates it.
 CREATE TABLE sample_blocks (
     channel_id     integer NOT NULL,
     block_start_us bigint  NOT NULL,
     samples        integer NOT NULL,
     data           bytea   NOT NULL,
     PRIMARY KEY (channel_id, block_start_us)
-);
+) PARTITION BY RANGE (block_start_us);
+CREATE TABLE sample_blocks_default PARTITION OF sample_blocks DEFAULT;
 -- Statistics and retention by time.
 CREATE INDEX sample_blocks_start ON sample_blocks (block_start_us);
 

@@ -196,10 +196,27 @@ pub trait Store: Send + Sync {
     async fn pack_step(&self, before_us: i64, after: i32)
     -> Result<Option<(u64, i32)>, StoreError>;
 
+    /// Creates the time partitions of packed samples the next days need,
+    /// and those of past days within `retention` (zero: none) that have
+    /// blocks waiting in the default partition. Returns how many it
+    /// created. SQLite has no partitions: nothing to do.
+    ///
+    /// # Errors
+    /// The database failed.
+    async fn maintain_partitions(
+        &self,
+        now_us: i64,
+        retention: Duration,
+    ) -> Result<u32, StoreError> {
+        let _ = (now_us, retention);
+        Ok(0)
+    }
+
     /// Deletes the samples older than `older_than_us` (Unix µs), and the
     /// clients that connected before then and have no sample left. Packed
     /// samples go a whole block at a time, once the block's end has passed
-    /// `older_than_us` (so up to [`block::BLOCK_US`] later). Returns how many
+    /// `older_than_us` (so up to [`block::BLOCK_US`] later); on Postgres a
+    /// whole day's partition at a time, once the day has passed it. Returns how many
     /// samples were deleted.
     ///
     /// # Errors

@@ -21,12 +21,13 @@
 //! afterwards, so even a failed migration cannot leave the session-level
 //! lock held on a pooled connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use services::messages::{ClientRecord, RecordBatch, SampleRecord, StatsBucket, StoredSample};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres};
 
@@ -113,17 +114,73 @@ const HISTORY_BLOCKS: i64 = 8;
 /// Reads see one snapshot: packing moves samples between the tables.
 const SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 
-/// The advisory lock key that serializes pruning across replicas.
+/// A connection holding the maintenance lock.
+struct Locked<'a>(Option<&'a mut PoolConnection<Postgres>>);
+
+/// Takes the advisory lock that serializes maintenance (partitions,
+/// pruning) across replicas; `None` when another replica holds it: it
+/// skips this round instead of doing the same work and deadlocking.
+async fn lock_maintenance(
+    conn: &mut PoolConnection<Postgres>,
+) -> Result<Option<Locked<'_>>, StoreError> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(PRUNE_LOCK)
+        .fetch_one(&mut **conn)
+        .await?;
+    Ok(locked.then_some(Locked(Some(conn))))
+}
+
+impl Locked<'_> {
+    fn conn(&mut self) -> &mut PgConnection {
+        self.0
+            .as_deref_mut()
+            .map(|c| &mut **c)
+            .expect("locked until unlock")
+    }
+
+    /// Releases the lock; a connection that may still hold it is closed
+    /// instead of going back to the pool (closing ends the session and
+    /// the lock).
+    async fn unlock(mut self) {
+        let Some(conn) = self.0.take() else { return };
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(PRUNE_LOCK)
+            .execute(&mut **conn)
+            .await;
+        if unlocked.is_err() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// The advisory lock key that serializes maintenance across replicas.
 const PRUNE_LOCK: i64 = 0x7069_6e67_7072_756e; // "pingprun"
 
 async fn prune_locked(conn: &mut PgConnection, older_than_us: i64) -> Result<u64, StoreError> {
     let mut deleted = 0u64;
-    // Whole blocks that ended by the cutoff.
+    // Whole days that ended by the cutoff: their partitions go.
+    for (name, day) in partitions(conn).await? {
+        if day.saturating_add(DAY_US) > older_than_us {
+            continue;
+        }
+        let sql = format!("SELECT coalesce(sum(samples), 0)::bigint FROM {name}");
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut *conn)
+            .await?;
+        let sql = format!("DROP TABLE {name}");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await?;
+        tracing::info!(partition = %name, samples = n, "dropped a day of packed samples");
+        deleted += u64::try_from(n).unwrap_or(0);
+    }
+    // Blocks in the default partition (days without a partition of their
+    // own), whole blocks that ended by the cutoff, by an index range.
     let last_start = older_than_us.saturating_sub(block::BLOCK_US);
     loop {
         let counts: Vec<i32> = sqlx::query_scalar(
-            "DELETE FROM sample_blocks WHERE (channel_id, block_start_us) IN \
-             (SELECT channel_id, block_start_us FROM sample_blocks \
+            "DELETE FROM sample_blocks_default WHERE (channel_id, block_start_us) IN \
+             (SELECT channel_id, block_start_us FROM sample_blocks_default \
               WHERE block_start_us <= $1 LIMIT $2) RETURNING samples",
         )
         .bind(last_start)
@@ -173,6 +230,111 @@ async fn prune_locked(conn: &mut PgConnection, older_than_us: i64) -> Result<u64
     .execute(&mut *conn)
     .await?;
     Ok(deleted)
+}
+
+/// A UTC day in µs.
+const DAY_US: i64 = 86_400_000_000;
+
+/// Days of partitions created ahead of today.
+pub const PARTITIONS_AHEAD: i64 = 2;
+
+/// Past days' partitions created in one maintenance round, at most.
+const PARTITIONS_PER_ROUND: usize = 64;
+
+/// The name of the partition of the UTC day starting at `day_us`.
+fn partition_name(day_us: i64) -> String {
+    let day = chrono::DateTime::from_timestamp_micros(day_us).unwrap_or_default();
+    format!("sample_blocks_d{}", day.format("%Y%m%d"))
+}
+
+/// The day partitions of `sample_blocks` and their days' starts.
+async fn partitions(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, StoreError> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'sample_blocks'::regclass",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(names
+        .into_iter()
+        .filter_map(|name| {
+            let digits = name.strip_prefix("sample_blocks_d")?;
+            let day = chrono::NaiveDate::parse_from_str(digits, "%Y%m%d").ok()?;
+            let start = day.and_hms_opt(0, 0, 0)?.and_utc().timestamp_micros();
+            // Only names this code writes: the name goes into SQL.
+            (partition_name(start) == name).then_some((name, start))
+        })
+        .collect())
+}
+
+/// Creates the partition of the day starting at `day_us`, moving its
+/// blocks out of the default partition, under the fence (no block is
+/// written meanwhile).
+async fn create_partition(conn: &mut PgConnection, day_us: i64) -> Result<(), StoreError> {
+    let name = partition_name(day_us);
+    let (lo, hi) = (day_us, day_us + DAY_US);
+    let mut tx = conn.begin().await?;
+    sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+    let sql = format!(
+        "CREATE TABLE {name} (LIKE sample_blocks INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await?;
+    let sql = format!(
+        "WITH moved AS (DELETE FROM sample_blocks_default \
+         WHERE block_start_us >= {lo} AND block_start_us < {hi} RETURNING *) \
+         INSERT INTO {name} SELECT * FROM moved"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await?;
+    let sql = format!(
+        "ALTER TABLE sample_blocks ATTACH PARTITION {name} FOR VALUES FROM ({lo}) TO ({hi})"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(partition = %name, "created a day partition of packed samples");
+    Ok(())
+}
+
+/// Creates the missing partitions: today and [`PARTITIONS_AHEAD`] days,
+/// and past days within `retention` with blocks in the default partition.
+async fn ensure_partitions(
+    conn: &mut PgConnection,
+    now_us: i64,
+    retention: Duration,
+) -> Result<u32, StoreError> {
+    let existing: BTreeSet<i64> = partitions(conn)
+        .await?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
+    let day = |us: i64| us - us.rem_euclid(DAY_US);
+    let today = day(now_us);
+    let mut wanted: BTreeSet<i64> = (0..=PARTITIONS_AHEAD).map(|d| today + d * DAY_US).collect();
+    if !retention.is_zero() {
+        let horizon =
+            day(now_us.saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX)));
+        let waiting: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT block_start_us - block_start_us % $1 FROM sample_blocks_default \
+             WHERE block_start_us >= $2 AND block_start_us < $3",
+        )
+        .bind(DAY_US)
+        .bind(horizon.max(0))
+        .bind(today)
+        .fetch_all(&mut *conn)
+        .await?;
+        wanted.extend(waiting.into_iter().take(PARTITIONS_PER_ROUND));
+    }
+    let mut created = 0;
+    for d in wanted.difference(&existing) {
+        create_partition(conn, *d).await?;
+        created += 1;
+    }
+    Ok(created)
 }
 
 fn bind_clients<'q>(
@@ -546,27 +708,27 @@ impl Store for PgStore {
         pack_step(&self.pool, before_us, after).await
     }
 
-    async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
-        // One replica prunes at a time; the others skip this round instead
-        // of deleting the same rows and deadlocking each other.
+    async fn maintain_partitions(
+        &self,
+        now_us: i64,
+        retention: Duration,
+    ) -> Result<u32, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(PRUNE_LOCK)
-            .fetch_one(&mut *conn)
-            .await?;
-        if !locked {
+        let Some(mut conn) = lock_maintenance(&mut conn).await? else {
             return Ok(0);
-        }
-        let pruned = prune_locked(&mut conn, older_than_us).await;
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(PRUNE_LOCK)
-            .execute(&mut *conn)
-            .await;
-        if unlocked.is_err() {
-            // Never hand a connection that may still hold the lock back to
-            // the pool: closing it ends the session and the lock.
-            drop(conn.detach());
-        }
+        };
+        let created = ensure_partitions(conn.conn(), now_us, retention).await;
+        conn.unlock().await;
+        created
+    }
+
+    async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let Some(mut conn) = lock_maintenance(&mut conn).await? else {
+            return Ok(0);
+        };
+        let pruned = prune_locked(conn.conn(), older_than_us).await;
+        conn.unlock().await;
         pruned
     }
 

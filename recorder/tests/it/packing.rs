@@ -351,3 +351,93 @@ async fn the_samples_view_shows_every_stored_sample() {
         );
     }
 }
+
+/// Postgres keeps packed samples in day partitions: created ahead of time
+/// (and for past days whose blocks waited in the default partition), and
+/// dropped whole by retention.
+#[tokio::test]
+async fn day_partitions_are_created_ahead_and_dropped_whole() {
+    const DAY: i64 = 86_400_000_000;
+    let pg = crate::helpers::TestPg::new().await;
+    let store = &pg.store;
+    let today = BASE_US - BASE_US.rem_euclid(DAY);
+    let now = today + 3_600_000_000;
+    // Two days ago, packed before any partition existed (as after the
+    // migration), and today's samples, staged.
+    store
+        .insert(&[batch(
+            vec![client("a", true, None)],
+            [
+                samples("a", true, 0..100, today - 2 * DAY),
+                samples("a", true, 100..200, today),
+            ]
+            .concat(),
+        )])
+        .await
+        .unwrap();
+    store.pack(today).await.unwrap();
+    let before = history(&**store, "a", None, 10_000).await;
+    let names = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'sample_blocks'::regclass ORDER BY 1",
+        )
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+    };
+    // Act: today, two days ahead, and the past day with blocks waiting.
+    let created = store
+        .maintain_partitions(now, Duration::from_secs(30 * 86_400))
+        .await
+        .unwrap();
+    // Assert
+    assert_eq!(created, 4);
+    let day = |d: i64| {
+        chrono::DateTime::from_timestamp_micros(today + d * DAY)
+            .unwrap()
+            .format("sample_blocks_d%Y%m%d")
+            .to_string()
+    };
+    let mut expected = vec![
+        day(-2),
+        day(0),
+        day(1),
+        day(2),
+        "sample_blocks_default".to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(names().await, expected);
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM sample_blocks_default")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(waiting, 0, "moved into their day's partition");
+    assert_eq!(
+        store
+            .maintain_partitions(now, Duration::from_secs(30 * 86_400))
+            .await
+            .unwrap(),
+        0
+    );
+    store.pack(now).await.unwrap();
+    assert_same_history(
+        &history(&**store, "a", None, 10_000).await,
+        &before,
+        "partitioned",
+    );
+    // Retention: the day that ended by the cutoff goes as a whole table;
+    // today's blocks stay even where older than the cutoff.
+    assert_eq!(store.prune(today - DAY).await.unwrap(), 100);
+    assert!(!names().await.contains(&day(-2)));
+    assert_eq!(
+        store.prune(today + BLOCK_US).await.unwrap(),
+        0,
+        "today's partition is kept whole"
+    );
+    assert_same_history(
+        &history(&**store, "a", None, 10_000).await,
+        &before[100..],
+        "pruned",
+    );
+}
