@@ -563,20 +563,17 @@ impl Store for PgStore {
         let clients: Vec<&ClientRecord> = batches.iter().flat_map(|b| &b.clients).collect();
         let samples: Vec<&SampleRecord> = batches.iter().flat_map(|b| &b.samples).collect();
         let mut conn = self.pool.acquire().await?;
-        // Client rows first, each its own statement and transaction: a
+        // Client rows first, in statements (transactions) of their own: a
         // row stored twice is harmless, a later failure retries the batch.
+        // Usually one statement: the batch's new clients and its samples'
+        // clients fit one chunk each.
         let (names, public) = sample_clients(&samples);
-        for chunk in clients.chunks(INSERT_CHUNK) {
-            bind_clients(sqlx::query(INSERT_CLIENTS), chunk)
-                .bind(Vec::<String>::new())
-                .bind(Vec::<bool>::new())
-                .execute(&mut *conn)
-                .await?;
-        }
-        for (names, public) in names.chunks(INSERT_CHUNK).zip(public.chunks(INSERT_CHUNK)) {
-            bind_clients(sqlx::query(INSERT_CLIENTS), &[])
-                .bind(names)
-                .bind(public)
+        let chunks = clients.len().max(names.len()).div_ceil(INSERT_CHUNK);
+        for i in 0..chunks {
+            let part = |len: usize| (i * INSERT_CHUNK).min(len)..((i + 1) * INSERT_CHUNK).min(len);
+            bind_clients(sqlx::query(INSERT_CLIENTS), &clients[part(clients.len())])
+                .bind(&names[part(names.len())])
+                .bind(&public[part(public.len())])
                 .execute(&mut *conn)
                 .await?;
         }
