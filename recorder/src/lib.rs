@@ -186,7 +186,10 @@ impl Recorder {
         tracker.spawn(maintenance_loop(
             self.store.clone(),
             self.metrics.clone(),
-            self.cfg.retention,
+            Retention {
+                samples: self.cfg.retention,
+                rollups: self.cfg.rollup_retention,
+            },
             self.cfg.prune_interval,
             stop.clone(),
         ));
@@ -270,6 +273,12 @@ async fn ping_loop(store: Arc<dyn Store>, health: Arc<DbHealth>, stop: Cancellat
     }
 }
 
+/// How long samples and rollups are kept (zero: for ever).
+struct Retention {
+    samples: Duration,
+    rollups: Duration,
+}
+
 /// How long after a block's end its samples are packed: batches still on
 /// their way (the gateways' batching, a recorder's retries) arrive in the
 /// meantime and are staged, not merged into a packed block.
@@ -281,7 +290,10 @@ pub const PACK_DELAY: Duration = Duration::from_secs(60);
 async fn maintenance_loop(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    retention: Duration,
+    Retention {
+        samples: retention,
+        rollups,
+    }: Retention,
     interval: Duration,
     stop: CancellationToken,
 ) {
@@ -317,6 +329,13 @@ async fn maintenance_loop(
                 );
             }
             Err(e) => tracing::warn!(error = %e, "packing failed; trying again later"),
+        }
+        if !rollups.is_zero() {
+            match store.prune_rollups(now.saturating_sub(us(rollups))).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(minutes = n, "pruned rollups past retention"),
+                Err(e) => tracing::warn!(error = %e, "pruning rollups failed; trying again later"),
+            }
         }
         if retention.is_zero() {
             continue;

@@ -69,6 +69,13 @@ pub fn block_of(at_us: i64) -> i64 {
 #[error("corrupt sample block: {0}")]
 pub struct Corrupt(&'static str);
 
+impl Corrupt {
+    /// Bytes that do not decode, and what is wrong with them.
+    pub(crate) fn new(why: &'static str) -> Self {
+        Self(why)
+    }
+}
+
 /// Packs `samples`, which must be sorted by `(at_us, n)` (as [`merge`]
 /// returns them).
 pub fn encode(samples: &[Sample]) -> Vec<u8> {
@@ -145,15 +152,17 @@ pub fn decode(data: &[u8]) -> Result<Vec<Sample>, Corrupt> {
 }
 
 /// `stored` (a decoded block, or nothing) with `incoming` added, one
-/// sample per `n` (a stored sample wins), sorted by `(at_us, n)`; and how
-/// many of `incoming` were new.
-pub fn merge(stored: Vec<Sample>, incoming: &[Sample]) -> (Vec<Sample>, u64) {
+/// sample per `n` (a stored sample wins), sorted by `(at_us, n)`; and the
+/// samples of `incoming` that were new.
+pub fn merge(stored: Vec<Sample>, incoming: &[Sample]) -> (Vec<Sample>, Vec<Sample>) {
     let mut by_n: BTreeMap<i64, Sample> = stored.into_iter().map(|s| (s.n, s)).collect();
-    let before = by_n.len();
+    let mut added = Vec::new();
     for s in incoming {
-        by_n.entry(s.n).or_insert(*s);
+        if let std::collections::btree_map::Entry::Vacant(e) = by_n.entry(s.n) {
+            e.insert(*s);
+            added.push(*s);
+        }
     }
-    let added = (by_n.len() - before) as u64;
     let mut all: Vec<Sample> = by_n.into_values().collect();
     all.sort_by_key(Sample::key);
     (all, added)
@@ -319,7 +328,7 @@ mod tests {
             sample(15, 5, None, 7.0),
         ];
         let (all, added) = merge(stored, &incoming);
-        assert_eq!(added, 1);
+        assert_eq!(added, [sample(15, 5, None, 5.0)]);
         assert_eq!(
             all.iter()
                 .map(|s| (s.at_us, s.n, s.delay_ms))

@@ -20,6 +20,7 @@
 
 pub mod block;
 pub mod postgres;
+pub mod sketch;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -211,6 +212,13 @@ pub trait Store: Send + Sync {
         let _ = (now_us, retention);
         Ok(0)
     }
+
+    /// Deletes the minute rollups older than `older_than_us`; returns how
+    /// many.
+    ///
+    /// # Errors
+    /// The database failed.
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError>;
 
     /// Deletes the samples older than `older_than_us` (Unix µs), and the
     /// clients that connected before then and have no sample left. Packed
@@ -460,6 +468,9 @@ pub(crate) fn staged_sample((c, n, seq, at_us, delay_ms): StagedRow) -> (i32, bl
     )
 }
 
+/// A sample with its client's id.
+pub(crate) type ClientSample = (i32, block::Sample);
+
 /// A block row to write: `(channel_id, block_start_us, samples, data)`.
 pub(crate) type BlockRow = (i32, i64, i32, Vec<u8>);
 
@@ -475,14 +486,15 @@ pub(crate) fn block_keys(samples: &[(i32, block::Sample)]) -> (Vec<i32>, Vec<i64
 
 /// The blocks that result from adding `incoming` to the blocks `stored`
 /// (`(channel_id, block_start_us, data)` of the same keys, as read from the
-/// database), and how many of `incoming` were new ([`block::merge`]).
+/// database), and the samples of `incoming` that were new
+/// ([`block::merge`]).
 ///
 /// # Errors
 /// A stored block does not decode.
 pub(crate) fn merge_blocks(
     stored: Vec<(i32, i64, Vec<u8>)>,
     incoming: &[(i32, block::Sample)],
-) -> Result<(Vec<BlockRow>, u64), StoreError> {
+) -> Result<(Vec<BlockRow>, Vec<ClientSample>), StoreError> {
     let mut groups: BTreeMap<(i32, i64), (Vec<block::Sample>, Vec<block::Sample>)> =
         BTreeMap::new();
     for (c, start, data) in stored {
@@ -495,20 +507,165 @@ pub(crate) fn merge_blocks(
             .1
             .push(*s);
     }
-    let mut added = 0;
+    let mut added = Vec::new();
     let mut rows = Vec::with_capacity(groups.len());
     for ((c, start), (old, new)) in groups {
         if new.is_empty() {
             continue;
         }
-        let (all, n) = block::merge(old, &new);
-        added += n;
-        if n > 0 {
+        let (all, new) = block::merge(old, &new);
+        if !new.is_empty() {
             let count = i32::try_from(all.len()).unwrap_or(i32::MAX);
             rows.push((c, start, count, block::encode(&all)));
+            added.extend(new.into_iter().map(|s| (c, s)));
         }
     }
     Ok((rows, added))
+}
+
+/// Width of a rollup: one minute.
+pub const MINUTE_US: i64 = 60_000_000;
+
+/// The public room's samples of one minute, or of a statistics bucket:
+/// count, extremes and a [`sketch::Sketch`] of the delays.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Rollup {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub sketch: sketch::Sketch,
+}
+
+/// A `room_minutes` row: `(minute_us, samples, min_ms, max_ms, sketch)`.
+pub(crate) type RollupRow = (i64, i64, f64, f64, Vec<u8>);
+
+impl Rollup {
+    fn add(&mut self, v: f64) {
+        self.min = if self.count == 0 { v } else { self.min.min(v) };
+        self.max = if self.count == 0 { v } else { self.max.max(v) };
+        self.count += 1;
+        self.sketch.add(v);
+    }
+
+    fn merge(&mut self, other: &Rollup) {
+        if other.count == 0 {
+            return;
+        }
+        self.min = if self.count == 0 {
+            other.min
+        } else {
+            self.min.min(other.min)
+        };
+        self.max = if self.count == 0 {
+            other.max
+        } else {
+            self.max.max(other.max)
+        };
+        self.count += other.count;
+        self.sketch.merge(&other.sketch);
+    }
+
+    fn from_row((_, count, min, max, data): RollupRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            count: u64::try_from(count).unwrap_or(0),
+            min,
+            max,
+            sketch: sketch::Sketch::decode(&data)?,
+        })
+    }
+}
+
+/// The minute rollups of `samples` (the new public samples of a commit).
+pub(crate) fn minute_rollups(samples: &[block::Sample]) -> BTreeMap<i64, Rollup> {
+    let mut minutes: BTreeMap<i64, Rollup> = BTreeMap::new();
+    for s in samples {
+        minutes
+            .entry(bucket_start(s.at_us, MINUTE_US))
+            .or_default()
+            .add(s.delay_ms);
+    }
+    minutes
+}
+
+/// The rows to write: `stored` rows (of the same minutes) with `new` added.
+///
+/// # Errors
+/// A stored sketch does not decode.
+pub(crate) fn merge_rollups(
+    stored: Vec<RollupRow>,
+    new: BTreeMap<i64, Rollup>,
+) -> Result<Vec<RollupRow>, StoreError> {
+    let mut stored: BTreeMap<i64, Rollup> = stored
+        .into_iter()
+        .map(|row| Ok((row.0, Rollup::from_row(row)?)))
+        .collect::<Result<_, StoreError>>()?;
+    Ok(new
+        .into_iter()
+        .map(|(minute, r)| {
+            let total = stored.entry(minute).or_default();
+            total.merge(&r);
+            (
+                minute,
+                i64::try_from(total.count).unwrap_or(i64::MAX),
+                total.min,
+                total.max,
+                total.sketch.encode(),
+            )
+        })
+        .collect())
+}
+
+/// Statistics from minute rollups (the packed samples, `rollups` oldest
+/// first) and the staged samples, for buckets of `width` (a multiple of
+/// [`MINUTE_US`]). A bucket with staged samples only gets exact
+/// percentiles; one with packed samples the sketch's
+/// ([`sketch`]'s bound). Count, min and max are exact.
+///
+/// # Errors
+/// A stored sketch does not decode.
+pub(crate) fn stats_from_rollups(
+    width: i64,
+    staged: Vec<(i64, f64)>,
+    rollups: Vec<RollupRow>,
+) -> Result<Vec<StatsBucket>, StoreError> {
+    let mut buckets: BTreeMap<i64, (Rollup, Vec<f64>)> = BTreeMap::new();
+    for row in rollups {
+        let start = bucket_start(row.0, width);
+        buckets
+            .entry(start)
+            .or_default()
+            .0
+            .merge(&Rollup::from_row(row)?);
+    }
+    for (at, v) in staged {
+        buckets
+            .entry(bucket_start(at, width))
+            .or_default()
+            .1
+            .push(v);
+    }
+    Ok(buckets
+        .into_iter()
+        .map(|(start, (mut packed, mut raw))| {
+            raw.sort_by(f64::total_cmp);
+            if packed.count == 0 {
+                return bucket_stats(start, &raw);
+            }
+            for v in raw {
+                packed.add(v);
+            }
+            let q = |q| packed.sketch.quantile(q).unwrap_or(0.0);
+            StatsBucket {
+                start_us: start,
+                count: packed.count,
+                min: packed.min,
+                p50: q(0.5),
+                p95: q(0.95),
+                p99: q(0.99),
+                max: packed.max,
+            }
+        })
+        .collect())
 }
 
 /// Rows packed per transaction, at most.
@@ -627,6 +784,12 @@ pub(crate) const STATS_STAGED: &str = "\
 pub(crate) const STATS_BLOCKS: &str = "\
     SELECT b.block_start_us, b.data FROM sample_blocks b JOIN channels c ON c.id = b.channel_id \
     WHERE c.public AND b.block_start_us >= $1 ORDER BY b.block_start_us";
+
+/// The minute rollups of a statistics window, oldest first (`$1`: its
+/// first minute).
+pub(crate) const STATS_ROLLUPS: &str = "\
+    SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes \
+    WHERE minute_us >= $1 ORDER BY minute_us";
 
 /// The statistics of `buckets` once the `blocks` of [`STATS_BLOCKS`] are
 /// added.

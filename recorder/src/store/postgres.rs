@@ -33,9 +33,10 @@ use sqlx::{Connection, Postgres};
 
 use super::block::{self, Sample};
 use super::{
-    Access, Buckets, History, InsertOutcome, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK, PackStep,
-    ReadLimits, STATS_BLOCKS, STATS_STAGED, StagedRow, Store, StoreError, block_keys, bucket_width,
-    fold_blocks, merge_blocks, staged_sample, stored_sample, to_db, window_start,
+    Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
+    PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
+    StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
+    minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_db, window_start,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -418,7 +419,9 @@ async fn stage(
     Ok((staged, late))
 }
 
-/// Merges `samples` into their blocks; the caller holds the fence.
+/// Merges `samples` into their blocks and the new public ones into the
+/// room's minute rollups; the caller holds the fence. Returns how many
+/// were new.
 async fn merge_into_blocks(
     conn: &mut PgConnection,
     samples: &[(i32, Sample)],
@@ -444,7 +447,67 @@ async fn merge_into_blocks(
         .bind(cols.3)
         .execute(&mut *conn)
         .await?;
-    Ok(added)
+    update_rollups(conn, &added).await?;
+    Ok(added.len() as u64)
+}
+
+/// Adds the public ones of `added` (samples just packed) to the room's
+/// minute rollups; the caller holds the fence, so each sample is added
+/// once.
+async fn update_rollups(
+    conn: &mut PgConnection,
+    added: &[(i32, Sample)],
+) -> Result<(), StoreError> {
+    let mut ids: Vec<i32> = added.iter().map(|(c, _)| *c).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let public: BTreeSet<i32> =
+        sqlx::query_scalar("SELECT id FROM channels WHERE public AND id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    let samples: Vec<Sample> = added
+        .iter()
+        .filter(|(c, _)| public.contains(c))
+        .map(|(_, s)| *s)
+        .collect();
+    let new = minute_rollups(&samples);
+    if new.is_empty() {
+        return Ok(());
+    }
+    let minutes: Vec<i64> = new.keys().copied().collect();
+    let stored: Vec<RollupRow> = sqlx::query_as(
+        "SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes \
+         WHERE minute_us = ANY($1)",
+    )
+    .bind(&minutes)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (m, n, min, max, sketch) in merge_rollups(stored, new)? {
+        cols.0.push(m);
+        cols.1.push(n);
+        cols.2.push(min);
+        cols.3.push(max);
+        cols.4.push(sketch);
+    }
+    sqlx::query(
+        "INSERT INTO room_minutes (minute_us, samples, min_ms, max_ms, sketch) \
+         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::double precision[], \
+                              $4::double precision[], $5::bytea[]) \
+         ON CONFLICT (minute_us) DO UPDATE SET samples = excluded.samples, \
+             min_ms = excluded.min_ms, max_ms = excluded.max_ms, sketch = excluded.sketch",
+    )
+    .bind(cols.0)
+    .bind(cols.1)
+    .bind(cols.2)
+    .bind(cols.3)
+    .bind(cols.4)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// One packing transaction over the clients after `after`; `None` when no
@@ -682,6 +745,19 @@ impl Store for PgStore {
         let width = bucket_width(bucket)?;
         let since = window_start(now_us, window);
         let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        if width % MINUTE_US == 0 {
+            let first = bucket_start(since, MINUTE_US);
+            let staged = sqlx::query_as(STATS_STAGED)
+                .bind(first)
+                .fetch_all(&mut *tx)
+                .await?;
+            let rollups = sqlx::query_as(STATS_ROLLUPS)
+                .bind(first)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return stats_from_rollups(width, staged, rollups);
+        }
         let staged: Vec<(i64, f64)> = sqlx::query_as(STATS_STAGED)
             .bind(since)
             .fetch_all(&mut *tx)
@@ -703,6 +779,14 @@ impl Store for PgStore {
         after: i32,
     ) -> Result<Option<(u64, i32)>, StoreError> {
         pack_step(&self.pool, before_us, after).await
+    }
+
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM room_minutes WHERE minute_us < $1")
+            .bind(older_than_us)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn maintain_partitions(

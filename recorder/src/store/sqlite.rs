@@ -3,7 +3,7 @@
 //! statement timeout: a progress handler interrupts a read that runs past
 //! the read timeout ([`ReadLimits::statement_timeout`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -19,9 +19,10 @@ use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::block::{self, Sample};
 use super::{
-    Access, Buckets, History, InsertOutcome, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK, PackStep,
-    ReadLimits, STATS_BLOCKS, STATS_STAGED, StagedRow, Store, StoreError, block_keys, bucket_width,
-    fold_blocks, merge_blocks, staged_sample, stored_sample, to_sample, window_start,
+    Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
+    PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
+    StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
+    minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_sample, window_start,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -162,7 +163,72 @@ async fn merge_into_blocks(
         );
         qb.build().execute(&mut *conn).await?;
     }
-    Ok(added)
+    update_rollups(conn, &added).await?;
+    Ok(added.len() as u64)
+}
+
+/// Adds the public ones of `added` (samples just packed) to the room's
+/// minute rollups, in the caller's write transaction.
+async fn update_rollups(
+    conn: &mut SqliteConnection,
+    added: &[(i32, Sample)],
+) -> Result<(), StoreError> {
+    let ids: BTreeSet<i32> = added.iter().map(|(c, _)| *c).collect();
+    let mut public = BTreeSet::new();
+    let ids: Vec<i32> = ids.into_iter().collect();
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("SELECT id FROM channels WHERE public = 1 AND id IN (");
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        qb.push(")");
+        let rows: Vec<i32> = qb.build_query_scalar().fetch_all(&mut *conn).await?;
+        public.extend(rows);
+    }
+    let samples: Vec<Sample> = added
+        .iter()
+        .filter(|(c, _)| public.contains(c))
+        .map(|(_, s)| *s)
+        .collect();
+    let new = minute_rollups(&samples);
+    let minutes: Vec<i64> = new.keys().copied().collect();
+    let mut stored: Vec<RollupRow> = Vec::new();
+    for chunk in minutes.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes WHERE minute_us IN (",
+        );
+        let mut list = qb.separated(", ");
+        for m in chunk {
+            list.push_bind(*m);
+        }
+        qb.push(")");
+        stored.extend(
+            qb.build_query_as::<RollupRow>()
+                .fetch_all(&mut *conn)
+                .await?,
+        );
+    }
+    let rows = merge_rollups(stored, new)?;
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO room_minutes (minute_us, samples, min_ms, max_ms, sketch) ",
+        );
+        qb.push_values(chunk, |mut row, (m, n, min, max, sketch)| {
+            row.push_bind(*m)
+                .push_bind(*n)
+                .push_bind(*min)
+                .push_bind(*max)
+                .push_bind(sketch.clone());
+        });
+        qb.push(
+            " ON CONFLICT (minute_us) DO UPDATE SET samples = excluded.samples, \
+             min_ms = excluded.min_ms, max_ms = excluded.max_ms, sketch = excluded.sketch",
+        );
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// The ids and `packed_before_us` of the clients of `samples`, creating
@@ -383,6 +449,19 @@ impl Store for SqliteStore {
         let since = window_start(now_us, window);
         let mut conn = self.read_conn().await?;
         let mut tx = conn.begin().await?;
+        if width % MINUTE_US == 0 {
+            let first = bucket_start(since, MINUTE_US);
+            let staged = sqlx::query_as(STATS_STAGED)
+                .bind(first)
+                .fetch_all(&mut *tx)
+                .await?;
+            let rollups = sqlx::query_as(STATS_ROLLUPS)
+                .bind(first)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return stats_from_rollups(width, staged, rollups);
+        }
         let staged: Vec<(i64, f64)> = sqlx::query_as(STATS_STAGED)
             .bind(since)
             .fetch_all(&mut *tx)
@@ -404,6 +483,14 @@ impl Store for SqliteStore {
         after: i32,
     ) -> Result<Option<(u64, i32)>, StoreError> {
         pack_step(&self.pool, before_us, after).await
+    }
+
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM room_minutes WHERE minute_us < ?")
+            .bind(older_than_us)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {

@@ -74,7 +74,9 @@ impl Model {
             .collect()
     }
 
-    fn stats(&self, since: i64, width: i64) -> Vec<StatsBucket> {
+    /// The exact statistics of the public samples at or after `since`, and
+    /// each bucket's sorted delays.
+    fn stats(&self, since: i64, width: i64) -> Vec<(StatsBucket, Vec<f64>)> {
         let mut buckets: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
         for s in self
             .samples
@@ -91,7 +93,7 @@ impl Model {
             .map(|(start_us, mut v)| {
                 v.sort_by(f64::total_cmp);
                 let p = |q| services::stats::percentile_sorted(&v, q).unwrap();
-                StatsBucket {
+                let b = StatsBucket {
                     start_us,
                     count: v.len() as u64,
                     min: v[0],
@@ -99,7 +101,8 @@ impl Model {
                     p95: p(95.0),
                     p99: p(99.0),
                     max: v[v.len() - 1],
-                }
+                };
+                (b, v)
             })
             .collect()
     }
@@ -144,9 +147,34 @@ fn assert_same_history(got: &[StoredSample], expected: &[StoredSample], what: &s
     }
 }
 
-fn assert_same_stats(got: &[StatsBucket], expected: &[StatsBucket]) {
+/// Count, min and max exact; each percentile within the sketch's bound
+/// (docs/architecture.md, "Rollups"): within 1% of the interval between
+/// the two samples the exact percentile interpolates between.
+fn assert_stats_within_bound(got: &[StatsBucket], expected: &[(StatsBucket, Vec<f64>)]) {
+    use recorder::store::sketch::RELATIVE_ERROR;
     assert_eq!(got.len(), expected.len(), "bucket count");
-    for (g, e) in got.iter().zip(expected) {
+    for (g, (e, values)) in got.iter().zip(expected) {
+        assert_eq!(
+            (g.start_us, g.count, g.min, g.max),
+            (e.start_us, e.count, e.min, e.max)
+        );
+        for (est, q) in [(g.p50, 0.5), (g.p95, 0.95), (g.p99, 0.99)] {
+            let h = q * (values.len() - 1) as f64;
+            let (lo, hi) = (values[h.floor() as usize], values[h.ceil() as usize]);
+            assert!(
+                est >= lo * (1.0 - RELATIVE_ERROR) - 1e-9
+                    && est <= hi * (1.0 + RELATIVE_ERROR) + 1e-9,
+                "p{}: {est} outside [{lo}, {hi}] ± 1%: {g:?}",
+                q * 100.0
+            );
+        }
+    }
+}
+
+/// Exactly the model's statistics (no rollups involved).
+fn assert_same_stats(got: &[StatsBucket], expected: &[(StatsBucket, Vec<f64>)]) {
+    assert_eq!(got.len(), expected.len(), "bucket count");
+    for (g, (e, _)) in got.iter().zip(expected) {
         assert_eq!(
             (g.start_us, g.count, g.min, g.max),
             (e.start_us, e.count, e.min, e.max)
@@ -173,7 +201,16 @@ async fn check_reads(store: &dyn Store, model: &Model, rng: &mut StdRng) {
     }
     let now = BASE_US + 40 * BLOCK_US;
     let window = Duration::from_micros((now - BASE_US) as u64);
+    // Whole minutes: from the rollups (packed) and staged samples.
     let width = 7 * 60_000_000;
+    let got = store
+        .stats(window, Duration::from_micros(width as u64), now)
+        .await
+        .expect("stats");
+    let first_minute = BASE_US - BASE_US.rem_euclid(60_000_000);
+    assert_stats_within_bound(&got, &model.stats(first_minute, width));
+    // Other widths: from the samples themselves, exact.
+    let width = 450_000_000;
     let got = store
         .stats(window, Duration::from_micros(width as u64), now)
         .await
@@ -257,6 +294,7 @@ pub async fn redelivery_and_packing_store_each_sample_once(store: Arc<dyn Store>
         check_reads(&*store, &model, &mut rng).await;
         // A fresh start for the next seed.
         store.prune(i64::MAX).await.expect("prune all");
+        store.prune_rollups(i64::MAX).await.expect("prune all rollups");
     }
 }
 

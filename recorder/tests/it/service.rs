@@ -527,6 +527,9 @@ impl Store for Flaky {
     async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
         self.inner.prune(older_than_us).await
     }
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        self.inner.prune_rollups(older_than_us).await
+    }
     async fn ping(&self) -> bool {
         !self.down.load(Ordering::SeqCst) && self.inner.ping().await
     }
