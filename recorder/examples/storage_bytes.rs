@@ -153,16 +153,19 @@ async fn main() -> anyhow::Result<()> {
                 "public.sample_staging",
                 "public.channels",
                 "public.clients",
+                "public.room_minutes",
             ],
         ),
     ] {
         let mut total = 0i64;
         for table in tables {
+            // A partitioned table's parts are its partitions' sums.
             let (heap, toast, indexes, all): (i64, i64, i64, i64) = sqlx::query_as(
-                "SELECT pg_relation_size($1::regclass), \
-                        coalesce(pg_total_relation_size(nullif(reltoastrelid, 0)), 0), \
-                        pg_indexes_size($1::regclass), pg_total_relation_size($1::regclass) \
-                 FROM pg_class WHERE oid = $1::regclass",
+                "SELECT sum(pg_relation_size(c.oid))::bigint, \
+                        sum(coalesce(pg_total_relation_size(nullif(c.reltoastrelid, 0)), 0))::bigint, \
+                        sum(pg_indexes_size(c.oid))::bigint, sum(pg_total_relation_size(c.oid))::bigint \
+                 FROM pg_class c WHERE c.oid IN \
+                     (SELECT relid FROM pg_partition_tree($1::regclass) UNION SELECT $1::regclass)",
             )
             .bind(table)
             .fetch_one(&pool)

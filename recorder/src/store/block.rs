@@ -37,7 +37,7 @@ const VERSION: u8 = 1;
 const THOUSANDTHS: u8 = 1;
 
 /// One sample as the store keeps it (`n` and `seq` as stored bigints,
-/// see [`super::to_db`]).
+/// the stored bits of the wire's `u64`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
     /// When the gateway accepted it, Unix µs.

@@ -294,7 +294,10 @@ pub async fn redelivery_and_packing_store_each_sample_once(store: Arc<dyn Store>
         check_reads(&*store, &model, &mut rng).await;
         // A fresh start for the next seed.
         store.prune(i64::MAX).await.expect("prune all");
-        store.prune_rollups(i64::MAX).await.expect("prune all rollups");
+        store
+            .prune_rollups(i64::MAX)
+            .await
+            .expect("prune all rollups");
     }
 }
 
