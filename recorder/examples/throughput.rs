@@ -8,9 +8,12 @@
 //! (dropped afterwards), and the stream a random subject prefix (deleted
 //! afterwards).
 //!
+//! 0. The floor: the same rows in one `COPY` into the staging table
+//!    (client ids resolved beforehand).
 //! 1. Baselines: `PgStore::insert` of `--batch-max-samples` samples at a
 //!    time straight into Postgres, one insert at a time, then two at a time
-//!    (as the recorder commits); the ratio to the latter is what NATS and
+//!    (as the recorder commits); their ratio to the COPY is what the store's
+//!    statements cost, the recorder's ratio to the latter what NATS and
 //!    the consume loop cost.
 //! 2. Recorder: all batches are first persisted in the stream (timed
 //!    separately), then a recorder starts and is timed until every sample
@@ -75,6 +78,11 @@ async fn main() -> anyhow::Result<()> {
         args.batch_max_samples
     );
 
+    // 0. The floor: the same rows COPYed straight into the staging table
+    //    (client ids resolved beforehand), on a fresh database.
+    let copy_rate = copy_baseline(&args.database_url, &batches, total).await?;
+    println!("baseline  raw COPY into sample_staging:  {copy_rate:>10.0} samples/s");
+
     // 1. Baselines: the store alone, each on a fresh database.
     let per_insert = (args.batch_max_samples / args.batch.max(1)).max(1);
     let groups: Vec<&[RecordBatch]> = batches.chunks(per_insert).collect();
@@ -92,7 +100,8 @@ async fn main() -> anyhow::Result<()> {
             r?;
         }
         println!(
-            "baseline  UNNEST inserts, {in_flight} at a time:      {baseline:>10.0} samples/s"
+            "store     inserts, {in_flight} at a time:             {baseline:>10.0} samples/s ({:.2} of COPY)",
+            baseline / copy_rate
         );
         store.pool().close().await;
         db.drop_db().await;
@@ -174,9 +183,12 @@ async fn main() -> anyhow::Result<()> {
         1000.0 * metric::<f64>(&registry, "pingapp_recorder_insert_duration_seconds_sum")
             / metric::<f64>(&registry, "pingapp_recorder_insert_duration_seconds_count").max(1.0)
     );
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM samples")
-        .fetch_one(store.pool())
-        .await?;
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM sample_staging) \
+              + (SELECT coalesce(sum(samples), 0) FROM sample_blocks)::bigint",
+    )
+    .fetch_one(store.pool())
+    .await?;
     anyhow::ensure!(
         stored as usize == total,
         "{stored} stored, {total} expected"
@@ -225,6 +237,59 @@ fn make_batches(total: usize, per_batch: usize) -> Vec<RecordBatch> {
             }
         })
         .collect()
+}
+
+/// Samples a second of one `COPY … FROM STDIN` of every sample into
+/// `sample_staging`, text format, formatting included.
+async fn copy_baseline(server: &str, batches: &[RecordBatch], total: usize) -> anyhow::Result<f64> {
+    use std::fmt::Write as _;
+    let db = FreshDb::create(server).await?;
+    let store = PgStore::connect(&db.url).await?;
+    let names: std::collections::BTreeSet<&str> = batches
+        .iter()
+        .flat_map(|b| b.samples.iter().map(|s| s.channel_name.as_str()))
+        .collect();
+    sqlx::query("INSERT INTO channels (channel_name, public) SELECT unnest($1::text[]), TRUE")
+        .bind(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        .execute(store.pool())
+        .await?;
+    let ids: std::collections::HashMap<String, i32> =
+        sqlx::query_as("SELECT channel_name, id FROM channels")
+            .fetch_all(store.pool())
+            .await?
+            .into_iter()
+            .collect();
+    let mut conn = store.pool().acquire().await?;
+    let started = Instant::now();
+    let mut copy = conn
+        .copy_in_raw("COPY sample_staging (channel_id, n, seq, at_us, delay_ms) FROM STDIN")
+        .await?;
+    let mut buf = String::with_capacity(1 << 20);
+    for s in batches.iter().flat_map(|b| &b.samples) {
+        let seq = s
+            .seq
+            .map_or_else(|| "\\N".to_owned(), |v| (v as i64).to_string());
+        writeln!(
+            buf,
+            "{}\t{}\t{}\t{}\t{}",
+            ids[&s.channel_name], s.n as i64, seq, s.at_us, s.delay_ms
+        )?;
+        if buf.len() >= 1 << 20 {
+            copy.send(buf.as_bytes()).await?;
+            buf.clear();
+        }
+    }
+    copy.send(buf.as_bytes()).await?;
+    let copied = copy.finish().await?;
+    let r = rate(total, started.elapsed());
+    anyhow::ensure!(
+        copied as usize == total,
+        "{copied} copied, {total} expected"
+    );
+    drop(conn);
+    store.pool().close().await;
+    db.drop_db().await;
+    Ok(r)
 }
 
 fn rate(samples: usize, elapsed: Duration) -> f64 {

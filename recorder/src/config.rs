@@ -23,7 +23,11 @@ pub struct RecorderConfig {
     /// Samples older than this are deleted (default 30 days; zero keeps
     /// them for ever).
     pub retention: Duration,
-    /// How often old samples are deleted (default 1 min).
+    /// Minute rollups of the public room older than this are deleted
+    /// (default 400 days; zero keeps them for ever).
+    pub rollup_retention: Duration,
+    /// How often staged samples are packed and old ones deleted (default
+    /// 1 min).
     pub prune_interval: Duration,
     /// The stream drops unconsumed batches older than this (default 7
     /// days): how long the recorders may all be down without loss.
@@ -47,6 +51,7 @@ impl RecorderConfig {
             batch_wait: Duration::from_millis(50),
             retention: Duration::from_secs(30 * 86_400),
             prune_interval: Duration::from_secs(60),
+            rollup_retention: Duration::from_secs(400 * 86_400),
             stream_max_age: Duration::from_secs(7 * 86_400),
             stream_max_bytes: services::bus::DEFAULT_STREAM_MAX_BYTES,
             read_concurrency: DEFAULT_READ_CONCURRENCY,
@@ -81,6 +86,10 @@ pub struct RecorderCli {
     /// How long samples are kept, e.g. 30d or 12h (0: for ever).
     #[arg(long, env = "PINGAPP_RETENTION", default_value = "30d", value_parser = parse_duration)]
     pub retention: Duration,
+    /// How long the public room's minute rollups (what /api/stats reads)
+    /// are kept, e.g. 400d (0: for ever).
+    #[arg(long, env = "PINGAPP_ROLLUP_RETENTION", default_value = "400d", value_parser = parse_duration)]
+    pub rollup_retention: Duration,
     /// Samples per database insert, at most.
     #[arg(long, env = "PINGAPP_BATCH_MAX_SAMPLES", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_max_samples: u32,
@@ -117,6 +126,7 @@ impl RecorderCli {
     pub fn config(&self) -> RecorderConfig {
         let mut cfg = RecorderConfig::new(Subjects::new(&self.subject_prefix));
         cfg.retention = self.retention;
+        cfg.rollup_retention = self.rollup_retention;
         cfg.batch_max_samples = self.batch_max_samples as usize;
         cfg.batch_wait = Duration::from_millis(self.batch_wait_ms);
         cfg.stream_max_bytes = self.stream_max_bytes;
@@ -159,6 +169,7 @@ mod tests {
         .expect("valid flags");
         let cfg = args.config();
         assert_eq!(cfg.retention, Duration::from_secs(5400));
+        assert_eq!(cfg.rollup_retention, Duration::from_secs(400 * 86_400));
         assert_eq!(cfg.batch_wait, Duration::from_millis(20));
         assert_eq!(cfg.batch_max_samples, 5000);
         assert_eq!(args.ack_wait(), Duration::from_secs(30));

@@ -183,15 +183,16 @@ impl Recorder {
             self.health.clone(),
             stop.clone(),
         ));
-        if !self.cfg.retention.is_zero() {
-            tracker.spawn(prune_loop(
-                self.store.clone(),
-                self.metrics.clone(),
-                self.cfg.retention,
-                self.cfg.prune_interval,
-                stop.clone(),
-            ));
-        }
+        tracker.spawn(maintenance_loop(
+            self.store.clone(),
+            self.metrics.clone(),
+            Retention {
+                samples: self.cfg.retention,
+                rollups: self.cfg.rollup_retention,
+            },
+            self.cfg.prune_interval,
+            stop.clone(),
+        ));
         let consumer = Arc::new(Consumer {
             bus: self.bus,
             stream: self.cfg.subjects.samples_stream(),
@@ -272,15 +273,31 @@ async fn ping_loop(store: Arc<dyn Store>, health: Arc<DbHealth>, stop: Cancellat
     }
 }
 
-/// Deletes samples older than the retention every `interval`.
-async fn prune_loop(
+/// How long samples and rollups are kept (zero: for ever).
+struct Retention {
+    samples: Duration,
+    rollups: Duration,
+}
+
+/// How long after a block's end its samples are packed: batches still on
+/// their way (the gateways' batching, a recorder's retries) arrive in the
+/// meantime and are staged, not merged into a packed block.
+pub const PACK_DELAY: Duration = Duration::from_secs(60);
+
+/// Every `interval`: creates the partitions the next days need, packs the
+/// staged samples of blocks that ended [`PACK_DELAY`] ago, and deletes
+/// samples older than the retention (zero: none).
+async fn maintenance_loop(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    retention: Duration,
+    Retention {
+        samples: retention,
+        rollups,
+    }: Retention,
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let retention_us = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    let us = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
     let interval = if interval.is_zero() {
         Duration::from_secs(60)
     } else {
@@ -293,8 +310,37 @@ async fn prune_loop(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let cutoff = services::unix_us().saturating_sub(retention_us);
-        match store.prune(cutoff).await {
+        let now = services::unix_us();
+        match store.maintain_partitions(now, retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(partitions = n, "created partitions of packed samples"),
+            Err(e) => tracing::warn!(error = %e, "creating partitions failed; trying again later"),
+        }
+        let before = store::block::block_of(now.saturating_sub(us(PACK_DELAY)));
+        let started = std::time::Instant::now();
+        match store.pack(before).await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics.packed.inc_by(n);
+                tracing::debug!(
+                    samples = n,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "packed samples"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "packing failed; trying again later"),
+        }
+        if !rollups.is_zero() {
+            match store.prune_rollups(now.saturating_sub(us(rollups))).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(minutes = n, "pruned rollups past retention"),
+                Err(e) => tracing::warn!(error = %e, "pruning rollups failed; trying again later"),
+            }
+        }
+        if retention.is_zero() {
+            continue;
+        }
+        match store.prune(now.saturating_sub(us(retention))).await {
             Ok(0) => {}
             Ok(n) => {
                 metrics.pruned.inc_by(n);

@@ -29,6 +29,8 @@ pub(crate) struct Metrics {
     pub consumer_pending: IntGauge,
     /// Samples deleted by retention.
     pub pruned: IntCounter,
+    /// Samples moved from staging into packed blocks.
+    pub packed: IntCounter,
     /// History and statistics queries by kind and outcome.
     pub queries: IntCounterVec,
     /// Messages in the durable stream (not yet acknowledged).
@@ -107,6 +109,10 @@ impl Metrics {
             )
             .with_label_values(NO_LABELS),
             pruned: c("pruned_total", "Samples deleted by retention."),
+            packed: c(
+                "packed_total",
+                "Samples moved from staging rows into packed blocks.",
+            ),
             queries: counter(
                 registry,
                 "pingapp_recorder_queries_total",

@@ -18,14 +18,17 @@
 //! [`services::stats::percentile_sorted`], so both return the same numbers
 //! for the same data, and the pages compute the same.
 
+pub mod block;
 pub mod postgres;
+pub mod sketch;
 pub mod sqlite;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use services::messages::{RecordBatch, SamplesQuery, StatsBucket, StoredSample};
+use services::messages::{RecordBatch, SampleRecord, SamplesQuery, StatsBucket, StoredSample};
 
 /// The most samples one history read returns (the shared API bound).
 pub const MAX_SAMPLES: u32 = services::limits::MAX_SAMPLES;
@@ -55,6 +58,13 @@ pub enum StoreError {
     /// The request makes no sense (e.g. a zero bucket width).
     #[error("invalid query: {0}")]
     InvalidQuery(String),
+    /// A packed block in the database does not decode.
+    #[error(transparent)]
+    Corrupt(#[from] block::Corrupt),
+    /// A sample's client row vanished between two statements of an insert
+    /// (pruned meanwhile): the insert is retried.
+    #[error("client row missing while inserting samples; retrying")]
+    ClientVanished,
 }
 
 impl StoreError {
@@ -80,7 +90,7 @@ impl StoreError {
                     .is_some_and(|c| c.len() == 5 && (c.starts_with("22") || c.starts_with("54")))
             }
             StoreError::Database(sqlx::Error::Encode(_)) => true,
-            StoreError::InvalidQuery(_) => true,
+            StoreError::InvalidQuery(_) | StoreError::Corrupt(_) => true,
             _ => false,
         }
     }
@@ -154,9 +164,69 @@ pub trait Store: Send + Sync {
         now_us: i64,
     ) -> Result<Vec<StatsBucket>, StoreError>;
 
+    /// Packs the staged samples older than `before_us` into blocks
+    /// ([`block`]), a few hundred clients per transaction. Returns how many
+    /// samples were packed. Reads return the same samples before and after.
+    ///
+    /// # Errors
+    /// The database failed; what was packed so far stays packed.
+    async fn pack(&self, before_us: i64) -> Result<u64, StoreError> {
+        let mut packed = 0;
+        let mut after = i32::MIN;
+        while let Some((moved, next)) = self.pack_step(before_us, after).await? {
+            packed += moved;
+            if moved == 0 && next <= after {
+                tracing::warn!(
+                    client = next,
+                    "packing made no progress; stopping this round"
+                );
+                break;
+            }
+            after = next;
+        }
+        Ok(packed)
+    }
+
+    /// One transaction of [`Store::pack`]: packs the staged samples older
+    /// than `before_us` of the next clients with staged samples after the
+    /// id `after` (at most [`PACK_CLIENTS`] clients, [`PACK_ROWS`] rows).
+    /// Returns how many samples it packed and where the next step starts;
+    /// `None` when no client after `after` has staged samples.
+    ///
+    /// # Errors
+    /// The database failed; nothing of this step was packed.
+    async fn pack_step(&self, before_us: i64, after: i32)
+    -> Result<Option<(u64, i32)>, StoreError>;
+
+    /// Creates the time partitions of packed samples the next days need,
+    /// and those of past days within `retention` (zero: none) that have
+    /// blocks waiting in the default partition. Returns how many it
+    /// created. SQLite has no partitions: nothing to do.
+    ///
+    /// # Errors
+    /// The database failed.
+    async fn maintain_partitions(
+        &self,
+        now_us: i64,
+        retention: Duration,
+    ) -> Result<u32, StoreError> {
+        let _ = (now_us, retention);
+        Ok(0)
+    }
+
+    /// Deletes the minute rollups older than `older_than_us`; returns how
+    /// many.
+    ///
+    /// # Errors
+    /// The database failed.
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError>;
+
     /// Deletes the samples older than `older_than_us` (Unix µs), and the
-    /// clients that connected before then and have no sample left. Returns
-    /// how many samples were deleted.
+    /// clients that connected before then and have no sample left. Packed
+    /// samples go a whole block at a time, once the block's end has passed
+    /// `older_than_us` (so up to [`block::BLOCK_US`] later); on Postgres a
+    /// whole day's partition at a time, once the day has passed it. Returns how many
+    /// samples were deleted.
     ///
     /// # Errors
     /// The database failed; what was deleted so far stays deleted.
@@ -179,13 +249,15 @@ pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Store>> {
 /// The budget of history and statistics reads against Postgres
 /// (docs/architecture.md, "Bounds"): their own pool, so they can never take
 /// the connections of inserts, pruning or the health check's ping, and a
-/// statement timeout. (SQLite, the standalone store, has one writer and
-/// no statement timeout; the recorder's read budget applies to both.)
+/// statement timeout. (SQLite, the standalone store, has one pool; its
+/// reads are interrupted at the same timeout by a progress handler; the
+/// recorder's read budget applies to both.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadLimits {
     /// Connections of the read pool: the recorder's `--read-concurrency`.
     pub connections: u32,
-    /// Postgres `statement_timeout` of every read (`--read-timeout-ms`).
+    /// How long one read may run (`--read-timeout-ms`): Postgres'
+    /// `statement_timeout`, SQLite's progress handler.
     pub statement_timeout: Duration,
 }
 
@@ -210,7 +282,7 @@ pub async fn connect_with(url: &str, reads: ReadLimits) -> anyhow::Result<Arc<dy
             .context("opening the Postgres database")?;
         Ok(Arc::new(store))
     } else if url.starts_with("sqlite:") {
-        let store = sqlite::SqliteStore::connect(url)
+        let store = sqlite::SqliteStore::connect_with(url, reads)
             .await
             .context("opening the SQLite database")?;
         Ok(Arc::new(store))
@@ -370,6 +442,462 @@ pub(crate) fn to_db(v: u64) -> i64 {
 /// The inverse of [`to_db`].
 pub(crate) fn from_db(v: i64) -> u64 {
     v as u64
+}
+
+/// A sample of an insert as the store keeps it.
+pub(crate) fn to_sample(s: &SampleRecord) -> block::Sample {
+    block::Sample {
+        at_us: s.at_us,
+        n: to_db(s.n),
+        seq: s.seq.map(to_db),
+        delay_ms: s.delay_ms,
+    }
+}
+
+/// A staged row as both backends read it:
+/// `(channel_id, n, seq, at_us, delay_ms)`.
+pub(crate) type StagedRow = (i32, i64, Option<i64>, i64, f64);
+
+/// A staged row as a sample of its client.
+pub(crate) fn staged_sample((c, n, seq, at_us, delay_ms): StagedRow) -> (i32, block::Sample) {
+    (
+        c,
+        block::Sample {
+            at_us,
+            n,
+            seq,
+            delay_ms,
+        },
+    )
+}
+
+/// A sample with its client's id.
+pub(crate) type ClientSample = (i32, block::Sample);
+
+/// A block row to write: `(channel_id, block_start_us, samples, data)`.
+pub(crate) type BlockRow = (i32, i64, i32, Vec<u8>);
+
+/// The distinct `(channel_id, block_start_us)` of `samples`, as two
+/// columns.
+pub(crate) fn block_keys(samples: &[(i32, block::Sample)]) -> (Vec<i32>, Vec<i64>) {
+    let keys: BTreeSet<(i32, i64)> = samples
+        .iter()
+        .map(|(c, s)| (*c, block::block_of(s.at_us)))
+        .collect();
+    keys.into_iter().unzip()
+}
+
+/// The blocks that result from adding `incoming` to the blocks `stored`
+/// (`(channel_id, block_start_us, data)` of the same keys, as read from the
+/// database), and the samples of `incoming` that were new
+/// ([`block::merge`]).
+///
+/// # Errors
+/// A stored block does not decode.
+pub(crate) fn merge_blocks(
+    stored: Vec<(i32, i64, Vec<u8>)>,
+    incoming: &[(i32, block::Sample)],
+) -> Result<(Vec<BlockRow>, Vec<ClientSample>), StoreError> {
+    let mut groups: BTreeMap<(i32, i64), (Vec<block::Sample>, Vec<block::Sample>)> =
+        BTreeMap::new();
+    for (c, start, data) in stored {
+        groups.entry((c, start)).or_default().0 = block::decode(&data)?;
+    }
+    for (c, s) in incoming {
+        groups
+            .entry((*c, block::block_of(s.at_us)))
+            .or_default()
+            .1
+            .push(*s);
+    }
+    let mut added = Vec::new();
+    let mut rows = Vec::with_capacity(groups.len());
+    for ((c, start), (old, new)) in groups {
+        if new.is_empty() {
+            continue;
+        }
+        let (all, new) = block::merge(old, &new);
+        if !new.is_empty() {
+            let count = i32::try_from(all.len()).unwrap_or(i32::MAX);
+            rows.push((c, start, count, block::encode(&all)));
+            added.extend(new.into_iter().map(|s| (c, s)));
+        }
+    }
+    Ok((rows, added))
+}
+
+/// Width of a rollup: one minute.
+pub const MINUTE_US: i64 = 60_000_000;
+
+/// The public room's samples of one minute, or of a statistics bucket:
+/// count, extremes and a [`sketch::Sketch`] of the delays.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Rollup {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub sketch: sketch::Sketch,
+}
+
+/// A `room_minutes` row: `(minute_us, samples, min_ms, max_ms, sketch)`.
+pub(crate) type RollupRow = (i64, i64, f64, f64, Vec<u8>);
+
+impl Rollup {
+    fn add(&mut self, v: f64) {
+        self.min = if self.count == 0 { v } else { self.min.min(v) };
+        self.max = if self.count == 0 { v } else { self.max.max(v) };
+        self.count += 1;
+        self.sketch.add(v);
+    }
+
+    fn merge(&mut self, other: &Rollup) {
+        if other.count == 0 {
+            return;
+        }
+        self.min = if self.count == 0 {
+            other.min
+        } else {
+            self.min.min(other.min)
+        };
+        self.max = if self.count == 0 {
+            other.max
+        } else {
+            self.max.max(other.max)
+        };
+        self.count += other.count;
+        self.sketch.merge(&other.sketch);
+    }
+
+    fn from_row((_, count, min, max, data): RollupRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            count: u64::try_from(count).unwrap_or(0),
+            min,
+            max,
+            sketch: sketch::Sketch::decode(&data)?,
+        })
+    }
+}
+
+/// The minute rollups of `samples` (the new public samples of a commit).
+pub(crate) fn minute_rollups(samples: &[block::Sample]) -> BTreeMap<i64, Rollup> {
+    let mut minutes: BTreeMap<i64, Rollup> = BTreeMap::new();
+    for s in samples {
+        minutes
+            .entry(bucket_start(s.at_us, MINUTE_US))
+            .or_default()
+            .add(s.delay_ms);
+    }
+    minutes
+}
+
+/// The rows to write: `stored` rows (of the same minutes) with `new` added.
+///
+/// # Errors
+/// A stored sketch does not decode.
+pub(crate) fn merge_rollups(
+    stored: Vec<RollupRow>,
+    new: BTreeMap<i64, Rollup>,
+) -> Result<Vec<RollupRow>, StoreError> {
+    let mut stored: BTreeMap<i64, Rollup> = stored
+        .into_iter()
+        .map(|row| Ok((row.0, Rollup::from_row(row)?)))
+        .collect::<Result<_, StoreError>>()?;
+    Ok(new
+        .into_iter()
+        .map(|(minute, r)| {
+            let total = stored.entry(minute).or_default();
+            total.merge(&r);
+            (
+                minute,
+                i64::try_from(total.count).unwrap_or(i64::MAX),
+                total.min,
+                total.max,
+                total.sketch.encode(),
+            )
+        })
+        .collect())
+}
+
+/// Statistics from minute rollups (the packed samples, `rollups` oldest
+/// first) and the staged samples, for buckets of `width` (a multiple of
+/// [`MINUTE_US`]). A bucket with staged samples only gets exact
+/// percentiles; one with packed samples the sketch's
+/// ([`sketch`]'s bound). Count, min and max are exact.
+///
+/// # Errors
+/// A stored sketch does not decode.
+pub(crate) fn stats_from_rollups(
+    width: i64,
+    staged: Vec<(i64, f64)>,
+    rollups: Vec<RollupRow>,
+) -> Result<Vec<StatsBucket>, StoreError> {
+    let mut buckets: BTreeMap<i64, (Rollup, Vec<f64>)> = BTreeMap::new();
+    for row in rollups {
+        let start = bucket_start(row.0, width);
+        buckets
+            .entry(start)
+            .or_default()
+            .0
+            .merge(&Rollup::from_row(row)?);
+    }
+    for (at, v) in staged {
+        buckets
+            .entry(bucket_start(at, width))
+            .or_default()
+            .1
+            .push(v);
+    }
+    Ok(buckets
+        .into_iter()
+        .map(|(start, (mut packed, mut raw))| {
+            raw.sort_by(f64::total_cmp);
+            if packed.count == 0 {
+                return bucket_stats(start, &raw);
+            }
+            for v in raw {
+                packed.add(v);
+            }
+            let q = |q| packed.sketch.quantile(q).unwrap_or(0.0);
+            StatsBucket {
+                start_us: start,
+                count: packed.count,
+                min: packed.min,
+                p50: q(0.5),
+                p95: q(0.95),
+                p99: q(0.99),
+                max: packed.max,
+            }
+        })
+        .collect())
+}
+
+/// Rows packed per transaction, at most.
+pub const PACK_ROWS: i64 = 50_000;
+/// Clients looked at per packing transaction, at most.
+pub const PACK_CLIENTS: i64 = 256;
+
+/// What one packing transaction does, from the staged rows it read: the
+/// rows of `clients` older than `before`, ordered by client, time and
+/// counter, at most [`PACK_ROWS`].
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct PackStep {
+    /// The samples to pack.
+    pub samples: Vec<(i32, block::Sample)>,
+    /// The clients whose `packed_before_us` moves, and where to.
+    pub marks: Vec<(i32, i64)>,
+    /// Where the next transaction starts: clients after this id.
+    pub next_after: i32,
+}
+
+impl PackStep {
+    /// Plans a step over `clients` (ascending) from their staged `rows`.
+    /// When the rows were cut at [`PACK_ROWS`], the last client is packed
+    /// only up to its last row's time and the next step starts with it.
+    pub(crate) fn plan(clients: &[i32], rows: Vec<(i32, block::Sample)>, before: i64) -> Self {
+        let truncated = rows.len() as i64 >= PACK_ROWS;
+        let cut = truncated
+            .then(|| rows.last().map(|(c, s)| (*c, s.at_us)))
+            .flatten();
+        let mut step = PackStep {
+            next_after: clients.last().copied().unwrap_or(i32::MAX),
+            ..Self::default()
+        };
+        for (c, s) in rows {
+            match cut {
+                Some((cc, at)) if c == cc => {
+                    if s.at_us < at {
+                        step.samples.push((c, s));
+                    }
+                }
+                _ => step.samples.push((c, s)),
+            }
+        }
+        let mut marked: BTreeSet<i32> = step.samples.iter().map(|(c, _)| *c).collect();
+        if let Some((cc, at)) = cut {
+            step.next_after = cc - 1;
+            marked.remove(&cc);
+            step.marks.push((cc, at));
+        }
+        step.marks.extend(marked.into_iter().map(|c| (c, before)));
+        step.marks.sort_unstable();
+        step
+    }
+}
+
+/// A history read over the packed blocks and then the staged rows of one
+/// client, stopping at the limit.
+pub(crate) struct History {
+    since: i64,
+    limit: usize,
+    /// What is read so far, oldest first.
+    pub samples: Vec<StoredSample>,
+}
+
+impl History {
+    /// A read of samples at or after `since`, at most `limit`.
+    pub(crate) fn new(since: Option<i64>, limit: i64) -> Self {
+        Self {
+            since: since.unwrap_or(i64::MIN),
+            limit: usize::try_from(limit).unwrap_or(0),
+            samples: Vec::new(),
+        }
+    }
+
+    /// The first block that can hold a sample of the read.
+    pub(crate) fn first_block(&self) -> i64 {
+        block::block_of(self.since)
+    }
+
+    /// The earliest time still read.
+    pub(crate) fn since(&self) -> i64 {
+        self.since
+    }
+
+    /// How many more samples the read takes.
+    pub(crate) fn remaining(&self) -> usize {
+        self.limit - self.samples.len()
+    }
+
+    /// Adds a block's samples (blocks come oldest first).
+    ///
+    /// # Errors
+    /// The block does not decode.
+    pub(crate) fn push_block(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        for s in block::decode(data)? {
+            if self.remaining() == 0 {
+                break;
+            }
+            if s.at_us >= self.since {
+                self.samples
+                    .push(stored_sample((s.at_us, s.delay_ms, s.seq)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The staged public samples of a statistics window, oldest first (`$1`:
+/// the window's start). Both backends take this SQL.
+pub(crate) const STATS_STAGED: &str = "\
+    SELECT s.at_us, s.delay_ms FROM sample_staging s JOIN channels c ON c.id = s.channel_id \
+    WHERE c.public AND s.at_us >= $1 ORDER BY s.at_us";
+
+/// The packed public blocks of a statistics window in start order (`$1`:
+/// the first block).
+pub(crate) const STATS_BLOCKS: &str = "\
+    SELECT b.block_start_us, b.data FROM sample_blocks b JOIN channels c ON c.id = b.channel_id \
+    WHERE c.public AND b.block_start_us >= $1 ORDER BY b.block_start_us";
+
+/// The minute rollups of a statistics window, oldest first (`$1`: its
+/// first minute).
+pub(crate) const STATS_ROLLUPS: &str = "\
+    SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes \
+    WHERE minute_us >= $1 ORDER BY minute_us";
+
+/// The statistics of `buckets` once the `blocks` of [`STATS_BLOCKS`] are
+/// added.
+///
+/// # Errors
+/// The database failed or a block does not decode.
+pub(crate) async fn fold_blocks<S>(
+    mut buckets: Buckets,
+    mut blocks: S,
+) -> Result<Vec<StatsBucket>, StoreError>
+where
+    S: futures_util::Stream<Item = Result<(i64, Vec<u8>), sqlx::Error>> + Unpin,
+{
+    use futures_util::TryStreamExt as _;
+    while let Some((start, data)) = blocks.try_next().await? {
+        buckets.push_block(start, &data)?;
+    }
+    Ok(buckets.finish())
+}
+
+/// Statistics buckets over the staged samples (all read first, sorted by
+/// time) and the packed blocks (then streamed in start order); a bucket is
+/// summarized and its values dropped as soon as neither can add to it.
+pub(crate) struct Buckets {
+    since: i64,
+    width: i64,
+    staged: std::vec::IntoIter<(i64, f64)>,
+    next_staged: Option<(i64, f64)>,
+    open: BTreeMap<i64, Vec<f64>>,
+    done: Vec<StatsBucket>,
+}
+
+impl Buckets {
+    /// Buckets of `width` µs over the samples at or after `since`, starting
+    /// with the staged `(at_us, delay_ms)` (sorted by time).
+    pub(crate) fn new(since: i64, width: i64, staged: Vec<(i64, f64)>) -> Self {
+        let mut staged = staged.into_iter();
+        Self {
+            since,
+            width,
+            next_staged: staged.next(),
+            staged,
+            open: BTreeMap::new(),
+            done: Vec::new(),
+        }
+    }
+
+    /// The first block that can hold a sample of the window.
+    pub(crate) fn first_block(&self) -> i64 {
+        block::block_of(self.since)
+    }
+
+    fn push(&mut self, at_us: i64, delay_ms: f64) {
+        if at_us >= self.since {
+            self.open
+                .entry(bucket_start(at_us, self.width))
+                .or_default()
+                .push(delay_ms);
+        }
+    }
+
+    /// Adds the staged samples before `until`.
+    fn push_staged(&mut self, until: i64) {
+        while let Some((at, v)) = self.next_staged.filter(|(at, _)| *at < until) {
+            self.push(at, v);
+            self.next_staged = self.staged.next();
+        }
+    }
+
+    /// Adds the block starting at `start` (blocks come in start order):
+    /// buckets ending at or before `start` are complete.
+    ///
+    /// # Errors
+    /// The block does not decode.
+    pub(crate) fn push_block(&mut self, start: i64, data: &[u8]) -> Result<(), StoreError> {
+        self.push_staged(start);
+        while let Some(entry) = self.open.first_entry() {
+            if entry.key().saturating_add(self.width) > start {
+                break;
+            }
+            let (s, values) = entry.remove_entry();
+            self.close(s, values);
+        }
+        for s in block::decode(data)? {
+            self.push(s.at_us, s.delay_ms);
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, start: i64, mut values: Vec<f64>) {
+        values.sort_by(f64::total_cmp);
+        self.done.push(bucket_stats(start, &values));
+    }
+
+    /// Every bucket with samples, oldest first.
+    pub(crate) fn finish(mut self) -> Vec<StatsBucket> {
+        self.push_staged(i64::MAX);
+        if let Some((at, v)) = self.next_staged.take() {
+            self.push(at, v);
+        }
+        for (s, values) in std::mem::take(&mut self.open) {
+            self.close(s, values);
+        }
+        self.done
+    }
 }
 
 #[cfg(test)]

@@ -21,82 +21,185 @@
 //! afterwards, so even a failed migration cannot leave the session-level
 //! lock held on a pooled connection.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use services::messages::{ClientRecord, RecordBatch, SampleRecord, StatsBucket, StoredSample};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres};
 
+use super::block::{self, Sample};
 use super::{
-    Access, HistoryRow, InsertOutcome, PRUNE_CHUNK, ReadLimits, Store, StoreError, bucket_width,
-    stored_sample, to_db, window_start,
+    Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
+    PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
+    StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
+    minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_db, window_start,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// Rows per `INSERT … SELECT FROM UNNEST(…)` statement.
+/// Samples per insert statement.
 pub const INSERT_CHUNK: usize = 10_000;
 
+/// New clients and their `channels` rows in one statement. A `channels`
+/// row is inserted only when missing, so the identity sequence is not
+/// spent on every batch.
 const INSERT_CLIENTS: &str = "\
-    INSERT INTO clients (channel_name, public, token_digest, gateway, connected_at_us) \
-    SELECT * FROM UNNEST($1::text[], $2::boolean[], $3::text[], $4::text[], $5::bigint[]) \
-    ON CONFLICT (channel_name) DO NOTHING";
-
-const INSERT_SAMPLES: &str = "\
-    INSERT INTO samples (channel_name, n, seq, at_us, delay_ms, public) \
-    SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], \
-                         $5::double precision[], $6::boolean[]) \
-    ON CONFLICT DO NOTHING";
-
-/// Clients and samples in one statement: a statement is a transaction of
-/// its own, so a batch that fits one chunk costs a single round trip
-/// instead of four (BEGIN, clients, samples, COMMIT).
-const INSERT_BOTH: &str = "\
     WITH new_clients AS ( \
         INSERT INTO clients (channel_name, public, token_digest, gateway, connected_at_us) \
         SELECT * FROM UNNEST($1::text[], $2::boolean[], $3::text[], $4::text[], $5::bigint[]) \
         ON CONFLICT (channel_name) DO NOTHING) \
-    INSERT INTO samples (channel_name, n, seq, at_us, delay_ms, public) \
-    SELECT * FROM UNNEST($6::text[], $7::bigint[], $8::bigint[], $9::bigint[], \
-                         $10::double precision[], $11::boolean[]) \
-    ON CONFLICT DO NOTHING";
+    INSERT INTO channels (channel_name, public) \
+    SELECT t.name, bool_and(t.public) FROM UNNEST($6::text[], $7::boolean[]) AS t(name, public) \
+    WHERE NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel_name = t.name) \
+    GROUP BY t.name ORDER BY t.name \
+    ON CONFLICT (channel_name) DO NOTHING";
 
-/// Whether a client with samples but no `clients` row is public: one probe
-/// of the primary key. (`bool_and(public)` here let the planner walk all of
-/// `samples_public_at` for an id with no samples: 160-380 ms at 1M rows,
-/// docs/benchmarks.md, 2026-11-30.) A client's samples all share its page,
-/// so its first sample says it.
-pub const ACCESS_BY_SAMPLES: &str = "\
-    SELECT public FROM samples WHERE channel_name = $1 ORDER BY channel_name, n LIMIT 1";
+/// Stages the samples newer than their client's `packed_before_us` and
+/// returns the others (late: their block is packed) with a first row
+/// `(-1, staged count)`, and a row with a NULL client for a sample whose
+/// client row is missing. The no-op `UPDATE` of the fence takes its ROW
+/// EXCLUSIVE lock before the statement's snapshot, so packing (SHARE ROW
+/// EXCLUSIVE) never runs between reading `packed_before_us` and staging.
+const STAGE_SAMPLES: &str = "\
+    WITH fence AS (UPDATE sample_pack_fence SET id = id WHERE FALSE RETURNING 1), \
+    input AS ( \
+        SELECT c.id AS channel_id, c.packed_before_us, t.n, t.seq, t.at_us, t.delay_ms \
+        FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::double precision[]) \
+             AS t(name, n, seq, at_us, delay_ms) \
+        LEFT JOIN channels c ON c.channel_name = t.name), \
+    staged AS ( \
+        INSERT INTO sample_staging (channel_id, n, seq, at_us, delay_ms) \
+        SELECT channel_id, n, seq, at_us, delay_ms FROM input \
+        WHERE channel_id IS NOT NULL AND at_us >= packed_before_us \
+        ON CONFLICT DO NOTHING RETURNING 1) \
+    SELECT -1 AS channel_id, (SELECT count(*) FROM staged) AS n, NULL::bigint AS seq, \
+           0::bigint AS at_us, 0::double precision AS delay_ms \
+    UNION ALL \
+    SELECT channel_id, n, seq, at_us, delay_ms FROM input \
+    WHERE channel_id IS NULL OR at_us < packed_before_us";
 
-/// Percentiles by linear interpolation between closest ranks:
-/// `percentile_cont(f)` is the definition
-/// [`services::stats::percentile_sorted`] computes (docs/protocol.md,
-/// "Statistics"). Buckets are floored to multiples of the width (`$2`).
-const STATS: &str = "\
-    SELECT at_us - ((at_us % $2) + $2) % $2 AS start_us, \
-           count(*) AS n, \
-           min(delay_ms), \
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY delay_ms), \
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY delay_ms), \
-           percentile_cont(0.99) WITHIN GROUP (ORDER BY delay_ms), \
-           max(delay_ms) \
-    FROM samples WHERE public = TRUE AND at_us >= $1 \
-    GROUP BY 1 ORDER BY 1";
+/// Serializes every writer of `sample_blocks` against staging inserts.
+const LOCK_FENCE: &str = "LOCK TABLE sample_pack_fence IN SHARE ROW EXCLUSIVE MODE";
 
-/// The advisory lock key that serializes pruning across replicas.
+const SELECT_BLOCKS: &str = "\
+    SELECT channel_id, block_start_us, data FROM sample_blocks \
+    WHERE (channel_id, block_start_us) IN (SELECT * FROM UNNEST($1::integer[], $2::bigint[]))";
+
+const UPSERT_BLOCKS: &str = "\
+    INSERT INTO sample_blocks (channel_id, block_start_us, samples, data) \
+    SELECT * FROM UNNEST($1::integer[], $2::bigint[], $3::integer[], $4::bytea[]) \
+    ON CONFLICT (channel_id, block_start_us) \
+    DO UPDATE SET samples = excluded.samples, data = excluded.data";
+
+/// The next clients with staged samples after `$1`: a skip scan of the
+/// staging primary key, one index probe per client.
+const STAGED_CLIENTS: &str = "\
+    WITH RECURSIVE c AS ( \
+        (SELECT channel_id FROM sample_staging WHERE channel_id > $1 ORDER BY channel_id LIMIT 1) \
+        UNION ALL \
+        SELECT (SELECT s.channel_id FROM sample_staging s WHERE s.channel_id > c.channel_id \
+                ORDER BY s.channel_id LIMIT 1) \
+        FROM c WHERE c.channel_id IS NOT NULL) \
+    SELECT channel_id FROM c WHERE channel_id IS NOT NULL LIMIT $2";
+
+/// Who may read a client without a `clients` row: its `channels` row.
+pub const ACCESS_BY_SAMPLES: &str = "SELECT public FROM channels WHERE channel_name = $1";
+
+/// Blocks per history query: 8 blocks of 600 samples hold most reads.
+const HISTORY_BLOCKS: i64 = 8;
+
+/// Reads see one snapshot: packing moves samples between the tables.
+const SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+
+/// A connection holding the maintenance lock.
+struct Locked<'a>(Option<&'a mut PoolConnection<Postgres>>);
+
+/// Takes the advisory lock that serializes maintenance (partitions,
+/// pruning) across replicas; `None` when another replica holds it: it
+/// skips this round instead of doing the same work and deadlocking.
+async fn lock_maintenance(
+    conn: &mut PoolConnection<Postgres>,
+) -> Result<Option<Locked<'_>>, StoreError> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(PRUNE_LOCK)
+        .fetch_one(&mut **conn)
+        .await?;
+    Ok(locked.then_some(Locked(Some(conn))))
+}
+
+impl Locked<'_> {
+    fn conn(&mut self) -> &mut PgConnection {
+        self.0
+            .as_deref_mut()
+            .map(|c| &mut **c)
+            .expect("locked until unlock")
+    }
+
+    /// Releases the lock; a connection that may still hold it is closed
+    /// instead of going back to the pool (closing ends the session and
+    /// the lock).
+    async fn unlock(mut self) {
+        let Some(conn) = self.0.take() else { return };
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(PRUNE_LOCK)
+            .execute(&mut **conn)
+            .await;
+        if unlocked.is_err() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// The advisory lock key that serializes maintenance across replicas.
 const PRUNE_LOCK: i64 = 0x7069_6e67_7072_756e; // "pingprun"
 
 async fn prune_locked(conn: &mut PgConnection, older_than_us: i64) -> Result<u64, StoreError> {
-    let mut deleted = 0;
+    let mut deleted = 0u64;
+    // Whole days that ended by the cutoff: their partitions go.
+    for (name, day) in partitions(conn).await? {
+        if day.saturating_add(DAY_US) > older_than_us {
+            continue;
+        }
+        let sql = format!("SELECT coalesce(sum(samples), 0)::bigint FROM {name}");
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut *conn)
+            .await?;
+        let sql = format!("DROP TABLE {name}");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await?;
+        tracing::info!(partition = %name, samples = n, "dropped a day of packed samples");
+        deleted += u64::try_from(n).unwrap_or(0);
+    }
+    // Blocks in the default partition (days without a partition of their
+    // own), whole blocks that ended by the cutoff, by an index range.
+    let last_start = older_than_us.saturating_sub(block::BLOCK_US);
     loop {
-        // `public IN (TRUE, FALSE)` lets the (public, at_us) index find the
-        // old rows.
+        let counts: Vec<i32> = sqlx::query_scalar(
+            "DELETE FROM sample_blocks_default WHERE (channel_id, block_start_us) IN \
+             (SELECT channel_id, block_start_us FROM sample_blocks_default \
+              WHERE block_start_us <= $1 LIMIT $2) RETURNING samples",
+        )
+        .bind(last_start)
+        .bind(PRUNE_CHUNK / 100)
+        .fetch_all(&mut *conn)
+        .await?;
+        deleted += counts
+            .iter()
+            .map(|&n| u64::try_from(n).unwrap_or(0))
+            .sum::<u64>();
+        if (counts.len() as i64) < PRUNE_CHUNK / 100 {
+            break;
+        }
+    }
+    loop {
         let n = sqlx::query(
-            "DELETE FROM samples WHERE (channel_name, n) IN (SELECT channel_name, n \
-             FROM samples WHERE public IN (TRUE, FALSE) AND at_us < $1 LIMIT $2)",
+            "DELETE FROM sample_staging WHERE (channel_id, n) IN (SELECT channel_id, n \
+             FROM sample_staging WHERE at_us < $1 LIMIT $2)",
         )
         .bind(older_than_us)
         .bind(PRUNE_CHUNK)
@@ -108,9 +211,21 @@ async fn prune_locked(conn: &mut PgConnection, older_than_us: i64) -> Result<u64
             break;
         }
     }
+    // Clients without samples left; under the fence, so a late sample
+    // being packed finds its client row.
+    let mut tx = conn.begin().await?;
+    sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+    sqlx::query(
+        "DELETE FROM channels ch WHERE \
+         NOT EXISTS (SELECT 1 FROM sample_staging s WHERE s.channel_id = ch.id) AND \
+         NOT EXISTS (SELECT 1 FROM sample_blocks b WHERE b.channel_id = ch.id)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     sqlx::query(
         "DELETE FROM clients c WHERE c.connected_at_us < $1 AND NOT EXISTS \
-         (SELECT 1 FROM samples s WHERE s.channel_name = c.channel_name)",
+         (SELECT 1 FROM channels ch WHERE ch.channel_name = c.channel_name)",
     )
     .bind(older_than_us)
     .execute(&mut *conn)
@@ -118,10 +233,115 @@ async fn prune_locked(conn: &mut PgConnection, older_than_us: i64) -> Result<u64
     Ok(deleted)
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+/// A UTC day in µs.
+const DAY_US: i64 = 86_400_000_000;
 
-/// Binds the client columns, as arrays, to the next five parameters.
-fn bind_clients<'q>(q: PgQuery<'q>, clients: &[&ClientRecord]) -> PgQuery<'q> {
+/// Days of partitions created ahead of today.
+pub const PARTITIONS_AHEAD: i64 = 2;
+
+/// Past days' partitions created in one maintenance round, at most.
+const PARTITIONS_PER_ROUND: usize = 64;
+
+/// The name of the partition of the UTC day starting at `day_us`.
+fn partition_name(day_us: i64) -> String {
+    let day = chrono::DateTime::from_timestamp_micros(day_us).unwrap_or_default();
+    format!("sample_blocks_d{}", day.format("%Y%m%d"))
+}
+
+/// The day partitions of `sample_blocks` and their days' starts.
+async fn partitions(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, StoreError> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'sample_blocks'::regclass",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(names
+        .into_iter()
+        .filter_map(|name| {
+            let digits = name.strip_prefix("sample_blocks_d")?;
+            let day = chrono::NaiveDate::parse_from_str(digits, "%Y%m%d").ok()?;
+            let start = day.and_hms_opt(0, 0, 0)?.and_utc().timestamp_micros();
+            // Only names this code writes: the name goes into SQL.
+            (partition_name(start) == name).then_some((name, start))
+        })
+        .collect())
+}
+
+/// Creates the partition of the day starting at `day_us`, moving its
+/// blocks out of the default partition, under the fence (no block is
+/// written meanwhile).
+async fn create_partition(conn: &mut PgConnection, day_us: i64) -> Result<(), StoreError> {
+    let name = partition_name(day_us);
+    let (lo, hi) = (day_us, day_us + DAY_US);
+    let mut tx = conn.begin().await?;
+    sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+    let sql = format!(
+        "CREATE TABLE {name} (LIKE sample_blocks INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await?;
+    let sql = format!(
+        "WITH moved AS (DELETE FROM sample_blocks_default \
+         WHERE block_start_us >= {lo} AND block_start_us < {hi} RETURNING *) \
+         INSERT INTO {name} SELECT * FROM moved"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await?;
+    let sql = format!(
+        "ALTER TABLE sample_blocks ATTACH PARTITION {name} FOR VALUES FROM ({lo}) TO ({hi})"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(partition = %name, "created a day partition of packed samples");
+    Ok(())
+}
+
+/// Creates the missing partitions: today and [`PARTITIONS_AHEAD`] days,
+/// and past days within `retention` with blocks in the default partition.
+async fn ensure_partitions(
+    conn: &mut PgConnection,
+    now_us: i64,
+    retention: Duration,
+) -> Result<u32, StoreError> {
+    let existing: BTreeSet<i64> = partitions(conn)
+        .await?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
+    let day = |us: i64| us - us.rem_euclid(DAY_US);
+    let today = day(now_us);
+    let mut wanted: BTreeSet<i64> = (0..=PARTITIONS_AHEAD).map(|d| today + d * DAY_US).collect();
+    if !retention.is_zero() {
+        let horizon =
+            day(now_us.saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX)));
+        let waiting: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT block_start_us - block_start_us % $1 FROM sample_blocks_default \
+             WHERE block_start_us >= $2 AND block_start_us < $3",
+        )
+        .bind(DAY_US)
+        .bind(horizon.max(0))
+        .bind(today)
+        .fetch_all(&mut *conn)
+        .await?;
+        wanted.extend(waiting.into_iter().take(PARTITIONS_PER_ROUND));
+    }
+    let mut created = 0;
+    for d in wanted.difference(&existing) {
+        create_partition(conn, *d).await?;
+        created += 1;
+    }
+    Ok(created)
+}
+
+fn bind_clients<'q>(
+    q: sqlx::query::Query<'q, Postgres, PgArguments>,
+    clients: &[&ClientRecord],
+) -> sqlx::query::Query<'q, Postgres, PgArguments> {
     q.bind(
         clients
             .iter()
@@ -149,19 +369,198 @@ fn bind_clients<'q>(q: PgQuery<'q>, clients: &[&ClientRecord]) -> PgQuery<'q> {
     )
 }
 
-/// Binds the sample columns, as arrays, to the next six parameters.
-fn bind_samples<'q>(q: PgQuery<'q>, samples: &[&SampleRecord]) -> PgQuery<'q> {
-    q.bind(
-        samples
-            .iter()
-            .map(|s| s.channel_name.clone())
-            .collect::<Vec<_>>(),
+/// The clients of `samples` and whether all their samples are public.
+fn sample_clients(samples: &[&SampleRecord]) -> (Vec<String>, Vec<bool>) {
+    let mut by_name: BTreeMap<&str, bool> = BTreeMap::new();
+    for s in samples {
+        *by_name.entry(&s.channel_name).or_insert(true) &= s.public;
+    }
+    by_name.into_iter().map(|(n, p)| (n.to_owned(), p)).unzip()
+}
+
+/// A row of [`STAGE_SAMPLES`]: a [`StagedRow`] whose client may be missing.
+type StageRow = (Option<i32>, i64, Option<i64>, i64, f64);
+
+/// Stages one chunk; returns how many were staged and the late samples.
+async fn stage(
+    conn: &mut PgConnection,
+    samples: &[&SampleRecord],
+) -> Result<(u64, Vec<(i32, Sample)>), StoreError> {
+    let rows: Vec<StageRow> = sqlx::query_as(STAGE_SAMPLES)
+        .bind(
+            samples
+                .iter()
+                .map(|s| s.channel_name.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(samples.iter().map(|s| to_db(s.n)).collect::<Vec<_>>())
+        .bind(samples.iter().map(|s| s.seq.map(to_db)).collect::<Vec<_>>())
+        .bind(samples.iter().map(|s| s.at_us).collect::<Vec<_>>())
+        .bind(samples.iter().map(|s| s.delay_ms).collect::<Vec<_>>())
+        .fetch_all(conn)
+        .await?;
+    let mut staged = 0;
+    let mut late = Vec::new();
+    for (channel_id, n, seq, at_us, delay_ms) in rows {
+        match channel_id {
+            Some(-1) => staged = u64::try_from(n).unwrap_or(0),
+            Some(c) => late.push((
+                c,
+                Sample {
+                    at_us,
+                    n,
+                    seq,
+                    delay_ms,
+                },
+            )),
+            None => return Err(StoreError::ClientVanished),
+        }
+    }
+    Ok((staged, late))
+}
+
+/// Merges `samples` into their blocks and the new public ones into the
+/// room's minute rollups; the caller holds the fence. Returns how many
+/// were new.
+async fn merge_into_blocks(
+    conn: &mut PgConnection,
+    samples: &[(i32, Sample)],
+) -> Result<u64, StoreError> {
+    let (clients, starts) = block_keys(samples);
+    let stored: Vec<(i32, i64, Vec<u8>)> = sqlx::query_as(SELECT_BLOCKS)
+        .bind(&clients)
+        .bind(&starts)
+        .fetch_all(&mut *conn)
+        .await?;
+    let (rows, added) = merge_blocks(stored, samples)?;
+    let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (c, start, count, data) in rows {
+        cols.0.push(c);
+        cols.1.push(start);
+        cols.2.push(count);
+        cols.3.push(data);
+    }
+    sqlx::query(UPSERT_BLOCKS)
+        .bind(cols.0)
+        .bind(cols.1)
+        .bind(cols.2)
+        .bind(cols.3)
+        .execute(&mut *conn)
+        .await?;
+    update_rollups(conn, &added).await?;
+    Ok(added.len() as u64)
+}
+
+/// Adds the public ones of `added` (samples just packed) to the room's
+/// minute rollups; the caller holds the fence, so each sample is added
+/// once.
+async fn update_rollups(
+    conn: &mut PgConnection,
+    added: &[(i32, Sample)],
+) -> Result<(), StoreError> {
+    let mut ids: Vec<i32> = added.iter().map(|(c, _)| *c).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let public: BTreeSet<i32> =
+        sqlx::query_scalar("SELECT id FROM channels WHERE public AND id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    let samples: Vec<Sample> = added
+        .iter()
+        .filter(|(c, _)| public.contains(c))
+        .map(|(_, s)| *s)
+        .collect();
+    let new = minute_rollups(&samples);
+    if new.is_empty() {
+        return Ok(());
+    }
+    let minutes: Vec<i64> = new.keys().copied().collect();
+    let stored: Vec<RollupRow> = sqlx::query_as(
+        "SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes \
+         WHERE minute_us = ANY($1)",
     )
-    .bind(samples.iter().map(|s| to_db(s.n)).collect::<Vec<_>>())
-    .bind(samples.iter().map(|s| s.seq.map(to_db)).collect::<Vec<_>>())
-    .bind(samples.iter().map(|s| s.at_us).collect::<Vec<_>>())
-    .bind(samples.iter().map(|s| s.delay_ms).collect::<Vec<_>>())
-    .bind(samples.iter().map(|s| s.public).collect::<Vec<_>>())
+    .bind(&minutes)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (m, n, min, max, sketch) in merge_rollups(stored, new)? {
+        cols.0.push(m);
+        cols.1.push(n);
+        cols.2.push(min);
+        cols.3.push(max);
+        cols.4.push(sketch);
+    }
+    sqlx::query(
+        "INSERT INTO room_minutes (minute_us, samples, min_ms, max_ms, sketch) \
+         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::double precision[], \
+                              $4::double precision[], $5::bytea[]) \
+         ON CONFLICT (minute_us) DO UPDATE SET samples = excluded.samples, \
+             min_ms = excluded.min_ms, max_ms = excluded.max_ms, sketch = excluded.sketch",
+    )
+    .bind(cols.0)
+    .bind(cols.1)
+    .bind(cols.2)
+    .bind(cols.3)
+    .bind(cols.4)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// One packing transaction over the clients after `after`; `None` when no
+/// client has staged samples there.
+async fn pack_step(
+    pool: &PgPool,
+    before: i64,
+    after: i32,
+) -> Result<Option<(u64, i32)>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+    let clients: Vec<i32> = sqlx::query_scalar(STAGED_CLIENTS)
+        .bind(after)
+        .bind(PACK_CLIENTS)
+        .fetch_all(&mut *tx)
+        .await?;
+    if clients.is_empty() {
+        return Ok(None);
+    }
+    let rows: Vec<StagedRow> = sqlx::query_as(
+        "SELECT channel_id, n, seq, at_us, delay_ms FROM sample_staging \
+         WHERE channel_id = ANY($1) AND at_us < $2 ORDER BY channel_id, at_us, n LIMIT $3",
+    )
+    .bind(&clients)
+    .bind(before)
+    .bind(PACK_ROWS)
+    .fetch_all(&mut *tx)
+    .await?;
+    let rows = rows.into_iter().map(staged_sample).collect();
+    let step = PackStep::plan(&clients, rows, before);
+    if !step.samples.is_empty() {
+        merge_into_blocks(&mut tx, &step.samples).await?;
+    }
+    let (marked, marks): (Vec<i32>, Vec<i64>) = step.marks.iter().copied().unzip();
+    let moved = sqlx::query(
+        "DELETE FROM sample_staging s USING UNNEST($1::integer[], $2::bigint[]) AS t(c, b) \
+         WHERE s.channel_id = t.c AND s.at_us < t.b",
+    )
+    .bind(&marked)
+    .bind(&marks)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "UPDATE channels SET packed_before_us = GREATEST(packed_before_us, t.b) \
+         FROM UNNEST($1::integer[], $2::bigint[]) AS t(c, b) WHERE id = t.c",
+    )
+    .bind(&marked)
+    .bind(&marks)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some((moved, step.next_after)))
 }
 
 /// A Postgres database.
@@ -232,26 +631,43 @@ impl Store for PgStore {
     async fn insert(&self, batches: &[RecordBatch]) -> Result<InsertOutcome, StoreError> {
         let clients: Vec<&ClientRecord> = batches.iter().flat_map(|b| &b.clients).collect();
         let samples: Vec<&SampleRecord> = batches.iter().flat_map(|b| &b.samples).collect();
-        let inserted = if clients.len() <= INSERT_CHUNK && samples.len() <= INSERT_CHUNK {
-            let q = bind_samples(bind_clients(sqlx::query(INSERT_BOTH), &clients), &samples);
-            q.execute(&self.pool).await?.rows_affected()
-        } else {
-            let mut tx = self.pool.begin().await?;
-            for chunk in clients.chunks(INSERT_CHUNK) {
-                bind_clients(sqlx::query(INSERT_CLIENTS), chunk)
-                    .execute(&mut *tx)
-                    .await?;
+        let mut conn = self.pool.acquire().await?;
+        // Client rows first, in statements (transactions) of their own: a
+        // row stored twice is harmless, a later failure retries the batch.
+        // Usually one statement: the batch's new clients and its samples'
+        // clients fit one chunk each.
+        let (names, public) = sample_clients(&samples);
+        let chunks = clients.len().max(names.len()).div_ceil(INSERT_CHUNK);
+        for i in 0..chunks {
+            let part = |len: usize| (i * INSERT_CHUNK).min(len)..((i + 1) * INSERT_CHUNK).min(len);
+            bind_clients(sqlx::query(INSERT_CLIENTS), &clients[part(clients.len())])
+                .bind(&names[part(names.len())])
+                .bind(&public[part(public.len())])
+                .execute(&mut *conn)
+                .await?;
+        }
+        let mut inserted = 0;
+        let mut late = Vec::new();
+        for chunk in samples.chunks(INSERT_CHUNK) {
+            let (staged, l) = stage(&mut conn, chunk).await?;
+            inserted += staged;
+            late.extend(l);
+        }
+        if !late.is_empty() {
+            let mut tx = conn.begin().await?;
+            sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+            let (mut clients, _) = block_keys(&late);
+            clients.dedup();
+            let found: i64 = sqlx::query_scalar("SELECT count(*) FROM channels WHERE id = ANY($1)")
+                .bind(&clients)
+                .fetch_one(&mut *tx)
+                .await?;
+            if found != clients.len() as i64 {
+                return Err(StoreError::ClientVanished);
             }
-            let mut inserted = 0;
-            for chunk in samples.chunks(INSERT_CHUNK) {
-                inserted += bind_samples(sqlx::query(INSERT_SAMPLES), chunk)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-            }
+            inserted += merge_into_blocks(&mut tx, &late).await?;
             tx.commit().await?;
-            inserted
-        };
+        }
         Ok(InsertOutcome {
             inserted,
             duplicates: samples.len() as u64 - inserted,
@@ -280,16 +696,50 @@ impl Store for PgStore {
         since_us: Option<i64>,
         limit: i64,
     ) -> Result<Vec<StoredSample>, StoreError> {
-        let rows: Vec<HistoryRow> = sqlx::query_as(
-            "SELECT at_us, delay_ms, seq FROM samples \
-             WHERE channel_name = $1 AND at_us >= $2 ORDER BY at_us, n LIMIT $3",
-        )
-        .bind(channel_name)
-        .bind(since_us.unwrap_or(i64::MIN))
-        .bind(limit)
-        .fetch_all(&self.reads)
-        .await?;
-        Ok(rows.into_iter().map(stored_sample).collect())
+        let mut history = History::new(since_us, limit);
+        // One snapshot: packing moves samples from staging to blocks.
+        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let id: Option<i32> = sqlx::query_scalar("SELECT id FROM channels WHERE channel_name = $1")
+            .bind(channel_name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            return Ok(Vec::new());
+        };
+        let mut from = history.first_block();
+        while history.remaining() > 0 {
+            let blocks: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT block_start_us, data FROM sample_blocks \
+                 WHERE channel_id = $1 AND block_start_us >= $2 \
+                 ORDER BY block_start_us LIMIT $3",
+            )
+            .bind(id)
+            .bind(from)
+            .bind(HISTORY_BLOCKS)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (_, data) in &blocks {
+                history.push_block(data)?;
+            }
+            match blocks.last() {
+                Some((start, _)) if blocks.len() as i64 == HISTORY_BLOCKS => from = start + 1,
+                _ => break,
+            }
+        }
+        if history.remaining() > 0 {
+            let rows: Vec<(i64, f64, Option<i64>)> = sqlx::query_as(
+                "SELECT at_us, delay_ms, seq FROM sample_staging \
+                 WHERE channel_id = $1 AND at_us >= $2 ORDER BY at_us, n LIMIT $3",
+            )
+            .bind(id)
+            .bind(history.since())
+            .bind(history.remaining() as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+            history.samples.extend(rows.into_iter().map(stored_sample));
+        }
+        tx.commit().await?;
+        Ok(history.samples)
     }
 
     async fn stats(
@@ -299,46 +749,73 @@ impl Store for PgStore {
         now_us: i64,
     ) -> Result<Vec<StatsBucket>, StoreError> {
         let width = bucket_width(bucket)?;
-        let rows: Vec<(i64, i64, f64, f64, f64, f64, f64)> = sqlx::query_as(STATS)
-            .bind(window_start(now_us, window))
-            .bind(width)
-            .fetch_all(&self.reads)
+        let since = window_start(now_us, window);
+        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        if width % MINUTE_US == 0 {
+            let first = bucket_start(since, MINUTE_US);
+            let staged = sqlx::query_as(STATS_STAGED)
+                .bind(first)
+                .fetch_all(&mut *tx)
+                .await?;
+            let rollups = sqlx::query_as(STATS_ROLLUPS)
+                .bind(first)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return stats_from_rollups(width, staged, rollups);
+        }
+        let staged: Vec<(i64, f64)> = sqlx::query_as(STATS_STAGED)
+            .bind(since)
+            .fetch_all(&mut *tx)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(start_us, count, min, p50, p95, p99, max)| StatsBucket {
-                start_us,
-                count: count as u64,
-                min,
-                p50,
-                p95,
-                p99,
-                max,
-            })
-            .collect())
+        let buckets = Buckets::new(since, width, staged);
+        let first = buckets.first_block();
+        let stats = fold_blocks(
+            buckets,
+            sqlx::query_as(STATS_BLOCKS).bind(first).fetch(&mut *tx),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(stats)
+    }
+
+    async fn pack_step(
+        &self,
+        before_us: i64,
+        after: i32,
+    ) -> Result<Option<(u64, i32)>, StoreError> {
+        pack_step(&self.pool, before_us, after).await
+    }
+
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM room_minutes WHERE minute_us < $1")
+            .bind(older_than_us)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn maintain_partitions(
+        &self,
+        now_us: i64,
+        retention: Duration,
+    ) -> Result<u32, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let Some(mut conn) = lock_maintenance(&mut conn).await? else {
+            return Ok(0);
+        };
+        let created = ensure_partitions(conn.conn(), now_us, retention).await;
+        conn.unlock().await;
+        created
     }
 
     async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
-        // One replica prunes at a time; the others skip this round instead
-        // of deleting the same rows and deadlocking each other.
         let mut conn = self.pool.acquire().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(PRUNE_LOCK)
-            .fetch_one(&mut *conn)
-            .await?;
-        if !locked {
+        let Some(mut conn) = lock_maintenance(&mut conn).await? else {
             return Ok(0);
-        }
-        let pruned = prune_locked(&mut conn, older_than_us).await;
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(PRUNE_LOCK)
-            .execute(&mut *conn)
-            .await;
-        if unlocked.is_err() {
-            // Never hand a connection that may still hold the lock back to
-            // the pool: closing it ends the session and the lock.
-            drop(conn.detach());
-        }
+        };
+        let pruned = prune_locked(conn.conn(), older_than_us).await;
+        conn.unlock().await;
         pruned
     }
 

@@ -1,32 +1,46 @@
 //! The SQLite store of the standalone binary: one file in WAL mode, so
-//! history and statistics reads run beside the single writer.
+//! history and statistics reads run beside the single writer. SQLite has no
+//! statement timeout: a progress handler interrupts a read that runs past
+//! the read timeout ([`ReadLimits::statement_timeout`]).
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
+use services::messages::SampleRecord;
 use services::messages::{RecordBatch, StatsBucket, StoredSample};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 
+use super::block::{self, Sample};
 use super::{
-    Access, HistoryRow, InsertOutcome, PRUNE_CHUNK, Store, StoreError, bucket_start, bucket_stats,
-    bucket_width, stored_sample, to_db, window_start,
+    Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
+    PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
+    StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
+    minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_sample, window_start,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Rows per `INSERT`: 6 parameters a row stays well under SQLite's limit of
-/// 32,766 parameters a statement.
+/// Rows per statement: 5 or 6 parameters a row stays well under SQLite's
+/// limit of 32,766 parameters a statement.
 const INSERT_CHUNK: usize = 1_000;
+
+/// SQLite virtual-machine steps between two checks of a read's deadline.
+const PROGRESS_STEPS: i32 = 10_000;
 
 /// A SQLite database file.
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// How long one read may run: SQLite has no `statement_timeout`, so a
+    /// progress handler interrupts a read past it (SQLITE_INTERRUPT).
+    read_timeout: Duration,
 }
 
 impl SqliteStore {
@@ -37,6 +51,16 @@ impl SqliteStore {
     /// # Errors
     /// A malformed URL, an unusable file, or a failed migration.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, ReadLimits::default()).await
+    }
+
+    /// Like [`SqliteStore::connect`], every read cut off after
+    /// `reads.statement_timeout` (`reads.connections` does not apply: the
+    /// recorder's read budget bounds the reads at once).
+    ///
+    /// # Errors
+    /// As [`SqliteStore::connect`].
+    pub async fn connect_with(url: &str, reads: ReadLimits) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -58,10 +82,32 @@ impl SqliteStore {
         };
         let pool = pool_opts
             .acquire_timeout(Duration::from_secs(10))
+            // A read that was cut off or abandoned leaves its deadline
+            // behind: no other use of the connection inherits it.
+            .before_acquire(|conn, _| {
+                Box::pin(async move {
+                    conn.lock_handle().await?.remove_progress_handler();
+                    Ok(true)
+                })
+            })
             .connect_with(opts)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            read_timeout: reads.statement_timeout,
+        })
+    }
+
+    /// A connection for one read, interrupted once the read timeout has
+    /// passed.
+    async fn read_conn(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let deadline = Instant::now() + self.read_timeout;
+        conn.lock_handle()
+            .await?
+            .set_progress_handler(PROGRESS_STEPS, move || Instant::now() < deadline);
+        Ok(conn)
     }
 
     /// The connection pool (tests and tools).
@@ -70,10 +116,212 @@ impl SqliteStore {
     }
 }
 
+/// Opens a write transaction at once (`BEGIN IMMEDIATE`): a deferred one
+/// that reads first would fail instead of waiting when another writer
+/// committed meanwhile.
+async fn begin_write(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+    Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
+}
+
+/// Merges `samples` into their blocks; returns how many were new.
+async fn merge_into_blocks(
+    conn: &mut SqliteConnection,
+    samples: &[(i32, Sample)],
+) -> Result<u64, StoreError> {
+    let (clients, starts) = block_keys(samples);
+    let keys: Vec<(i32, i64)> = clients.into_iter().zip(starts).collect();
+    let mut stored = Vec::new();
+    for chunk in keys.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT channel_id, block_start_us, data FROM sample_blocks \
+             WHERE (channel_id, block_start_us) IN (",
+        );
+        qb.push_values(chunk, |mut row, (c, b)| {
+            row.push_bind(*c).push_bind(*b);
+        });
+        qb.push(")");
+        stored.extend(
+            qb.build_query_as::<(i32, i64, Vec<u8>)>()
+                .fetch_all(&mut *conn)
+                .await?,
+        );
+    }
+    let (rows, added) = merge_blocks(stored, samples)?;
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO sample_blocks (channel_id, block_start_us, samples, data) ",
+        );
+        qb.push_values(chunk, |mut row, (c, b, n, data)| {
+            row.push_bind(*c)
+                .push_bind(*b)
+                .push_bind(*n)
+                .push_bind(data.clone());
+        });
+        qb.push(
+            " ON CONFLICT (channel_id, block_start_us) \
+             DO UPDATE SET samples = excluded.samples, data = excluded.data",
+        );
+        qb.build().execute(&mut *conn).await?;
+    }
+    update_rollups(conn, &added).await?;
+    Ok(added.len() as u64)
+}
+
+/// Adds the public ones of `added` (samples just packed) to the room's
+/// minute rollups, in the caller's write transaction.
+async fn update_rollups(
+    conn: &mut SqliteConnection,
+    added: &[(i32, Sample)],
+) -> Result<(), StoreError> {
+    let ids: BTreeSet<i32> = added.iter().map(|(c, _)| *c).collect();
+    let mut public = BTreeSet::new();
+    let ids: Vec<i32> = ids.into_iter().collect();
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("SELECT id FROM channels WHERE public = 1 AND id IN (");
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        qb.push(")");
+        let rows: Vec<i32> = qb.build_query_scalar().fetch_all(&mut *conn).await?;
+        public.extend(rows);
+    }
+    let samples: Vec<Sample> = added
+        .iter()
+        .filter(|(c, _)| public.contains(c))
+        .map(|(_, s)| *s)
+        .collect();
+    let new = minute_rollups(&samples);
+    let minutes: Vec<i64> = new.keys().copied().collect();
+    let mut stored: Vec<RollupRow> = Vec::new();
+    for chunk in minutes.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes WHERE minute_us IN (",
+        );
+        let mut list = qb.separated(", ");
+        for m in chunk {
+            list.push_bind(*m);
+        }
+        qb.push(")");
+        stored.extend(
+            qb.build_query_as::<RollupRow>()
+                .fetch_all(&mut *conn)
+                .await?,
+        );
+    }
+    let rows = merge_rollups(stored, new)?;
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO room_minutes (minute_us, samples, min_ms, max_ms, sketch) ",
+        );
+        qb.push_values(chunk, |mut row, (m, n, min, max, sketch)| {
+            row.push_bind(*m)
+                .push_bind(*n)
+                .push_bind(*min)
+                .push_bind(*max)
+                .push_bind(sketch.clone());
+        });
+        qb.push(
+            " ON CONFLICT (minute_us) DO UPDATE SET samples = excluded.samples, \
+             min_ms = excluded.min_ms, max_ms = excluded.max_ms, sketch = excluded.sketch",
+        );
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// The ids and `packed_before_us` of the clients of `samples`, creating
+/// the missing ones.
+async fn channel_ids(
+    conn: &mut SqliteConnection,
+    samples: &[&SampleRecord],
+) -> Result<HashMap<String, (i32, i64)>, StoreError> {
+    let mut public: BTreeMap<&str, bool> = BTreeMap::new();
+    for s in samples {
+        *public.entry(&s.channel_name).or_insert(true) &= s.public;
+    }
+    let names: Vec<(&str, bool)> = public.into_iter().collect();
+    let mut ids = HashMap::with_capacity(names.len());
+    for chunk in names.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO channels (channel_name, public) ");
+        qb.push_values(chunk, |mut row, (name, public)| {
+            row.push_bind(name.to_string()).push_bind(*public);
+        });
+        qb.push(" ON CONFLICT (channel_name) DO NOTHING");
+        qb.build().execute(&mut *conn).await?;
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT channel_name, id, packed_before_us FROM channels WHERE channel_name IN (",
+        );
+        let mut list = qb.separated(", ");
+        for (name, _) in chunk {
+            list.push_bind(name.to_string());
+        }
+        qb.push(")");
+        let rows: Vec<(String, i32, i64)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+        ids.extend(rows.into_iter().map(|(name, id, mark)| (name, (id, mark))));
+    }
+    Ok(ids)
+}
+
+/// One packing transaction over the clients after `after`; `None` when no
+/// client has staged samples there.
+async fn pack_step(
+    pool: &SqlitePool,
+    before: i64,
+    after: i32,
+) -> Result<Option<(u64, i32)>, StoreError> {
+    let mut tx = begin_write(pool).await?;
+    let clients: Vec<i32> = sqlx::query_scalar(
+        "SELECT DISTINCT channel_id FROM sample_staging WHERE channel_id > ? \
+         ORDER BY channel_id LIMIT ?",
+    )
+    .bind(after)
+    .bind(PACK_CLIENTS)
+    .fetch_all(&mut *tx)
+    .await?;
+    if clients.is_empty() {
+        return Ok(None);
+    }
+    let mut qb = QueryBuilder::<Sqlite>::new(
+        "SELECT channel_id, n, seq, at_us, delay_ms FROM sample_staging WHERE channel_id IN (",
+    );
+    let mut list = qb.separated(", ");
+    for c in &clients {
+        list.push_bind(*c);
+    }
+    qb.push(") AND at_us < ")
+        .push_bind(before)
+        .push(" ORDER BY channel_id, at_us, n LIMIT ")
+        .push_bind(PACK_ROWS);
+    let rows: Vec<StagedRow> = qb.build_query_as().fetch_all(&mut *tx).await?;
+    let rows = rows.into_iter().map(staged_sample).collect();
+    let step = PackStep::plan(&clients, rows, before);
+    if !step.samples.is_empty() {
+        merge_into_blocks(&mut tx, &step.samples).await?;
+    }
+    let mut moved = 0;
+    for (c, mark) in &step.marks {
+        moved += sqlx::query("DELETE FROM sample_staging WHERE channel_id = ? AND at_us < ?")
+            .bind(c)
+            .bind(mark)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE channels SET packed_before_us = max(packed_before_us, ?) WHERE id = ?")
+            .bind(mark)
+            .bind(c)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Some((moved, step.next_after)))
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert(&self, batches: &[RecordBatch]) -> Result<InsertOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = begin_write(&self.pool).await?;
         let clients: Vec<_> = batches.iter().flat_map(|b| &b.clients).collect();
         for chunk in clients.chunks(INSERT_CHUNK) {
             let mut qb = QueryBuilder::<Sqlite>::new(
@@ -89,22 +337,35 @@ impl Store for SqliteStore {
             qb.push(" ON CONFLICT (channel_name) DO NOTHING");
             qb.build().execute(&mut *tx).await?;
         }
-        let samples: Vec<_> = batches.iter().flat_map(|b| &b.samples).collect();
+        let samples: Vec<&SampleRecord> = batches.iter().flat_map(|b| &b.samples).collect();
+        let ids = channel_ids(&mut tx, &samples).await?;
+        let mut staged = Vec::with_capacity(samples.len());
+        let mut late = Vec::new();
+        for s in &samples {
+            let (id, mark) = ids[s.channel_name.as_str()];
+            if s.at_us >= mark {
+                staged.push((id, to_sample(s)));
+            } else {
+                late.push((id, to_sample(s)));
+            }
+        }
         let mut inserted = 0;
-        for chunk in samples.chunks(INSERT_CHUNK) {
+        for chunk in staged.chunks(INSERT_CHUNK) {
             let mut qb = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO samples (channel_name, n, seq, at_us, delay_ms, public) ",
+                "INSERT INTO sample_staging (channel_id, n, seq, at_us, delay_ms) ",
             );
-            qb.push_values(chunk, |mut row, s| {
-                row.push_bind(s.channel_name.clone())
-                    .push_bind(to_db(s.n))
-                    .push_bind(s.seq.map(to_db))
+            qb.push_values(chunk, |mut row, (c, s)| {
+                row.push_bind(*c)
+                    .push_bind(s.n)
+                    .push_bind(s.seq)
                     .push_bind(s.at_us)
-                    .push_bind(s.delay_ms)
-                    .push_bind(s.public);
+                    .push_bind(s.delay_ms);
             });
             qb.push(" ON CONFLICT DO NOTHING");
             inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+        }
+        if !late.is_empty() {
+            inserted += merge_into_blocks(&mut tx, &late).await?;
         }
         tx.commit().await?;
         Ok(InsertOutcome {
@@ -114,18 +375,19 @@ impl Store for SqliteStore {
     }
 
     async fn access(&self, channel_name: &str) -> Result<Option<Access>, StoreError> {
+        let mut conn = self.read_conn().await?;
         let client: Option<(bool, Option<String>)> =
             sqlx::query_as("SELECT public, token_digest FROM clients WHERE channel_name = ?")
                 .bind(channel_name)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await?;
         if let Some(client) = client {
             return Ok(Some(Access::from(client)));
         }
         let public: Option<bool> =
-            sqlx::query_scalar("SELECT min(public) FROM samples WHERE channel_name = ?")
+            sqlx::query_scalar("SELECT public FROM channels WHERE channel_name = ?")
                 .bind(channel_name)
-                .fetch_one(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await?;
         Ok(public.map(Access::without_token))
     }
@@ -136,16 +398,45 @@ impl Store for SqliteStore {
         since_us: Option<i64>,
         limit: i64,
     ) -> Result<Vec<StoredSample>, StoreError> {
-        let rows: Vec<HistoryRow> = sqlx::query_as(
-            "SELECT at_us, delay_ms, seq FROM samples \
-             WHERE channel_name = ? AND at_us >= ? ORDER BY at_us, n LIMIT ?",
+        let mut history = History::new(since_us, limit);
+        // One read transaction, one snapshot: packing moves samples.
+        let mut conn = self.read_conn().await?;
+        let mut tx = conn.begin().await?;
+        let id: Option<i32> = sqlx::query_scalar("SELECT id FROM channels WHERE channel_name = ?")
+            .bind(channel_name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            return Ok(Vec::new());
+        };
+        let mut blocks = sqlx::query_as::<_, (Vec<u8>,)>(
+            "SELECT data FROM sample_blocks WHERE channel_id = ? AND block_start_us >= ? \
+             ORDER BY block_start_us",
         )
-        .bind(channel_name)
-        .bind(since_us.unwrap_or(i64::MIN))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(stored_sample).collect())
+        .bind(id)
+        .bind(history.first_block())
+        .fetch(&mut *tx);
+        while history.remaining() > 0 {
+            match blocks.try_next().await? {
+                Some((data,)) => history.push_block(&data)?,
+                None => break,
+            }
+        }
+        drop(blocks);
+        if history.remaining() > 0 {
+            let rows: Vec<(i64, f64, Option<i64>)> = sqlx::query_as(
+                "SELECT at_us, delay_ms, seq FROM sample_staging \
+                 WHERE channel_id = ? AND at_us >= ? ORDER BY at_us, n LIMIT ?",
+            )
+            .bind(id)
+            .bind(history.since())
+            .bind(history.remaining() as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+            history.samples.extend(rows.into_iter().map(stored_sample));
+        }
+        tx.commit().await?;
+        Ok(history.samples)
     }
 
     async fn stats(
@@ -156,43 +447,76 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StatsBucket>, StoreError> {
         let width = bucket_width(bucket)?;
         let since = window_start(now_us, window);
-        // Rows come in time order, so buckets complete one after the other
-        // and only one bucket's values are held at a time.
-        let mut rows = sqlx::query_as::<_, (i64, f64)>(
-            "SELECT at_us, delay_ms FROM samples WHERE public = 1 AND at_us >= ? ORDER BY at_us",
+        let mut conn = self.read_conn().await?;
+        let mut tx = conn.begin().await?;
+        if width % MINUTE_US == 0 {
+            let first = bucket_start(since, MINUTE_US);
+            let staged = sqlx::query_as(STATS_STAGED)
+                .bind(first)
+                .fetch_all(&mut *tx)
+                .await?;
+            let rollups = sqlx::query_as(STATS_ROLLUPS)
+                .bind(first)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return stats_from_rollups(width, staged, rollups);
+        }
+        let staged: Vec<(i64, f64)> = sqlx::query_as(STATS_STAGED)
+            .bind(since)
+            .fetch_all(&mut *tx)
+            .await?;
+        let buckets = Buckets::new(since, width, staged);
+        let first = buckets.first_block();
+        let stats = fold_blocks(
+            buckets,
+            sqlx::query_as(STATS_BLOCKS).bind(first).fetch(&mut *tx),
         )
-        .bind(since)
-        .fetch(&self.pool);
-        let mut buckets = Vec::new();
-        let mut current: Option<(i64, Vec<f64>)> = None;
-        while let Some((at_us, delay_ms)) = rows.try_next().await? {
-            let start = bucket_start(at_us, width);
-            match &mut current {
-                Some((s, values)) if *s == start => values.push(delay_ms),
-                _ => {
-                    if let Some((s, mut values)) = current.take() {
-                        values.sort_by(f64::total_cmp);
-                        buckets.push(bucket_stats(s, &values));
-                    }
-                    current = Some((start, vec![delay_ms]));
-                }
-            }
-        }
-        if let Some((s, mut values)) = current {
-            values.sort_by(f64::total_cmp);
-            buckets.push(bucket_stats(s, &values));
-        }
-        Ok(buckets)
+        .await?;
+        tx.commit().await?;
+        Ok(stats)
+    }
+
+    async fn pack_step(
+        &self,
+        before_us: i64,
+        after: i32,
+    ) -> Result<Option<(u64, i32)>, StoreError> {
+        pack_step(&self.pool, before_us, after).await
+    }
+
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM room_minutes WHERE minute_us < ?")
+            .bind(older_than_us)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
-        let mut deleted = 0;
+        let mut deleted = 0u64;
+        let last_start = older_than_us.saturating_sub(block::BLOCK_US);
         loop {
-            // `public IN (0, 1)` lets the (public, at_us) index find the
-            // old rows.
+            let counts: Vec<i64> = sqlx::query_scalar(
+                "DELETE FROM sample_blocks WHERE rowid IN (SELECT rowid FROM sample_blocks \
+                 WHERE block_start_us <= ? LIMIT ?) RETURNING samples",
+            )
+            .bind(last_start)
+            .bind(PRUNE_CHUNK / 100)
+            .fetch_all(&self.pool)
+            .await?;
+            deleted += counts
+                .iter()
+                .map(|&n| u64::try_from(n).unwrap_or(0))
+                .sum::<u64>();
+            if (counts.len() as i64) < PRUNE_CHUNK / 100 {
+                break;
+            }
+        }
+        loop {
             let n = sqlx::query(
-                "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples \
-                 WHERE public IN (0, 1) AND at_us < ? LIMIT ?)",
+                "DELETE FROM sample_staging WHERE (channel_id, n) IN (SELECT channel_id, n \
+                 FROM sample_staging WHERE at_us < ? LIMIT ?)",
             )
             .bind(older_than_us)
             .bind(PRUNE_CHUNK)
@@ -204,13 +528,22 @@ impl Store for SqliteStore {
                 break;
             }
         }
+        let mut tx = begin_write(&self.pool).await?;
+        sqlx::query(
+            "DELETE FROM channels WHERE \
+             NOT EXISTS (SELECT 1 FROM sample_staging s WHERE s.channel_id = channels.id) AND \
+             NOT EXISTS (SELECT 1 FROM sample_blocks b WHERE b.channel_id = channels.id)",
+        )
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "DELETE FROM clients WHERE connected_at_us < ? AND NOT EXISTS \
-             (SELECT 1 FROM samples s WHERE s.channel_name = clients.channel_name)",
+             (SELECT 1 FROM channels ch WHERE ch.channel_name = clients.channel_name)",
         )
         .bind(older_than_us)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(deleted)
     }
 

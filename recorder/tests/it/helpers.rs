@@ -92,10 +92,13 @@ impl TestPg {
 
     /// How many samples are stored.
     pub async fn count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM samples")
-            .fetch_one(self.store.pool())
-            .await
-            .expect("count samples")
+        sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM sample_staging) \
+                  + (SELECT coalesce(sum(samples), 0) FROM sample_blocks)::bigint",
+        )
+        .fetch_one(self.store.pool())
+        .await
+        .expect("count samples")
     }
 }
 

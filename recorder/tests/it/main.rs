@@ -4,5 +4,7 @@
 //! see `it/helpers.rs` for the environment variables.
 
 mod helpers;
+mod migration;
+mod packing;
 mod service;
 mod store;

@@ -517,8 +517,18 @@ impl Store for Flaky {
     ) -> Result<Vec<StatsBucket>, StoreError> {
         self.inner.stats(window, bucket, now_us).await
     }
+    async fn pack_step(
+        &self,
+        before_us: i64,
+        after: i32,
+    ) -> Result<Option<(u64, i32)>, StoreError> {
+        self.inner.pack_step(before_us, after).await
+    }
     async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
         self.inner.prune(older_than_us).await
+    }
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        self.inner.prune_rollups(older_than_us).await
     }
     async fn ping(&self) -> bool {
         !self.down.load(Ordering::SeqCst) && self.inner.ping().await

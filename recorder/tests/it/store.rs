@@ -7,6 +7,9 @@ use recorder::store::{InsertOutcome, Store};
 use services::messages::{SampleRecord, SamplesQuery, StatsBucket};
 
 use crate::helpers::{TestPg, TestSqlite, batch, client, samples};
+use crate::packing::{
+    packing_keeps_reads_and_prunes_whole_blocks, redelivery_and_packing_store_each_sample_once,
+};
 
 /// Runs each contract test against both backends, each on a fresh database.
 macro_rules! contract {
@@ -39,9 +42,12 @@ contract!(
     history_is_oldest_first_with_since_and_limit,
     stats_cover_public_samples_per_bucket,
     prune_deletes_old_samples_and_clients,
+    redelivery_and_packing_store_each_sample_once,
+    packing_keeps_reads_and_prunes_whole_blocks,
 );
 
-fn query(id: &str, token: Option<&str>) -> SamplesQuery {
+/// A history query for all of `id`'s samples (up to the API's limit).
+pub(crate) fn query(id: &str, token: Option<&str>) -> SamplesQuery {
     SamplesQuery {
         channel_name: id.to_owned(),
         token_digest: token.map(services::ids::token_digest),
@@ -454,7 +460,7 @@ async fn connect_picks_the_backend_by_scheme() {
 async fn concurrent_migrations_are_safe() {
     // Arrange: an empty database (the fixture migrated it; undo that).
     let pg = TestPg::new().await;
-    sqlx::query("DROP TABLE samples, clients, _sqlx_migrations")
+    sqlx::raw_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         .execute(pg.store.pool())
         .await
         .unwrap();
@@ -475,20 +481,27 @@ fn round6(v: f64) -> f64 {
 }
 
 /// A history read for an unknown id costs an index probe, not a scan: on a
-/// few hundred thousand rows, the access check by samples reads a handful
-/// of pages (`bool_and(public)` walked the whole `samples_public_at`).
+/// few hundred thousand samples, the access check by client reads a handful
+/// of pages (`bool_and(public)` over the samples walked a whole index).
 #[tokio::test]
 async fn an_unknown_id_costs_an_index_probe_not_a_scan() {
     let pg = TestPg::new().await;
     let pool = pg.store.pool();
     sqlx::query(
-        "INSERT INTO samples SELECT 'c' || (i % 500), i, i, i * 1000, 1.5, i % 2 = 0 \
-         FROM generate_series(1, 300000) i",
+        "INSERT INTO channels (channel_name, public) \
+         SELECT 'c' || i, i % 2 = 0 FROM generate_series(0, 499) i",
     )
     .execute(pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE samples").execute(pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO sample_staging SELECT c.id, i, i, i * 1000, 1.5 \
+         FROM generate_series(1, 300000) i JOIN channels c ON c.channel_name = 'c' || (i % 500)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE").execute(pool).await.unwrap();
     let mut conn = pool.acquire().await.unwrap();
     // The generic plan, as a prepared statement runs it after a few calls.
     // (The statement below is a constant of ours, not input.)
@@ -538,7 +551,7 @@ async fn reads_are_cut_off_by_their_statement_timeout() {
         .await
         .unwrap();
     let mut blocker = pg.store.pool().begin().await.unwrap();
-    sqlx::query("LOCK TABLE samples IN ACCESS EXCLUSIVE MODE")
+    sqlx::query("LOCK TABLE channels IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *blocker)
         .await
         .unwrap();
@@ -553,9 +566,52 @@ async fn reads_are_cut_off_by_their_statement_timeout() {
         took >= Duration::from_millis(250) && took < Duration::from_secs(2),
         "cut off by the statement timeout after {took:?}"
     );
-    // The lock holds only samples: the ping (SELECT 1) answers.
+    // The lock holds only channels: the ping (SELECT 1) answers.
     assert!(store.ping().await, "the ping has its own pool");
 
     blocker.rollback().await.unwrap();
     assert_eq!(count(&store, "a").await, 3);
+}
+
+/// SQLite has no statement timeout: a progress handler interrupts a read
+/// past the read timeout, and the connection is clean for what follows.
+#[tokio::test]
+async fn sqlite_reads_are_cut_off_by_the_read_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let cut = |ms| recorder::store::ReadLimits {
+        connections: 1,
+        statement_timeout: Duration::from_millis(ms),
+    };
+    let strict = recorder::store::sqlite::SqliteStore::connect_with(&url, cut(0))
+        .await
+        .unwrap();
+    strict
+        .insert(&[batch(
+            vec![client("a", true, None)],
+            samples("a", true, 0..5000, 0),
+        )])
+        .await
+        .unwrap();
+    let window = Duration::from_secs(86_400);
+    let now = 10_000_000_000;
+    let err = strict
+        .stats(window, Duration::from_secs(60), now)
+        .await
+        .expect_err("a read past its deadline is interrupted");
+    assert!(err.to_string().contains("interrupt"), "{err}");
+    // Writes on the same pool are not cut off by a read's deadline.
+    let o = strict
+        .insert(&[batch(Vec::new(), samples("a", true, 5000..6000, 0))])
+        .await
+        .expect("a write after an interrupted read");
+    assert_eq!(o.inserted, 1000);
+    let patient = recorder::store::sqlite::SqliteStore::connect_with(&url, cut(5000))
+        .await
+        .unwrap();
+    let buckets = patient
+        .stats(window, Duration::from_secs(60), now)
+        .await
+        .unwrap();
+    assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 6000);
 }
