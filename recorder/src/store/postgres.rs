@@ -12,6 +12,13 @@
 //! two inserts in flight; a Unix-socket URL (`?host=/var/run/postgresql`)
 //! avoids it altogether.
 //!
+//! Migrations may run as another role than the reads and writes
+//! ([`PgStore::connect_split`]): the schema's owner applies them, and the
+//! recorder's runtime role, which may only `SELECT`, `INSERT` and `DELETE`
+//! (`k8s/components/postgres-roles/roles.sql`, docs/security.md "Postgres"), only checks
+//! that nothing is pending. A runtime role never runs DDL when the schema is
+//! up to date.
+//!
 //! Migrations are safe when several replicas start at once: sqlx's migrator
 //! (sqlx-postgres 0.9, `migrate.rs`, `lock()`) takes
 //! `pg_advisory_lock(id derived from the database name)` before it reads
@@ -85,6 +92,46 @@ const STATS: &str = "\
            max(delay_ms) \
     FROM samples WHERE public = TRUE AND at_us >= $1 \
     GROUP BY 1 ORDER BY 1";
+
+/// Applies the pending migrations over `url`, on a connection of its own.
+/// When none is pending nothing else is done, so a role without DDL
+/// rights passes when the schema is up to date.
+///
+/// # Errors
+/// Unreachable server, or a failed migration (a role without the rights
+/// to apply a pending one gets Postgres's `permission denied`).
+pub async fn migrate(url: &str) -> Result<(), StoreError> {
+    let opts = PgConnectOptions::from_str(url)?;
+    let mut conn = PgConnection::connect_with(&opts).await?;
+    let migrated = match up_to_date(&mut conn).await {
+        true => Ok(()),
+        false => MIGRATOR.run(&mut conn).await,
+    };
+    // Closing ends the session, and with it any advisory lock.
+    let _ = conn.close().await;
+    Ok(migrated?)
+}
+
+/// Whether every migration is applied, unchanged: read-only, so any role
+/// that may read the migrations table can ask.
+async fn up_to_date(conn: &mut PgConnection) -> bool {
+    use sqlx::migrate::Migrate as _;
+    let Ok(applied) = conn.list_applied_migrations(&MIGRATOR.table_name).await else {
+        // No migrations table yet (or not readable): let the migrator say.
+        return false;
+    };
+    let Ok(None) = conn.dirty_version(&MIGRATOR.table_name).await else {
+        return false;
+    };
+    MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .all(|m| {
+            applied
+                .iter()
+                .any(|a| a.version == m.version && a.checksum == m.checksum)
+        })
+}
 
 /// The advisory lock key that serializes pruning across replicas.
 const PRUNE_LOCK: i64 = 0x7069_6e67_7072_756e; // "pingprun"
@@ -190,12 +237,23 @@ impl PgStore {
     /// # Errors
     /// A malformed URL, an unreachable server, or a failed migration.
     pub async fn connect_with(url: &str, reads: ReadLimits) -> Result<Self, StoreError> {
+        Self::connect_split(url, None, reads).await
+    }
+
+    /// Like [`PgStore::connect_with`], with the migrations applied over
+    /// `migrate_url` (the schema owner) when it is given; the pools use
+    /// `url` (the runtime role) only. Without `migrate_url`, `url` applies
+    /// the migrations that are pending, if any.
+    ///
+    /// # Errors
+    /// As [`PgStore::connect_with`].
+    pub async fn connect_split(
+        url: &str,
+        migrate_url: Option<&str>,
+        reads: ReadLimits,
+    ) -> Result<Self, StoreError> {
         let opts = PgConnectOptions::from_str(url)?;
-        let mut conn = PgConnection::connect_with(&opts).await?;
-        let migrated = MIGRATOR.run(&mut conn).await;
-        // Closing ends the session, and with it any advisory lock.
-        let _ = conn.close().await;
-        migrated?;
+        migrate(migrate_url.unwrap_or(url)).await?;
         let read_opts = opts.clone().options([(
             "statement_timeout",
             reads.statement_timeout.as_millis().max(1).to_string(),

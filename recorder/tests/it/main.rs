@@ -4,5 +4,7 @@
 //! see `it/helpers.rs` for the environment variables.
 
 mod helpers;
+mod roles;
 mod service;
 mod store;
+mod tls;
