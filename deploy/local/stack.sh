@@ -131,6 +131,9 @@ up() {
     else
         bash "$HERE/build-image.sh" "${PINGAPP_BUILD_PROFILE:-debug}"
     fi
+    # Random passwords, once (kept across runs): no default password.
+    bash "$HERE/../secrets.sh" "${PINGAPP_SECRETS_DIR:-$HERE/../secrets}"
+    export PINGAPP_SECRETS_DIR="${PINGAPP_SECRETS_DIR:-$HERE/../secrets}"
     start_api
     start_health_loop
     log "docker-compose up ($PROJECT): ${SERVICES[*]}"
