@@ -669,6 +669,30 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
         stored >= 13,
         "Postgres holds {stored} samples, expected at least 13"
     );
+    // The recorder's role reads and writes but may not change the schema
+    // (docs/security.md, "Postgres"): it stored the samples above, and a
+    // DROP TABLE as that role is refused.
+    let refused = stack.compose(&[
+        "exec",
+        "-T",
+        "postgres",
+        "psql",
+        "-h",
+        "/run/postgresql",
+        "-U",
+        "pingapp_recorder",
+        "-d",
+        "pingapp",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        "DROP TABLE samples",
+    ]);
+    let said = text(&refused);
+    assert!(
+        !refused.status.success() && said.contains("must be owner"),
+        "DROP TABLE as pingapp_recorder: {said}"
+    );
 
     // Prometheus scrapes every service of the stack and sees every
     // documented family. (Grafana, Jaeger and the collector do not run in

@@ -46,5 +46,9 @@ GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public TO :"runtime";
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO :"runtime";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
     GRANT SELECT, INSERT, DELETE ON TABLES TO :"runtime";
+-- Except the migrations' own table: the runtime role only reads it (the
+-- recorder takes the same rights back when its migrations create it).
+SELECT format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public._sqlx_migrations FROM %I', :'runtime')
+ WHERE to_regclass('public._sqlx_migrations') IS NOT NULL \gexec
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
     GRANT USAGE, SELECT ON SEQUENCES TO :"runtime";

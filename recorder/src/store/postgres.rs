@@ -107,9 +107,26 @@ pub async fn migrate(url: &str) -> Result<(), StoreError> {
         true => Ok(()),
         false => MIGRATOR.run(&mut conn).await,
     };
+    let locked_down = match migrated {
+        Ok(()) => lock_down_migrations_table(&mut conn).await,
+        Err(_) => Ok(()),
+    };
     // Closing ends the session, and with it any advisory lock.
     let _ = conn.close().await;
-    Ok(migrated?)
+    migrated?;
+    locked_down
+}
+
+/// The migrations table is read by every role (to see that nothing is
+/// pending) but written by its owner alone: the default privileges that
+/// give the runtime role `INSERT` and `DELETE` on every new table are taken
+/// back for this one. Does nothing for a role that did not grant them (a
+/// single-role setup, or a runtime role after its check).
+const LOCK_DOWN_MIGRATIONS: &str = "    DO $$ DECLARE r record; BEGIN       FOR r IN SELECT DISTINCT grantee FROM information_schema.role_table_grants                WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'                  AND privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')                  AND grantee <> current_user AND grantor = current_user       LOOP         EXECUTE format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON _sqlx_migrations FROM %I',                        r.grantee);       END LOOP;     END $$";
+
+async fn lock_down_migrations_table(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::raw_sql(LOCK_DOWN_MIGRATIONS).execute(conn).await?;
+    Ok(())
 }
 
 /// Whether every migration is applied, unchanged: read-only, so any role

@@ -170,6 +170,8 @@ async fn the_runtime_role_reads_and_writes_but_runs_no_ddl() {
         "TRUNCATE samples",
         "UPDATE samples SET delay_ms = 0",
         "CREATE SCHEMA intruder",
+        "DELETE FROM _sqlx_migrations",
+        "INSERT INTO _sqlx_migrations SELECT * FROM _sqlx_migrations",
     ] {
         assert_eq!(
             sqlstate(&mut rt, sql).await.as_deref(),
