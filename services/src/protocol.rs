@@ -1039,15 +1039,34 @@ mod fuzz {
 
     #[test]
     fn a_million_random_frames() {
-        let mut rng = StdRng::seed_from_u64(0x0070_726f_746f);
-        let (mut ok, mut err) = (0u32, 0u32);
-        for _ in 0..1_000_000 {
-            if check(&frame(&mut rng)) {
-                ok += 1;
-            } else {
-                err += 1;
-            }
-        }
+        // Four seeded streams of 250,000 on threads of their own: the same
+        // million cases every run, in a quarter of the time on four cores.
+        let counts: Vec<(u32, u32)> = std::thread::scope(|scope| {
+            let streams: Vec<_> = (0..4u64)
+                .map(|stream| {
+                    scope.spawn(move || {
+                        let mut rng = StdRng::seed_from_u64(0x0070_726f_746f + stream);
+                        let (mut ok, mut err) = (0u32, 0u32);
+                        for _ in 0..250_000 {
+                            if check(&frame(&mut rng)) {
+                                ok += 1;
+                            } else {
+                                err += 1;
+                            }
+                        }
+                        (ok, err)
+                    })
+                })
+                .collect();
+            streams
+                .into_iter()
+                .map(|t| t.join().expect("no case panics"))
+                .collect()
+        });
+        let (ok, err) = counts
+            .iter()
+            .fold((0, 0), |(a, b), (ok, err)| (a + ok, b + err));
+        assert_eq!(ok + err, 1_000_000);
         // The generator reaches both sides of the parser.
         assert!(ok > 50_000 && err > 50_000, "ok {ok}, err {err}");
     }
