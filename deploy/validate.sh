@@ -70,9 +70,15 @@ check_compose() {
 
     say "${compose[*]} config -q (docker-compose.yml)"
     # Interpolated variables are left at their defaults, as on a fresh checkout.
-    (cd "$ROOT" && env -u PINGAPP_IMAGE -u POSTGRES_PASSWORD -u GRAFANA_ADMIN_PASSWORD -u RUST_LOG \
+    # The secrets are generated (deploy/secrets.sh), here into a temp dir.
+    bash "$ROOT/deploy/secrets.sh" "$TMP/secrets" >/dev/null || fail "deploy/secrets.sh"
+    (cd "$ROOT" && env -u PINGAPP_IMAGE -u RUST_LOG PINGAPP_SECRETS_DIR="$TMP/secrets" \
         "${compose[@]}" -f docker-compose.yml config -q) ||
         fail "docker-compose.yml is not valid for ${compose[*]}"
+    say "no default passwords in docker-compose.yml, no anonymous Grafana"
+    if grep -nE 'PASSWORD[^_]*:-|GF_AUTH_ANONYMOUS_ENABLED: *"?true' "$ROOT/docker-compose.yml"; then
+        fail "docker-compose.yml has a default password or anonymous Grafana access"
+    fi
 
     say "files mounted by docker-compose.yml exist (deploy/nats/secrets: as deploy/nats/gen-auth.py makes them)"
     local path n=0 secrets="$TMP/nats-secrets"
@@ -87,7 +93,7 @@ check_compose() {
             *) [ -e "$ROOT/$path" ] || fail "docker-compose.yml mounts $path, which does not exist" ;;
         esac
         n=$((n + 1))
-    done < <(grep -oE '\./deploy/[^:" ]+' "$ROOT/docker-compose.yml" | sort -u)
+    done < <(grep -oE '\./(deploy|k8s)/[^:" }]+' "$ROOT/docker-compose.yml" | grep -v '^\./deploy/secrets' | sort -u)
     [ "$n" -gt 0 ] || fail "found no ./deploy/ mounts in docker-compose.yml"
     [ -f "$ROOT/deploy/Dockerfile" ] || fail "deploy/Dockerfile is missing"
 
@@ -192,7 +198,20 @@ check_overlay() {
 
     say "kubectl kustomize k8s/overlays/$name"
     local rendered="$TMP/$name.yaml" kv_out="$TMP/$name.kubernetes-validate.txt" rc
-    kubectl kustomize "$dir" >"$rendered" || fail "kustomize could not build k8s/overlays/$name"
+    # Overlays read generated secrets (deploy/secrets.sh): render a copy
+    # with fresh ones, never the checkout's own.
+    local copy="$TMP/k8s-$name"
+    cp -r "$ROOT/k8s" "$copy"
+    rm -rf "$copy/overlays/$name/secrets"
+    if grep -q 'secrets/' "$dir/kustomization.yaml"; then
+        bash "$ROOT/deploy/secrets.sh" "$copy/overlays/$name/secrets" pingapp-postgres >/dev/null ||
+            fail "deploy/secrets.sh for k8s/overlays/$name"
+    fi
+    kubectl kustomize "$copy/overlays/$name" >"$rendered" || fail "kustomize could not build k8s/overlays/$name"
+    say "no committed passwords in k8s/ (generated Secrets only)"
+    if grep -rniE 'password[=:] *[^$ ]|PASSWORD=[a-z0-9]' "$ROOT/k8s" --include=*.yaml | grep -v '^\s*#' | grep -vE ':[0-9]+: *#'; then
+        fail "a password is committed under k8s/"
+    fi
     [ -s "$rendered" ] || fail "k8s/overlays/$name renders to nothing"
 
     say "kubernetes-validate --strict -k $K8S_VERSION (k8s/overlays/$name)"
@@ -206,6 +225,10 @@ check_overlay() {
     rc=$?
     [ "$rc" -eq 127 ] && exit 127
     [ "$rc" -eq 0 ] || fail "k8s/overlays/$name: custom resources or unknown kinds failed (see above)"
+
+    say "network policies: default deny, bounded rules (deploy/check_networkpolicies.py)"
+    python3 "$ROOT/deploy/check_networkpolicies.py" "$rendered" ||
+        fail "k8s/overlays/$name: network policies (see above)"
 
     say "PingApp containers run the built image (deploy/local/images.env)"
     check_images "$rendered" "$name"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Entry point of the `postgres` service in deploy/local/compose.podman.yml:
 # Debian's PostgreSQL server, initialised on first start like the official
-# image does (POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB), then run in the
+# image does (POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB, the init
+# script of the recorder's roles), then run in the
 # foreground as the postgres user, so it receives the container's SIGTERM.
 set -euo pipefail
 : "${POSTGRES_USER:?POSTGRES_USER must be set}"
@@ -25,6 +26,14 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     if [ "$POSTGRES_DB" != postgres ]; then
         echo "CREATE DATABASE \"$POSTGRES_DB\" OWNER \"$POSTGRES_USER\";" |
             as_postgres "$bin/postgres" --single -D "$PGDATA" postgres >/dev/null
+    fi
+    # The recorder's roles (docs/security.md, "Postgres"), as the official
+    # image's /docker-entrypoint-initdb.d would: on a server of its own,
+    # reachable over its socket only, stopped again afterwards.
+    if [ -f /docker-entrypoint-initdb.d/10-roles.sh ]; then
+        as_postgres "$bin/pg_ctl" -D "$PGDATA" -w -o "-c listen_addresses='' -c unix_socket_directories=/run/postgresql" start >/dev/null
+        as_postgres env PGHOST=/run/postgresql bash /docker-entrypoint-initdb.d/10-roles.sh
+        as_postgres "$bin/pg_ctl" -D "$PGDATA" -w -m fast stop >/dev/null
     fi
     echo "pingapp-postgres: initialised $PGDATA (database $POSTGRES_DB)"
 fi

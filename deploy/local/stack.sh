@@ -43,6 +43,10 @@ export COMPOSE_INTERACTIVE_NO_CLI=1 DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
 
 log() { printf 'stack.sh: %s\n' "$*" >&2; }
 
+# The stack's generated passwords (deploy/secrets.sh; `up` makes them):
+# every compose command reads their files.
+export PINGAPP_SECRETS_DIR="${PINGAPP_SECRETS_DIR:-$ROOT/deploy/secrets}"
+
 compose() {
     docker-compose --ansi never -p "$PROJECT" --project-directory "$ROOT" \
         -f "$ROOT/docker-compose.yml" -f "$HERE/compose.podman.yml" "$@"
@@ -143,6 +147,8 @@ up() {
         bash "$HERE/build-image.sh" "${PINGAPP_BUILD_PROFILE:-debug}"
     fi
     nats_identities
+    # Random passwords, once (kept across runs): no default password.
+    bash "$ROOT/deploy/secrets.sh" "$PINGAPP_SECRETS_DIR"
     start_api
     start_health_loop
     log "docker-compose up ($PROJECT): ${SERVICES[*]}"

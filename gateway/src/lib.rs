@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Extension, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use axum::routing::get;
@@ -50,6 +50,7 @@ use tower_http::add_extension::AddExtension;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 pub use config::GatewayArgs;
+use connection::wire::{Metered, WireMeter};
 use metrics::GatewayMetrics;
 use persist::{Batcher, BatcherHandle};
 use reporter::{Reporter, ReporterConfig, ReporterHandle};
@@ -337,9 +338,15 @@ async fn serve_http(
         };
         // Pongs must leave at once, not wait for Nagle and delayed ACKs.
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(AddExtension::new(app.clone(), ConnectInfo(peer)));
+        // Every connection reads through a frame meter, armed at the
+        // upgrade (connection::wire).
+        let meter = WireMeter::wired();
+        let service = TowerToHyperService::new(AddExtension::new(
+            AddExtension::new(app.clone(), ConnectInfo(peer)),
+            meter.clone(),
+        ));
         let conn = http
-            .serve_connection(TokioIo::new(tcp), service)
+            .serve_connection(TokioIo::new(Metered::new(tcp, meter)), service)
             .with_upgrades();
         let closing = closing.clone();
         conns.spawn(async move {
@@ -393,9 +400,11 @@ async fn ws_private(
     State(shared): State<Arc<Shared>>,
     Query(p): Query<WsParams>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    meter: Option<Extension<Arc<WireMeter>>>,
     headers: HeaderMap,
 ) -> Response {
-    guarded_upgrade(ws, shared, Page::Private, p, peer, &headers)
+    let meter = meter.map_or_else(WireMeter::unwired, |Extension(m)| m);
+    guarded_upgrade(ws, shared, Page::Private, p, peer, meter, &headers)
 }
 
 async fn ws_public(
@@ -403,9 +412,11 @@ async fn ws_public(
     State(shared): State<Arc<Shared>>,
     Query(p): Query<WsParams>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    meter: Option<Extension<Arc<WireMeter>>>,
     headers: HeaderMap,
 ) -> Response {
-    guarded_upgrade(ws, shared, Page::Public, p, peer, &headers)
+    let meter = meter.map_or_else(WireMeter::unwired, |Extension(m)| m);
+    guarded_upgrade(ws, shared, Page::Public, p, peer, meter, &headers)
 }
 
 /// Refuses the upgrade when a check of [`guard`] fails or the gateway is
@@ -416,6 +427,7 @@ fn guarded_upgrade(
     page: Page,
     p: WsParams,
     peer: SocketAddr,
+    meter: Arc<WireMeter>,
     headers: &HeaderMap,
 ) -> Response {
     let refused = |reason: &str| shared.metrics.refused.with_label_values(&[reason]).inc();
@@ -437,7 +449,7 @@ fn guarded_upgrade(
     };
     let ip = shared.ip_limits.client_ip(peer.ip(), headers);
     match shared.ip_limits.admit(ip) {
-        Ok(slot) => upgrade(ws, shared, page, version, (slot, cap)),
+        Ok(slot) => upgrade(ws, shared, page, version, (slot, cap), meter),
         Err(why) => {
             refused(why.as_str());
             why.response()
@@ -460,6 +472,7 @@ fn upgrade(
     page: Page,
     version: Version,
     slot: (guard::IpSlot, caps::CapSlot),
+    meter: Arc<WireMeter>,
 ) -> Response {
     let max_frame = shared.args.max_frame_bytes as usize;
     // Small buffers keep an idle connection cheap (tungstenite's defaults
@@ -482,15 +495,26 @@ fn upgrade(
     } else {
         MAX_WRITE_BUFFER
     };
+    let args = &shared.args;
+    let max_ws_frame = (max_frame * 4).max(64 * 1024);
+    // From here on every frame the client sends is charged as it arrives.
+    meter.arm(
+        connection::Budget::new(
+            args.max_messages_per_second,
+            args.max_bytes_per_second,
+            args.max_frame_bytes,
+        ),
+        max_ws_frame as u64,
+    );
     ws.read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         .max_write_buffer_size(max_write)
-        .max_frame_size((max_frame * 4).max(64 * 1024))
-        .max_message_size((max_frame * 4).max(64 * 1024))
+        .max_frame_size(max_ws_frame)
+        .max_message_size(max_ws_frame)
         .on_upgrade(move |socket| {
             let tracker = shared.tracker.clone();
             tracker.track_future(async move {
-                connection::serve(socket, shared, page, version).await;
+                connection::serve(socket, meter, shared, page, version).await;
                 // The address's count drops when the connection ends (or
                 // with the closure, if the upgrade never completes).
                 drop(slot);

@@ -160,6 +160,28 @@ impl Stack {
             .expect("bash runs deploy/local/stack.sh")
     }
 
+    /// One statement by psql in the Postgres container as `user` (local
+    /// connections are trusted there), stopping at the first error;
+    /// unaligned tuples only.
+    fn psql(&self, user: &str, sql: &str) -> Output {
+        self.compose(&[
+            "exec",
+            "-T",
+            "postgres",
+            "psql",
+            "-h",
+            "/run/postgresql",
+            "-U",
+            user,
+            "-d",
+            "pingapp",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-tAc",
+            sql,
+        ])
+    }
+
     /// `docker-compose ARGS`, which must succeed; its standard output.
     fn compose_ok(&self, args: &[&str]) -> String {
         let out = self.compose(args);
@@ -660,20 +682,9 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
     );
     let (status, _) = stack.get("/api/stats?window=1h&bucket=1m", None).await;
     assert_eq!(status, 200, "/api/stats");
-    let rows = stack.compose_ok(&[
-        "exec",
-        "-T",
-        "postgres",
-        "psql",
-        "-h",
-        "/run/postgresql",
-        "-U",
-        "pingapp",
-        "-d",
-        "pingapp",
-        "-tAc",
-        "SELECT count(*) FROM samples",
-    ]);
+    let rows = stack.psql("pingapp", "SELECT count(*) FROM samples");
+    assert!(rows.status.success(), "psql: {}", text(&rows));
+    let rows = String::from_utf8_lossy(&rows.stdout).into_owned();
     let stored: u64 = rows
         .trim()
         .parse()
@@ -681,6 +692,15 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
     assert!(
         stored >= 13,
         "Postgres holds {stored} samples, expected at least 13"
+    );
+    // The recorder's role reads and writes but may not change the schema
+    // (docs/security.md, "Postgres"): it stored the samples above, and a
+    // DROP TABLE as that role is refused.
+    let refused = stack.psql("pingapp_recorder", "DROP TABLE samples");
+    let said = text(&refused);
+    assert!(
+        !refused.status.success() && said.contains("must be owner"),
+        "DROP TABLE as pingapp_recorder: {said}"
     );
 
     // Prometheus scrapes every service of the stack and sees every

@@ -198,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
         let got = store
             .samples(&SamplesQuery {
                 channel_name: id.clone(),
-                token: None,
+                token_digest: None,
                 since_us: Some(since),
                 limit: 1000,
             })

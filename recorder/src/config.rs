@@ -71,15 +71,27 @@ pub struct RecorderCli {
     /// Where /metrics, /livez and /readyz are served.
     #[arg(long, env = "PINGAPP_ADMIN_LISTEN", default_value = "0.0.0.0:9000")]
     pub admin_listen: SocketAddr,
-    /// NATS server(s), comma-separated.
-    #[arg(long, env = "NATS_URL", value_parser = parse_nats_url)]
-    pub nats_url: String,
+    /// NATS server(s), comma-separated (not needed with --migrate-only).
+    #[arg(long, env = "NATS_URL", value_parser = parse_nats_url,
+          required_unless_present = "migrate_only")]
+    pub nats_url: Option<String>,
     /// NATS identity, TLS and reassembly bounds.
     #[command(flatten)]
     pub nats: services::config::NatsArgs,
-    /// The Postgres database.
+    /// The Postgres database, as the role the recorder reads and writes
+    /// with (SELECT, INSERT, UPDATE, DELETE: no DDL needed once migrated;
+    /// day partitions go through the owner's functions).
     #[arg(long, env = "DATABASE_URL", value_parser = parse_postgres_url)]
     pub database_url: String,
+    /// The same database as the schema's owner: the migrations are applied
+    /// over this URL, the samples read and written over --database-url
+    /// only. Without it, --database-url applies pending migrations.
+    #[arg(long, env = "PINGAPP_MIGRATE_DATABASE_URL", value_parser = parse_postgres_url)]
+    pub migrate_database_url: Option<String>,
+    /// Apply the migrations (over --migrate-database-url, else
+    /// --database-url) and exit: for an init container or a Job.
+    #[arg(long, env = "PINGAPP_MIGRATE_ONLY")]
+    pub migrate_only: bool,
     /// First token of every subject (and of the stream name).
     #[arg(long, env = "PINGAPP_SUBJECT_PREFIX", default_value = "pingapp", value_parser = parse_subject_prefix)]
     pub subject_prefix: String,
@@ -184,5 +196,18 @@ mod tests {
             "sqlite://x.db",
         ]);
         assert!(bad.is_err(), "the recorder needs Postgres");
+        assert!(
+            RecorderCli::try_parse_from(["recorder", "--database-url", "postgres://h/db"]).is_err(),
+            "serving needs NATS"
+        );
+        let migrate = RecorderCli::try_parse_from([
+            "recorder",
+            "--migrate-only",
+            "--database-url",
+            "postgres://owner@h/db",
+        ])
+        .expect("migrating needs no NATS");
+        assert!(migrate.migrate_only);
+        assert_eq!(migrate.migrate_database_url, None);
     }
 }

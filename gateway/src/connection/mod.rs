@@ -14,6 +14,7 @@ mod commands;
 mod ending;
 mod pongs;
 mod rate;
+pub mod wire;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,8 +34,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 pub use ending::Ending;
 use pongs::Pongs;
-use rate::Budget;
-pub use rate::TokenBucket;
+pub use rate::{Budget, TokenBucket};
+use wire::WireMeter;
 
 use crate::room::Seat;
 use crate::state::Shared;
@@ -46,12 +47,21 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_WRITE_BATCH: usize = 256;
 
 /// Serves one upgraded connection until it ends.
-pub async fn serve(socket: WebSocket, shared: Arc<Shared>, page: Page, version: Version) {
+///
+/// `meter` charges the client's frames (docs/security.md, "Per-connection
+/// budgets"); the caller has armed it.
+pub async fn serve(
+    socket: WebSocket,
+    meter: Arc<WireMeter>,
+    shared: Arc<Shared>,
+    page: Page,
+    version: Version,
+) {
     let metrics = shared.metrics.clone();
     let labels = [page.as_str(), version.as_str()];
     metrics.connections.with_label_values(&labels).inc();
     metrics.connects.with_label_values(&labels).inc();
-    let mut conn = Connection::new(socket, shared, page, version);
+    let mut conn = Connection::new(socket, meter, shared, page, version);
     // The one-time steps and the rarer commands run boxed: a task's future
     // is as large as its largest await, and every idle connection holds one
     // (docs/benchmarks.md, "Memory per idle connection").
@@ -100,8 +110,9 @@ struct Connection {
     samples: u64,
     /// Pongs sent that no sample used yet: every sample needs one.
     pongs: Pongs,
-    /// Every frame and byte from the client counts against it.
-    budget: Budget,
+    /// Every frame and byte from the client counts against its budget,
+    /// continuation and control frames included.
+    meter: Arc<WireMeter>,
     /// Renames count against it too.
     renames: TokenBucket,
     /// The client's record until its first sample carries it to the
@@ -117,7 +128,13 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(socket: WebSocket, shared: Arc<Shared>, page: Page, version: Version) -> Self {
+    fn new(
+        socket: WebSocket,
+        meter: Arc<WireMeter>,
+        shared: Arc<Shared>,
+        page: Page,
+        version: Version,
+    ) -> Self {
         let id = new_client_id();
         // Only a public client has a queue that can overflow: a private one
         // stops with the gateway alone, and needs no token of its own.
@@ -151,11 +168,7 @@ impl Connection {
             stats: RollingStats::default(),
             samples: 0,
             pongs: Pongs::default(),
-            budget: Budget::new(
-                args.max_messages_per_second,
-                args.max_bytes_per_second,
-                args.max_frame_bytes,
-            ),
+            meter,
             renames: args.rename_budget(),
             unrecorded: None,
             keepalive,
@@ -249,7 +262,13 @@ impl Connection {
         let received = Instant::now();
         let msg = match frame {
             None => return Err(Ending::Lost),
-            Some(Err(e)) => return Err(Ending::from_ws_error(e)),
+            Some(Err(e)) => {
+                // A read the meter failed: its reason, not "lost".
+                return Err(match self.meter.tripped() {
+                    Some(trip) => trip.ending(),
+                    None => Ending::from_ws_error(e),
+                });
+            }
             Some(Ok(msg)) => msg,
         };
         self.last_heard = received;
@@ -259,8 +278,10 @@ impl Connection {
             Message::Close(_) => return Err(Ending::ClientClosed),
         };
         // Every frame counts, control frames included: a Ping flood costs
-        // the gateway as much as a ping command flood.
-        if !self.budget.admit(received, len) {
+        // the gateway as much as a ping command flood. The meter counted
+        // each frame as it arrived (fragments too); this charges the
+        // message only when no meter reads the socket.
+        if !self.meter.admit_message(received, len) {
             return Err(Ending::TooFast);
         }
         if len > self.shared.args.max_frame_bytes as usize {

@@ -275,9 +275,23 @@ impl Default for ReadLimits {
 /// # Errors
 /// As [`connect`].
 pub async fn connect_with(url: &str, reads: ReadLimits) -> anyhow::Result<Arc<dyn Store>> {
+    connect_split(url, None, reads).await
+}
+
+/// Like [`connect_with`]; a Postgres store applies its migrations over
+/// `migrate_url` when given (the schema owner, docs/security.md
+/// "Postgres"), and reads and writes over `url` only.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_split(
+    url: &str,
+    migrate_url: Option<&str>,
+    reads: ReadLimits,
+) -> anyhow::Result<Arc<dyn Store>> {
     use anyhow::Context as _;
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = postgres::PgStore::connect_with(url, reads)
+        let store = postgres::PgStore::connect_split(url, migrate_url, reads)
             .await
             .context("opening the Postgres database")?;
         Ok(Arc::new(store))
@@ -291,7 +305,7 @@ pub async fn connect_with(url: &str, reads: ReadLimits) -> anyhow::Result<Arc<dy
     }
 }
 
-/// Like [`connect`], but keeps trying for up to `patience` while the
+/// Like [`connect_split`], but keeps trying for up to `patience` while the
 /// database is not reachable yet (a container starting next to it), with
 /// the jittered backoff of [`services::retry`].
 ///
@@ -299,14 +313,40 @@ pub async fn connect_with(url: &str, reads: ReadLimits) -> anyhow::Result<Arc<dy
 /// The last error once `patience` is spent, or at once for a bad URL.
 pub async fn connect_retrying(
     url: &str,
+    migrate_url: Option<&str>,
     patience: Duration,
     reads: ReadLimits,
 ) -> anyhow::Result<Arc<dyn Store>> {
+    retrying(patience, || connect_split(url, migrate_url, reads)).await
+}
+
+/// Applies the pending Postgres migrations over `url` (the schema owner)
+/// and nothing else, retrying like [`connect_retrying`]: `recorder
+/// --migrate-only`, for a Kubernetes init container or Job.
+///
+/// # Errors
+/// As [`connect_retrying`].
+pub async fn migrate_retrying(url: &str, patience: Duration) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    retrying(patience, || async {
+        postgres::migrate(url)
+            .await
+            .context("applying the Postgres migrations")
+    })
+    .await
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `patience` is spent.
+async fn retrying<T, F, Fut>(patience: Duration, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
     let deadline = tokio::time::Instant::now() + patience;
     let mut backoff =
         services::retry::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
-        match connect_with(url, reads).await {
+        match attempt().await {
             Err(e) if is_retryable(&e) => {
                 let delay = backoff.next_delay();
                 if tokio::time::Instant::now() + delay >= deadline {

@@ -12,6 +12,13 @@
 //! two inserts in flight; a Unix-socket URL (`?host=/var/run/postgresql`)
 //! avoids it altogether.
 //!
+//! Migrations may run as another role than the reads and writes
+//! ([`PgStore::connect_split`]): the schema's owner applies them, and the
+//! recorder's runtime role, which may only `SELECT`, `INSERT` and `DELETE`
+//! (`k8s/components/postgres-roles/roles.sql`, docs/security.md "Postgres"), only checks
+//! that nothing is pending. A runtime role never runs DDL when the schema is
+//! up to date.
+//!
 //! Migrations are safe when several replicas start at once: sqlx's migrator
 //! (sqlx-postgres 0.9, `migrate.rs`, `lock()`) takes
 //! `pg_advisory_lock(id derived from the database name)` before it reads
@@ -154,6 +161,63 @@ impl Locked<'_> {
     }
 }
 
+/// Applies the pending migrations over `url`, on a connection of its own.
+/// When none is pending nothing else is done, so a role without DDL
+/// rights passes when the schema is up to date.
+///
+/// # Errors
+/// Unreachable server, or a failed migration (a role without the rights
+/// to apply a pending one gets Postgres's `permission denied`).
+pub async fn migrate(url: &str) -> Result<(), StoreError> {
+    let opts = PgConnectOptions::from_str(url)?;
+    let mut conn = PgConnection::connect_with(&opts).await?;
+    let migrated = match up_to_date(&mut conn).await {
+        true => Ok(()),
+        false => MIGRATOR.run(&mut conn).await,
+    };
+    let locked_down = match migrated {
+        Ok(()) => lock_down_migrations_table(&mut conn).await,
+        Err(_) => Ok(()),
+    };
+    // Closing ends the session, and with it any advisory lock.
+    let _ = conn.close().await;
+    migrated?;
+    locked_down
+}
+
+/// The migrations table is read by every role (to see that nothing is
+/// pending) but written by its owner alone: the default privileges that
+/// give the runtime role `INSERT` and `DELETE` on every new table are taken
+/// back for this one. Does nothing for a role that did not grant them (a
+/// single-role setup, or a runtime role after its check).
+const LOCK_DOWN_MIGRATIONS: &str = "    DO $$ DECLARE r record; BEGIN       FOR r IN SELECT DISTINCT grantee FROM information_schema.role_table_grants                WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'                  AND privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')                  AND grantee <> current_user AND grantor = current_user       LOOP         EXECUTE format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON _sqlx_migrations FROM %I',                        r.grantee);       END LOOP;     END $$";
+
+async fn lock_down_migrations_table(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::raw_sql(LOCK_DOWN_MIGRATIONS).execute(conn).await?;
+    Ok(())
+}
+
+/// Whether every migration is applied, unchanged: read-only, so any role
+/// that may read the migrations table can ask.
+async fn up_to_date(conn: &mut PgConnection) -> bool {
+    use sqlx::migrate::Migrate as _;
+    let Ok(applied) = conn.list_applied_migrations(&MIGRATOR.table_name).await else {
+        // No migrations table yet (or not readable): let the migrator say.
+        return false;
+    };
+    let Ok(None) = conn.dirty_version(&MIGRATOR.table_name).await else {
+        return false;
+    };
+    MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .all(|m| {
+            applied
+                .iter()
+                .any(|a| a.version == m.version && a.checksum == m.checksum)
+        })
+}
+
 /// The advisory lock key that serializes maintenance across replicas.
 const PRUNE_LOCK: i64 = 0x7069_6e67_7072_756e; // "pingprun"
 
@@ -168,8 +232,8 @@ async fn prune_locked(conn: &mut PgConnection, older_than_us: i64) -> Result<u64
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .fetch_one(&mut *conn)
             .await?;
-        let sql = format!("DROP TABLE {name}");
-        sqlx::query(sqlx::AssertSqlSafe(sql))
+        sqlx::query("SELECT pingapp_drop_day_partition($1)")
+            .bind(&name)
             .execute(&mut *conn)
             .await?;
         tracing::info!(partition = %name, samples = n, "dropped a day of packed samples");
@@ -276,24 +340,12 @@ async fn create_partition(conn: &mut PgConnection, day_us: i64) -> Result<(), St
     let (lo, hi) = (day_us, day_us + DAY_US);
     let mut tx = conn.begin().await?;
     sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
-    let sql = format!(
-        "CREATE TABLE {name} (LIKE sample_blocks INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&mut *tx)
-        .await?;
-    let sql = format!(
-        "WITH moved AS (DELETE FROM sample_blocks_default \
-         WHERE block_start_us >= {lo} AND block_start_us < {hi} RETURNING *) \
-         INSERT INTO {name} SELECT * FROM moved"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&mut *tx)
-        .await?;
-    let sql = format!(
-        "ALTER TABLE sample_blocks ATTACH PARTITION {name} FOR VALUES FROM ({lo}) TO ({hi})"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
+    // DDL through the schema owner's function (migration 0005): the
+    // recorder's own role may not run it (docs/security.md, "Postgres").
+    sqlx::query("SELECT pingapp_create_day_partition($1, $2, $3)")
+        .bind(&name)
+        .bind(lo)
+        .bind(hi)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -589,12 +641,23 @@ impl PgStore {
     /// # Errors
     /// A malformed URL, an unreachable server, or a failed migration.
     pub async fn connect_with(url: &str, reads: ReadLimits) -> Result<Self, StoreError> {
+        Self::connect_split(url, None, reads).await
+    }
+
+    /// Like [`PgStore::connect_with`], with the migrations applied over
+    /// `migrate_url` (the schema owner) when it is given; the pools use
+    /// `url` (the runtime role) only. Without `migrate_url`, `url` applies
+    /// the migrations that are pending, if any.
+    ///
+    /// # Errors
+    /// As [`PgStore::connect_with`].
+    pub async fn connect_split(
+        url: &str,
+        migrate_url: Option<&str>,
+        reads: ReadLimits,
+    ) -> Result<Self, StoreError> {
         let opts = PgConnectOptions::from_str(url)?;
-        let mut conn = PgConnection::connect_with(&opts).await?;
-        let migrated = MIGRATOR.run(&mut conn).await;
-        // Closing ends the session, and with it any advisory lock.
-        let _ = conn.close().await;
-        migrated?;
+        migrate(migrate_url.unwrap_or(url)).await?;
         let read_opts = opts.clone().options([(
             "statement_timeout",
             reads.statement_timeout.as_millis().max(1).to_string(),

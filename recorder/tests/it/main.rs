@@ -6,5 +6,7 @@
 mod helpers;
 mod migration;
 mod packing;
+mod roles;
 mod service;
 mod store;
+mod tls;

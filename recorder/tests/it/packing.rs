@@ -21,7 +21,7 @@ const BASE_US: i64 = 1_700_000_000_000_000;
 fn query(id: &str, token: Option<&str>, since_us: Option<i64>, limit: u32) -> SamplesQuery {
     SamplesQuery {
         channel_name: id.to_owned(),
-        token: token.map(str::to_owned),
+        token_digest: token.map(services::ids::token_digest),
         since_us,
         limit,
     }
