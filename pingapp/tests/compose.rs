@@ -695,8 +695,9 @@ async fn compose_stack_serves_scrapes_fails_over_and_comes_down_clean() {
     );
     // The recorder's role reads and writes but may not change the schema
     // (docs/security.md, "Postgres"): it stored the samples above, and a
-    // DROP TABLE as that role is refused.
-    let refused = stack.psql("pingapp_recorder", "DROP TABLE samples");
+    // DROP TABLE as that role is refused (sample_staging: where samples
+    // land first; `samples` is a view over the packed layout).
+    let refused = stack.psql("pingapp_recorder", "DROP TABLE sample_staging");
     let said = text(&refused);
     assert!(
         !refused.status.success() && said.contains("must be owner"),
