@@ -222,10 +222,15 @@ pub(crate) async fn run(index: u32, shared: Arc<Shared>) {
             }
         }
         shared.client_finished(client.frames.into_entries());
-        if !recycled || shared.stop.is_cancelled() {
+        if !recycled {
             return;
         }
+        // The server saw this close as churn even when the run stops during
+        // its handshake; only the replacement is skipped then.
         shared.counters.churn_closed.fetch_add(1, Relaxed);
+        if shared.stop.is_cancelled() {
+            return;
+        }
         replacement = true;
     }
 }

@@ -323,7 +323,11 @@ async fn churn_recycles_clients_and_renames_go_round_robin() {
     // 10/s and 5/s over 2 s: one event at the window's start, then one per
     // period (the last may fall on the window's end).
     assert!((19..=21).contains(&churn.closed), "{churn:?}");
-    assert_eq!(churn.reconnected, churn.closed, "{churn:?}");
+    // A recycle whose close the run's end overtook is closed, not replaced.
+    assert!(
+        churn.reconnected <= churn.closed && churn.closed - churn.reconnected <= 1,
+        "{churn:?}"
+    );
     assert_eq!(churn.reconnect_failed, 0);
     assert!((9..=11).contains(&churn.renames), "{churn:?}");
     let events = events.lock().unwrap().clone();
@@ -342,7 +346,13 @@ async fn churn_recycles_clients_and_renames_go_round_robin() {
     assert_eq!(renames.len() as u64, churn.renames, "{events:?}");
     let renamers: std::collections::BTreeSet<_> = renames.iter().map(|(id, _)| id).collect();
     assert_eq!(renamers.len(), renames.len(), "round robin: {renames:?}");
-    assert_eq!(count("close 1000 loadgen done").len(), 40, "{events:?}");
+    // Every client still connected at the end closes as done: all 40 but
+    // a recycled one whose replacement the end overtook.
+    assert_eq!(
+        count("close 1000 loadgen done").len() as u64,
+        40 - (churn.closed - churn.reconnected),
+        "{events:?}"
+    );
     assert!(count("gone").is_empty(), "{events:?}");
     // 40 first welcomes and one per replacement.
     assert_eq!(

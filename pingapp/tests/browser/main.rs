@@ -770,13 +770,22 @@ async fn the_original_v1_page_works_against_the_gateway_next_to_a_v2_page() {
         .await;
     eprintln!("original page's table: {table}");
 
-    // The v2 page lists the original page's client, with its delay.
-    let rows = modern.roster().await;
-    let old_row = rows
-        .iter()
-        .find(|r| r.id != modern_id)
-        .expect("the v1 client's row")
-        .clone();
+    // The v2 page lists the original page's client, with its delay (its
+    // view may come a roster tick after the original page's table).
+    let listed = |rows: &[helpers::Row]| {
+        rows.iter()
+            .find(|r| !r.id.is_empty() && r.id != modern_id)
+            .cloned()
+    };
+    let mut rows = modern.roster().await;
+    for _ in 0..100 {
+        if listed(&rows).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rows = modern.roster().await;
+    }
+    let old_row = listed(&rows).expect("the v1 client's row");
     assert_eq!(old_row.name, old_row.id);
     modern
         .wait_for(
