@@ -121,6 +121,8 @@ def permissions(role: str, prefix: str, gateway: str | None) -> str:
             f"{p}.presence.roster",
             f"{p}.recorder.samples",
             f"{p}.recorder.stats",
+            f"{p}.recorder.device_history",
+            f"{p}.recorder.forget_device",
             f"{js}.STREAM.INFO.{stream}",
             inbox,
         ]
@@ -156,7 +158,13 @@ def permissions(role: str, prefix: str, gateway: str | None) -> str:
             f"$JS.ACK.{stream}.recorder.>",
             inbox,
         ]
-        sub = [f"{p}.recorder.samples", f"{p}.recorder.stats", inbox]
+        sub = [
+            f"{p}.recorder.samples",
+            f"{p}.recorder.stats",
+            f"{p}.recorder.device_history",
+            f"{p}.recorder.forget_device",
+            inbox,
+        ]
         responses = True
     else:
         raise ValueError(role)

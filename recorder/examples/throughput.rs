@@ -225,6 +225,7 @@ fn make_batches(total: usize, per_batch: usize) -> Vec<RecordBatch> {
                         token_digest: None,
                         gateway: "bench".into(),
                         connected_at_us: now,
+                        device: None,
                     })
                     .collect()
             } else {

@@ -23,6 +23,35 @@ pub fn token_digest(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// The shortest device secret accepted (22 base64url characters, 132
+/// bits): the pages send 43 (32 random bytes).
+pub const MIN_DEVICE_SECRET_LEN: usize = 22;
+
+/// The longest device secret accepted.
+pub const MAX_DEVICE_SECRET_LEN: usize = 128;
+
+/// Whether `secret` is a well-formed device secret: base64url characters
+/// (`A-Z a-z 0-9 - _`), from [`MIN_DEVICE_SECRET_LEN`] to
+/// [`MAX_DEVICE_SECRET_LEN`] of them.
+pub fn valid_device_secret(secret: &str) -> bool {
+    (MIN_DEVICE_SECRET_LEN..=MAX_DEVICE_SECRET_LEN).contains(&secret.len())
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A browser identity's key: hex SHA-256 of `"pingapp-device:" + secret`.
+/// The browser keeps the secret; the gateway derives this digest, which is
+/// what the bus and the database carry. Nobody can present another
+/// browser's identity without its secret, and the digest alone unlocks
+/// nothing over the HTTP API (docs/security.md).
+pub fn device_digest(secret: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"pingapp-device:");
+    h.update(secret.as_bytes());
+    hex::encode(h.finalize())
+}
+
 /// Whether `token` is the token whose [`token_digest`] is `stored_digest`,
 /// compared in constant time so the answer's timing tells nothing about
 /// how much of the digest matched.

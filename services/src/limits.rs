@@ -120,6 +120,53 @@ pub fn check_stats(window: Duration, bucket: Duration) -> Result<(), BadRequest>
     Ok(())
 }
 
+/// The longest window of a browser's own history (docs/protocol.md, "Your
+/// history"): 31 days, the same as statistics.
+pub const MAX_DEVICE_WINDOW: Duration = MAX_WINDOW;
+
+/// The most buckets one history answer holds.
+pub const MAX_DEVICE_BUCKETS: u64 = 1_000;
+
+/// The bucket width of a browser's history window when the request names
+/// none: about 60 to 180 buckets for the page's four windows (1h: 1 min,
+/// 1d: 10 min, 7d: 1 h, 31d: 4 h).
+pub fn default_device_bucket(window: Duration) -> Duration {
+    const MIN: u64 = 60;
+    let w = window.as_secs();
+    Duration::from_secs(if w <= 3 * 3600 {
+        MIN
+    } else if w <= 2 * 86_400 {
+        10 * MIN
+    } else if w <= 8 * 86_400 {
+        60 * MIN
+    } else {
+        240 * MIN
+    })
+}
+
+/// Checks a browser history window and bucket: a window from one minute
+/// to [`MAX_DEVICE_WINDOW`], a bucket of whole minutes (history is read
+/// from per-minute rollups), at most [`MAX_DEVICE_BUCKETS`] buckets.
+///
+/// # Errors
+/// Which bound the request breaks.
+pub fn check_device_history(window: Duration, bucket: Duration) -> Result<(), BadRequest> {
+    if window < Duration::from_secs(60) || window > MAX_DEVICE_WINDOW {
+        return Err(BadRequest("window must be between 1m and 31d".into()));
+    }
+    if bucket.as_millis() == 0 || !bucket.as_millis().is_multiple_of(60_000) || bucket > window {
+        return Err(BadRequest(
+            "bucket must be whole minutes, at most the window".into(),
+        ));
+    }
+    if window.as_millis().div_ceil(bucket.as_millis()) > u128::from(MAX_DEVICE_BUCKETS) {
+        return Err(BadRequest(format!(
+            "at most {MAX_DEVICE_BUCKETS} buckets per request"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +220,18 @@ mod tests {
         assert!(check_stats(S(60), S(61)).is_err());
         assert!(check_stats(S(60), Duration::ZERO).is_err());
         assert!(check_stats(Duration::from_micros(999), Duration::from_micros(999)).is_err());
+    }
+
+    #[test]
+    fn device_history_bounds() {
+        for w in [3600, 86_400, 7 * 86_400, 31 * 86_400] {
+            let b = default_device_bucket(S(w));
+            assert!(check_device_history(S(w), b).is_ok(), "{w}");
+            assert!(S(w).as_secs() / b.as_secs() <= 200, "{w}");
+        }
+        assert!(check_device_history(S(30), S(30)).is_err());
+        assert!(check_device_history(S(32 * 86_400), S(86_400)).is_err());
+        assert!(check_device_history(S(3600), S(90)).is_err());
+        assert!(check_device_history(S(31 * 86_400), S(60)).is_err());
     }
 }

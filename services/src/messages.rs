@@ -220,6 +220,12 @@ pub struct ClientRecord {
     pub gateway: String,
     /// When it connected, Unix µs.
     pub connected_at_us: i64,
+    /// The browser identity this connection presented (the `device`
+    /// command, docs/protocol.md): [`crate::ids::device_digest`] of its
+    /// secret. Every connection of one browser carries the same digest, so
+    /// its history survives reloads. Absent: the connection is its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// One delay sample accepted by a gateway.
@@ -351,6 +357,96 @@ pub enum StatsReply {
     Error {
         /// Whose fault: the query's (the API answers 400) or the
         /// recorder's (503).
+        #[serde(default)]
+        kind: ReplyErrorKind,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A browser's own history over a window, on
+/// `{prefix}.recorder.device_history` (docs/protocol.md, "Your history").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceHistoryQuery {
+    /// [`crate::ids::device_digest`] of the secret presented: the secret
+    /// never crosses the bus.
+    pub device: String,
+    /// How far back, milliseconds (bounds: [`crate::limits::check_device_history`]).
+    pub window_ms: u64,
+    /// Bucket width, milliseconds.
+    pub bucket_ms: u64,
+}
+
+/// One bucket of a browser's own history: every sample of every
+/// connection of that browser in `[start_us, start_us + bucket)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryBucket {
+    /// Bucket start, Unix µs.
+    pub start_us: i64,
+    /// Number of samples.
+    pub count: u64,
+    /// Smallest delay, ms.
+    pub min: f64,
+    /// Mean delay, ms.
+    pub mean: f64,
+    /// Median, ms (exact or within the rollup sketch's bound).
+    pub p50: f64,
+    /// 95th percentile, ms.
+    pub p95: f64,
+    /// 99th percentile, ms.
+    pub p99: f64,
+    /// Largest delay, ms.
+    pub max: f64,
+    /// Mean absolute difference of consecutive samples, ms; `None` with
+    /// fewer than two samples.
+    pub jitter: Option<f64>,
+}
+
+/// Reply to a [`DeviceHistoryQuery`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum DeviceHistoryReply {
+    /// The device has stored samples: buckets with at least one sample,
+    /// oldest first.
+    Found {
+        /// The buckets.
+        buckets: Vec<HistoryBucket>,
+    },
+    /// No device with that digest (never stored a sample, forgotten, or a
+    /// wrong secret: the same answer).
+    NotFound,
+    /// The recorder refused or could not answer the query.
+    Error {
+        /// Whose fault.
+        #[serde(default)]
+        kind: ReplyErrorKind,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Forget a browser: delete every sample and rollup of every connection
+/// that presented this device, on `{prefix}.recorder.forget_device`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForgetDeviceQuery {
+    /// [`crate::ids::device_digest`] of the secret presented.
+    pub device: String,
+}
+
+/// Reply to a [`ForgetDeviceQuery`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ForgetDeviceReply {
+    /// Deleted.
+    Forgotten {
+        /// How many connections (channels) of the device were deleted.
+        channels: u64,
+    },
+    /// No device with that digest.
+    NotFound,
+    /// The recorder refused or could not answer the query.
+    Error {
+        /// Whose fault.
         #[serde(default)]
         kind: ReplyErrorKind,
         /// What went wrong.

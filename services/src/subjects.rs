@@ -5,8 +5,9 @@
 
 use crate::bus::{DurableStream, LeaseKey, Service, Topic};
 use crate::messages::{
-    Broadcast, GatewayReport, HeartbeatRequest, RecordBatch, RosterReply, RosterRequest,
-    SamplesQuery, SamplesReply, StatsQuery, StatsReply,
+    Broadcast, DeviceHistoryQuery, DeviceHistoryReply, ForgetDeviceQuery, ForgetDeviceReply,
+    GatewayReport, HeartbeatRequest, RecordBatch, RosterReply, RosterRequest, SamplesQuery,
+    SamplesReply, StatsQuery, StatsReply,
 };
 
 /// The subjects of one deployment.
@@ -81,6 +82,16 @@ impl Subjects {
     /// Request/reply: public statistics from the recorder.
     pub fn query_stats(&self) -> Service<StatsQuery, StatsReply> {
         Service::new(format!("{}.recorder.stats", self.prefix))
+    }
+
+    /// Request/reply: a browser's own history (its device) from the recorder.
+    pub fn query_device_history(&self) -> Service<DeviceHistoryQuery, DeviceHistoryReply> {
+        Service::new(format!("{}.recorder.device_history", self.prefix))
+    }
+
+    /// Request/reply: forget a browser (delete its device's samples).
+    pub fn forget_device(&self) -> Service<ForgetDeviceQuery, ForgetDeviceReply> {
+        Service::new(format!("{}.recorder.forget_device", self.prefix))
     }
 
     /// The key-value bucket holding this deployment's leases.

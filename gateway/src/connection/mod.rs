@@ -201,6 +201,7 @@ impl Connection {
             token_digest: token.as_deref().map(token_digest),
             gateway: shared.gateway_id.clone(),
             connected_at_us: now_ms * 1000,
+            device: None,
         };
         self.unrecorded = Some(record);
 

@@ -254,6 +254,7 @@ pub fn client(id: &str, public: bool, token: Option<&str>) -> ClientRecord {
         token_digest: token.map(services::ids::token_digest),
         gateway: "gw1".to_owned(),
         connected_at_us: 1_000,
+        device: None,
     }
 }
 
