@@ -17,6 +17,8 @@
 # python3, curl. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 BASE="${BASE:?set BASE to the baseline gateway binary, e.g. the gateway built from main}"
 BIN="${BIN:-target/debug/gateway}"
@@ -33,7 +35,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 held() { curl -fsS "http://127.0.0.1:$1/metrics" | awk '/^pingapp_bus_chunk_bytes / {printf "%.1f", $2/1048576; f=1} END {if (!f) printf "n/a"}'; }
 

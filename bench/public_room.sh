@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The public room benchmark (standalone): one `pingapp` process (gateway,
+# The public room benchmark. By default standalone: one `pingapp` process (gateway,
 # presence and recorder in one, in-memory bus, SQLite) and N public v2
 # clients from `loadgen`, each pinging and reporting its delay once a
 # second with the default view (docs/protocol.md, "Public room: the
@@ -33,8 +33,16 @@
 # N + 1000 (the population plus the churn in flight). Renames stay under
 # the default `--max-renames-per-minute`: loadgen spreads them round robin.
 #
+# STACK=distributed runs the same against GATEWAYS gateway processes
+# (clients round robin) with presence and the recorder over a nats-server
+# (started here, random ports, JetStream in OUT) and a fresh Postgres
+# database at PG_URL: the gateway figures are summed over the gateways,
+# and a second table gives presence's, the recorder's and nats-server's CPU
+# and NATS messages and bytes per client per second.
+#
 # Usage: bash bench/public_room.sh   (env: NS="1000 10000" DURATION=40
-#        WARM=8 SLICE=20 TICK_MS=500 OUT=/tmp/... BIN=target/release)
+#        WARM=8 SLICE=20 TICK_MS=500 OUT=/tmp/... BIN=target/release
+#        STACK=standalone|distributed GATEWAYS=1 PG_URL=postgres://...)
 # Needs: release binaries (built if missing), python3. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,75 +55,148 @@ SLICE="${SLICE:-20}"         # seconds of CPU sampling
 TICK_MS="${TICK_MS:-500}"
 RAMP="${RAMP:-1000}"
 BIN="${BIN:-target/release}"
+STACK="${STACK:-standalone}"   # or distributed: gateway(s) + presence + recorder over NATS + Postgres
+GATEWAYS="${GATEWAYS:-1}"      # gateways of a distributed run (clients round robin)
+PG_URL="${PG_URL:-postgres://postgres@127.0.0.1:5432}"
 OUT="${OUT:-$(mktemp -d /tmp/pingapp-room.XXXXXX)}"
 mkdir -p "$OUT"
+[[ $STACK == standalone || $STACK == distributed ]] || { echo "STACK is standalone or distributed" >&2; exit 2; }
+[[ $STACK == distributed || $GATEWAYS == 1 ]] || { echo "GATEWAYS > 1 needs STACK=distributed" >&2; exit 2; }
 (( WARM + SLICE < DURATION )) || { echo "WARM + SLICE must be below DURATION" >&2; exit 2; }
 
 need_release_binaries "$BIN"
 max_n=$(printf '%s\n' $NS | sort -n | tail -1)
 need_open_files $((max_n + 1000))
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 HZ=$(getconf CLK_TCK)
+# sum_of FUNC PID...: FUNC summed over the processes.
+sum_of() { local f=$1 t=0 pid; shift; for pid in "$@"; do t=$((t + $($f "$pid"))); done; echo "$t"; }
 
-caps=()
-if "$BIN/pingapp" --help | grep -q -- '--max-public-clients'; then
-    caps=(yes)
-fi
-
-PIDS=()
+PIDS=()      # the stack of a distributed run (nats, recorder, presence)
+GW_PIDS=()   # the server(s) under test of the current N
 cleanup() {
     set +e
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+    stop_pids "${GW_PIDS[@]}"
+    local i
+    for (( i=${#PIDS[@]}-1; i>=0; i-- )); do stop_pids "${PIDS[i]}"; done
+    if [[ $STACK == distributed ]]; then
+        psql "$PG_URL/postgres" -qc "drop database if exists $DB" >/dev/null 2>&1
+        rm -rf "$OUT/js"
+    fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for n in $NS; do
-    port=$(free_port); admin=$(free_port)
-    flags=(--listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin"
-        --database-url "sqlite://$OUT/room-$n.db" --roster-tick-ms "$TICK_MS"
-        --max-connections-per-ip 0 --max-connects-per-ip-per-second 0
-        --max-delay-excess-ms 60000)
-    if [[ -n "${caps[*]}" ]]; then
-        flags+=(--max-connections $((n + 1000)) --max-public-clients $((n + 1000)))
-    fi
-    "$BIN/pingapp" "${flags[@]}" >"$OUT/pingapp-$n.log" 2>&1 &
-    gw=$!; PIDS+=("$gw")
-    for _ in $(seq 200); do
-        curl -fs -o /dev/null "http://127.0.0.1:$admin/readyz" && break
+caps=()
+server_bin=pingapp; [[ $STACK == distributed ]] && server_bin=gateway
+if [[ -x "$BIN/$server_bin" ]] && "$BIN/$server_bin" --help | grep -q -- '--max-public-clients'; then
+    caps=(yes)
+fi
+common_flags=(--roster-tick-ms "$TICK_MS" --max-connections-per-ip 0
+    --max-connects-per-ip-per-second 0 --max-delay-excess-ms 60000)
+
+if [[ $STACK == distributed ]]; then
+    for tool in nats-server psql curl; do
+        command -v "$tool" >/dev/null || { echo "$tool is needed for STACK=distributed" >&2; exit 2; }
+    done
+    for b in gateway presence recorder; do
+        [[ -x "$BIN/$b" ]] || nice -n 10 cargo build --release --workspace --bins >&2
+    done
+    DB="bench_room_$$"; PREFIX="room$$"
+    psql "$PG_URL/postgres" -qc "create database $DB" >/dev/null
+    NATS_PORT=$(free_port); NATS_MON=$(free_port)
+    nats-server -js -sd "$OUT/js" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" >"$OUT/nats.log" 2>&1 &
+    NATS_PID=$!; PIDS+=("$NATS_PID")
+    wait_http "http://127.0.0.1:$NATS_MON/healthz"
+    NATS_URL="nats://127.0.0.1:$NATS_PORT"
+    REC_ADMIN=$(free_port)
+    "$BIN/recorder" --admin-listen "127.0.0.1:$REC_ADMIN" --nats-url "$NATS_URL" \
+        --subject-prefix "$PREFIX" --database-url "$PG_URL/$DB" >"$OUT/recorder.log" 2>&1 &
+    REC_PID=$!; PIDS+=("$REC_PID")
+    PRES_ADMIN=$(free_port)
+    "$BIN/presence" --admin-listen "127.0.0.1:$PRES_ADMIN" --nats-url "$NATS_URL" \
+        --subject-prefix "$PREFIX" --roster-tick-ms "$TICK_MS" \
+        --max-clients-per-gateway $((max_n + 1000)) >"$OUT/presence.log" 2>&1 &
+    PRES_PID=$!; PIDS+=("$PRES_PID")
+    wait_http "http://127.0.0.1:$REC_ADMIN/readyz"
+    wait_http "http://127.0.0.1:$PRES_ADMIN/readyz"
+    for _ in $(seq 300); do
+        curl -fs "http://127.0.0.1:$PRES_ADMIN/metrics" | grep -Eq '^pingapp_presence_active 1' && break
         sleep 0.1
     done
-    rss0=$(rss_kib "$gw")
+fi
+# stack_json: CPU ticks of the stack's processes and nats-server's byte
+# counters (distributed), else {}.
+stack_json() {
+    if [[ $STACK == distributed ]]; then
+        echo "{\"presence\":$(cpu_ticks "$PRES_PID"),\"recorder\":$(cpu_ticks "$REC_PID"),\"nats\":$(cpu_ticks "$NATS_PID"),\"varz\":$(curl -fs "http://127.0.0.1:$NATS_MON/varz")}"
+    else
+        echo "{}"
+    fi
+}
 
-    "$BIN/loadgen" "ws://127.0.0.1:$port" --page public --clients "$n" --ramp "$RAMP" \
+for n in $NS; do
+    GW_PIDS=(); urls=()
+    per_gw=$(( (n + GATEWAYS - 1) / GATEWAYS + 1000 ))
+    for (( i=0; i<GATEWAYS; i++ )); do
+        port=$(free_port); admin=$(free_port)
+        flags=(--listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" "${common_flags[@]}")
+        if [[ -n "${caps[*]}" ]]; then
+            flags+=(--max-connections "$per_gw" --max-public-clients "$per_gw")
+        fi
+        if [[ $STACK == distributed ]]; then
+            "$BIN/gateway" "${flags[@]}" --nats-url "$NATS_URL" --subject-prefix "$PREFIX" \
+                --gateway-id "n$n-gw$i" >"$OUT/gateway-$n-$i.log" 2>&1 &
+        else
+            "$BIN/pingapp" "${flags[@]}" --database-url "sqlite://$OUT/room-$n.db" \
+                >"$OUT/pingapp-$n.log" 2>&1 &
+        fi
+        GW_PIDS+=($!)
+        wait_http "http://127.0.0.1:$admin/readyz"
+        urls+=("ws://127.0.0.1:$port")
+    done
+    rss0=$(sum_of rss_kib "${GW_PIDS[@]}")
+
+    "$BIN/loadgen" "${urls[@]}" --page public --clients "$n" --ramp "$RAMP" \
         --threads 1 --churn 20 --renames 10 --measure-delays --duration "${DURATION}s" --json \
         >"$OUT/loadgen-$n.json" 2>"$OUT/loadgen-$n.err" &
-    lg=$!; PIDS+=("$lg")
+    lg=$!
     until grep -q "all clients connected" "$OUT/loadgen-$n.err" 2>/dev/null; do
         kill -0 "$lg" 2>/dev/null || { echo "loadgen ended early:" >&2; tail "$OUT/loadgen-$n.err" >&2; exit 1; }
         sleep 0.2
     done
     sleep "$WARM"
-    c0=$(cpu_ticks "$gw"); t0=$(date +%s.%N)
+    c0=$(sum_of cpu_ticks "${GW_PIDS[@]}"); s0=$(stack_json); t0=$(date +%s.%N)
     sleep "$SLICE"
-    c1=$(cpu_ticks "$gw"); t1=$(date +%s.%N)
-    rss1=$(rss_kib "$gw")
+    c1=$(sum_of cpu_ticks "${GW_PIDS[@]}"); s1=$(stack_json); t1=$(date +%s.%N)
+    rss1=$(sum_of rss_kib "${GW_PIDS[@]}")
     wait "$lg" || true
-    kill -TERM "$gw"; wait "$gw" 2>/dev/null || true
-    PIDS=()
-    echo "{\"n\":$n,\"cpu_ticks\":$((c1 - c0)),\"hz\":$HZ,\"t0\":$t0,\"t1\":$t1,\"rss0\":$rss0,\"rss1\":$rss1}" \
+    stop_pids "${GW_PIDS[@]}"
+    GW_PIDS=()
+    echo "{\"n\":$n,\"gateways\":$GATEWAYS,\"cpu_ticks\":$((c1 - c0)),\"hz\":$HZ,\"t0\":$t0,\"t1\":$t1,\"rss0\":$rss0,\"rss1\":$rss1,\"stack0\":$s0,\"stack1\":$s1}" \
         >"$OUT/gw-$n.json"
     echo "N=$n done" >&2
+    [[ $STACK == distributed ]] && sleep 3   # presence settles the goodbyes
 done
 
 python3 - "$OUT" "$TICK_MS" $NS <<'EOF'
 import json, sys
 out, tick, ns = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3:]]
+def stack_row(gw, secs, n):
+    """Distributed runs: CPU of presence, recorder and nats-server (% of a
+    core) and NATS bytes in+out per second per client over the slice."""
+    a, z = gw.get("stack0") or {}, gw.get("stack1") or {}
+    if "varz" not in a:
+        return None
+    cpu = lambda k: (z[k] - a[k]) / gw["hz"] * 100 / secs
+    va, vz = a["varz"], z["varz"]
+    d = lambda k: (vz[k] - va[k]) / secs
+    return dict(presence=cpu("presence"), recorder=cpu("recorder"), nats=cpu("nats"),
+                in_msgs=d("in_msgs"), out_msgs=d("out_msgs"),
+                in_b=d("in_bytes") / n, out_b=d("out_bytes") / n)
+
 rows = []
 for n in ns:
     gw = json.load(open(f"{out}/gw-{n}.json"))
@@ -139,12 +220,20 @@ for n in ns:
         churn=lg.get("churn") or {},
         lg_cpu=own.get("cpu_us_per_client_per_sec"),
         lg_rss=own.get("rss_kib_per_client"),
+        stack=stack_row(gw, secs, n),
     ))
 print("| N | connected | errors | gateway CPU % | CPU µs/s per client | RSS MiB | RSS KiB per client (marginal) | bytes/s per client | delay-update p99 ms (samples) | ping RTT p50 / p99 ms | churn closed/renames | loadgen µs/s, KiB per client |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
     c = r["churn"]
     print(f"| {r['n']:,} | {r['connected']:,} | {r['errors']} | {r['cpu_pct']:.1f} | {r['cpu']:.1f} | {r['rss_mib']:.0f} | {r['rss']:.1f} ({r['rss_marginal']:.1f}) | {r['bytes']:.0f} | {r['delay_p99']:.1f} ({r['delay_n']}) | {r['rtt_p50']:.2f} / {r['rtt_p99']:.2f} | {c.get('closed', 0)}/{c.get('renames', 0)} | {r['lg_cpu'] or 0:.1f}, {r['lg_rss'] or 0:.1f} |")
+if rows[0]["stack"]:
+    print()
+    print("| N | presence CPU % | recorder CPU % | nats-server CPU % | NATS msgs/s in / out | NATS bytes/s per client in / out |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        t = r["stack"]
+        print(f"| {r['n']:,} | {t['presence']:.1f} | {t['recorder']:.1f} | {t['nats']:.1f} | {t['in_msgs']:,.0f} / {t['out_msgs']:,.0f} | {t['in_b']:.0f} / {t['out_b']:.0f} |")
 a, z = rows[0], rows[-1]
 def mark(ok): return "met" if ok else "missed"
 print()

@@ -267,6 +267,7 @@ function main() {
     },
     onSample({ seq, rtt }) {
       stats.addSample(rtt, seq);
+      roster?.noteOwnSample(Math.round(rtt * 1000) / 1000);
       scheduleStats();
       liveChart?.request();
       history?.sampleSent();

@@ -16,7 +16,7 @@
 // the header. Every client-controlled string goes in through textContent
 // / dataset, never as HTML.
 
-import { formatMsBare, isNum } from "./stats.js";
+import { formatMsBare, isNum, jitter, median } from "./stats.js";
 import {
   MAX_FILTER,
   ORDERS,
@@ -29,6 +29,13 @@ import {
 } from "./view.js";
 
 const DELAY_FIELDS = ["delay_time", "median", "jitter"];
+/**
+ * Own samples the pinned row's median and jitter cover: the server's
+ * window (services/src/stats.rs, `WINDOW`), so the page shows for itself
+ * what the others see of it. The server sends `me` only for a rename
+ * (docs/protocol.md, "Public room: the view").
+ */
+export const OWN_WINDOW = 32;
 /** Wait after the last scroll event before asking for a new window (ms). */
 export const SCROLL_DEBOUNCE_MS = 80;
 /** Wait after the last keystroke in the filter before asking (ms). */
@@ -96,6 +103,8 @@ export class RosterTable {
     this.index = new Map();
     this.me = null;
     this.selfId = null;
+    /** This connection's last OWN_WINDOW delays, oldest first. */
+    this.ownSamples = [];
     /** The view last sent on this connection (its JSON), to send each once. */
     this.sent = null;
     this.haveView = false;
@@ -151,6 +160,7 @@ export class RosterTable {
   setSelf(id) {
     this.selfId = id;
     this.me = null;
+    this.ownSamples = [];
     this.sent = null;
     this.haveView = false;
     clearTimeout(this.viewTimer);
@@ -241,7 +251,29 @@ export class RosterTable {
     const renamed = this.me !== null && this.me.name !== rec.name;
     const first = this.me === null;
     this.me = rec;
+    this.applyOwnStats();
     if (renamed || first) this.onMe?.(rec);
+  }
+
+  /**
+   * One of this page's own samples (the delay it sent): the pinned row
+   * shows it and the median and jitter of the last OWN_WINDOW.
+   */
+  noteOwnSample(delay) {
+    if (!isNum(delay)) return;
+    this.ownSamples.push(delay);
+    if (this.ownSamples.length > OWN_WINDOW) this.ownSamples.shift();
+    if (this.applyOwnStats()) this.schedule();
+  }
+
+  /** Puts the own samples' statistics in the own row; true if it changed. */
+  applyOwnStats() {
+    const n = this.ownSamples.length;
+    if (!this.me || n === 0) return false;
+    this.me.delay_time = this.ownSamples[n - 1];
+    this.me.median = median(this.ownSamples);
+    this.me.jitter = n > 1 ? jitter(this.ownSamples) : 0;
+    return true;
   }
 
   // ---- sort, filter, scroll ----------------------------------------------
@@ -470,7 +502,7 @@ export class RosterTable {
 
   // ---- for tests and the page script -------------------------------------
 
-  /** The own row as the server last sent it, or null. */
+  /** The own row (the server's name, the page's own statistics), or null. */
   get own() {
     return this.me;
   }

@@ -96,9 +96,12 @@ pub struct Mirror {
     /// such a client, and only then do the v1 pages of this gateway, the
     /// client's own included, learn of it.
     unannounced: HashSet<String>,
-    /// Clients whose row changed (or that joined) since the last
-    /// [`Mirror::take_changed`].
-    changed: HashSet<String>,
+    /// This gateway's own clients whose row was added or renamed since the
+    /// last [`Mirror::take_renamed`]: their pages get `me` at the next tick.
+    /// A delay alone never puts a client here (a page keeps its own row's
+    /// statistics from its own samples, docs/protocol.md "Public room: the
+    /// view"), so a tick does no per-client work for the room's delays.
+    renamed: HashSet<String>,
     /// Counts every change of the roster.
     version: u64,
     /// The v1 frame; `None` after a membership or name change.
@@ -154,7 +157,7 @@ impl Mirror {
         if !had {
             self.sampled += 1;
         }
-        self.touch(id);
+        self.version += 1;
         self.v1_delays_stale = true;
     }
 
@@ -183,7 +186,10 @@ impl Mirror {
         }
         self.clients.insert(id.clone(), e);
         self.v1 = None;
-        self.touch(&id);
+        self.version += 1;
+        if self.local.contains(&id) {
+            self.renamed.insert(id);
+        }
     }
 
     /// Removes a client from the copy and its indexes.
@@ -196,15 +202,10 @@ impl Mirror {
         if e.client.stats.is_some() {
             self.sampled -= 1;
         }
-        self.changed.remove(id);
+        self.renamed.remove(id);
         self.v1 = None;
         self.version += 1;
         true
-    }
-
-    fn touch(&mut self, id: &str) {
-        self.version += 1;
-        self.changed.insert(id.to_owned());
     }
 
     fn rename(&mut self, id: &str, name: &str) {
@@ -269,9 +270,10 @@ impl Mirror {
         self.clients.get(id).map(|e| Row::of(&e.client))
     }
 
-    /// The clients whose row changed (or that joined) since the last call.
-    pub fn take_changed(&mut self) -> HashSet<String> {
-        std::mem::take(&mut self.changed)
+    /// This gateway's own clients that joined or were renamed since the
+    /// last call (statistics alone do not count).
+    pub fn take_renamed(&mut self) -> HashSet<String> {
+        std::mem::take(&mut self.renamed)
     }
 
     /// The ids in the order of `sort`/`order`, from the first.
@@ -691,12 +693,22 @@ mod tests {
         let w = m.window(&ViewSpec::default());
         assert_eq!(w.total, 4);
         assert_eq!(w.rows[0].channel_name, "3");
-        let changed = m.take_changed();
-        assert!(
-            changed.contains("2") && !changed.contains("1"),
-            "{changed:?}"
-        );
-        assert!(m.take_changed().is_empty());
+        // Only own clients' joins and renames are reported, never delays.
+        assert!(m.take_renamed().is_empty(), "no local client");
+        m.add_local(client("6", "dora"));
+        m.take_renamed();
+        m.set_stats("6", stats(3.0));
+        assert!(m.take_renamed().is_empty(), "a delay is not a rename");
+        m.apply(Broadcast::Rename {
+            channel_name: "6".into(),
+            name: "Dorothy".into(),
+        });
+        m.apply(Broadcast::Rename {
+            channel_name: "2".into(),
+            name: "Bert".into(),
+        });
+        assert_eq!(m.take_renamed(), HashSet::from(["6".to_owned()]));
+        assert!(m.take_renamed().is_empty());
     }
 
     #[test]

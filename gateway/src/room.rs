@@ -287,8 +287,9 @@ impl Room {
     /// One tick: every view whose window changed gets one frame, computed
     /// and serialized once for all its pages (the whole window if its rows
     /// moved, else the changed rows and the counts); a page whose own row
-    /// changed gets it as `me` in the same frame. O(view) per distinct
-    /// view, O(1) per page without its own change.
+    /// joined or was renamed gets it as `me` in the same frame. O(view) per
+    /// distinct view, O(1) per page: the room's delays never make a page's
+    /// frame its own copy.
     pub fn tick(&self) {
         let started = Instant::now();
         self.ticks.fetch_add(1, Ordering::Relaxed);
@@ -309,7 +310,7 @@ impl Room {
             if ticked == Some(version) {
                 return;
             }
-            let changed = mirror.take_changed();
+            let renamed = mirror.take_renamed();
             let windows: Vec<(ViewSpec, Window)> = specs
                 .into_iter()
                 .map(|s| {
@@ -317,10 +318,10 @@ impl Room {
                     (s, w)
                 })
                 .collect();
-            // Own rows that changed: only this gateway's pages have one.
-            let mine: HashMap<String, String> = changed
+            // Own rows that joined or were renamed (only this gateway's
+            // pages have one): their pages get `me` with the name.
+            let mine: HashMap<String, String> = renamed
                 .into_iter()
-                .filter(|id| mirror.is_local(id))
                 .filter_map(|id| {
                     let row = mirror.row(&id)?;
                     Some((id, row.to_json()))

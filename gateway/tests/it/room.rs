@@ -297,10 +297,29 @@ async fn a_tick_brings_every_change_in_one_frame_holding_only_the_window() {
     assert_eq!(update["total"], 299);
     assert!(update.get("me").is_none(), "its own row did not change");
 
-    // Its own sample: `me` in the next tick's frame.
+    // Its own sample: no `me` (the page has its own statistics), so its
+    // frames stay the view's shared frame.
     c.sample(2.5, 1).await;
+    let delays: BTreeMap<String, DelayStats> = crowd("p", 300)
+        .into_iter()
+        .map(|c| (c.channel_name, stats(8.0)))
+        .collect();
+    gw.broadcast(Broadcast::Delays { delays }).await;
+    let update = c.recv_until("view_update", |_| true).await;
+    assert!(
+        update.get("me").is_none(),
+        "a sample is not a rename: {update}"
+    );
+
+    // Its own rename (presence's broadcast of it; the test stands in for
+    // presence): `me` with the new name in the next tick's frame.
+    gw.broadcast(Broadcast::Rename {
+        channel_name: id.clone(),
+        name: "Zed".into(),
+    })
+    .await;
     let mine = c
-        .view_until(|v| v.me.as_ref().is_some_and(|m| m["delay_time"] == 2.5))
+        .view_until(|v| v.me.as_ref().is_some_and(|m| m["name"] == "Zed"))
         .await;
     assert_eq!(mine.me.unwrap()["channel_name"], id.as_str());
 }

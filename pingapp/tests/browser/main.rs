@@ -119,6 +119,14 @@ async fn public_pages_see_each_others_rows_renames_and_leaving() {
             .js("return document.querySelector('#roster thead tr.pinned.self')?.dataset.id")
             .await;
         assert_eq!(pinned, own.as_str(), "the own row is pinned");
+        // The pinned row's statistics are the page's own samples (the
+        // server sends `me` only for a rename).
+        page.wait_for(
+            "the pinned row with last, median and jitter",
+            "((t) => t.length === 3 && t.every((td) => td.textContent !== '–'))\
+             ([...document.querySelectorAll('#roster thead tr.pinned.self td.num')])",
+        )
+        .await;
         for r in &rows {
             assert_eq!(r.name, r.id, "a new client's name is its id");
             assert_eq!(r.gateway, "standalone");
