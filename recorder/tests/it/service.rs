@@ -530,6 +530,20 @@ impl Store for Flaky {
     async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
         self.inner.prune_rollups(older_than_us).await
     }
+    async fn device_history(
+        &self,
+        device: &str,
+        window: Duration,
+        bucket: Duration,
+        now_us: i64,
+    ) -> Result<Option<Vec<services::messages::HistoryBucket>>, StoreError> {
+        self.inner
+            .device_history(device, window, bucket, now_us)
+            .await
+    }
+    async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.forget_device(device).await
+    }
     async fn ping(&self) -> bool {
         !self.down.load(Ordering::SeqCst) && self.inner.ping().await
     }
