@@ -1024,7 +1024,9 @@ impl Store for PgStore {
     }
 
     async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // On the read pool: a request from the API, under the read budget
+        // and statement timeout, never holding a connection of inserts.
+        let mut tx = self.reads.begin().await?;
         // Under the fence: no packing or late merge runs meanwhile, and no
         // insert stages a sample or links a connection to this device.
         sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
