@@ -55,6 +55,10 @@ json_payload!(
     SamplesReply,
     StatsQuery,
     StatsReply,
+    DeviceHistoryQuery,
+    DeviceHistoryReply,
+    ForgetDeviceQuery,
+    ForgetDeviceReply,
 );
 
 /// The messages without content: an empty payload, and any payload is
