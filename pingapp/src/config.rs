@@ -38,8 +38,9 @@ pub struct Args {
     /// Prefix of every bus subject.
     #[arg(long, env = "PINGAPP_SUBJECT_PREFIX", default_value = "pingapp", value_parser = parse_subject_prefix)]
     pub subject_prefix: String,
-    /// Samples older than this are deleted (e.g. 30d or 12h; 0: keep for ever).
-    #[arg(long, env = "PINGAPP_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    /// Raw samples older than this are deleted (e.g. 7d or 12h; 0: keep for
+    /// ever); minute rollups stay 400 days.
+    #[arg(long, env = "PINGAPP_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: std::time::Duration,
     /// Gateway limits and timings.
     #[command(flatten)]

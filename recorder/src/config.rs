@@ -20,10 +20,11 @@ pub struct RecorderConfig {
     pub batch_max_samples: usize,
     /// …or this long after the first delivery of the batch (default 50 ms).
     pub batch_wait: Duration,
-    /// Samples older than this are deleted (default 30 days; zero keeps
+    /// Samples older than this are deleted (default 7 days; zero keeps
     /// them for ever).
     pub retention: Duration,
-    /// Minute rollups of the public room older than this are deleted
+    /// Minute rollups (the public room's and each device's) older than this
+    /// are deleted
     /// (default 400 days; zero keeps them for ever).
     pub rollup_retention: Duration,
     /// How often staged samples are packed and old ones deleted (default
@@ -49,7 +50,7 @@ impl RecorderConfig {
             subjects,
             batch_max_samples: 5_000,
             batch_wait: Duration::from_millis(50),
-            retention: Duration::from_secs(30 * 86_400),
+            retention: Duration::from_secs(7 * 86_400),
             prune_interval: Duration::from_secs(60),
             rollup_retention: Duration::from_secs(400 * 86_400),
             stream_max_age: Duration::from_secs(7 * 86_400),
@@ -95,11 +96,13 @@ pub struct RecorderCli {
     /// First token of every subject (and of the stream name).
     #[arg(long, env = "PINGAPP_SUBJECT_PREFIX", default_value = "pingapp", value_parser = parse_subject_prefix)]
     pub subject_prefix: String,
-    /// How long samples are kept, e.g. 30d or 12h (0: for ever).
-    #[arg(long, env = "PINGAPP_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    /// How long raw samples are kept, e.g. 7d or 12h (0: for ever); the
+    /// minute rollups are kept for --rollup-retention.
+    #[arg(long, env = "PINGAPP_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: Duration,
-    /// How long the public room's minute rollups (what /api/stats reads)
-    /// are kept, e.g. 400d (0: for ever).
+    /// How long the minute rollups (the public room's, what /api/stats
+    /// reads, and each browser's, what its own history reads) are kept,
+    /// e.g. 400d (0: for ever).
     #[arg(long, env = "PINGAPP_ROLLUP_RETENTION", default_value = "400d", value_parser = parse_duration)]
     pub rollup_retention: Duration,
     /// Samples per database insert, at most.
@@ -181,6 +184,20 @@ mod tests {
         .expect("valid flags");
         let cfg = args.config();
         assert_eq!(cfg.retention, Duration::from_secs(5400));
+        let defaults = RecorderCli::try_parse_from([
+            "recorder",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--database-url",
+            "postgres://postgres@127.0.0.1/pingapp",
+        ])
+        .expect("valid flags")
+        .config();
+        assert_eq!(defaults.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(
+            RecorderConfig::new(defaults.subjects.clone()).retention,
+            defaults.retention
+        );
         assert_eq!(cfg.rollup_retention, Duration::from_secs(400 * 86_400));
         assert_eq!(cfg.batch_wait, Duration::from_millis(20));
         assert_eq!(cfg.batch_max_samples, 5000);

@@ -1,7 +1,8 @@
 //! The recorder: consumes every delay sample from the durable stream
 //! (a JetStream consumer shared by all replicas, or the in-memory bus of the
 //! standalone binary), writes them to the [`store`] in batches, acknowledges
-//! only after commit, and answers history and statistics queries.
+//! only after commit, and answers history, statistics and device
+//! (a browser's own history, forgetting it) queries.
 //!
 //! [`Recorder::build`] sets everything up (stream, consumer, query
 //! subscriptions, readiness check); [`Recorder::run`] works until the
@@ -33,7 +34,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use services::admin::Readiness;
 use services::bus::{Consumed, Inbox, SharedBus};
-use services::messages::{RecordBatch, SamplesQuery, SamplesReply, StatsQuery, StatsReply};
+use services::messages::{
+    DeviceHistoryQuery, DeviceHistoryReply, ForgetDeviceQuery, ForgetDeviceReply, RecordBatch,
+    SamplesQuery, SamplesReply, StatsQuery, StatsReply,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -88,6 +92,8 @@ pub struct Recorder {
     deliveries: Consumed<RecordBatch>,
     samples_sub: Inbox<SamplesQuery, SamplesReply>,
     stats_sub: Inbox<StatsQuery, StatsReply>,
+    device_history_sub: Inbox<DeviceHistoryQuery, DeviceHistoryReply>,
+    forget_device_sub: Inbox<ForgetDeviceQuery, ForgetDeviceReply>,
 }
 
 impl Recorder {
@@ -132,6 +138,16 @@ impl Recorder {
             .serve(&*bus, QUEUE_GROUP)
             .await
             .context("subscribing to statistics queries")?;
+        let device_history_sub = subjects
+            .query_device_history()
+            .serve(&*bus, QUEUE_GROUP)
+            .await
+            .context("subscribing to device history queries")?;
+        let forget_device_sub = subjects
+            .forget_device()
+            .serve(&*bus, QUEUE_GROUP)
+            .await
+            .context("subscribing to forget-device requests")?;
         let health = Arc::new(DbHealth::new(store.ping().await));
         let h = health.clone();
         readiness.add_check("database", move || h.is_up());
@@ -147,6 +163,8 @@ impl Recorder {
             deliveries,
             samples_sub,
             stats_sub,
+            device_history_sub,
+            forget_device_sub,
         })
     }
 
@@ -171,7 +189,17 @@ impl Recorder {
                 .clone()
                 .serve(self.samples_sub, stop.clone(), tracker.clone()),
         );
-        tracker.spawn(responder.serve(self.stats_sub, stop.clone(), tracker.clone()));
+        tracker.spawn(
+            responder
+                .clone()
+                .serve(self.stats_sub, stop.clone(), tracker.clone()),
+        );
+        tracker.spawn(responder.clone().serve(
+            self.device_history_sub,
+            stop.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(responder.serve(self.forget_device_sub, stop.clone(), tracker.clone()));
         tracker.spawn(stream_loop(
             self.bus.clone(),
             self.cfg.clone(),

@@ -1,6 +1,8 @@
-//! The query responders: history ([`SamplesQuery`]) and statistics
-//! ([`StatsQuery`]) requests over the bus, answered by whichever replica of
-//! the queue group gets them. Bad input is answered with the `Error`
+//! The query responders: history ([`SamplesQuery`]), statistics
+//! ([`StatsQuery`]), a browser's own history ([`DeviceHistoryQuery`]) and
+//! forgetting a browser ([`ForgetDeviceQuery`]) over the bus, answered by
+//! whichever replica of the queue group gets them, all under one read
+//! budget. Bad input is answered with the `Error`
 //! variant, never a panic; a request without a reply subject is ignored.
 
 use std::future::Future;
@@ -9,8 +11,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use services::bus::{BusError, Inbox, Incoming, Payload, SharedBus};
-use services::limits::{BadRequest, check_stats};
-use services::messages::{ReplyErrorKind, SamplesQuery, SamplesReply, StatsQuery, StatsReply};
+use services::limits::{BadRequest, check_device_history, check_stats, default_device_bucket};
+use services::messages::{
+    DeviceHistoryQuery, DeviceHistoryReply, ForgetDeviceQuery, ForgetDeviceReply, ReplyErrorKind,
+    SamplesQuery, SamplesReply, StatsQuery, StatsReply,
+};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -79,6 +84,36 @@ impl Query for StatsQuery {
     }
     fn busy() -> StatsReply {
         stats_error(busy())
+    }
+}
+
+impl Query for DeviceHistoryQuery {
+    type Reply = DeviceHistoryReply;
+    const KIND: &'static str = "device_history";
+    fn answer(
+        r: &Responder,
+        query: &Result<Self, BusError>,
+    ) -> impl Future<Output = (DeviceHistoryReply, &'static str)> + Send {
+        r.device_history(query)
+    }
+    fn busy() -> DeviceHistoryReply {
+        let (kind, message) = busy();
+        DeviceHistoryReply::Error { kind, message }
+    }
+}
+
+impl Query for ForgetDeviceQuery {
+    type Reply = ForgetDeviceReply;
+    const KIND: &'static str = "forget_device";
+    fn answer(
+        r: &Responder,
+        query: &Result<Self, BusError>,
+    ) -> impl Future<Output = (ForgetDeviceReply, &'static str)> + Send {
+        r.forget_device(query)
+    }
+    fn busy() -> ForgetDeviceReply {
+        let (kind, message) = busy();
+        ForgetDeviceReply::Error { kind, message }
     }
 }
 
@@ -193,6 +228,97 @@ impl Responder {
     }
 }
 
+impl Responder {
+    async fn device_history(
+        &self,
+        query: &Result<DeviceHistoryQuery, BusError>,
+    ) -> (DeviceHistoryReply, &'static str) {
+        let error = |(kind, message)| DeviceHistoryReply::Error { kind, message };
+        let (q, window, bucket) = match query
+            .as_ref()
+            .map_err(|e| BadRequest(e.to_string()))
+            .and_then(|q| validate_device_history(q).map(|(w, b)| (q, w, b)))
+        {
+            Ok(v) => v,
+            Err(e) => return (error(bad_request(e)), "bad_request"),
+        };
+        if !self.health.is_up() {
+            return (error(unavailable()), "error");
+        }
+        match self
+            .store
+            .device_history(&q.device, window, bucket, services::unix_us())
+            .await
+        {
+            Ok(Some(buckets)) => (DeviceHistoryReply::Found { buckets }, "found"),
+            Ok(None) => (DeviceHistoryReply::NotFound, "not_found"),
+            Err(StoreError::InvalidQuery(why)) => (error(bad_request(why)), "bad_request"),
+            Err(e) => {
+                tracing::warn!(error = %e, "device history query failed");
+                (error(unavailable()), "error")
+            }
+        }
+    }
+
+    async fn forget_device(
+        &self,
+        query: &Result<ForgetDeviceQuery, BusError>,
+    ) -> (ForgetDeviceReply, &'static str) {
+        let error = |(kind, message)| ForgetDeviceReply::Error { kind, message };
+        let q = match query
+            .as_ref()
+            .map_err(|e| BadRequest(e.to_string()))
+            .and_then(|q| check_digest(&q.device).map(|()| q))
+        {
+            Ok(q) => q,
+            Err(e) => return (error(bad_request(e)), "bad_request"),
+        };
+        if !self.health.is_up() {
+            return (error(unavailable()), "error");
+        }
+        match self.store.forget_device(&q.device).await {
+            Ok(Some(channels)) => (ForgetDeviceReply::Forgotten { channels }, "forgotten"),
+            Ok(None) => (ForgetDeviceReply::NotFound, "not_found"),
+            Err(e) => {
+                tracing::warn!(error = %e, "forgetting a device failed");
+                (error(unavailable()), "error")
+            }
+        }
+    }
+}
+
+/// Checks that `device` looks like a [`services::ids::device_digest`]: 64
+/// lowercase hex digits.
+fn check_digest(device: &str) -> Result<(), BadRequest> {
+    if device.len() == 64
+        && device
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else {
+        Err(BadRequest("device must be a 64-digit hex digest".into()))
+    }
+}
+
+/// Checks a device history query against the shared bounds
+/// ([`services::limits::check_device_history`]); a `bucket_ms` of 0 takes
+/// [`services::limits::default_device_bucket`] for the window. Returns the
+/// window and bucket width.
+///
+/// # Errors
+/// Why the query is refused, for the caller to show.
+pub fn validate_device_history(q: &DeviceHistoryQuery) -> Result<(Duration, Duration), BadRequest> {
+    check_digest(&q.device)?;
+    let window = Duration::from_millis(q.window_ms);
+    let bucket = match q.bucket_ms {
+        0 => default_device_bucket(window),
+        ms => Duration::from_millis(ms),
+    };
+    check_device_history(window, bucket)?;
+    Ok((window, bucket))
+}
+
 /// The refusal of a bad query: the caller's fault.
 fn bad_request(why: impl std::fmt::Display) -> (ReplyErrorKind, String) {
     (ReplyErrorKind::BadRequest, format!("bad request: {why}"))
@@ -267,6 +393,25 @@ mod tests {
             validate_stats(&half),
             Ok((Duration::from_secs(2), Duration::from_millis(500)))
         );
+    }
+
+    #[test]
+    fn device_history_queries_are_validated() {
+        let q = |device: &str, window_ms: u64, bucket_ms: u64| DeviceHistoryQuery {
+            device: device.to_owned(),
+            window_ms,
+            bucket_ms,
+        };
+        let d = services::ids::device_digest("0123456789abcdefghijklmnop");
+        assert_eq!(
+            validate_device_history(&q(&d, 3_600_000, 0)),
+            Ok((Duration::from_secs(3600), Duration::from_secs(60)))
+        );
+        assert!(validate_device_history(&q(&d, 3_600_000, 90_000)).is_err());
+        assert!(validate_device_history(&q(&d, 1_000, 60_000)).is_err());
+        assert!(validate_device_history(&q(&d, u64::MAX, 0)).is_err());
+        assert!(validate_device_history(&q("not-a-digest", 3_600_000, 60_000)).is_err());
+        assert!(validate_device_history(&q(&d.to_uppercase(), 3_600_000, 60_000)).is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! for the same data, and the pages compute the same.
 
 pub mod block;
+pub(crate) mod device;
 pub mod postgres;
 pub mod sketch;
 pub mod sqlite;
@@ -28,7 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use services::messages::{RecordBatch, SampleRecord, SamplesQuery, StatsBucket, StoredSample};
+use services::messages::{
+    HistoryBucket, RecordBatch, SampleRecord, SamplesQuery, StatsBucket, StoredSample,
+};
 
 /// The most samples one history read returns (the shared API bound).
 pub const MAX_SAMPLES: u32 = services::limits::MAX_SAMPLES;
@@ -164,6 +167,35 @@ pub trait Store: Send + Sync {
         now_us: i64,
     ) -> Result<Vec<StatsBucket>, StoreError>;
 
+    /// The history of the browser whose device digest is `device`
+    /// ([`services::ids::device_digest`]): every sample of every connection
+    /// that presented it, from the whole minute holding `now_us - window`
+    /// to the minute holding `now_us`, in buckets of `bucket` (whole
+    /// minutes, starting at multiples of the width), only buckets with
+    /// samples, oldest first ([`device`]). Reads the device's minute
+    /// rollups and its staged samples, each an index range. `None` for an
+    /// unknown device.
+    ///
+    /// # Errors
+    /// A bucket that is not whole minutes, or the database failed.
+    async fn device_history(
+        &self,
+        device: &str,
+        window: Duration,
+        bucket: Duration,
+        now_us: i64,
+    ) -> Result<Option<Vec<HistoryBucket>>, StoreError>;
+
+    /// Forgets the browser whose device digest is `device`: deletes its
+    /// minute rollups, the samples (blocks and staged), `channels` and
+    /// `clients` rows of every connection linked to it, and its `devices`
+    /// row, in one transaction under the packing fence. Returns how many
+    /// connections were deleted; `None` for an unknown device.
+    ///
+    /// # Errors
+    /// The database failed; nothing was deleted.
+    async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError>;
+
     /// Packs the staged samples older than `before_us` into blocks
     /// ([`block`]), a few hundred clients per transaction. Returns how many
     /// samples were packed. Reads return the same samples before and after.
@@ -214,8 +246,10 @@ pub trait Store: Send + Sync {
         Ok(0)
     }
 
-    /// Deletes the minute rollups older than `older_than_us`; returns how
-    /// many.
+    /// Deletes the minute rollups (the room's and the devices') older than
+    /// `older_than_us`, each a range of a `minute_us` index, then the
+    /// devices left without connections and rollups; returns how many
+    /// rollup rows were deleted.
     ///
     /// # Errors
     /// The database failed.
@@ -527,17 +561,29 @@ pub(crate) fn block_keys(samples: &[(i32, block::Sample)]) -> (Vec<i32>, Vec<i64
     keys.into_iter().unzip()
 }
 
+/// What merging samples into their blocks gives ([`merge_blocks`]).
+#[derive(Debug, Default)]
+pub(crate) struct Merged {
+    /// The block rows to write.
+    pub rows: Vec<BlockRow>,
+    /// The samples that were new.
+    pub added: Vec<ClientSample>,
+    /// How the merged blocks' jitter pairs changed, per connection and
+    /// minute ([`device`]).
+    pub pairs: Vec<device::PairDelta>,
+}
+
 /// The blocks that result from adding `incoming` to the blocks `stored`
 /// (`(channel_id, block_start_us, data)` of the same keys, as read from the
-/// database), and the samples of `incoming` that were new
-/// ([`block::merge`]).
+/// database), the samples of `incoming` that were new ([`block::merge`]),
+/// and the changes of the blocks' jitter pairs.
 ///
 /// # Errors
 /// A stored block does not decode.
 pub(crate) fn merge_blocks(
     stored: Vec<(i32, i64, Vec<u8>)>,
     incoming: &[(i32, block::Sample)],
-) -> Result<(Vec<BlockRow>, Vec<ClientSample>), StoreError> {
+) -> Result<Merged, StoreError> {
     let mut groups: BTreeMap<(i32, i64), (Vec<block::Sample>, Vec<block::Sample>)> =
         BTreeMap::new();
     for (c, start, data) in stored {
@@ -550,20 +596,25 @@ pub(crate) fn merge_blocks(
             .1
             .push(*s);
     }
-    let mut added = Vec::new();
-    let mut rows = Vec::with_capacity(groups.len());
+    let mut merged = Merged::default();
     for ((c, start), (old, new)) in groups {
         if new.is_empty() {
             continue;
         }
+        let before = old.clone();
         let (all, new) = block::merge(old, &new);
         if !new.is_empty() {
             let count = i32::try_from(all.len()).unwrap_or(i32::MAX);
-            rows.push((c, start, count, block::encode(&all)));
-            added.extend(new.into_iter().map(|s| (c, s)));
+            merged.pairs.extend(
+                device::pair_deltas(&before, &all)
+                    .into_iter()
+                    .map(|(minute, (sum, n))| (c, minute, sum, n)),
+            );
+            merged.rows.push((c, start, count, block::encode(&all)));
+            merged.added.extend(new.into_iter().map(|s| (c, s)));
         }
     }
-    Ok((rows, added))
+    Ok(merged)
 }
 
 /// Width of a rollup: one minute.

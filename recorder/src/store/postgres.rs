@@ -33,12 +33,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use services::messages::{ClientRecord, RecordBatch, SampleRecord, StatsBucket, StoredSample};
+use services::messages::{
+    ClientRecord, HistoryBucket, RecordBatch, SampleRecord, StatsBucket, StoredSample,
+};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres};
 
 use super::block::{self, Sample};
+use super::device::{self, DeviceMinuteRow, PairDelta, StagedDeviceRow};
 use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
     PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
@@ -88,6 +91,45 @@ const STAGE_SAMPLES: &str = "\
     UNION ALL \
     SELECT channel_id, n, seq, at_us, delay_ms FROM input \
     WHERE channel_id IS NULL OR at_us < packed_before_us";
+
+/// Upserts the devices of client records (`$1` channel names, `$2` device
+/// digests, `$3` connection times) and links their `channels` rows that
+/// have no device yet. `DO UPDATE` returns the id of a device another
+/// recorder inserted meanwhile too. It takes the fence's ROW EXCLUSIVE lock
+/// like staging, so forgetting and pruning devices (under the fence) never
+/// run between the upsert and the link.
+const LINK_DEVICES: &str = "\
+    WITH fence AS (UPDATE sample_pack_fence SET id = id WHERE FALSE RETURNING 1), \
+    t AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS t(name, digest, at)), \
+    dev AS ( \
+        INSERT INTO devices (digest, created_at_us) \
+        SELECT digest, min(at) FROM t GROUP BY digest ORDER BY digest \
+        ON CONFLICT (digest) DO UPDATE SET digest = excluded.digest RETURNING id, digest) \
+    UPDATE channels c SET device_id = dev.id FROM t JOIN dev ON dev.digest = t.digest \
+    WHERE c.channel_name = t.name AND c.device_id IS NULL";
+
+/// The device minutes of the given keys (`$1` device ids, `$2` minutes).
+const SELECT_DEVICE_MINUTES: &str = "\
+    SELECT device_id, minute_us, samples, sum_ms, min_ms, max_ms, jitter_sum_ms, jitter_pairs, \
+           sketch FROM device_minutes \
+    WHERE (device_id, minute_us) IN (SELECT * FROM UNNEST($1::integer[], $2::bigint[]))";
+
+const UPSERT_DEVICE_MINUTES: &str = "\
+    INSERT INTO device_minutes (device_id, minute_us, samples, sum_ms, min_ms, max_ms, \
+                                jitter_sum_ms, jitter_pairs, sketch) \
+    SELECT * FROM UNNEST($1::integer[], $2::bigint[], $3::bigint[], $4::double precision[], \
+                         $5::double precision[], $6::double precision[], $7::double precision[], \
+                         $8::bigint[], $9::bytea[]) \
+    ON CONFLICT (device_id, minute_us) DO UPDATE SET samples = excluded.samples, \
+        sum_ms = excluded.sum_ms, min_ms = excluded.min_ms, max_ms = excluded.max_ms, \
+        jitter_sum_ms = excluded.jitter_sum_ms, jitter_pairs = excluded.jitter_pairs, \
+        sketch = excluded.sketch";
+
+/// Deletes the devices left without connections and rollups.
+const PRUNE_DEVICES: &str = "\
+    DELETE FROM devices d WHERE \
+    NOT EXISTS (SELECT 1 FROM channels c WHERE c.device_id = d.id) AND \
+    NOT EXISTS (SELECT 1 FROM device_minutes m WHERE m.device_id = d.id)";
 
 /// Serializes every writer of `sample_blocks` against staging inserts.
 const LOCK_FENCE: &str = "LOCK TABLE sample_pack_fence IN SHARE ROW EXCLUSIVE MODE";
@@ -421,6 +463,38 @@ fn bind_clients<'q>(
     )
 }
 
+/// Upserts the devices of `clients` and links their connections
+/// ([`LINK_DEVICES`]), before any of their samples is staged; nothing to
+/// do (no statement) when no record carries a device.
+async fn link_devices(
+    conn: &mut PgConnection,
+    clients: &[&ClientRecord],
+) -> Result<(), StoreError> {
+    let with_device: Vec<(&ClientRecord, &String)> = clients
+        .iter()
+        .filter_map(|c| c.device.as_ref().map(|d| (*c, d)))
+        .collect();
+    for chunk in with_device.chunks(INSERT_CHUNK) {
+        sqlx::query(LINK_DEVICES)
+            .bind(
+                chunk
+                    .iter()
+                    .map(|(c, _)| c.channel_name.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(chunk.iter().map(|(_, d)| (*d).clone()).collect::<Vec<_>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|(c, _)| c.connected_at_us)
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// The clients of `samples` and whether all their samples are public.
 fn sample_clients(samples: &[&SampleRecord]) -> (Vec<String>, Vec<bool>) {
     let mut by_name: BTreeMap<&str, bool> = BTreeMap::new();
@@ -484,9 +558,9 @@ async fn merge_into_blocks(
         .bind(&starts)
         .fetch_all(&mut *conn)
         .await?;
-    let (rows, added) = merge_blocks(stored, samples)?;
+    let merged = merge_blocks(stored, samples)?;
     let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (c, start, count, data) in rows {
+    for (c, start, count, data) in merged.rows {
         cols.0.push(c);
         cols.1.push(start);
         cols.2.push(count);
@@ -499,27 +573,39 @@ async fn merge_into_blocks(
         .bind(cols.3)
         .execute(&mut *conn)
         .await?;
-    update_rollups(conn, &added).await?;
-    Ok(added.len() as u64)
+    update_rollups(conn, &merged.added, &merged.pairs).await?;
+    Ok(merged.added.len() as u64)
 }
 
 /// Adds the public ones of `added` (samples just packed) to the room's
-/// minute rollups; the caller holds the fence, so each sample is added
-/// once.
+/// minute rollups, and those of connections with a device, with the
+/// `pairs` changes, to their devices' minutes; the caller holds the fence,
+/// so each sample is added once.
 async fn update_rollups(
     conn: &mut PgConnection,
     added: &[(i32, Sample)],
+    pairs: &[PairDelta],
 ) -> Result<(), StoreError> {
     let mut ids: Vec<i32> = added.iter().map(|(c, _)| *c).collect();
     ids.sort_unstable();
     ids.dedup();
-    let public: BTreeSet<i32> =
-        sqlx::query_scalar("SELECT id FROM channels WHERE public AND id = ANY($1)")
+    let channels: Vec<(i32, bool, Option<i32>)> =
+        sqlx::query_as("SELECT id, public, device_id FROM channels WHERE id = ANY($1)")
             .bind(&ids)
             .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
+            .await?;
+    let public: BTreeSet<i32> = channels
+        .iter()
+        .filter(|(_, p, _)| *p)
+        .map(|(c, _, _)| *c)
+        .collect();
+    let devices: std::collections::HashMap<i32, i32> = channels
+        .iter()
+        .filter_map(|(c, _, d)| d.map(|d| (*c, d)))
+        .collect();
+    if !devices.is_empty() {
+        update_device_minutes(conn, device::device_deltas(added, pairs, &devices)).await?;
+    }
     let samples: Vec<Sample> = added
         .iter()
         .filter(|(c, _)| public.contains(c))
@@ -559,6 +645,58 @@ async fn update_rollups(
     .bind(cols.4)
     .execute(&mut *conn)
     .await?;
+    Ok(())
+}
+
+/// Adds `new` to the stored device minutes of the same keys.
+async fn update_device_minutes(
+    conn: &mut PgConnection,
+    new: BTreeMap<(i32, i64), device::DeviceMinute>,
+) -> Result<(), StoreError> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let (devices, minutes): (Vec<i32>, Vec<i64>) = new.keys().copied().unzip();
+    let stored: Vec<DeviceMinuteRow> = sqlx::query_as(SELECT_DEVICE_MINUTES)
+        .bind(&devices)
+        .bind(&minutes)
+        .fetch_all(&mut *conn)
+        .await?;
+    let rows = device::merge_device_minutes(stored, new)?;
+    let mut c = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (d, m, n, sum, min, max, js, jp, sketch) in rows {
+        c.0.push(d);
+        c.1.push(m);
+        c.2.push(n);
+        c.3.push(sum);
+        c.4.push(min);
+        c.5.push(max);
+        c.6.push(js);
+        c.7.push(jp);
+        c.8.push(sketch);
+    }
+    sqlx::query(UPSERT_DEVICE_MINUTES)
+        .bind(c.0)
+        .bind(c.1)
+        .bind(c.2)
+        .bind(c.3)
+        .bind(c.4)
+        .bind(c.5)
+        .bind(c.6)
+        .bind(c.7)
+        .bind(c.8)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -709,6 +847,7 @@ impl Store for PgStore {
                 .execute(&mut *conn)
                 .await?;
         }
+        link_devices(&mut conn, &clients).await?;
         let mut inserted = 0;
         let mut late = Vec::new();
         for chunk in samples.chunks(INSERT_CHUNK) {
@@ -850,12 +989,99 @@ impl Store for PgStore {
         pack_step(&self.pool, before_us, after).await
     }
 
+    async fn device_history(
+        &self,
+        device: &str,
+        window: Duration,
+        bucket: Duration,
+        now_us: i64,
+    ) -> Result<Option<Vec<HistoryBucket>>, StoreError> {
+        let (width, first, end) = device::window(now_us, window, bucket)?;
+        // One snapshot: packing moves samples from staging into rollups.
+        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let id: Option<i32> = sqlx::query_scalar(device::DEVICE_ID)
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let rows: Vec<DeviceMinuteRow> = sqlx::query_as(device::DEVICE_MINUTES)
+            .bind(id)
+            .bind(first)
+            .bind(end)
+            .fetch_all(&mut *tx)
+            .await?;
+        let staged: Vec<StagedDeviceRow> = sqlx::query_as(device::DEVICE_STAGED)
+            .bind(id)
+            .bind(device::staged_from(first))
+            .bind(end)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(device::history(width, first, rows, staged)?))
+    }
+
+    async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Under the fence: no packing or late merge runs meanwhile, and no
+        // insert stages a sample or links a connection to this device.
+        sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+        let id: Option<i32> = sqlx::query_scalar(device::DEVICE_ID)
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let channels: Vec<(i32, String)> =
+            sqlx::query_as("SELECT id, channel_name FROM channels WHERE device_id = $1")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let (ids, names): (Vec<i32>, Vec<String>) = channels.into_iter().unzip();
+        for sql in [
+            "DELETE FROM sample_blocks WHERE channel_id = ANY($1)",
+            "DELETE FROM sample_staging WHERE channel_id = ANY($1)",
+            "DELETE FROM channels WHERE id = ANY($1)",
+        ] {
+            sqlx::query(sql).bind(&ids).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM clients WHERE channel_name = ANY($1)")
+            .bind(&names)
+            .execute(&mut *tx)
+            .await?;
+        for sql in [
+            "DELETE FROM device_minutes WHERE device_id = $1",
+            "DELETE FROM devices WHERE id = $1",
+        ] {
+            sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(ids.len() as u64))
+    }
+
     async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM room_minutes WHERE minute_us < $1")
-            .bind(older_than_us)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+        let mut deleted = 0;
+        for sql in [
+            "DELETE FROM room_minutes WHERE minute_us < $1",
+            "DELETE FROM device_minutes WHERE minute_us < $1",
+        ] {
+            deleted += sqlx::query(sql)
+                .bind(older_than_us)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        // Under the fence, so no insert links a connection to a device
+        // this finds without any.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+        sqlx::query(PRUNE_DEVICES).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     async fn maintain_partitions(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use services::messages::SampleRecord;
-use services::messages::{RecordBatch, StatsBucket, StoredSample};
+use services::messages::{ClientRecord, HistoryBucket, RecordBatch, StatsBucket, StoredSample};
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -18,6 +18,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::block::{self, Sample};
+use super::device::{self, DeviceMinuteRow, PairDelta, StagedDeviceRow};
 use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
     PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
@@ -146,8 +147,8 @@ async fn merge_into_blocks(
                 .await?,
         );
     }
-    let (rows, added) = merge_blocks(stored, samples)?;
-    for chunk in rows.chunks(INSERT_CHUNK) {
+    let merged = merge_blocks(stored, samples)?;
+    for chunk in merged.rows.chunks(INSERT_CHUNK) {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO sample_blocks (channel_id, block_start_us, samples, data) ",
         );
@@ -163,29 +164,43 @@ async fn merge_into_blocks(
         );
         qb.build().execute(&mut *conn).await?;
     }
-    update_rollups(conn, &added).await?;
-    Ok(added.len() as u64)
+    update_rollups(conn, &merged.added, &merged.pairs).await?;
+    Ok(merged.added.len() as u64)
 }
 
 /// Adds the public ones of `added` (samples just packed) to the room's
-/// minute rollups, in the caller's write transaction.
+/// minute rollups, and those of connections with a device, with the
+/// `pairs` changes, to their devices' minutes, in the caller's write
+/// transaction.
 async fn update_rollups(
     conn: &mut SqliteConnection,
     added: &[(i32, Sample)],
+    pairs: &[PairDelta],
 ) -> Result<(), StoreError> {
     let ids: BTreeSet<i32> = added.iter().map(|(c, _)| *c).collect();
     let mut public = BTreeSet::new();
+    let mut devices = HashMap::new();
     let ids: Vec<i32> = ids.into_iter().collect();
     for chunk in ids.chunks(INSERT_CHUNK) {
         let mut qb =
-            QueryBuilder::<Sqlite>::new("SELECT id FROM channels WHERE public = 1 AND id IN (");
+            QueryBuilder::<Sqlite>::new("SELECT id, public, device_id FROM channels WHERE id IN (");
         let mut list = qb.separated(", ");
         for id in chunk {
             list.push_bind(*id);
         }
         qb.push(")");
-        let rows: Vec<i32> = qb.build_query_scalar().fetch_all(&mut *conn).await?;
-        public.extend(rows);
+        let rows: Vec<(i32, bool, Option<i32>)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+        for (id, p, d) in rows {
+            if p {
+                public.insert(id);
+            }
+            if let Some(d) = d {
+                devices.insert(id, d);
+            }
+        }
+    }
+    if !devices.is_empty() {
+        update_device_minutes(conn, device::device_deltas(added, pairs, &devices)).await?;
     }
     let samples: Vec<Sample> = added
         .iter()
@@ -227,6 +242,88 @@ async fn update_rollups(
              min_ms = excluded.min_ms, max_ms = excluded.max_ms, sketch = excluded.sketch",
         );
         qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Adds `new` to the stored device minutes of the same keys.
+async fn update_device_minutes(
+    conn: &mut SqliteConnection,
+    new: BTreeMap<(i32, i64), device::DeviceMinute>,
+) -> Result<(), StoreError> {
+    let keys: Vec<(i32, i64)> = new.keys().copied().collect();
+    let mut stored: Vec<DeviceMinuteRow> = Vec::new();
+    for chunk in keys.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT device_id, minute_us, samples, sum_ms, min_ms, max_ms, jitter_sum_ms, \
+             jitter_pairs, sketch FROM device_minutes WHERE (device_id, minute_us) IN (",
+        );
+        qb.push_values(chunk, |mut row, (d, m)| {
+            row.push_bind(*d).push_bind(*m);
+        });
+        qb.push(")");
+        stored.extend(qb.build_query_as().fetch_all(&mut *conn).await?);
+    }
+    let rows = device::merge_device_minutes(stored, new)?;
+    // 9 parameters a row.
+    for chunk in rows.chunks(INSERT_CHUNK / 2) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO device_minutes (device_id, minute_us, samples, sum_ms, min_ms, max_ms, \
+             jitter_sum_ms, jitter_pairs, sketch) ",
+        );
+        qb.push_values(
+            chunk,
+            |mut row, (d, m, n, sum, min, max, js, jp, sketch)| {
+                row.push_bind(*d)
+                    .push_bind(*m)
+                    .push_bind(*n)
+                    .push_bind(*sum)
+                    .push_bind(*min)
+                    .push_bind(*max)
+                    .push_bind(*js)
+                    .push_bind(*jp)
+                    .push_bind(sketch.clone());
+            },
+        );
+        qb.push(
+            " ON CONFLICT (device_id, minute_us) DO UPDATE SET samples = excluded.samples, \
+             sum_ms = excluded.sum_ms, min_ms = excluded.min_ms, max_ms = excluded.max_ms, \
+             jitter_sum_ms = excluded.jitter_sum_ms, jitter_pairs = excluded.jitter_pairs, \
+             sketch = excluded.sketch",
+        );
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Upserts the devices of `clients` and links their connections that have
+/// no device yet, in the caller's write transaction, before any of their
+/// samples is packed.
+async fn link_devices(
+    conn: &mut SqliteConnection,
+    clients: &[&ClientRecord],
+) -> Result<(), StoreError> {
+    let with_device: Vec<(&ClientRecord, &String)> = clients
+        .iter()
+        .filter_map(|c| c.device.as_ref().map(|d| (*c, d)))
+        .collect();
+    for chunk in with_device.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO devices (digest, created_at_us) ");
+        qb.push_values(chunk, |mut row, (c, d)| {
+            row.push_bind((*d).clone()).push_bind(c.connected_at_us);
+        });
+        qb.push(" ON CONFLICT (digest) DO NOTHING");
+        qb.build().execute(&mut *conn).await?;
+    }
+    for (c, d) in with_device {
+        sqlx::query(
+            "UPDATE channels SET device_id = (SELECT id FROM devices WHERE digest = ?) \
+             WHERE channel_name = ? AND device_id IS NULL",
+        )
+        .bind(d)
+        .bind(&c.channel_name)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
@@ -339,6 +436,7 @@ impl Store for SqliteStore {
         }
         let samples: Vec<&SampleRecord> = batches.iter().flat_map(|b| &b.samples).collect();
         let ids = channel_ids(&mut tx, &samples).await?;
+        link_devices(&mut tx, &clients).await?;
         let mut staged = Vec::with_capacity(samples.len());
         let mut late = Vec::new();
         for s in &samples {
@@ -485,12 +583,98 @@ impl Store for SqliteStore {
         pack_step(&self.pool, before_us, after).await
     }
 
-    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM room_minutes WHERE minute_us < ?")
-            .bind(older_than_us)
-            .execute(&self.pool)
+    async fn device_history(
+        &self,
+        device: &str,
+        window: Duration,
+        bucket: Duration,
+        now_us: i64,
+    ) -> Result<Option<Vec<HistoryBucket>>, StoreError> {
+        let (width, first, end) = device::window(now_us, window, bucket)?;
+        // One read transaction, one snapshot: packing moves samples.
+        let mut conn = self.read_conn().await?;
+        let mut tx = conn.begin().await?;
+        let id: Option<i32> = sqlx::query_scalar(device::DEVICE_ID)
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let rows: Vec<DeviceMinuteRow> = sqlx::query_as(device::DEVICE_MINUTES)
+            .bind(id)
+            .bind(first)
+            .bind(end)
+            .fetch_all(&mut *tx)
+            .await?;
+        let staged: Vec<StagedDeviceRow> = sqlx::query_as(device::DEVICE_STAGED)
+            .bind(id)
+            .bind(device::staged_from(first))
+            .bind(end)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(device::history(width, first, rows, staged)?))
+    }
+
+    async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError> {
+        // One writer at a time: no packing or insert runs meanwhile.
+        let mut tx = begin_write(&self.pool).await?;
+        let id: Option<i32> = sqlx::query_scalar(device::DEVICE_ID)
+            .bind(device)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(id) = id else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        for sql in [
+            "DELETE FROM sample_blocks WHERE channel_id IN \
+             (SELECT id FROM channels WHERE device_id = ?)",
+            "DELETE FROM sample_staging WHERE channel_id IN \
+             (SELECT id FROM channels WHERE device_id = ?)",
+            "DELETE FROM clients WHERE channel_name IN \
+             (SELECT channel_name FROM channels WHERE device_id = ?)",
+            "DELETE FROM device_minutes WHERE device_id = ?",
+        ] {
+            sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+        }
+        let channels = sqlx::query("DELETE FROM channels WHERE device_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
             .await?
-            .rows_affected())
+            .rows_affected();
+        sqlx::query("DELETE FROM devices WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(channels))
+    }
+
+    async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
+        let mut tx = begin_write(&self.pool).await?;
+        let mut deleted = 0;
+        for sql in [
+            "DELETE FROM room_minutes WHERE minute_us < ?",
+            "DELETE FROM device_minutes WHERE minute_us < ?",
+        ] {
+            deleted += sqlx::query(sql)
+                .bind(older_than_us)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        sqlx::query(
+            "DELETE FROM devices WHERE \
+             NOT EXISTS (SELECT 1 FROM channels c WHERE c.device_id = devices.id) AND \
+             NOT EXISTS (SELECT 1 FROM device_minutes m WHERE m.device_id = devices.id)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {

@@ -23,6 +23,30 @@ use services::subjects::Subjects;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Runs each contract test against both backends, each on a fresh database.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = crate::helpers::TestSqlite::new().await;
+                    super::$name(db.dyn_store()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = crate::helpers::TestPg::new().await;
+                    super::$name(db.dyn_store()).await;
+                }
+            )*
+        }
+    };
+}
+
 /// Default server for the NATS tests.
 pub const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 

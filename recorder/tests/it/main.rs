@@ -3,7 +3,9 @@
 //! bus. Needs the machine's PostgreSQL and NATS (with JetStream) servers;
 //! see `it/helpers.rs` for the environment variables.
 
+#[macro_use]
 mod helpers;
+mod devices;
 mod migration;
 mod packing;
 mod roles;

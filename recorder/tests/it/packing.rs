@@ -111,7 +111,12 @@ impl Model {
 /// Samples of `id` over about `blocks` blocks, in time order, with equal
 /// times, missing seqs and, now and then, a delay that is no whole
 /// thousandth.
-fn random_samples(rng: &mut StdRng, id: &str, public: bool, count: u64) -> Vec<SampleRecord> {
+pub(crate) fn random_samples(
+    rng: &mut StdRng,
+    id: &str,
+    public: bool,
+    count: u64,
+) -> Vec<SampleRecord> {
     let mut at = BASE_US + rng.random_range(0..BLOCK_US);
     (0..count)
         .map(|n| {
@@ -151,23 +156,34 @@ fn assert_same_history(got: &[StoredSample], expected: &[StoredSample], what: &s
 /// (docs/architecture.md, "Rollups"): within 1% of the interval between
 /// the two samples the exact percentile interpolates between.
 fn assert_stats_within_bound(got: &[StatsBucket], expected: &[(StatsBucket, Vec<f64>)]) {
-    use recorder::store::sketch::RELATIVE_ERROR;
     assert_eq!(got.len(), expected.len(), "bucket count");
     for (g, (e, values)) in got.iter().zip(expected) {
         assert_eq!(
             (g.start_us, g.count, g.min, g.max),
             (e.start_us, e.count, e.min, e.max)
         );
-        for (est, q) in [(g.p50, 0.5), (g.p95, 0.95), (g.p99, 0.99)] {
-            let h = q * (values.len() - 1) as f64;
-            let (lo, hi) = (values[h.floor() as usize], values[h.ceil() as usize]);
-            assert!(
-                est >= lo * (1.0 - RELATIVE_ERROR) - 1e-9
-                    && est <= hi * (1.0 + RELATIVE_ERROR) + 1e-9,
-                "p{}: {est} outside [{lo}, {hi}] ± 1%: {g:?}",
-                q * 100.0
-            );
-        }
+        assert_percentiles_within_bound([g.p50, g.p95, g.p99], values, g);
+    }
+}
+
+/// Each of the estimates of p50, p95 and p99 of the sorted `values` within
+/// the sketch's bound (docs/architecture.md, "Rollups"): within 1% of the
+/// interval between the two samples the exact percentile interpolates
+/// between.
+pub(crate) fn assert_percentiles_within_bound(
+    estimates: [f64; 3],
+    values: &[f64],
+    what: &dyn std::fmt::Debug,
+) {
+    use recorder::store::sketch::RELATIVE_ERROR;
+    for (est, q) in estimates.into_iter().zip([0.5, 0.95, 0.99]) {
+        let h = q * (values.len() - 1) as f64;
+        let (lo, hi) = (values[h.floor() as usize], values[h.ceil() as usize]);
+        assert!(
+            est >= lo * (1.0 - RELATIVE_ERROR) - 1e-9 && est <= hi * (1.0 + RELATIVE_ERROR) + 1e-9,
+            "p{}: {est} outside [{lo}, {hi}] ± 1%: {what:?}",
+            q * 100.0
+        );
     }
 }
 

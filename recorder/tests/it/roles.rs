@@ -166,6 +166,44 @@ async fn the_runtime_role_reads_and_writes_but_runs_no_ddl() {
     assert_eq!(store.prune(base + 10 * DAY_US).await.expect("prune"), 2);
     assert!(store.samples(&q).await.unwrap().is_none(), "all gone");
 
+    // A browser's history (migration 0006): a device upserted and linked,
+    // its minutes packed, read, pruned and forgotten, all as the runtime
+    // role.
+    let digest = services::ids::device_digest("roles-device-secret-0123");
+    let mut record = client("c-dev", true, None);
+    record.device = Some(digest.clone());
+    let day = base + 20 * DAY_US;
+    store
+        .insert(&[batch(vec![record], samples("c-dev", true, 0..5, day))])
+        .await
+        .expect("insert with a device");
+    assert_eq!(store.pack(day + DAY_US).await.expect("pack"), 5);
+    let history = store
+        .device_history(
+            &digest,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+            day + 600_000_000,
+        )
+        .await
+        .expect("device history as the runtime role")
+        .expect("a known device");
+    assert_eq!(history.iter().map(|b| b.count).sum::<u64>(), 5);
+    assert!(
+        store
+            .prune_rollups(day + 60_000_000)
+            .await
+            .expect("prune rollups")
+            >= 1
+    );
+    assert_eq!(
+        store
+            .forget_device(&digest)
+            .await
+            .expect("forget as the runtime role"),
+        Some(1)
+    );
+
     // With the schema up to date, the runtime role starts alone.
     let again = PgStore::connect_split(&runtime_url, None, ReadLimits::default())
         .await

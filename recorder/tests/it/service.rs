@@ -12,8 +12,9 @@ use recorder::store::{Access, InsertOutcome, Store, StoreError};
 use services::bus::memory::MemoryBus;
 use services::bus::{Bus, SharedBus};
 use services::messages::{
-    RecordBatch, ReplyErrorKind, SamplesQuery, SamplesReply, StatsBucket, StatsQuery, StatsReply,
-    decode, encode,
+    DeviceHistoryQuery, DeviceHistoryReply, ForgetDeviceQuery, ForgetDeviceReply, RecordBatch,
+    ReplyErrorKind, SamplesQuery, SamplesReply, StatsBucket, StatsQuery, StatsReply, decode,
+    encode,
 };
 use services::subjects::Subjects;
 
@@ -290,6 +291,98 @@ async fn history_and_stats_are_answered_over_nats() {
     rec.stop().await;
 }
 
+/// A browser's own history and forgetting it are answered over the bus:
+/// found for the device of the connections that presented it, not found
+/// for any other digest, bad bounds refused; forgetting deletes it.
+#[tokio::test]
+async fn device_history_and_forget_are_answered_over_nats() {
+    let nats = TestNats::new().await;
+    let pg = TestPg::new().await;
+    let rec = Running::start(
+        test_config(nats.subjects.clone()),
+        nats.shared(),
+        pg.dyn_store(),
+    )
+    .await;
+    let digest = services::ids::device_digest("service-test-secret-0123");
+    let now = services::unix_us();
+    let mut first = client("tab1", true, None);
+    first.device = Some(digest.clone());
+    let mut second = client("tab2", false, Some("tok"));
+    second.device = Some(digest.clone());
+    let b = batch(
+        vec![first, second, client("other", true, None)],
+        [
+            samples("tab1", true, 0..6, now - 120_000_000),
+            samples("tab2", false, 0..4, now - 60_000_000),
+            samples("other", true, 0..3, now - 60_000_000),
+        ]
+        .concat(),
+    );
+    persist(&*nats.bus, &nats.subjects, &b, "d1").await;
+    wait_for_count(&nats, &pg, 13).await;
+    let (bus, s) = (&*nats.bus, &nats.subjects);
+    let ask = |device: &str, window_ms: u64, bucket_ms: u64| {
+        let q = DeviceHistoryQuery {
+            device: device.to_owned(),
+            window_ms,
+            bucket_ms,
+        };
+        async move {
+            s.query_device_history()
+                .request(bus, &q, Duration::from_secs(5))
+                .await
+                .expect("device history reply")
+        }
+    };
+
+    let DeviceHistoryReply::Found { buckets } = ask(&digest, 3_600_000, 0).await else {
+        panic!("the device is known");
+    };
+    assert_eq!(
+        buckets.iter().map(|b| b.count).sum::<u64>(),
+        10,
+        "{buckets:?}"
+    );
+    let stranger = services::ids::device_digest("somebody-else-entirely");
+    assert_eq!(
+        ask(&stranger, 3_600_000, 60_000).await,
+        DeviceHistoryReply::NotFound
+    );
+    for (device, window_ms, bucket_ms) in [
+        (digest.as_str(), 3_600_000, 90_000),
+        (digest.as_str(), 40 * 86_400_000, 0),
+        ("tab1", 3_600_000, 60_000),
+    ] {
+        let DeviceHistoryReply::Error { kind, .. } = ask(device, window_ms, bucket_ms).await else {
+            panic!("refused: {device} {window_ms} {bucket_ms}");
+        };
+        assert_eq!(kind, ReplyErrorKind::BadRequest);
+    }
+
+    let forget = |device: String| async move {
+        s.forget_device()
+            .request(bus, &ForgetDeviceQuery { device }, Duration::from_secs(5))
+            .await
+            .expect("forget reply")
+    };
+    assert_eq!(
+        forget(digest.clone()).await,
+        ForgetDeviceReply::Forgotten { channels: 2 }
+    );
+    assert_eq!(forget(digest.clone()).await, ForgetDeviceReply::NotFound);
+    assert_eq!(
+        ask(&digest, 3_600_000, 60_000).await,
+        DeviceHistoryReply::NotFound
+    );
+    assert_eq!(
+        ask_samples(bus, s, &history("tab1", None)).await,
+        SamplesReply::NotFound
+    );
+    assert_eq!(found(ask_samples(bus, s, &history("other", None)).await), 3);
+    rec.stop().await;
+}
+
 /// Reads beyond the read budget are answered `Busy` at once, without
 /// waiting for the database, while the reads within it go on.
 #[tokio::test]
@@ -529,6 +622,20 @@ impl Store for Flaky {
     }
     async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
         self.inner.prune_rollups(older_than_us).await
+    }
+    async fn device_history(
+        &self,
+        device: &str,
+        window: Duration,
+        bucket: Duration,
+        now_us: i64,
+    ) -> Result<Option<Vec<services::messages::HistoryBucket>>, StoreError> {
+        self.inner
+            .device_history(device, window, bucket, now_us)
+            .await
+    }
+    async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.forget_device(device).await
     }
     async fn ping(&self) -> bool {
         !self.down.load(Ordering::SeqCst) && self.inner.ping().await

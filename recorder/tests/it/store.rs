@@ -11,30 +11,6 @@ use crate::packing::{
     packing_keeps_reads_and_prunes_whole_blocks, redelivery_and_packing_store_each_sample_once,
 };
 
-/// Runs each contract test against both backends, each on a fresh database.
-macro_rules! contract {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let db = crate::helpers::TestSqlite::new().await;
-                    super::$name(db.dyn_store()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let db = crate::helpers::TestPg::new().await;
-                    super::$name(db.dyn_store()).await;
-                }
-            )*
-        }
-    };
-}
-
 contract!(
     inserts_are_idempotent,
     large_inserts_span_several_statements,
