@@ -19,6 +19,16 @@
 //!    random time) and of 10 of the widest statistics query (31 days in
 //!    10-minute buckets), each through the store and as the first
 //!    layout's SQL against `v1`.
+//!
+//! With `--devices`, every client is a browser of its own (a `devices` row
+//! linked to its channel before packing, docs/architecture.md "Devices"),
+//! so packing also writes `device_minutes`; their sizes join the table,
+//! with bytes per device-minute row, and step 5 adds 200 device history
+//! reads of the widest window (31 days in 4-hour buckets) and of the last
+//! hour in 1-minute buckets; then the worst case: one device given a row
+//! for every minute and every hour of 31 days (copies of one of its rows)
+//! and 20 reads of 31 days in 4-hour buckets (hour rows, and minute rows
+//! for the partial hours at both ends) and of the last hour in minutes.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +51,10 @@ struct Args {
     /// Keep the database afterwards (its name is printed).
     #[arg(long)]
     keep: bool,
+    /// A device (browser identity) per client, so packing writes
+    /// per-device minute rollups too.
+    #[arg(long)]
+    devices: bool,
 }
 
 const FIRST_LAYOUT: &str = include_str!("../migrations/postgres/0001_init.sql");
@@ -115,6 +129,17 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(&pool)
     .await?;
+    if args.devices {
+        sqlx::raw_sql(
+            "INSERT INTO devices (digest, created_at_us) \
+                 SELECT encode(sha256(convert_to('device-' || channel_name, 'UTF8')), 'hex'), 0 \
+                 FROM channels ORDER BY id; \
+             UPDATE channels c SET device_id = d.id FROM devices d \
+                 WHERE d.digest = encode(sha256(convert_to('device-' || c.channel_name, 'UTF8')), 'hex')",
+        )
+        .execute(&pool)
+        .await?;
+    }
     println!("staged in {:.1} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     let packed = store.pack(i64::MAX).await?;
@@ -154,6 +179,9 @@ async fn main() -> anyhow::Result<()> {
                 "public.channels",
                 "public.clients",
                 "public.room_minutes",
+                "public.devices",
+                "public.device_minutes",
+                "public.device_hours",
             ],
         ),
     ] {
@@ -186,6 +214,22 @@ async fn main() -> anyhow::Result<()> {
         "\npacked / first layout: {:.3}",
         totals[1] as f64 / totals[0] as f64
     );
+    if args.devices {
+        for table in ["device_minutes", "device_hours"] {
+            let (rows, bytes): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT (SELECT count(*) FROM {table}), pg_total_relation_size('{table}')"
+            )))
+            .fetch_one(&pool)
+            .await?;
+            println!(
+                "{table}: {rows} rows, {:.1} bytes per row, {:.2} bytes per sample, \
+                 {:.1} samples per row",
+                bytes as f64 / rows.max(1) as f64,
+                bytes as f64 / args.samples as f64,
+                args.samples as f64 / rows.max(1) as f64
+            );
+        }
+    }
     // Step 5: reads.
     let end_us = start_us + args.samples / args.clients * 1_000_000;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -244,6 +288,67 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     report("stats, 31 d in 10 min buckets", &mut packed_ms, &mut v1_ms);
+    if args.devices {
+        let mut digests = Vec::new();
+        for _ in 0..200 {
+            let c = rng.random_range(0..args.clients);
+            digests.push(device_of(&pool, c).await?);
+        }
+        for (what, window, bucket) in [
+            ("31 d in 4 h buckets", 31 * 86_400, 4 * 3600),
+            ("1 h in 1 min buckets", 3600, 60),
+        ] {
+            let mut ms = device_reads(&store, &digests, (window, bucket), end_us, 1).await?;
+            println!(
+                "device history, {what}: p50 {:.2} ms p99 {:.2} ms",
+                percentile_ms(&mut ms, 0.5),
+                percentile_ms(&mut ms, 0.99)
+            );
+        }
+        // The worst case: a device with samples in every minute of 31 days.
+        let digest = device_of(&pool, 0).await?;
+        let full = 31 * 1440;
+        sqlx::query(
+            "INSERT INTO device_minutes \
+             SELECT m.device_id, $2 - k::bigint * 60000000 - 60000000, m.samples, m.sum_ms, m.min_ms, \
+                    m.max_ms, m.jitter_sum_ms, m.jitter_pairs, m.sketch \
+             FROM (SELECT * FROM device_minutes WHERE device_id = \
+                       (SELECT id FROM devices WHERE digest = $1) LIMIT 1) m, \
+                  generate_series(0, $3 - 1) k \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&digest)
+        .bind(end_us - end_us.rem_euclid(60_000_000))
+        .bind(full)
+        .execute(&pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO device_hours \
+             SELECT m.device_id, $2 - k::bigint * 3600000000, m.samples, m.sum_ms, m.min_ms, \
+                    m.max_ms, m.jitter_sum_ms, m.jitter_pairs, m.sketch \
+             FROM (SELECT * FROM device_minutes WHERE device_id = \
+                       (SELECT id FROM devices WHERE digest = $1) LIMIT 1) m, \
+                  generate_series(0, 31 * 24) k \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&digest)
+        .bind(end_us - end_us.rem_euclid(3_600_000_000))
+        .execute(&pool)
+        .await?;
+        for (what, window, bucket, buckets) in [
+            ("31 d in 4 h buckets", 31 * 86_400, 4 * 3600, 186),
+            ("1 h in 1 min buckets", 3600, 60, 60),
+        ] {
+            let digests = vec![digest.clone(); 20];
+            let mut ms = device_reads(&store, &digests, (window, bucket), end_us, buckets).await?;
+            println!(
+                "device history, {what}, a device with a row every minute and hour: \
+                 p50 {:.2} ms p99 {:.2} ms",
+                percentile_ms(&mut ms, 0.5),
+                percentile_ms(&mut ms, 0.99)
+            );
+        }
+    }
     pool.close().await;
     if args.keep {
         std::mem::forget(db);
@@ -251,11 +356,51 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The device digest `--devices` gave client `c`.
+async fn device_of(pool: &sqlx::PgPool, c: i64) -> anyhow::Result<String> {
+    Ok(sqlx::query_scalar(
+        "SELECT encode(sha256(convert_to('device-client' || $1, 'UTF8')), 'hex')",
+    )
+    .bind(c.to_string())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// One device history read per digest, `(window, bucket)` in seconds, up
+/// to `end_us`, each with at least `buckets` buckets; their times.
+async fn device_reads(
+    store: &PgStore,
+    digests: &[String],
+    (window, bucket): (u64, u64),
+    end_us: i64,
+    buckets: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut times = Vec::new();
+    for digest in digests {
+        let t = Instant::now();
+        let got = store
+            .device_history(
+                digest,
+                Duration::from_secs(window),
+                Duration::from_secs(bucket),
+                end_us,
+            )
+            .await?
+            .with_context(|| format!("device {digest} known"))?;
+        times.push(t.elapsed());
+        anyhow::ensure!(got.len() >= buckets, "{} buckets", got.len());
+    }
+    Ok(times)
+}
+
+/// The quantile `q` of `v`, in ms (nearest rank).
+fn percentile_ms(v: &mut [Duration], q: f64) -> f64 {
+    v.sort();
+    v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0
+}
+
 fn report(what: &str, packed: &mut [Duration], v1: &mut [Duration]) {
-    let p = |v: &mut [Duration], q: f64| {
-        v.sort();
-        v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0
-    };
+    let p = percentile_ms;
     println!(
         "{what}: packed p50 {:.2} ms p99 {:.2} ms; first layout p50 {:.2} ms p99 {:.2} ms",
         p(packed, 0.5),

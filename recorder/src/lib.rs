@@ -361,7 +361,10 @@ async fn maintenance_loop(
         if !rollups.is_zero() {
             match store.prune_rollups(now.saturating_sub(us(rollups))).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(minutes = n, "pruned rollups past retention"),
+                Ok(n) => {
+                    metrics.rollups_pruned.inc_by(n);
+                    tracing::info!(minutes = n, "pruned rollups past retention");
+                }
                 Err(e) => tracing::warn!(error = %e, "pruning rollups failed; trying again later"),
             }
         }

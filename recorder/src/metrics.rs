@@ -31,7 +31,10 @@ pub(crate) struct Metrics {
     pub pruned: IntCounter,
     /// Samples moved from staging into packed blocks.
     pub packed: IntCounter,
-    /// History and statistics queries by kind and outcome.
+    /// Minute rollup rows (the room's and the devices') deleted by
+    /// `--rollup-retention`.
+    pub rollups_pruned: IntCounter,
+    /// History, statistics and device queries by kind and outcome.
     pub queries: IntCounterVec,
     /// Messages in the durable stream (not yet acknowledged).
     pub stream_messages: IntGauge,
@@ -113,10 +116,14 @@ impl Metrics {
                 "packed_total",
                 "Samples moved from staging rows into packed blocks.",
             ),
+            rollups_pruned: c(
+                "rollups_pruned_total",
+                "Minute rollup rows (public room and devices) deleted by --rollup-retention.",
+            ),
             queries: counter(
                 registry,
                 "pingapp_recorder_queries_total",
-                "History and statistics queries answered, by kind and outcome.",
+                "History, statistics and device queries answered, by kind and outcome.",
                 &["kind", "outcome"],
             ),
             stream_messages: g(

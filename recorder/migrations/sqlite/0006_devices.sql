@@ -25,3 +25,18 @@ CREATE TABLE device_minutes (
     PRIMARY KEY (device_id, minute_us)
 ) WITHOUT ROWID;
 CREATE INDEX device_minutes_minute ON device_minutes (minute_us);
+
+-- The same per device and hour, added to with the minutes.
+CREATE TABLE device_hours (
+    device_id     INTEGER NOT NULL,
+    hour_us       INTEGER NOT NULL,
+    samples       INTEGER NOT NULL,
+    sum_ms        REAL    NOT NULL,
+    min_ms        REAL    NOT NULL,
+    max_ms        REAL    NOT NULL,
+    jitter_sum_ms REAL    NOT NULL,
+    jitter_pairs  INTEGER NOT NULL,
+    sketch        BLOB    NOT NULL,
+    PRIMARY KEY (device_id, hour_us)
+) WITHOUT ROWID;
+CREATE INDEX device_hours_hour ON device_hours (hour_us);

@@ -108,28 +108,12 @@ const LINK_DEVICES: &str = "\
     UPDATE channels c SET device_id = dev.id FROM t JOIN dev ON dev.digest = t.digest \
     WHERE c.channel_name = t.name AND c.device_id IS NULL";
 
-/// The device minutes of the given keys (`$1` device ids, `$2` minutes).
-const SELECT_DEVICE_MINUTES: &str = "\
-    SELECT device_id, minute_us, samples, sum_ms, min_ms, max_ms, jitter_sum_ms, jitter_pairs, \
-           sketch FROM device_minutes \
-    WHERE (device_id, minute_us) IN (SELECT * FROM UNNEST($1::integer[], $2::bigint[]))";
-
-const UPSERT_DEVICE_MINUTES: &str = "\
-    INSERT INTO device_minutes (device_id, minute_us, samples, sum_ms, min_ms, max_ms, \
-                                jitter_sum_ms, jitter_pairs, sketch) \
-    SELECT * FROM UNNEST($1::integer[], $2::bigint[], $3::bigint[], $4::double precision[], \
-                         $5::double precision[], $6::double precision[], $7::double precision[], \
-                         $8::bigint[], $9::bytea[]) \
-    ON CONFLICT (device_id, minute_us) DO UPDATE SET samples = excluded.samples, \
-        sum_ms = excluded.sum_ms, min_ms = excluded.min_ms, max_ms = excluded.max_ms, \
-        jitter_sum_ms = excluded.jitter_sum_ms, jitter_pairs = excluded.jitter_pairs, \
-        sketch = excluded.sketch";
-
 /// Deletes the devices left without connections and rollups.
 const PRUNE_DEVICES: &str = "\
     DELETE FROM devices d WHERE \
     NOT EXISTS (SELECT 1 FROM channels c WHERE c.device_id = d.id) AND \
-    NOT EXISTS (SELECT 1 FROM device_minutes m WHERE m.device_id = d.id)";
+    NOT EXISTS (SELECT 1 FROM device_minutes m WHERE m.device_id = d.id) AND \
+    NOT EXISTS (SELECT 1 FROM device_hours h WHERE h.device_id = d.id)";
 
 /// Serializes every writer of `sample_blocks` against staging inserts.
 const LOCK_FENCE: &str = "LOCK TABLE sample_pack_fence IN SHARE ROW EXCLUSIVE MODE";
@@ -604,7 +588,9 @@ async fn update_rollups(
         .filter_map(|(c, _, d)| d.map(|d| (*c, d)))
         .collect();
     if !devices.is_empty() {
-        update_device_minutes(conn, device::device_deltas(added, pairs, &devices)).await?;
+        let minutes = device::device_deltas(added, pairs, &devices);
+        update_tier(conn, device::HOURS, device::hour_deltas(&minutes)).await?;
+        update_tier(conn, device::MINUTES, minutes).await?;
     }
     let samples: Vec<Sample> = added
         .iter()
@@ -648,16 +634,24 @@ async fn update_rollups(
     Ok(())
 }
 
-/// Adds `new` to the stored device minutes of the same keys.
-async fn update_device_minutes(
+/// Adds `new` to the stored rows of the same keys in `tier`.
+async fn update_tier(
     conn: &mut PgConnection,
+    tier: device::Tier,
     new: BTreeMap<(i32, i64), device::DeviceMinute>,
 ) -> Result<(), StoreError> {
     if new.is_empty() {
         return Ok(());
     }
     let (devices, minutes): (Vec<i32>, Vec<i64>) = new.keys().copied().unzip();
-    let stored: Vec<DeviceMinuteRow> = sqlx::query_as(SELECT_DEVICE_MINUTES)
+    let select = format!(
+        "SELECT {} FROM {} WHERE (device_id, {}) IN \
+         (SELECT * FROM UNNEST($1::integer[], $2::bigint[]))",
+        tier.columns(),
+        tier.table,
+        tier.column
+    );
+    let stored: Vec<DeviceMinuteRow> = sqlx::query_as(sqlx::AssertSqlSafe(select))
         .bind(&devices)
         .bind(&minutes)
         .fetch_all(&mut *conn)
@@ -685,7 +679,16 @@ async fn update_device_minutes(
         c.7.push(jp);
         c.8.push(sketch);
     }
-    sqlx::query(UPSERT_DEVICE_MINUTES)
+    let upsert = format!(
+        "INSERT INTO {} ({}) \
+         SELECT * FROM UNNEST($1::integer[], $2::bigint[], $3::bigint[], $4::double precision[], \
+                              $5::double precision[], $6::double precision[], \
+                              $7::double precision[], $8::bigint[], $9::bytea[]){}",
+        tier.table,
+        tier.columns(),
+        tier.on_conflict()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(upsert))
         .bind(c.0)
         .bind(c.1)
         .bind(c.2)
@@ -1007,12 +1010,17 @@ impl Store for PgStore {
             tx.commit().await?;
             return Ok(None);
         };
-        let rows: Vec<DeviceMinuteRow> = sqlx::query_as(device::DEVICE_MINUTES)
-            .bind(id)
-            .bind(first)
-            .bind(end)
-            .fetch_all(&mut *tx)
-            .await?;
+        let mut rows: Vec<DeviceMinuteRow> = Vec::new();
+        for (tier, from, to) in device::ranges(width, first, end) {
+            rows.extend(
+                sqlx::query_as::<_, DeviceMinuteRow>(sqlx::AssertSqlSafe(tier.range_sql()))
+                    .bind(id)
+                    .bind(from)
+                    .bind(to)
+                    .fetch_all(&mut *tx)
+                    .await?,
+            );
+        }
         let staged: Vec<StagedDeviceRow> = sqlx::query_as(device::DEVICE_STAGED)
             .bind(id)
             .bind(device::staged_from(first))
@@ -1024,7 +1032,9 @@ impl Store for PgStore {
     }
 
     async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // On the read pool: a request from the API, under the read budget
+        // and statement timeout, never holding a connection of inserts.
+        let mut tx = self.reads.begin().await?;
         // Under the fence: no packing or late merge runs meanwhile, and no
         // insert stages a sample or links a connection to this device.
         sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
@@ -1054,10 +1064,14 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         for sql in [
-            "DELETE FROM device_minutes WHERE device_id = $1",
-            "DELETE FROM devices WHERE id = $1",
+            device::MINUTES.forget_sql(),
+            device::HOURS.forget_sql(),
+            "DELETE FROM devices WHERE id = $1".to_owned(),
         ] {
-            sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(Some(ids.len() as u64))
@@ -1066,10 +1080,11 @@ impl Store for PgStore {
     async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
         let mut deleted = 0;
         for sql in [
-            "DELETE FROM room_minutes WHERE minute_us < $1",
-            "DELETE FROM device_minutes WHERE minute_us < $1",
+            "DELETE FROM room_minutes WHERE minute_us < $1".to_owned(),
+            device::MINUTES.prune_sql(),
+            device::HOURS.prune_sql(),
         ] {
-            deleted += sqlx::query(sql)
+            deleted += sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(older_than_us)
                 .execute(&self.pool)
                 .await?

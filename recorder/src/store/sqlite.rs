@@ -200,7 +200,9 @@ async fn update_rollups(
         }
     }
     if !devices.is_empty() {
-        update_device_minutes(conn, device::device_deltas(added, pairs, &devices)).await?;
+        let minutes = device::device_deltas(added, pairs, &devices);
+        update_tier(conn, device::HOURS, device::hour_deltas(&minutes)).await?;
+        update_tier(conn, device::MINUTES, minutes).await?;
     }
     let samples: Vec<Sample> = added
         .iter()
@@ -246,18 +248,21 @@ async fn update_rollups(
     Ok(())
 }
 
-/// Adds `new` to the stored device minutes of the same keys.
-async fn update_device_minutes(
+/// Adds `new` to the stored rows of the same keys in `tier`.
+async fn update_tier(
     conn: &mut SqliteConnection,
+    tier: device::Tier,
     new: BTreeMap<(i32, i64), device::DeviceMinute>,
 ) -> Result<(), StoreError> {
     let keys: Vec<(i32, i64)> = new.keys().copied().collect();
     let mut stored: Vec<DeviceMinuteRow> = Vec::new();
     for chunk in keys.chunks(INSERT_CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT device_id, minute_us, samples, sum_ms, min_ms, max_ms, jitter_sum_ms, \
-             jitter_pairs, sketch FROM device_minutes WHERE (device_id, minute_us) IN (",
-        );
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {} FROM {} WHERE (device_id, {}) IN (",
+            tier.columns(),
+            tier.table,
+            tier.column
+        ));
         qb.push_values(chunk, |mut row, (d, m)| {
             row.push_bind(*d).push_bind(*m);
         });
@@ -267,10 +272,11 @@ async fn update_device_minutes(
     let rows = device::merge_device_minutes(stored, new)?;
     // 9 parameters a row.
     for chunk in rows.chunks(INSERT_CHUNK / 2) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO device_minutes (device_id, minute_us, samples, sum_ms, min_ms, max_ms, \
-             jitter_sum_ms, jitter_pairs, sketch) ",
-        );
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "INSERT INTO {} ({}) ",
+            tier.table,
+            tier.columns()
+        ));
         qb.push_values(
             chunk,
             |mut row, (d, m, n, sum, min, max, js, jp, sketch)| {
@@ -285,12 +291,7 @@ async fn update_device_minutes(
                     .push_bind(sketch.clone());
             },
         );
-        qb.push(
-            " ON CONFLICT (device_id, minute_us) DO UPDATE SET samples = excluded.samples, \
-             sum_ms = excluded.sum_ms, min_ms = excluded.min_ms, max_ms = excluded.max_ms, \
-             jitter_sum_ms = excluded.jitter_sum_ms, jitter_pairs = excluded.jitter_pairs, \
-             sketch = excluded.sketch",
-        );
+        qb.push(tier.on_conflict());
         qb.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -602,12 +603,17 @@ impl Store for SqliteStore {
             tx.commit().await?;
             return Ok(None);
         };
-        let rows: Vec<DeviceMinuteRow> = sqlx::query_as(device::DEVICE_MINUTES)
-            .bind(id)
-            .bind(first)
-            .bind(end)
-            .fetch_all(&mut *tx)
-            .await?;
+        let mut rows: Vec<DeviceMinuteRow> = Vec::new();
+        for (tier, from, to) in device::ranges(width, first, end) {
+            rows.extend(
+                sqlx::query_as::<_, DeviceMinuteRow>(sqlx::AssertSqlSafe(tier.range_sql()))
+                    .bind(id)
+                    .bind(from)
+                    .bind(to)
+                    .fetch_all(&mut *tx)
+                    .await?,
+            );
+        }
         let staged: Vec<StagedDeviceRow> = sqlx::query_as(device::DEVICE_STAGED)
             .bind(id)
             .bind(device::staged_from(first))
@@ -636,9 +642,14 @@ impl Store for SqliteStore {
              (SELECT id FROM channels WHERE device_id = ?)",
             "DELETE FROM clients WHERE channel_name IN \
              (SELECT channel_name FROM channels WHERE device_id = ?)",
-            "DELETE FROM device_minutes WHERE device_id = ?",
         ] {
             sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+        }
+        for tier in [device::MINUTES, device::HOURS] {
+            sqlx::query(sqlx::AssertSqlSafe(tier.forget_sql()))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
         let channels = sqlx::query("DELETE FROM channels WHERE device_id = ?")
             .bind(id)
@@ -657,10 +668,11 @@ impl Store for SqliteStore {
         let mut tx = begin_write(&self.pool).await?;
         let mut deleted = 0;
         for sql in [
-            "DELETE FROM room_minutes WHERE minute_us < ?",
-            "DELETE FROM device_minutes WHERE minute_us < ?",
+            "DELETE FROM room_minutes WHERE minute_us < $1".to_owned(),
+            device::MINUTES.prune_sql(),
+            device::HOURS.prune_sql(),
         ] {
-            deleted += sqlx::query(sql)
+            deleted += sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(older_than_us)
                 .execute(&mut *tx)
                 .await?
@@ -669,7 +681,8 @@ impl Store for SqliteStore {
         sqlx::query(
             "DELETE FROM devices WHERE \
              NOT EXISTS (SELECT 1 FROM channels c WHERE c.device_id = devices.id) AND \
-             NOT EXISTS (SELECT 1 FROM device_minutes m WHERE m.device_id = devices.id)",
+             NOT EXISTS (SELECT 1 FROM device_minutes m WHERE m.device_id = devices.id) AND \
+             NOT EXISTS (SELECT 1 FROM device_hours h WHERE h.device_id = devices.id)",
         )
         .execute(&mut *tx)
         .await?;

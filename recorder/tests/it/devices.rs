@@ -146,31 +146,37 @@ fn assert_history(got: &[HistoryBucket], expected: &[(HistoryBucket, Vec<f64>)],
 }
 
 /// The store's history of `secret`'s device against the model's, for a
-/// few bucket widths.
+/// few bucket widths (whole hours read hour rows, and minute rows before
+/// the window's first whole hour) and two windows: one holding all the
+/// data, one starting in the middle of an hour of it.
 async fn check_device(store: &dyn Store, model: &Model, secret: &str, channels: &[&str]) {
-    let now = BASE_US + 12 * 3_600_000_000;
-    let window = Duration::from_secs(13 * 3600);
-    let first = {
-        let start = now - window.as_micros() as i64;
-        start - start.rem_euclid(MINUTE)
-    };
-    let end = now - now.rem_euclid(MINUTE) + MINUTE;
-    for width in [MINUTE, 7 * MINUTE, 60 * MINUTE] {
-        let got = store
-            .device_history(
-                &dev(secret),
-                window,
-                Duration::from_micros(width as u64),
-                now,
-            )
-            .await
-            .expect("device history")
-            .unwrap_or_else(|| panic!("{secret} is known"));
-        assert_history(
-            &got,
-            &model.history(channels, first, end, width),
-            &format!("{secret}, {width} µs buckets"),
-        );
+    for (now, window_s) in [
+        (BASE_US + 12 * 3_600_000_000, 13 * 3600),
+        (BASE_US + 3 * 3_600_000_000 + 17 * MINUTE + 5, 2 * 3600),
+    ] {
+        let window = Duration::from_secs(window_s);
+        let first = {
+            let start = now - window.as_micros() as i64;
+            start - start.rem_euclid(MINUTE)
+        };
+        let end = now - now.rem_euclid(MINUTE) + MINUTE;
+        for width in [MINUTE, 7 * MINUTE, 60 * MINUTE, 120 * MINUTE] {
+            let got = store
+                .device_history(
+                    &dev(secret),
+                    window,
+                    Duration::from_micros(width as u64),
+                    now,
+                )
+                .await
+                .expect("device history")
+                .unwrap_or_else(|| panic!("{secret} is known"));
+            assert_history(
+                &got,
+                &model.history(channels, first, end, width),
+                &format!("{secret}, {width} µs buckets to {now}"),
+            );
+        }
     }
 }
 
@@ -328,11 +334,19 @@ async fn retention_prunes_rollups_then_devices(store: Arc<dyn Store>) {
     assert_eq!(store.samples(&query("a0", None)).await.unwrap(), None);
     assert_eq!(total(read("ret-a").await), Some(100), "rollups outlive raw");
 
-    // Rollup retention: the first minute (samples 0..60) goes…
+    // Rollup retention: the first minute (samples 0..60) goes; the hour
+    // row stays until the whole hour has passed the cutoff…
     assert!(store.prune_rollups(start + MINUTE).await.unwrap() >= 1);
-    assert_eq!(total(read("ret-a").await), Some(40));
-    // …then the second, and the device without anything left.
-    store.prune_rollups(start + 2 * MINUTE).await.unwrap();
+    assert_eq!(
+        total(last_day(&*store, "ret-a", 60, start + 6 * BLOCK_US).await),
+        Some(40)
+    );
+    assert_eq!(total(read("ret-a").await), Some(100), "the whole hour");
+    // …then the rest, and the device without anything left.
+    store
+        .prune_rollups(start + 2 * 3_600_000_000)
+        .await
+        .unwrap();
     assert_eq!(read("ret-a").await, None, "pruned device");
     // b0 has staged samples and no rollups: kept.
     assert_eq!(total(read("ret-b").await), Some(10));
