@@ -1,6 +1,7 @@
 //! "Your history" in a real browser (docs/protocol.md, "Your history"):
 //! the private page's panel shows this browser's delay across reloads,
-//! a fresh browser sees none of it, and "Forget this browser" empties it
+//! a fresh browser sees none of it, the public page presents its identity
+//! too, and "Forget this browser" empties it
 //! and leaves the old secret answering 404. Run against the standalone
 //! binary (SQLite) and against the distributed services (real
 //! `nats-server`, PostgreSQL, `gateway`, `presence` and `recorder`
@@ -179,6 +180,18 @@ async fn history_across_reloads(origin: &str) {
         "B shows {b_count} samples, measured {b_own} itself; A has {a_total}"
     );
     b.close().await;
+
+    // The public page presents the identity too (it shows no panel): a
+    // browser that only ever opened it has a history under its secret.
+    let c = driver.browser().await;
+    c.goto(&format!("{origin}/public/")).await;
+    c.wait_open().await;
+    let c_key = secret(&c).await;
+    assert!(c_key != key && c_key != b_key);
+    c.wait_for("a few public samples", &format!("{OWN} >= 3"))
+        .await;
+    stored_until(origin, &c_key, "the public page's samples", |n| n > 0).await;
+    c.close().await;
 
     // Forget: the panel empties, a new secret, and the old one unlocks
     // nothing any more.
