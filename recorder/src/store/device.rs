@@ -439,6 +439,26 @@ mod tests {
     }
 
     #[test]
+    fn whole_hour_buckets_read_hours_between_minute_edges() {
+        let h = HOUR_US;
+        let (first, end) = (10 * h + 7 * MINUTE_US, 13 * h + 21 * MINUTE_US);
+        let got: Vec<(&str, i64, i64)> = ranges(2 * h, first, end)
+            .into_iter()
+            .map(|(t, a, b)| (t.table, a, b))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("device_minutes", first, 11 * h),
+                ("device_hours", 11 * h, 13 * h),
+                ("device_minutes", 13 * h, end),
+            ]
+        );
+        assert_eq!(ranges(10 * MINUTE_US, first, end).len(), 1, "minutes only");
+        assert_eq!(ranges(h, first, first + h).len(), 1, "no whole hour");
+    }
+
+    #[test]
     fn staged_pairs_stay_within_a_block_and_a_connection() {
         let b = block::BLOCK_US;
         let staged = vec![

@@ -172,9 +172,9 @@ pub trait Store: Send + Sync {
     /// that presented it, from the whole minute holding `now_us - window`
     /// to the minute holding `now_us`, in buckets of `bucket` (whole
     /// minutes, starting at multiples of the width), only buckets with
-    /// samples, oldest first ([`device`]). Reads the device's minute
-    /// rollups and its staged samples, each an index range. `None` for an
-    /// unknown device.
+    /// samples, oldest first (docs/architecture.md, "Devices"). Reads the
+    /// device's minute and hour rollups and its staged samples, each an
+    /// index range. `None` for an unknown device.
     ///
     /// # Errors
     /// A bucket that is not whole minutes, or the database failed.
