@@ -211,6 +211,26 @@ export function liveChartDrawer(getOutcomes) {
   };
 }
 
+/** Draws vertical grid lines and time labels under the plot for [t0, t1]. */
+function timeAxis(ctx, plot, w, t0, t1, x, theme, labelOf) {
+  const { step, ticks } = timeTicks(t0, t1, Math.max(2, Math.floor(plot.w / 90)));
+  ctx.strokeStyle = theme.grid;
+  ctx.fillStyle = theme.text;
+  ctx.lineWidth = 1;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  for (const t of ticks) {
+    const xx = Math.round(x(t)) + 0.5;
+    ctx.beginPath();
+    ctx.moveTo(xx, plot.y);
+    ctx.lineTo(xx, plot.y + plot.h);
+    ctx.stroke();
+    const label = labelOf(t, step);
+    const half = ctx.measureText(label).width / 2;
+    ctx.fillText(label, Math.min(Math.max(xx, plot.x + half), w - half - 1), plot.y + plot.h + 6);
+  }
+}
+
 function timeLabel(t, step) {
   const d = new Date(t);
   const pad = (n) => String(n).padStart(2, "0");
@@ -246,22 +266,7 @@ export function historyChartDrawer(getPoints) {
     t1 += pad;
     const x = (t) => plot.x + ((t - t0) / (t1 - t0)) * plot.w;
 
-    const { step, ticks } = timeTicks(t0, t1, Math.max(2, Math.floor(plot.w / 90)));
-    ctx.strokeStyle = theme.grid;
-    ctx.fillStyle = theme.text;
-    ctx.lineWidth = 1;
-    ctx.textAlign = "center";
-    ctx.textBaseline = "top";
-    for (const t of ticks) {
-      const xx = Math.round(x(t)) + 0.5;
-      ctx.beginPath();
-      ctx.moveTo(xx, plot.y);
-      ctx.lineTo(xx, plot.y + plot.h);
-      ctx.stroke();
-      const label = timeLabel(t, step);
-      const half = ctx.measureText(label).width / 2;
-      ctx.fillText(label, Math.min(Math.max(xx, plot.x + half), w - half - 1), plot.y + plot.h + 6);
-    }
+    timeAxis(ctx, plot, w, t0, t1, x, theme, timeLabel);
 
     const buckets = Math.max(1, Math.floor(plot.w / 3));
     if (points.length <= buckets) {
@@ -290,5 +295,74 @@ export function historyChartDrawer(getPoints) {
     ctx.beginPath();
     groups.forEach((b, i) => (i ? ctx.lineTo(x(b.t), y(b.median)) : ctx.moveTo(x(b.t), y(b.median))));
     ctx.stroke();
+  };
+}
+
+function dayOrTimeLabel(t, step) {
+  if (step < 86400e3) return timeLabel(t, step);
+  const d = new Date(t);
+  return `${d.getDate()}.${d.getMonth() + 1}.`;
+}
+
+/**
+ * The "Your history" chart: one entry per bucket of this browser's
+ * history on a time axis spanning the window (newest on the right): a
+ * min–max bar per bucket in the band colour, a p95 tick, and the p50 line
+ * through p50 points. `getData()` returns { points: [{ t (bucket start,
+ * ms), count, min, p50, p95, max }], windowMs, bucketMs }. The canvas
+ * carries the buckets drawn in `data-points` and their samples in
+ * `data-samples`.
+ */
+export function deviceChartDrawer(getData) {
+  return (ctx, w, h, theme) => {
+    const plot = plotArea(w, h);
+    const { points, windowMs, bucketMs } = getData();
+    let max = 0;
+    let samples = 0;
+    for (const p of points) {
+      if (p.max > max) max = p.max;
+      samples += p.count;
+    }
+    const y = yAxis(ctx, plot, max > 0 ? max * 1.08 : 1, theme);
+    ctx.canvas.dataset.points = String(points.length);
+    ctx.canvas.dataset.samples = String(samples);
+    if (!points.length) {
+      emptyMessage(ctx, plot, theme, "no samples recorded yet");
+      return;
+    }
+    const width = bucketMs > 0 ? bucketMs : 60000;
+    const t1 = Math.max(Date.now(), points[points.length - 1].t + width);
+    const t0 = windowMs > 0 ? t1 - windowMs : Math.min(points[0].t, t1 - 10 * width);
+    const x = (t) => plot.x + ((t - t0) / (t1 - t0)) * plot.w;
+
+    timeAxis(ctx, plot, w, t0, t1, x, theme, dayOrTimeLabel);
+
+    const bw = Math.max(2, (width / (t1 - t0)) * plot.w * 0.8);
+    const mid = (p) => x(p.t + width / 2);
+    ctx.fillStyle = theme.band;
+    for (const p of points) {
+      const top = y(p.max);
+      ctx.fillRect(mid(p) - bw / 2, top, bw, Math.max(1, y(p.min) - top));
+    }
+    ctx.strokeStyle = theme.line;
+    ctx.lineWidth = 1;
+    for (const p of points) {
+      const yy = Math.round(y(p.p95)) + 0.5;
+      ctx.beginPath();
+      ctx.moveTo(mid(p) - bw / 2, yy);
+      ctx.lineTo(mid(p) + bw / 2, yy);
+      ctx.stroke();
+    }
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    points.forEach((p, i) => (i ? ctx.lineTo(mid(p), y(p.p50)) : ctx.moveTo(mid(p), y(p.p50))));
+    ctx.stroke();
+    ctx.fillStyle = theme.point;
+    const r = bw > 6 ? 2.5 : 1.8;
+    for (const p of points) {
+      ctx.beginPath();
+      ctx.arc(mid(p), y(p.p50), r, 0, Math.PI * 2);
+      ctx.fill();
+    }
   };
 }

@@ -52,6 +52,9 @@ function positiveInt(v, fallback, max) {
  * - onServerError({ code, detail })
  * - onMessage(msg)                        any other command (roster, connect, delays, ...)
  * - onDisconnect({ code, reason })        the current connection ended
+ * - deviceSecret()                        this browser's identity (device.js), sent with
+ *                                         `device` right after every welcome, before the
+ *                                         first ping and so before the first sample
  */
 export class PingConnection {
   constructor(page, handlers) {
@@ -260,6 +263,10 @@ export class PingConnection {
       pingTimeoutMs: positiveInt(msg.ping_timeout_ms, 3000, 60000),
     };
     this.status("open", "connected");
+    // The browser's identity first (docs/protocol.md, "Your history"):
+    // the gateway takes it only before the connection's first sample.
+    const secret = this.handlers.deviceSecret?.();
+    if (secret) this.send({ command: "device", secret });
     const session = this.session;
     const gate = this.handlers.onWelcome?.(session);
     if (!gate || typeof gate.then !== "function") {

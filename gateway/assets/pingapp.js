@@ -4,10 +4,12 @@
 // wires the connection to the statistics grid, the live chart, the history
 // chart (private) and the roster table and rename form (public).
 // Modules: stats.js (pure functions), connection.js (WebSocket, reconnect,
-// ping loop), chart.js (canvas), roster.js (table), history.js (recorder API).
+// ping loop), chart.js (canvas), roster.js (table), history.js (recorder API),
+// device.js (this browser's identity and its history across reloads).
 
 import { PingConnection } from "./connection.js";
-import { CanvasChart, historyChartDrawer, liveChartDrawer } from "./chart.js";
+import { CanvasChart, deviceChartDrawer, historyChartDrawer, liveChartDrawer } from "./chart.js";
+import { DeviceHistoryPoller, DeviceIdentity } from "./device.js";
 import { HistoryPoller } from "./history.js";
 import { RosterTable } from "./roster.js";
 import {
@@ -41,6 +43,9 @@ const STATS = [
 ];
 
 const NAME_KEY = "pingapp.name";
+
+/** After "Forget this browser" closes the connection, how long its last samples get to be stored before the DELETE (ms). */
+const FORGET_SETTLE_MS = 1500;
 
 const $ = (id) => document.getElementById(id);
 
@@ -216,6 +221,46 @@ function main() {
       )
     : null;
 
+  // ---- your history across reloads (private page) ----------------------
+  // Both pages present the browser's identity; only the private page shows
+  // what it unlocks.
+  const identity = new DeviceIdentity();
+  const deviceCanvas = /** @type {HTMLCanvasElement | null} */ ($("device-chart"));
+  let deviceData = { points: [], windowMs: 0, bucketMs: 0 };
+  const deviceChart = deviceCanvas ? new CanvasChart(deviceCanvas, deviceChartDrawer(() => deviceData)) : null;
+  const deviceSummary = $("device-summary");
+  const deviceStatus = $("device-status");
+  const deviceHistory = deviceChart
+    ? new DeviceHistoryPoller(
+        identity,
+        (data) => {
+          deviceData = data;
+          deviceChart.request();
+          if (!deviceSummary) return;
+          const s = data.summary;
+          deviceSummary.dataset.count = String(s.count);
+          deviceSummary.dataset.window = data.window;
+          deviceSummary.textContent = s.count
+            ? `${formatCount(s.count)} samples · mean ${formatMs(s.mean)} · p50 ${formatMs(s.p50)} · ` +
+              `p99 ${formatMs(s.p99)} · jitter ${formatMs(s.jitter)}`
+            : "no samples recorded yet";
+        },
+        (text, state) => {
+          if (!deviceStatus) return;
+          deviceStatus.textContent = text;
+          deviceStatus.dataset.state = state;
+        },
+      )
+    : null;
+  const windowButtons = [...document.querySelectorAll("#device-windows button[data-window]")];
+  for (const b of windowButtons) {
+    b.addEventListener("click", () => {
+      for (const o of windowButtons) o.setAttribute("aria-pressed", String(o === b));
+      deviceHistory?.setWindow(/** @type {HTMLElement} */ (b).dataset.window);
+    });
+  }
+  const forgetBtn = /** @type {HTMLButtonElement | null} */ ($("device-forget"));
+
   // ---- roster and rename (public page) ---------------------------------
   const rosterEl = /** @type {HTMLTableElement | null} */ ($("roster"));
   const nameInput = /** @type {HTMLInputElement | null} */ ($("name"));
@@ -243,6 +288,7 @@ function main() {
 
   // ---- the connection --------------------------------------------------
   const conn = new PingConnection(page, {
+    deviceSecret: () => identity.get(),
     onStatus({ state, text }) {
       if (statusEl.dataset.state !== state) statusEl.dataset.state = state;
       if (statusText.textContent !== text) statusText.textContent = text;
@@ -263,6 +309,7 @@ function main() {
       }
       if (nameInput) nameInput.placeholder = s.name;
       history?.start(s);
+      deviceHistory?.connected();
       return roster ? roster.whenRendered() : undefined;
     },
     onSample({ seq, rtt }) {
@@ -271,6 +318,7 @@ function main() {
       scheduleStats();
       liveChart?.request();
       history?.sampleSent();
+      deviceHistory?.samplesSent();
     },
     onLoss({ seq }) {
       stats.addLoss(seq);
@@ -309,6 +357,33 @@ function main() {
 
   retryBtn?.addEventListener("click", () => conn.retryNow());
 
+  // Forgetting: the connection stops first (its samples are the old
+  // identity's) and its last samples get FORGET_SETTLE_MS to be stored,
+  // then DELETE, a new secret, and a new connection under it.
+  forgetBtn?.addEventListener("click", async () => {
+    if (!deviceHistory) return;
+    forgetBtn.disabled = true;
+    conn.stop();
+    if (deviceStatus) {
+      deviceStatus.textContent = "forgetting…";
+      deviceStatus.dataset.state = "forgetting";
+    }
+    await new Promise((r) => setTimeout(r, FORGET_SETTLE_MS));
+    try {
+      const channels = await deviceHistory.forget();
+      showMessage(
+        `This browser was forgotten (${channels} connection${channels === 1 ? "" : "s"}); it has a new identity now.`,
+        "info",
+        "forgotten",
+      );
+    } catch (e) {
+      showMessage(`Could not forget this browser (${e?.message ?? "error"}); try again.`, "error", "forget_failed");
+    } finally {
+      forgetBtn.disabled = false;
+      conn.start();
+    }
+  });
+
   $("name-form")?.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const check = validateName(nameInput.value);
@@ -331,6 +406,7 @@ function main() {
   });
 
   conn.start();
+  deviceHistory?.start();
 }
 
 main();

@@ -256,7 +256,7 @@ export function niceTicks(max, count = 5) {
 /** Time steps (ms) the history axis may use. */
 const TIME_STEPS = [
   1e3, 2e3, 5e3, 10e3, 15e3, 30e3, 60e3, 120e3, 300e3, 600e3, 900e3, 1800e3, 3600e3, 7200e3,
-  10800e3, 21600e3, 43200e3, 86400e3,
+  10800e3, 21600e3, 43200e3, 86400e3, 172800e3, 604800e3,
 ];
 
 /** Time ticks (ms since epoch, multiples of a nice step) within [t0, t1]. */

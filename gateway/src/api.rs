@@ -17,13 +17,16 @@ use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use services::bus::BusError;
+use services::bus::{BusError, Payload, Service};
 use services::limits::{self, BadRequest};
-use services::messages::{ReplyErrorKind, SamplesQuery, SamplesReply, StatsQuery, StatsReply};
+use services::messages::{
+    DeviceHistoryQuery, DeviceHistoryReply, ForgetDeviceQuery, ForgetDeviceReply, ReplyErrorKind,
+    SamplesQuery, SamplesReply, StatsQuery, StatsReply,
+};
 use services::protocol::{ViewSpec, parse_filter, parse_order, parse_sort};
 
 use tracing::Instrument;
@@ -40,6 +43,8 @@ pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/api/roster", get(roster))
         .route("/api/clients/{id}/samples", get(samples))
         .route("/api/stats", get(stats))
+        .route("/api/device/history", get(device_history))
+        .route("/api/device", delete(forget_device))
         .route_layer(middleware::from_fn_with_state(shared, per_ip_budget))
 }
 
@@ -92,6 +97,16 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
             detail: "no such client".into(),
+        }
+    }
+
+    /// The one answer for a browser identity that cannot be read: no
+    /// secret, a malformed one, or one nobody stored samples under.
+    fn no_device() -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            detail: "no such device".into(),
         }
     }
 
@@ -281,29 +296,16 @@ async fn samples(
         limit,
     };
     let span = tracing::info_span!("gateway.api.samples", channel_name = %id, limit);
-    let headers = services::telemetry::context_headers(&span);
-    let reply = shared
-        .subjects
-        .query_samples()
-        .request(&*shared.bus, &query, QUERY_TIMEOUT)
-        .headers(headers)
-        .into_future()
-        .instrument(span)
-        .await;
-    match reply {
-        Ok(SamplesReply::Found { samples }) => {
+    match ask(&shared, &shared.subjects.query_samples(), &query, span).await? {
+        SamplesReply::Found { samples } => {
             let samples: Vec<_> = samples
                 .into_iter()
                 .map(|s| json!({"at": rfc3339_us(s.at_us), "delay_time": s.delay_ms, "seq": s.seq}))
                 .collect();
             Ok(Json(json!({"channel_name": id, "samples": samples})).into_response())
         }
-        Ok(SamplesReply::NotFound) => Err(ApiError::not_found()),
-        Ok(SamplesReply::Error { kind, message }) => Err(ApiError::from_reply(kind, message)),
-        Err(e @ BusError::Decode { .. }) => Err(ApiError::unavailable(format!(
-            "bad reply from recorder: {e}"
-        ))),
-        Err(e) => Err(e.into()),
+        SamplesReply::NotFound => Err(ApiError::not_found()),
+        SamplesReply::Error { kind, message } => Err(ApiError::from_reply(kind, message)),
     }
 }
 
@@ -327,17 +329,8 @@ async fn stats(
         bucket_ms,
     };
     let span = tracing::info_span!("gateway.api.stats", window_ms, bucket_ms);
-    let headers = services::telemetry::context_headers(&span);
-    let reply = shared
-        .subjects
-        .query_stats()
-        .request(&*shared.bus, &query, QUERY_TIMEOUT)
-        .headers(headers)
-        .into_future()
-        .instrument(span)
-        .await;
-    match reply {
-        Ok(StatsReply::Ok { buckets }) => {
+    match ask(&shared, &shared.subjects.query_stats(), &query, span).await? {
+        StatsReply::Ok { buckets } => {
             let buckets: Vec<_> = buckets
                 .into_iter()
                 .map(|b| {
@@ -350,7 +343,126 @@ async fn stats(
                     .into_response(),
             )
         }
-        Ok(StatsReply::Error { kind, message }) => Err(ApiError::from_reply(kind, message)),
+        StatsReply::Error { kind, message } => Err(ApiError::from_reply(kind, message)),
+    }
+}
+
+#[derive(Deserialize)]
+struct DeviceHistoryParams {
+    window: Option<String>,
+    bucket: Option<String>,
+}
+
+/// Parses the `window` (default 1h) and `bucket` (default
+/// [`limits::default_device_bucket`] of the window) of a device history
+/// request and checks them with [`limits::check_device_history`].
+fn device_history_bounds(p: &DeviceHistoryParams) -> Result<(Duration, Duration), ApiError> {
+    let window = match p.window.as_deref() {
+        None => limits::DEFAULT_WINDOW,
+        Some(w) => services::config::parse_duration(w)
+            .map_err(|_| ApiError::bad_request("window must be like 1h, 1d, 7d or 31d"))?,
+    };
+    let bucket = match p.bucket.as_deref() {
+        None => limits::default_device_bucket(window),
+        Some(b) => services::config::parse_duration(b)
+            .map_err(|_| ApiError::bad_request("bucket must be like 1m, 10m or 1h"))?,
+    };
+    limits::check_device_history(window, bucket)?;
+    Ok((window, bucket))
+}
+
+/// The digest of the device secret in the `Authorization: Bearer` header,
+/// or the one 404 for a missing or malformed secret. The secret itself
+/// never leaves the gateway (docs/security.md, "Your history").
+fn device_of(headers: &HeaderMap) -> Result<String, ApiError> {
+    match bearer_token(headers) {
+        Some(secret) if services::ids::valid_device_secret(&secret) => {
+            Ok(services::ids::device_digest(&secret))
+        }
+        _ => Err(ApiError::no_device()),
+    }
+}
+
+/// `GET /api/device/history?window=1h&bucket=1m` with the browser's
+/// secret as bearer: every connection of that browser, bucketed
+/// (docs/protocol.md, "Your history").
+async fn device_history(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Query<DeviceHistoryParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (window, bucket) = device_history_bounds(&params)?;
+    let device = device_of(&headers)?;
+    let (window_ms, bucket_ms) = (millis(window), millis(bucket));
+    let query = DeviceHistoryQuery {
+        device,
+        window_ms,
+        bucket_ms,
+    };
+    let span = tracing::info_span!("gateway.api.device_history", window_ms, bucket_ms);
+    match ask(
+        &shared,
+        &shared.subjects.query_device_history(),
+        &query,
+        span,
+    )
+    .await?
+    {
+        DeviceHistoryReply::Found { buckets } => {
+            let buckets: Vec<_> = buckets
+                .into_iter()
+                .map(|b| {
+                    json!({"start": rfc3339_us(b.start_us), "count": b.count, "min": b.min,
+                           "mean": b.mean, "p50": b.p50, "p95": b.p95, "p99": b.p99,
+                           "max": b.max, "jitter": b.jitter})
+                })
+                .collect();
+            Ok(
+                Json(json!({"window_ms": window_ms, "bucket_ms": bucket_ms, "buckets": buckets}))
+                    .into_response(),
+            )
+        }
+        DeviceHistoryReply::NotFound => Err(ApiError::no_device()),
+        DeviceHistoryReply::Error { kind, message } => Err(ApiError::from_reply(kind, message)),
+    }
+}
+
+/// `DELETE /api/device` with the browser's secret as bearer: forgets every
+/// sample of every connection of that browser.
+async fn forget_device(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let device = device_of(&headers)?;
+    let span = tracing::info_span!("gateway.api.forget_device");
+    let query = ForgetDeviceQuery { device };
+    match ask(&shared, &shared.subjects.forget_device(), &query, span).await? {
+        ForgetDeviceReply::Forgotten { channels } => {
+            Ok(Json(json!({"forgotten": true, "channels": channels})).into_response())
+        }
+        ForgetDeviceReply::NotFound => Err(ApiError::no_device()),
+        ForgetDeviceReply::Error { kind, message } => Err(ApiError::from_reply(kind, message)),
+    }
+}
+
+/// Asks the recorder on `service` within [`QUERY_TIMEOUT`], traced under
+/// `span`: its reply, or 503 when the bus fails or the reply does not
+/// decode.
+async fn ask<Q: Payload, R: Payload>(
+    shared: &Shared,
+    service: &Service<Q, R>,
+    query: &Q,
+    span: tracing::Span,
+) -> Result<R, ApiError> {
+    let headers = services::telemetry::context_headers(&span);
+    let reply = service
+        .request(&*shared.bus, query, QUERY_TIMEOUT)
+        .headers(headers)
+        .into_future()
+        .instrument(span)
+        .await;
+    match reply {
+        Ok(r) => Ok(r),
         Err(e @ BusError::Decode { .. }) => Err(ApiError::unavailable(format!(
             "bad reply from recorder: {e}"
         ))),
@@ -424,6 +536,67 @@ mod tests {
             assert_eq!(with(v), None, "{v}");
         }
         assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn device_history_bounds_default_and_refuse() {
+        let p = |w: Option<&str>, b: Option<&str>| DeviceHistoryParams {
+            window: w.map(str::to_owned),
+            bucket: b.map(str::to_owned),
+        };
+        let m = |s: u64| Duration::from_secs(s * 60);
+        assert_eq!(
+            device_history_bounds(&p(None, None)).unwrap(),
+            (m(60), m(1))
+        );
+        assert_eq!(
+            device_history_bounds(&p(Some("1d"), None)).unwrap(),
+            (m(1440), m(10))
+        );
+        assert_eq!(
+            device_history_bounds(&p(Some("31d"), None)).unwrap(),
+            (m(31 * 1440), m(240))
+        );
+        for (w, b) in [
+            (Some("soon"), None),
+            (Some("30s"), None),
+            (Some("32d"), None),
+            (Some("1h"), Some("90s")),
+            (Some("1h"), Some("2h")),
+            (Some("31d"), Some("1m")),
+            (None, Some("x")),
+        ] {
+            let e = device_history_bounds(&p(w, b)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{w:?} {b:?}");
+        }
+    }
+
+    #[test]
+    fn a_device_needs_a_well_formed_bearer_secret_and_only_its_digest_travels() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            device_of(&h)
+        };
+        let secret = "s".repeat(43);
+        assert_eq!(
+            with(&format!("Bearer {secret}")).unwrap(),
+            services::ids::device_digest(&secret)
+        );
+        for v in [
+            "Bearer short",
+            "Bearer aaaaaaaaaaaaaaaaaaaaaaaaaaaa=",
+            "Basic x",
+        ] {
+            let e = with(v).unwrap_err();
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::NOT_FOUND, "not_found"),
+                "{v}"
+            );
+        }
+        let e = device_of(&HeaderMap::new()).unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
     }
 
     #[test]

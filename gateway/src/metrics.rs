@@ -104,6 +104,7 @@ impl GatewayMetrics {
             "bad_view",
             "too_many_renames",
             "busy",
+            "bad_device",
         ] {
             m.errors.with_label_values(&[code]);
         }

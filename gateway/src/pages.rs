@@ -20,6 +20,7 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
     ("roster.js", JS, include_str!("../assets/roster.js")),
     ("view.js", JS, include_str!("../assets/view.js")),
     ("history.js", JS, include_str!("../assets/history.js")),
+    ("device.js", JS, include_str!("../assets/device.js")),
 ];
 
 const HTML: &str = "text/html; charset=utf-8";

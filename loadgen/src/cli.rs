@@ -141,6 +141,13 @@ pub struct Args {
     #[arg(long, env = "PINGAPP_RENAMES", value_name = "N", default_value_t = 0.0)]
     pub renames: f64,
 
+    /// v2: every client presents a random device secret of its own (the
+    /// `device` command, docs/protocol.md "Your history") right after
+    /// connecting, and the same one again when `--churn` reconnects it,
+    /// as a page does after a reload
+    #[arg(long, env = "PINGAPP_DEVICE", value_parser = BoolishValueParser::new())]
+    pub device: bool,
+
     /// Runtime worker threads; 1 runs every client on one thread (the
     /// cheapest, and it leaves the other cores to the server under test);
     /// 0 = one per CPU
@@ -182,6 +189,9 @@ pub enum ConfigError {
     /// `--churn` is negative, not finite, or above the connect ramp limit.
     #[error("--churn must be a number from 0 to {MAX_EVENTS}, got {0}")]
     Churn(f64),
+    /// `--device` without protocol v2.
+    #[error("--device needs --protocol 2 (v1 has no device command)")]
+    DeviceNeedsV2,
     /// `--renames` is negative, not finite, too high, or not on the public page.
     #[error("--renames needs --page public and a number from 0 to {MAX_EVENTS}, got {0}")]
     Renames(f64),
@@ -221,6 +231,8 @@ pub struct Config {
     pub churn: f64,
     /// Renames per second in the window, round robin over the clients.
     pub renames: f64,
+    /// Present a device secret per client (v2 `device`).
+    pub device: bool,
     /// Runtime worker threads, 0 = one per CPU (used by the binary).
     pub threads: u16,
     /// Print a progress line to stderr every second.
@@ -276,6 +288,9 @@ impl Args {
         {
             return Err(ConfigError::Renames(self.renames));
         }
+        if self.device && self.protocol != Protocol::V2 {
+            return Err(ConfigError::DeviceNeedsV2);
+        }
         Ok(Config {
             base_urls,
             clients: self.clients,
@@ -292,6 +307,7 @@ impl Args {
             watch: self.watch,
             churn: self.churn,
             renames: self.renames,
+            device: self.device,
             threads: self.threads,
             progress: true,
         })

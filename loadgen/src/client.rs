@@ -185,10 +185,23 @@ enum Outcome {
 /// when asked. Every outcome ends up in `shared`'s counters.
 pub(crate) async fn run(index: u32, shared: Arc<Shared>) {
     let mut replacement = false;
+    // One identity per simulated browser, kept across churn reconnects.
+    let device = shared.config.device.then(|| {
+        format!(
+            r#"{{"command":"device","secret":"{}"}}"#,
+            services::ids::new_token()
+        )
+    });
     loop {
         let Some(mut ws) = connect(index, &shared, replacement).await else {
             return;
         };
+        // Before any ping, so before the first sample (the gateway reads
+        // frames only after its welcome). A failed send shows up as the
+        // closed socket the drive below reports.
+        if let Some(frame) = &device {
+            let _ = send(&mut ws, frame.clone()).await;
+        }
         let target = index as usize % shared.urls.len();
         let mut client = Client::new(index, target, Arc::clone(&shared));
         let outcome = client.drive(&mut ws).await;

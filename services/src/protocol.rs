@@ -187,6 +187,10 @@ pub enum ErrorCode {
     /// The gateway's buffer of samples not yet stored is at its bound: the
     /// `delay_time` was not recorded (docs/protocol.md).
     Busy,
+    /// A `device` command refused: on v1, a malformed secret, a second one,
+    /// or after the connection's first recorded sample (docs/protocol.md,
+    /// "Your history").
+    BadDevice,
 }
 
 impl ErrorCode {
@@ -202,6 +206,7 @@ impl ErrorCode {
             ErrorCode::BadSample => "bad_sample",
             ErrorCode::TooManyRenames => "too_many_renames",
             ErrorCode::Busy => "busy",
+            ErrorCode::BadDevice => "bad_device",
         }
     }
 }
@@ -262,6 +267,13 @@ pub enum ClientCommand {
     },
     /// v2 public: the part of the roster this page sees from now on.
     View(ViewSpec),
+    /// v2: the browser identity this connection belongs to
+    /// (docs/protocol.md, "Your history").
+    Device {
+        /// The browser's secret, well-formed
+        /// ([`crate::ids::valid_device_secret`]).
+        secret: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -286,6 +298,8 @@ struct RawCommand<'a> {
     offset: Option<serde_json::Value>,
     #[serde(default)]
     limit: Option<serde_json::Value>,
+    #[serde(default)]
+    secret: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -335,6 +349,9 @@ pub fn parse_client(text: &str) -> Result<ClientCommand, ProtocolError> {
             channel_names: validate_watch(raw.channel_names)?,
         }),
         "view" => Ok(ClientCommand::View(validate_view(&raw)?)),
+        "device" => Ok(ClientCommand::Device {
+            secret: validate_device(raw.secret)?,
+        }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownCommand,
             format!("unknown command {:?}", truncate(other, 40)),
@@ -402,6 +419,24 @@ fn validate_view(raw: &RawCommand<'_>) -> Result<ViewSpec, ProtocolError> {
         offset,
         limit,
     })
+}
+
+fn validate_device(v: Option<serde_json::Value>) -> Result<String, ProtocolError> {
+    match v {
+        Some(serde_json::Value::String(s)) if crate::ids::valid_device_secret(&s) => Ok(s),
+        Some(serde_json::Value::String(_)) => Err(ProtocolError::new(
+            ErrorCode::BadDevice,
+            "secret must be 22 to 128 base64url characters (A-Z a-z 0-9 - _)",
+        )),
+        None | Some(serde_json::Value::Null) => Err(ProtocolError::new(
+            ErrorCode::BadDevice,
+            "secret is missing",
+        )),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadDevice,
+            "secret must be a string",
+        )),
+    }
 }
 
 fn validate_delay(v: Option<&serde_json::Value>) -> Result<f64, ProtocolError> {
@@ -900,6 +935,33 @@ mod tests {
     }
 
     #[test]
+    fn device_secrets_are_checked() {
+        let ok = "a".repeat(43);
+        assert_eq!(
+            parse_client(&format!(r#"{{"command":"device","secret":"{ok}"}}"#)),
+            Ok(ClientCommand::Device { secret: ok.clone() })
+        );
+        let min = "A-_z".repeat(6)[..22].to_owned();
+        assert!(parse_client(&format!(r#"{{"command":"device","secret":"{min}"}}"#)).is_ok());
+        let long = "b".repeat(129);
+        for text in [
+            r#"{"command":"device"}"#.to_owned(),
+            r#"{"command":"device","secret":null}"#.to_owned(),
+            r#"{"command":"device","secret":42}"#.to_owned(),
+            r#"{"command":"device","secret":["x"]}"#.to_owned(),
+            format!(r#"{{"command":"device","secret":"{}"}}"#, "c".repeat(21)),
+            format!(r#"{{"command":"device","secret":"{long}"}}"#),
+            format!(r#"{{"command":"device","secret":"{}="}}"#, "d".repeat(30)),
+            format!(r#"{{"command":"device","secret":"{}+/"}}"#, "e".repeat(30)),
+            format!(r#"{{"command":"device","secret":"{}é"}}"#, "f".repeat(30)),
+        ] {
+            assert_eq!(code(&text), ErrorCode::BadDevice, "{text}");
+        }
+        // Other commands ignore the key.
+        assert!(parse_client(r#"{"command":"ping","secret":5}"#).is_ok());
+    }
+
+    #[test]
     fn error_frames_name_code_and_detail() {
         let frame = parse_client("nope").unwrap_err().to_frame();
         let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
@@ -1049,6 +1111,7 @@ mod fuzz {
         "filter",
         "offset",
         "limit",
+        "secret",
         "x",
         "",
         "Command",
@@ -1059,6 +1122,7 @@ mod fuzz {
         "change_name",
         "watch",
         "view",
+        "device",
         "pong",
         "",
         "PING",
@@ -1111,6 +1175,16 @@ mod fuzz {
     }
 
     fn string(rng: &mut StdRng) -> String {
+        if rng.random_ratio(1, 40) {
+            // Secret-shaped: base64url characters, around the accepted
+            // lengths of a device secret.
+            const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            let len = rng.random_range(18..140);
+            let body: String = (0..len)
+                .map(|_| char::from(B64[rng.random_range(0..B64.len())]))
+                .collect();
+            return format!("\"{body}\"");
+        }
         let mut s = String::from("\"");
         for _ in 0..rng.random_range(0..12) {
             match rng.random_range(0..4) {
@@ -1205,6 +1279,9 @@ mod fuzz {
                 assert_eq!(validate_name(&name).as_ref(), Ok(&name), "{text:?}");
                 let chars = name.chars().count();
                 assert!((1..=MAX_NAME_CHARS).contains(&chars), "{text:?}");
+            }
+            Ok(ClientCommand::Device { secret }) => {
+                assert!(crate::ids::valid_device_secret(&secret), "{text:?}");
             }
             Ok(ClientCommand::View(view)) => {
                 assert!(view.limit <= MAX_VIEW_LIMIT, "{text:?}");

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes};
+use services::ids::device_digest;
 use services::messages::SampleRecord;
 use services::protocol::{
     ClientCommand, ErrorCode, PONG_V1, ProtocolError, Version, parse_client, write_pong,
@@ -43,8 +44,13 @@ impl Connection {
                 }
                 Ok(())
             }
+            Ok(ClientCommand::Device { secret }) => Box::pin(self.on_device(&secret)).await,
             Err(e) => {
-                self.count_in("invalid");
+                if e.code == ErrorCode::BadDevice {
+                    self.count_in("device");
+                } else {
+                    self.count_in("invalid");
+                }
                 Box::pin(self.send_error(&e)).await
             }
         }
@@ -166,6 +172,39 @@ impl Connection {
         self.name.clone_from(&name);
         self.shared.room.rename(seat, name).await;
         Ok(())
+    }
+
+    /// A browser identity (docs/protocol.md, "Your history"): v2 only,
+    /// once, and before the first recorded sample, which carries the
+    /// client's record and with it the digest. Refused: `bad_device`, and
+    /// the connection goes on as its own.
+    async fn on_device(&mut self, secret: &str) -> Result<(), Ending> {
+        self.count_in("device");
+        let refusal = if !self.v2() {
+            Some("device is only available with ?v=2")
+        } else {
+            match self.unrecorded.as_mut() {
+                None => Some("device must come before the connection's first recorded sample"),
+                Some(record) if record.device.is_some() => {
+                    Some("this connection already presented a device")
+                }
+                Some(record) => {
+                    // Only the digest is kept: the secret goes no further.
+                    record.device = Some(device_digest(secret));
+                    None
+                }
+            }
+        };
+        match refusal {
+            None => Ok(()),
+            Some(detail) => {
+                let e = ProtocolError {
+                    code: ErrorCode::BadDevice,
+                    detail: detail.into(),
+                };
+                self.send_error(&e).await
+            }
+        }
     }
 
     fn count_in(&self, command: &str) {

@@ -4,6 +4,7 @@
 //! presence and the recorder); the standalone and distributed suites run
 //! the real binaries.
 
+mod device;
 mod fuzz;
 mod helpers;
 mod room;

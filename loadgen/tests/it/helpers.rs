@@ -78,7 +78,9 @@ pub async fn start_fake_public_recording(close_with: Option<u16>, watches: Watch
 
 /// [`start_fake_public_recording`] that also records, per connection, the
 /// names it was renamed to and, as `"close CODE REASON"`, how it ended
-/// (`"gone"` without a close frame), in `events`. Every `delay_time` is
+/// (`"gone"` without a close frame), in `events`, and every `device` as
+/// `"device SECRET"` (`"late device SECRET"` when another command came
+/// first on that connection). Every `delay_time` is
 /// also sent to everyone as a `view_update` row, as the gateway's view
 /// does for the rows in a window.
 pub async fn start_fake_public_full(
@@ -110,6 +112,7 @@ pub async fn start_fake_public_full(
                     json!({"command": "connect", "channel_name": id, "name": id}).to_string(),
                 );
                 let event = |what: String| events.lock().unwrap().push((id.clone(), vec![what]));
+                let mut first = true;
                 loop {
                     tokio::select! {
                         message = ws.next() => {
@@ -126,7 +129,12 @@ pub async fn start_fake_public_full(
                             };
                             let Message::Text(text) = message else { continue };
                             let Ok(frame) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+                            let was_first = std::mem::replace(&mut first, false);
                             match frame["command"].as_str() {
+                                Some("device") => {
+                                    let late = if was_first { "" } else { "late " };
+                                    event(format!("{late}device {}", frame["secret"].as_str().unwrap_or("?")));
+                                }
                                 Some("ping") => {
                                     if let Some(code) = close_with {
                                         let close = CloseFrame { code: CloseCode::from(code), reason: "test".into() };

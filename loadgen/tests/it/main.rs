@@ -371,6 +371,69 @@ async fn churn_recycles_clients_and_renames_go_round_robin() {
     assert!(summary.bytes_received > 0);
 }
 
+/// `--device`: every connection presents its client's secret first, and a
+/// client recycled by `--churn` presents the same one again, as a page
+/// does after a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_secrets_come_first_and_survive_churn() {
+    let events = Watches::default();
+    let addr = start_fake_public_full(None, Watches::default(), events.clone()).await;
+    let summary = loadgen::run(
+        config(
+            &format!("ws://{addr}"),
+            &[
+                "--clients",
+                "20",
+                "--duration",
+                "1500ms",
+                "--page",
+                "private",
+                "--rate",
+                "5",
+                "--churn",
+                "10",
+                "--device",
+            ],
+        ),
+        never(),
+    )
+    .await;
+    assert_eq!(summary.errors_total, 0, "{:?}", summary.errors);
+    let churn = summary.churn.as_ref().expect("churn stats");
+    assert!(churn.reconnected >= 5, "{churn:?}");
+    let events = events.lock().unwrap().clone();
+    let devices: Vec<&str> = events
+        .iter()
+        .filter_map(|(_, what)| what[0].strip_prefix("device "))
+        .collect();
+    assert!(
+        !events
+            .iter()
+            .any(|(_, what)| what[0].starts_with("late device")),
+        "{events:?}"
+    );
+    // One per connection: the first 20 and every replacement.
+    assert_eq!(devices.len() as u64, 20 + churn.reconnected, "{events:?}");
+    let distinct: std::collections::BTreeSet<&str> = devices.iter().copied().collect();
+    assert_eq!(distinct.len(), 20, "one secret per client: {devices:?}");
+    for secret in distinct {
+        assert!(
+            services::ids::valid_device_secret(secret),
+            "a well-formed secret: {secret}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn device_needs_protocol_2() {
+    let err =
+        <loadgen::Args as clap::Parser>::try_parse_from(["loadgen", "--device", "--protocol", "1"])
+            .expect("flags parse")
+            .into_config()
+            .unwrap_err();
+    assert_eq!(err, loadgen::ConfigError::DeviceNeedsV2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_latency_counts_each_update_a_view_carries_once() {
     let addr = start_fake_public(None).await;

@@ -7,6 +7,7 @@
 //! `docs/screenshots/{private,public}-{desktop,phone}.png`.
 
 mod helpers;
+mod history;
 mod large_room;
 
 use std::time::{Duration, Instant};

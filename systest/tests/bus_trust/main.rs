@@ -367,3 +367,61 @@ async fn history_queries_carry_a_digest_not_the_token() {
     );
     assert!(tap.errors.lock().unwrap().is_empty());
 }
+
+/// A browser's device secret never crosses the bus either: device history
+/// and forget queries carry its digest, and the shipped permissions let
+/// the gateway ask and the recorder answer both (docs/security.md, "Your
+/// history: the browser's identity").
+#[tokio::test]
+async fn device_queries_carry_a_digest_not_the_secret() {
+    const SECRET: &str = "YnVzLXRydXN0LWRldmljZS1zZWNyZXQtMDEyMzQ1Njc4";
+    let d = Deployment::secured(&["gw-a"]).await;
+    let subjects = Subjects::new(&d.prefix);
+    let (_presence, _recorder, gw) = tokio::join!(d.presence(), d.recorder(), d.gateway("gw-a"));
+    let tap = Attacker::connect(&d, Some("recorder"))
+        .await
+        .expect("the recorder's identity connects");
+    let mut history = tap
+        .client
+        .subscribe(subjects.query_device_history().subject().to_owned())
+        .await
+        .unwrap();
+    let mut forget = tap
+        .client
+        .subscribe(subjects.forget_device().subject().to_owned())
+        .await
+        .unwrap();
+    tap.client.flush().await.unwrap();
+
+    let mut p = private_v2(&gw).await;
+    p.send(serde_json::json!({"command": "device", "secret": SECRET}))
+        .await;
+    p.sample(4.0, 1).await;
+    eventually(
+        WAIT,
+        "the device history, answered by the recorder",
+        || async {
+            let (status, body) = gw
+                .get_json("/api/device/history?window=1h", Some(SECRET))
+                .await;
+            status == 200 && body["buckets"][0]["count"] == 1
+        },
+    )
+    .await;
+    let (status, body) = gw
+        .call_json(reqwest::Method::DELETE, "/api/device", Some(SECRET))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let digest = services::ids::device_digest(SECRET);
+    for (what, queries) in [("history", &mut history), ("forget", &mut forget)] {
+        let query = tokio::time::timeout(WAIT, queries.next())
+            .await
+            .unwrap_or_else(|_| panic!("a {what} query in time"))
+            .expect("a query");
+        let text = String::from_utf8_lossy(&query.payload).into_owned();
+        assert!(!text.contains(SECRET), "the secret crossed the bus: {text}");
+        assert!(text.contains(&digest), "{what} carries the digest: {text}");
+    }
+    assert!(tap.errors.lock().unwrap().is_empty());
+}

@@ -318,7 +318,19 @@ impl Node {
 
     /// GET a JSON document from the public listener: status and body.
     pub async fn get_json(&self, path: &str, bearer: Option<&str>) -> (u16, Value) {
-        let mut req = reqwest::Client::new().get(format!("http://{}{path}", self.addr()));
+        self.call_json(reqwest::Method::GET, path, bearer).await
+    }
+
+    /// A `method` request to the public listener: status and JSON body
+    /// (null when the body is not JSON).
+    pub async fn call_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req =
+            reqwest::Client::new().request(method, format!("http://{}{path}", self.addr()));
         if let Some(t) = bearer {
             req = req.bearer_auth(t);
         }

@@ -172,6 +172,134 @@ async fn private_history_is_readable_through_either_gateway_with_its_token_only(
     }
 }
 
+/// A browser's own history (docs/protocol.md, "Your history"): two
+/// connections presenting the same device secret, on two gateways and both
+/// pages, count as one history; another secret, none, or a malformed one
+/// get the same 404; bounds are a 400; forgetting deletes it all, once.
+#[tokio::test]
+async fn a_browsers_history_spans_its_connections_and_only_its_secret_reads_or_forgets_it() {
+    const SECRET: &str = "c3lzdGVzdC1kZXZpY2Utc2VjcmV0LTAxMjM0NTY3ODk";
+    const OTHER: &str = "b3RoZXItZGV2aWNlLXNlY3JldC0wMTIzNDU2Nzg5YWI";
+    let d = Deployment::new().await;
+    let (_presence, _recorder, gw_a, gw_b) = tokio::join!(
+        d.presence(),
+        d.recorder(),
+        d.gateway("gw-a"),
+        d.gateway("gw-b")
+    );
+
+    let mut p = private_v2(&gw_a).await;
+    p.send(json!({"command": "device", "secret": SECRET})).await;
+    for (i, ms) in [5.0, 7.0, 9.0].into_iter().enumerate() {
+        p.sample(ms, i as u64 + 1).await;
+    }
+    let (mut q, _) = public_v2(&gw_b).await;
+    q.send(json!({"command": "device", "secret": SECRET})).await;
+    q.sample(11.0, 1).await;
+    // A third connection of another browser: not in this history.
+    let mut r = private_v2(&gw_a).await;
+    r.send(json!({"command": "device", "secret": OTHER})).await;
+    r.sample(500.0, 1).await;
+    assert_ne!(p.id, q.id);
+
+    let history = "/api/device/history?window=1h";
+    let total = |body: &serde_json::Value| -> u64 {
+        body["buckets"]
+            .as_array()
+            .map(|b| b.iter().filter_map(|b| b["count"].as_u64()).sum())
+            .unwrap_or(0)
+    };
+    for gw in [&gw_b, &gw_a] {
+        eventually(WAIT, "both connections' samples in the history", || async {
+            let (status, body) = gw.get_json(history, Some(SECRET)).await;
+            status == 200 && total(&body) == 4
+        })
+        .await;
+    }
+    let (_, body) = gw_a.get_json(history, Some(SECRET)).await;
+    assert_eq!(body["window_ms"], 3_600_000, "{body}");
+    assert_eq!(
+        body["bucket_ms"], 60_000,
+        "the default bucket of 1h: {body}"
+    );
+    let buckets = body["buckets"].as_array().unwrap();
+    let min = buckets.iter().map(|b| b["min"].as_f64().unwrap());
+    let max = buckets.iter().map(|b| b["max"].as_f64().unwrap());
+    assert_eq!(min.fold(f64::INFINITY, f64::min), 5.0, "{body}");
+    assert_eq!(max.fold(0.0, f64::max), 11.0, "{body}");
+    for b in buckets {
+        let start = b["start"].as_str().unwrap();
+        // RFC 3339 in UTC with microseconds, as every time of the API.
+        assert!(
+            start.len() == 27 && start.ends_with('Z') && start.as_bytes()[10] == b'T',
+            "{start}"
+        );
+        for key in ["mean", "p50", "p95", "p99"] {
+            let v = b[key].as_f64().unwrap();
+            assert!((5.0..=11.0).contains(&v), "{key} {v}: {body}");
+        }
+    }
+    // A longer window with its own default bucket.
+    let (status, week) = gw_b
+        .get_json("/api/device/history?window=7d", Some(SECRET))
+        .await;
+    assert_eq!(status, 200, "{week}");
+    assert_eq!(week["bucket_ms"], 3_600_000, "{week}");
+    assert_eq!(total(&week), 4, "{week}");
+
+    // One 404 for everyone else: no header, a malformed secret, another
+    // browser's secret with a history of its own, a secret nobody used.
+    let (status, none) = gw_a.get_json(history, None).await;
+    assert_eq!(status, 404, "{none}");
+    assert_eq!(none["error"], "not_found");
+    let (status, other) = gw_a.get_json(history, Some(OTHER)).await;
+    assert_eq!(status, 200, "the other browser reads its own: {other}");
+    assert_eq!(total(&other), 1, "{other}");
+    for bearer in [
+        "short",
+        "not base64url at all, with spaces and ==",
+        &"u".repeat(43),
+    ] {
+        let (status, body) = gw_b.get_json(history, Some(bearer)).await;
+        assert_eq!(status, 404, "{bearer}: {body}");
+        assert_eq!(body, none, "{bearer}: the same answer");
+    }
+
+    // Bounds: 400, before anything travels.
+    for query in [
+        "window=soon",
+        "window=30s",
+        "window=32d",
+        "window=1h&bucket=90s",
+        "window=31d&bucket=1m",
+    ] {
+        let (status, body) = gw_a
+            .get_json(&format!("/api/device/history?{query}"), Some(SECRET))
+            .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"], "bad_request", "{query}: {body}");
+    }
+
+    // Forgetting: only with the secret; everything of both connections
+    // goes, the other browser's stays.
+    let delete = reqwest::Method::DELETE;
+    let (status, body) = gw_a.call_json(delete.clone(), "/api/device", None).await;
+    assert_eq!((status, &body), (404, &none));
+    let (status, body) = gw_b
+        .call_json(delete.clone(), "/api/device", Some(SECRET))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"forgotten": true, "channels": 2}));
+    for gw in [&gw_a, &gw_b] {
+        let (status, body) = gw.get_json(history, Some(SECRET)).await;
+        assert_eq!((status, &body), (404, &none), "forgotten");
+    }
+    let (status, body) = gw_a.call_json(delete, "/api/device", Some(SECRET)).await;
+    assert_eq!((status, &body), (404, &none), "forgotten once");
+    let (status, other) = gw_b.get_json(history, Some(OTHER)).await;
+    assert_eq!((status, total(&other)), (200, 1), "{other}");
+}
+
 /// One set of statistics bounds for gateway and recorder, and refusals that
 /// keep whose fault they are: 5,001 to 10,000 buckets passed the gateway
 /// and came back from the recorder as a 503; now they are a 400, the
