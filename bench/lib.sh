@@ -21,3 +21,28 @@ need_open_files() {
         exit 2
     fi
 }
+
+# free_port: a free TCP port on 127.0.0.1.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# stop_pids PID...: SIGTERM to each, then waits; one that ignores it for
+# 15 s is killed.
+stop_pids() {
+    local pid
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do
+        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+
+# wait_http URL: until it answers 200 (20 s at most, then exit 1).
+wait_http() {
+    for _ in $(seq 200); do
+        curl -fs -o /dev/null "$1" && return 0
+        sleep 0.1
+    done
+    echo "timed out waiting for $1" >&2
+    exit 1
+}

@@ -24,6 +24,8 @@
 # and no recorder (without delay reports there are no samples).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 WINDOW="${WINDOW:-60}"
 CHURN="${CHURN:-20}"
@@ -50,19 +52,9 @@ if (( $(ulimit -n) < max_clients + 1000 )); then
     exit 2
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PREFIX="bench$$"
 PIDS=()
 GW_PIDS=()
-stop_pids() {
-    local pid
-    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "$@"; do
-        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-}
 cleanup() {
     set +e
     stop_pids "${GW_PIDS[@]}"
@@ -72,15 +64,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-wait_http() {
-    for _ in $(seq 200); do
-        curl -fs -o /dev/null "$1" && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for $1" >&2
-    exit 1
-}
-
 NATS_PORT=$(free_port); NATS_MON=$(free_port)
 nats-server -js -sd "$OUT/js" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" >"$OUT/nats.log" 2>&1 &
 PIDS+=($!)

@@ -32,6 +32,8 @@
 # PostgreSQL server at $PG_URL (trust), psql, python3, curl. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 DURATION="${DURATION:-20}"          # seconds of measurement window per case
 SLICE="${SLICE:-12}"                # seconds of counter sampling inside it
@@ -64,22 +66,10 @@ if (( $(ulimit -n) < max_clients + 1000 )); then
     exit 2
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
 DB="bench_scale_$$"
 PREFIX="bench$$"
 PIDS=()
 GW_PIDS=()
-stop_pids() {
-    local pid
-    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "$@"; do
-        # Bounded: a process that ignores SIGTERM for 15 s is killed.
-        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-}
 cleanup() {
     set +e
     stop_pids "${GW_PIDS[@]}"
@@ -91,16 +81,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# wait_http URL: until it answers 200 (20 s at most).
-wait_http() {
-    for _ in $(seq 200); do
-        curl -fs -o /dev/null "$1" && return 0
-        sleep 0.1
-    done
-    echo "timed out waiting for $1" >&2
-    exit 1
-}
 
 psql "$PG_URL/postgres" -qc "create database $DB" >/dev/null
 
