@@ -74,6 +74,7 @@ HZ=$(getconf CLK_TCK)
 # sum_of FUNC PID...: FUNC summed over the processes.
 sum_of() { local f=$1 t=0 pid; shift; for pid in "$@"; do t=$((t + $($f "$pid"))); done; echo "$t"; }
 
+DB="bench_room_$$"; PREFIX="room$$"
 PIDS=()      # the stack of a distributed run (nats, recorder, presence)
 GW_PIDS=()   # the server(s) under test of the current N
 cleanup() {
@@ -104,7 +105,6 @@ if [[ $STACK == distributed ]]; then
     for b in gateway presence recorder; do
         [[ -x "$BIN/$b" ]] || nice -n 10 cargo build --release --workspace --bins >&2
     done
-    DB="bench_room_$$"; PREFIX="room$$"
     psql "$PG_URL/postgres" -qc "create database $DB" >/dev/null
     NATS_PORT=$(free_port); NATS_MON=$(free_port)
     nats-server -js -sd "$OUT/js" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" >"$OUT/nats.log" 2>&1 &

@@ -118,10 +118,18 @@ pub struct GatewayArgs {
           value_parser = clap::value_parser!(u32).range(4..=1_000_000))]
     pub outbound_queue: u32,
 
-    /// How often the gateway tells presence all its public clients.
+    /// How often the gateway tells presence the count and digest of its
+    /// public clients (a heartbeat).
     #[arg(long, env = "PINGAPP_HEARTBEAT_INTERVAL_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub heartbeat_interval_ms: u64,
+
+    /// The most clients in one piece of the full list sent when presence
+    /// asks for it, and in one roster page asked of presence
+    /// (docs/architecture.md, "Bounds").
+    #[arg(long, env = "PINGAPP_PRESENCE_PIECE_CLIENTS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub presence_piece_clients: u32,
 
     /// How long a drain may take before the process exits anyway.
     #[arg(long, env = "PINGAPP_DRAIN_TIMEOUT_MS", default_value_t = 10_000,
@@ -224,6 +232,7 @@ impl Default for GatewayArgs {
             idle_timeout_ms: 30_000,
             outbound_queue: 1024,
             heartbeat_interval_ms: 2000,
+            presence_piece_clients: 1000,
             drain_timeout_ms: 10_000,
             max_delay_excess_ms: 500,
             max_connections_per_ip: 256,

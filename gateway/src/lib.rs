@@ -158,6 +158,8 @@ impl Gateway {
                 topic: cfg.subjects.gateway_reports(&cfg.gateway_id),
                 roster_tick: cfg.args.roster_tick(),
                 heartbeat_interval: cfg.args.heartbeat_interval(),
+                piece_clients: cfg.args.presence_piece_clients as usize,
+                lists: metrics.presence_lists.clone(),
             },
             bus.clone(),
             syncs,
@@ -169,15 +171,21 @@ impl Gateway {
             let period = cfg.args.roster_tick();
             async move { room.run_ticks(period, stop).await }
         };
+        let source = feed::RosterSource {
+            bus: bus.clone(),
+            service: cfg.subjects.roster_request(),
+            page: cfg.args.presence_piece_clients,
+            metrics: metrics.clone(),
+        };
         let feed = vec![
             tokio::spawn(ticks),
-            tokio::spawn(feed::broadcasts(room.clone(), broadcasts, stop.clone())),
-            tokio::spawn(feed::fetch_roster(
+            tokio::spawn(feed::broadcasts(
                 room.clone(),
-                bus.clone(),
-                cfg.subjects.roster_request(),
+                broadcasts,
+                source.clone(),
                 stop.clone(),
             )),
+            tokio::spawn(feed::fetch_roster(room.clone(), source, stop.clone())),
         ];
         let b = bus.clone();
         readiness.add_check("nats", move || b.is_connected());

@@ -56,6 +56,11 @@ pub struct GatewayMetrics {
     /// The connection caps, by kind (`connections`, `public`,
     /// `v1_public`).
     pub connection_cap: IntGaugeVec,
+    /// Whole-roster fetches from presence, by trigger (`start`, or
+    /// `digest`: presence's roster digest differed from the copy).
+    pub roster_fetches: IntCounterVec,
+    /// Full client lists sent to presence at its request, and their pieces.
+    pub presence_lists: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -72,6 +77,12 @@ impl GatewayMetrics {
         m.persist_buffer_bytes.with_label_values(none);
         m.persist_buffer_max_bytes.with_label_values(none);
         m.roster_size.with_label_values(none);
+        for trigger in ["start", "digest"] {
+            m.roster_fetches.with_label_values(&[trigger]);
+        }
+        for kind in ["lists", "pieces"] {
+            m.presence_lists.with_label_values(&[kind]);
+        }
         for reason in [
             "origin",
             "ip_connections",
@@ -231,6 +242,20 @@ impl GatewayMetrics {
                 "pingapp_gateway_roster_size",
                 "Public clients in this gateway's copy of the roster.",
                 &[],
+            ),
+            roster_fetches: counter(
+                r,
+                "pingapp_gateway_roster_fetches_total",
+                "Whole-roster fetches from presence (in pages of --presence-piece-clients), by \
+                 trigger: start, or digest (presence's roster digest differed from the copy).",
+                &["trigger"],
+            ),
+            presence_lists: counter(
+                r,
+                "pingapp_gateway_presence_lists_total",
+                "Full client lists sent to presence at its request (kind lists), and their \
+                 pieces of at most --presence-piece-clients clients (kind pieces).",
+                &["kind"],
             ),
             refused: counter(
                 r,

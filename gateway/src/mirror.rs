@@ -10,7 +10,7 @@ use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
 use axum::extract::ws::Utf8Bytes;
-use services::messages::{Broadcast, RosterClient};
+use services::messages::{Broadcast, RosterClient, client_digest};
 use services::protocol::{Order, ServerMessage, Sort, V1Delay, V1RosterEntry, ViewSpec};
 use services::stats::DelayStats;
 
@@ -108,6 +108,8 @@ pub struct Mirror {
     v1: Option<V1Frame>,
     /// Whether a delay changed since the v1 frame was built.
     v1_delays_stale: bool,
+    /// XOR of [`client_digest`] over every client.
+    digest: u64,
 }
 
 impl Mirror {
@@ -124,6 +126,22 @@ impl Mirror {
     /// Counts every change: equal versions, equal rosters.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// Whether the copy holds what presence's [`Broadcast::Digest`] says
+    /// the roster holds: the same count and digest once this gateway's own
+    /// clients that presence has not announced yet are left out (presence
+    /// may not know them yet). O(those clients).
+    pub fn agrees_with(&self, count: u64, digest: u64) -> bool {
+        let mut n = self.clients.len() as u64;
+        let mut d = self.digest;
+        for id in &self.unannounced {
+            if let Some(e) = self.clients.get(id) {
+                n -= 1;
+                d ^= client_digest(id, &e.client.name);
+            }
+        }
+        n == count && d == digest
     }
 
     /// Adds a client of this gateway that just connected, before presence
@@ -179,6 +197,7 @@ impl Mirror {
             self.remove(&id);
         }
         let e = Entry { client, lower };
+        self.digest ^= client_digest(&id, &e.client.name);
         self.by_name.insert(e.name_key());
         self.by_delay.insert(e.delay_key());
         if e.client.stats.is_some() {
@@ -197,6 +216,7 @@ impl Mirror {
         let Some(e) = self.clients.remove(id) else {
             return false;
         };
+        self.digest ^= client_digest(id, &e.client.name);
         self.by_name.remove(&e.name_key());
         self.by_delay.remove(&e.delay_key());
         if e.client.stats.is_some() {
@@ -248,6 +268,9 @@ impl Mirror {
                 Fanout::default()
             }
             Broadcast::Snapshot { clients } => events(self.reconcile(clients)),
+            // Compared by the feed (Mirror::agrees_with), which fetches the
+            // roster when it differs.
+            Broadcast::Digest { .. } => Fanout::default(),
         }
     }
 
@@ -762,5 +785,44 @@ mod tests {
         let mut ids = ids(&m);
         ids.sort();
         assert_eq!(ids, ["added", "mine", "renamed"]);
+    }
+
+    #[test]
+    fn the_digest_follows_the_copy_and_leaves_out_unannounced_own_clients() {
+        let d = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .fold(0, |d, (id, name)| d ^ client_digest(id, name))
+        };
+        let mut m = Mirror::default();
+        assert!(m.agrees_with(0, 0));
+        m.apply(connect("a", "a"));
+        m.apply(connect("b", "b"));
+        m.apply(Broadcast::Rename {
+            channel_name: "b".into(),
+            name: "Bea".into(),
+        });
+        assert!(m.agrees_with(2, d(&[("a", "a"), ("b", "Bea")])));
+        assert!(
+            !m.agrees_with(2, d(&[("a", "a"), ("b", "b")])),
+            "names count"
+        );
+        m.set_stats("a", stats(3.0));
+        assert!(
+            m.agrees_with(2, d(&[("a", "a"), ("b", "Bea")])),
+            "delays do not"
+        );
+        // An own client presence has not announced: left out until it is.
+        m.add_local(client("mine", "me"));
+        assert!(m.agrees_with(2, d(&[("a", "a"), ("b", "Bea")])));
+        m.apply(connect("mine", "me"));
+        assert!(m.agrees_with(3, d(&[("a", "a"), ("b", "Bea"), ("mine", "me")])));
+        m.apply(Broadcast::Disconnect {
+            channel_name: "a".into(),
+        });
+        assert!(m.agrees_with(2, d(&[("b", "Bea"), ("mine", "me")])));
+        // A snapshot brings it to presence's roster.
+        m.apply(snapshot(&[("b", "Bea"), ("c", "c"), ("mine", "me")]));
+        assert!(m.agrees_with(3, d(&[("b", "Bea"), ("c", "c"), ("mine", "me")])));
     }
 }

@@ -15,9 +15,13 @@
 //!   roster tick, coalesced.
 //!
 //! Every wall-clock roster tick closes with a `Delays` report, empty or
-//! not; heartbeats list every client each interval and at once when
-//! presence asks (after it restarts). [`ReporterHandle::goodbye`] sends the
-//! last report and ends the task.
+//! not. A heartbeat each interval carries the count and the digest
+//! ([`services::messages::client_digest`], kept incrementally) of the
+//! clients: O(1) bytes whatever their number. When presence asks (after it
+//! restarts, or because a heartbeat disagreed with its roster) the full
+//! list leaves in consecutive `Clients` pieces of at most
+//! `--presence-piece-clients` clients. [`ReporterHandle::goodbye`] sends
+//! the last report and ends the task.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -26,7 +30,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use services::bus::SharedBus;
 use services::bus::topic::{Inbox, Topic};
-use services::messages::{GatewayReport, GatewayUpdate, HeartbeatRequest, RosterClient};
+use services::messages::{
+    GatewayReport, GatewayUpdate, HeartbeatRequest, RosterClient, client_digest,
+};
 use services::stats::DelayStats;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -109,6 +115,10 @@ pub struct ReporterConfig {
     pub roster_tick: Duration,
     /// Heartbeat interval.
     pub heartbeat_interval: Duration,
+    /// The most clients in one piece of the full list.
+    pub piece_clients: usize,
+    /// Counts the full lists sent (`lists`) and their pieces (`pieces`).
+    pub lists: prometheus::IntCounterVec,
 }
 
 /// The reporter task's state.
@@ -116,6 +126,8 @@ pub struct Reporter {
     cfg: ReporterConfig,
     bus: SharedBus,
     clients: HashMap<String, RosterClient>,
+    /// XOR of [`client_digest`] over `clients`.
+    digest: u64,
     /// Clients whose delay changed since the last tick.
     dirty: BTreeMap<String, DelayStats>,
     seq: u64,
@@ -138,6 +150,7 @@ impl Reporter {
             cfg,
             bus,
             clients: HashMap::new(),
+            digest: 0,
             dirty: BTreeMap::new(),
             seq: 1,
             mailbox: mailbox.clone(),
@@ -167,7 +180,11 @@ impl Reporter {
                 tick_ms = ticks.tick() => self.close_tick(&mut rx, tick_ms).await,
                 _ = heartbeat.tick() => self.heartbeat(&mut rx).await,
                 request = sync_requests.next(), if syncing => match request {
-                    Some(_) => self.heartbeat(&mut rx).await,
+                    Some(m) => match m.message {
+                        Ok(r) if r.asks(&self.cfg.gateway_id) => self.send_list(&mut rx).await,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "undecodable sync request"),
+                    },
                     None => syncing = false,
                 },
             }
@@ -183,18 +200,27 @@ impl Reporter {
     async fn change(&mut self, change: Membership) {
         let update = match change {
             Membership::Join(client) => {
-                self.clients
-                    .insert(client.channel_name.clone(), client.clone());
+                self.digest ^= client_digest(&client.channel_name, &client.name);
+                if let Some(old) = self
+                    .clients
+                    .insert(client.channel_name.clone(), client.clone())
+                {
+                    self.digest ^= client_digest(&old.channel_name, &old.name);
+                }
                 GatewayUpdate::Connect { client }
             }
             Membership::Rename { channel_name, name } => {
                 if let Some(c) = self.clients.get_mut(&channel_name) {
+                    self.digest ^=
+                        client_digest(&channel_name, &c.name) ^ client_digest(&channel_name, &name);
                     c.name.clone_from(&name);
                 }
                 GatewayUpdate::Rename { channel_name, name }
             }
             Membership::Leave { channel_name } => {
-                self.clients.remove(&channel_name);
+                if let Some(old) = self.clients.remove(&channel_name) {
+                    self.digest ^= client_digest(&old.channel_name, &old.name);
+                }
                 self.dirty.remove(&channel_name);
                 GatewayUpdate::Disconnect { channel_name }
             }
@@ -236,13 +262,41 @@ impl Reporter {
         .await;
     }
 
+    /// The count and digest of the clients: O(1), whatever their number.
     async fn heartbeat(&mut self, rx: &mut mpsc::Receiver<Command>) {
         self.catch_up(rx).await;
         let update = GatewayUpdate::Heartbeat {
-            clients: self.clients.values().cloned().collect(),
+            clients: Vec::new(),
             interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            count: Some(self.clients.len() as u64),
+            digest: Some(self.digest),
         };
         self.publish(update).await;
+    }
+
+    /// The full list, in consecutive pieces (one, empty, if there is no
+    /// client): nothing else is reported between them, so presence sees
+    /// the list as of one moment.
+    async fn send_list(&mut self, rx: &mut mpsc::Receiver<Command>) {
+        self.catch_up(rx).await;
+        let all: Vec<RosterClient> = self.clients.values().cloned().collect();
+        let piece = self.cfg.piece_clients.max(1);
+        let pieces = all.len().div_ceil(piece).max(1);
+        let mut rest = all.into_iter();
+        for part in 0..pieces {
+            let clients: Vec<RosterClient> = rest.by_ref().take(piece).collect();
+            self.publish(GatewayUpdate::Clients {
+                part: part as u32,
+                last: part + 1 == pieces,
+                clients,
+            })
+            .await;
+        }
+        self.cfg.lists.with_label_values(&["lists"]).inc();
+        self.cfg
+            .lists
+            .with_label_values(&["pieces"])
+            .inc_by(pieces as u64);
     }
 
     async fn publish(&mut self, update: GatewayUpdate) {
@@ -301,9 +355,15 @@ mod tests {
             topic: reports_topic(),
             roster_tick: Duration::from_secs(3600),
             heartbeat_interval: Duration::from_secs(3600),
+            piece_clients: 2,
+            lists: lists_metric(),
         };
         let (handle, task) = Reporter::spawn(cfg, Arc::new(bus.clone()), syncs);
         (handle, task, reports, bus)
+    }
+
+    fn lists_metric() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(prometheus::Opts::new("lists", "lists"), &["kind"]).unwrap()
     }
 
     fn reports_topic() -> Topic<GatewayReport> {
@@ -326,9 +386,11 @@ mod tests {
     async fn reports_leave_in_sequence_and_heartbeats_see_every_earlier_change() {
         let (handle, task, mut reports, bus) = start().await;
         let first = next(&mut reports).await;
-        assert!(
-            matches!(first.update, GatewayUpdate::Heartbeat { ref clients, .. } if clients.is_empty())
-        );
+        assert!(matches!(
+            first.update,
+            GatewayUpdate::Heartbeat { ref clients, count: Some(0), digest: Some(0), .. }
+                if clients.is_empty()
+        ));
         handle.send(Membership::Join(client("a"))).await;
         handle.send(Membership::Join(client("b"))).await;
         handle.note_delay("a", stats(1.0));
@@ -338,21 +400,35 @@ mod tests {
                 channel_name: "b".into(),
             })
             .await;
-        // Presence asks for a heartbeat: it comes after every change above,
+        // Another gateway's list is asked for: not ours to answer.
+        let other = HeartbeatRequest {
+            gateway: Some("h".into()),
+        };
+        sync_topic().publish(&bus, &other).await.unwrap();
+        // Presence asks for our list: it comes after every change above,
         // and carries a's latest delay.
-        sync_topic().publish(&bus, &HeartbeatRequest).await.unwrap();
+        let ours = HeartbeatRequest {
+            gateway: Some("g".into()),
+        };
+        sync_topic().publish(&bus, &ours).await.unwrap();
         let mut seen = Vec::new();
         loop {
             let r = next(&mut reports).await;
             seen.push(r.seq);
-            if let GatewayUpdate::Heartbeat { clients, .. } = r.update {
-                assert_eq!(clients.len(), 1, "b left before the heartbeat");
+            if let GatewayUpdate::Clients {
+                part,
+                last,
+                clients,
+            } = r.update
+            {
+                assert_eq!((part, last), (0, true));
+                assert_eq!(clients.len(), 1, "b left before the list");
                 assert_eq!(clients[0].channel_name, "a");
                 assert_eq!(clients[0].stats, Some(stats(2.0)));
                 break;
             }
         }
-        assert_eq!(seen.len(), 4, "join, join, leave, heartbeat: {seen:?}");
+        assert_eq!(seen.len(), 4, "join, join, leave, list: {seen:?}");
         assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
         assert!(seen[0] == first.seq + 1);
 
@@ -379,6 +455,8 @@ mod tests {
             topic: reports_topic(),
             roster_tick: Duration::from_millis(50),
             heartbeat_interval: Duration::from_secs(3600),
+            piece_clients: 1000,
+            lists: lists_metric(),
         };
         let (handle, _task) = Reporter::spawn(cfg, Arc::new(bus.clone()), syncs);
         handle.send(Membership::Join(client("a"))).await;
@@ -401,5 +479,61 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn heartbeats_carry_a_count_and_digest_and_lists_go_in_pieces() {
+        let (handle, _task, mut reports, bus) = start().await;
+        next(&mut reports).await;
+        for id in ["a", "b", "c", "d", "e"] {
+            handle.send(Membership::Join(client(id))).await;
+        }
+        handle
+            .send(Membership::Rename {
+                channel_name: "c".into(),
+                name: "Cee".into(),
+            })
+            .await;
+        handle
+            .send(Membership::Leave {
+                channel_name: "e".into(),
+            })
+            .await;
+        let expected = [("a", "a"), ("b", "b"), ("c", "Cee"), ("d", "d")]
+            .iter()
+            .fold(0, |d, (id, name)| d ^ client_digest(id, name));
+        // Every sync request is answered with the list: four clients in
+        // pieces of two, numbered, consecutive, the last marked.
+        sync_topic()
+            .publish(&bus, &HeartbeatRequest::default())
+            .await
+            .unwrap();
+        let mut pieces = Vec::new();
+        while pieces.len() < 2 {
+            let r = next(&mut reports).await;
+            if let GatewayUpdate::Clients { .. } = r.update {
+                pieces.push(r);
+            }
+        }
+        assert_eq!(pieces[1].seq, pieces[0].seq + 1);
+        let mut listed = 0;
+        let mut digest = 0;
+        for (i, p) in pieces.iter().enumerate() {
+            let GatewayUpdate::Clients {
+                part,
+                last,
+                clients,
+            } = &p.update
+            else {
+                unreachable!()
+            };
+            assert_eq!((*part as usize, *last), (i, i == 1));
+            listed += clients.len();
+            digest = clients
+                .iter()
+                .fold(digest, |d, c| d ^ client_digest(&c.channel_name, &c.name));
+        }
+        assert_eq!((listed, digest), (4, expected));
+        handle.goodbye().await;
     }
 }

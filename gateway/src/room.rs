@@ -226,6 +226,12 @@ impl Room {
         page
     }
 
+    /// Whether the roster copy agrees with presence's count and digest
+    /// ([`Mirror::agrees_with`]).
+    pub fn roster_agrees(&self, count: u64, digest: u64) -> bool {
+        self.mirror().agrees_with(count, digest)
+    }
+
     /// Applies one of presence's broadcasts to the roster copy and queues
     /// the resulting v1 frames, each serialized once, for every local v1
     /// page. v2 pages see the change at the next tick; a `Delays`

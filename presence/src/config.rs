@@ -45,6 +45,10 @@ pub struct PresenceCli {
     /// heartbeat listing more, or a connect beyond it, is refused.
     #[arg(long, env = "PINGAPP_MAX_CLIENTS_PER_GATEWAY", default_value_t = crate::roster::DEFAULT_MAX_CLIENTS_PER_GATEWAY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_clients_per_gateway: usize,
+    /// The most clients in one reply to a gateway's roster request (a page;
+    /// the gateway asks for the next until it has them all).
+    #[arg(long, env = "PINGAPP_MAX_ROSTER_PAGE", default_value_t = crate::service::DEFAULT_MAX_ROSTER_PAGE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub max_roster_page: usize,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
@@ -59,6 +63,7 @@ impl PresenceCli {
         cfg.lease_ttl = Duration::from_millis(self.lease_ttl_ms);
         cfg.warmup = Duration::from_millis(self.warmup_ms);
         cfg.max_clients_per_gateway = self.max_clients_per_gateway;
+        cfg.max_roster_page = self.max_roster_page;
         cfg
     }
 }
@@ -85,6 +90,7 @@ mod tests {
         assert_eq!(cfg.roster_tick, Duration::from_millis(500));
         assert_eq!(cfg.lease_ttl, Duration::from_secs(6));
         assert_eq!(cfg.max_clients_per_gateway, 50_000);
+        assert_eq!(cfg.max_roster_page, 1000);
         let bad = PresenceCli::try_parse_from(["presence", "--nats-url", "nats://h:x"]);
         assert!(bad.is_err(), "a bad NATS port is refused");
     }

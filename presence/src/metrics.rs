@@ -20,6 +20,9 @@ pub(crate) struct Metrics {
     pub bad_reports: IntCounter,
     pub refused: IntCounterVec,
     pub delay_flushes: IntCounterVec,
+    pub sync_requests: IntCounter,
+    pub broken_pieces: IntCounter,
+    pub roster_pages: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,6 +113,28 @@ impl Metrics {
                 }
                 v
             },
+            sync_requests: single(
+                "pingapp_presence_sync_requests_total",
+                "Full client lists asked of one gateway because its heartbeat's count or \
+                 digest differed from the roster.",
+            ),
+            broken_pieces: single(
+                "pingapp_presence_broken_pieces_total",
+                "Full client lists dropped because a piece was missing or out of order.",
+            ),
+            roster_pages: {
+                let v = counter(
+                    registry,
+                    "pingapp_presence_roster_pages_total",
+                    "Roster requests answered, by kind: page (at most --max-roster-page \
+                     clients) or whole (an older gateway's request without a limit).",
+                    &["kind"],
+                );
+                for kind in ["page", "whole"] {
+                    v.with_label_values(&[kind]);
+                }
+                v
+            },
         }
     }
 }
@@ -122,6 +147,7 @@ pub(crate) fn update_kind(u: &GatewayUpdate) -> &'static str {
         GatewayUpdate::Disconnect { .. } => "disconnect",
         GatewayUpdate::Delays { .. } => "delays",
         GatewayUpdate::Heartbeat { .. } => "heartbeat",
+        GatewayUpdate::Clients { .. } => "clients",
         GatewayUpdate::Goodbye => "goodbye",
     }
 }
@@ -134,5 +160,6 @@ pub(crate) fn broadcast_kind(b: &Broadcast) -> &'static str {
         Broadcast::Disconnect { .. } => "disconnect",
         Broadcast::Delays { .. } => "delays",
         Broadcast::Snapshot { .. } => "snapshot",
+        Broadcast::Digest { .. } => "digest",
     }
 }

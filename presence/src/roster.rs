@@ -6,9 +6,16 @@
 //! - Events (connect, rename, disconnect, delays, goodbye) always apply;
 //!   connect, rename and disconnect are always broadcast, because the page
 //!   that caused them waits for their echo.
-//! - A heartbeat is the full list of a gateway's public clients and
-//!   reconciles the roster with it. A heartbeat older than an event already
-//!   applied (lower `seq`) is stale and ignored.
+//! - A heartbeat carries the count and digest of a gateway's public
+//!   clients ([`services::messages::client_digest`]); when they differ from
+//!   what the roster holds for that gateway (a lost event, a restart of
+//!   either side, a gateway not known yet), presence asks that gateway for
+//!   its full list ([`Roster::take_sync_requests`]), at most once per two
+//!   of its heartbeat intervals while the answer is awaited. The list comes
+//!   in pieces; the last one reconciles the roster with their union. An
+//!   older gateway's heartbeat is itself the full list and reconciles at
+//!   once. A heartbeat older than an event already applied (lower `seq`)
+//!   is stale and ignored.
 //! - During warm-up (after presence starts) clients learned from heartbeats
 //!   are added silently: the pages already have them.
 //! - A gateway silent for [`MISSED_HEARTBEATS`] heartbeat intervals is
@@ -17,13 +24,14 @@
 //! - A gateway speaks only for its own clients (docs/security.md, "The
 //!   bus"): a connect, rename or disconnect of a client that another
 //!   gateway holds is refused, and so are the entries of such clients in
-//!   its heartbeats and delay reports. A heartbeat or connect that would
-//!   give one gateway more than its cap of clients is refused.
+//!   its heartbeats, pieces and delay reports. A heartbeat (by its count or
+//!   its list), a list of pieces or a connect that would give one gateway
+//!   more than its cap of clients is refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use services::messages::{Broadcast, GatewayReport, GatewayUpdate, RosterClient};
+use services::messages::{Broadcast, GatewayReport, GatewayUpdate, RosterClient, client_digest};
 use services::stats::DelayStats;
 use tokio::time::Instant;
 
@@ -56,6 +64,21 @@ struct GatewayState {
     missed_counted: u64,
     /// The latest roster tick (Unix ms) it closed with a `Delays` report.
     closed_tick: Option<i64>,
+    /// The pieces of its full list received so far.
+    assembly: Option<Assembly>,
+    /// When its full list was last asked for and not yet received.
+    sync_asked: Option<Instant>,
+}
+
+/// A gateway's full list being put together from its pieces.
+#[derive(Debug, Clone)]
+struct Assembly {
+    /// The piece expected next.
+    next_part: u32,
+    /// The `seq` of the last piece (pieces come in consecutive reports).
+    last_seq: u64,
+    /// The clients so far.
+    clients: Vec<RosterClient>,
 }
 
 impl GatewayState {
@@ -68,6 +91,8 @@ impl GatewayState {
             last_seq: seq,
             missed_counted: 0,
             closed_tick: None,
+            assembly: None,
+            sync_asked: None,
         }
     }
 }
@@ -137,6 +162,15 @@ pub struct Roster {
     /// Entries of applied reports that were skipped as another gateway's,
     /// since the last [`Roster::take_refused_entries`].
     refused_entries: u64,
+    /// The digest of each gateway's clients, kept with `clients`.
+    digests: HashMap<String, u64>,
+    /// The digest of the whole roster.
+    digest: u64,
+    /// Gateways whose full list is to be asked for.
+    wanted_syncs: Vec<String>,
+    /// Piece sequences broken (a piece missing or out of order) since the
+    /// last [`Roster::take_broken_pieces`].
+    broken_pieces: u64,
 }
 
 impl Roster {
@@ -151,6 +185,10 @@ impl Roster {
             held: HashMap::new(),
             max_per_gateway: DEFAULT_MAX_CLIENTS_PER_GATEWAY,
             refused_entries: 0,
+            digests: HashMap::new(),
+            digest: 0,
+            wanted_syncs: Vec::new(),
+            broken_pieces: 0,
         }
     }
 
@@ -164,6 +202,44 @@ impl Roster {
     /// named another gateway's client, since the last call.
     pub fn take_refused_entries(&mut self) -> u64 {
         std::mem::take(&mut self.refused_entries)
+    }
+
+    /// The gateways whose full list must be asked for now (their heartbeat
+    /// disagreed with the roster), since the last call.
+    pub fn take_sync_requests(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.wanted_syncs)
+    }
+
+    /// Piece sequences dropped because a piece was missing or out of
+    /// order, since the last call (the gateway is asked again).
+    pub fn take_broken_pieces(&mut self) -> u64 {
+        std::mem::take(&mut self.broken_pieces)
+    }
+
+    /// The count and digest of the whole roster, as the periodic
+    /// [`Broadcast::Digest`] carries them.
+    pub fn digest(&self) -> Broadcast {
+        Broadcast::Digest {
+            count: self.clients.len() as u64,
+            digest: self.digest,
+        }
+    }
+
+    /// One page of the roster in id order: at most `limit` clients after
+    /// `after`, and the cursor of the next page if there is one.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<RosterClient>, Option<String>) {
+        use std::ops::Bound;
+        let from = match after {
+            Some(a) => Bound::Excluded(a.to_owned()),
+            None => Bound::Unbounded,
+        };
+        let mut range = self.clients.range((from, Bound::Unbounded));
+        let page: Vec<RosterClient> = range.by_ref().take(limit).map(|(_, c)| c.clone()).collect();
+        let next = match (range.next(), page.last()) {
+            (Some(_), Some(last)) => Some(last.channel_name.clone()),
+            _ => None,
+        };
+        (page, next)
     }
 
     /// Whether `channel_name` is held by a gateway other than `gateway`.
@@ -192,8 +268,16 @@ impl Roster {
             | GatewayUpdate::Disconnect { channel_name } => self
                 .is_foreign(channel_name, gateway)
                 .then_some(Refusal::ForeignClient),
-            GatewayUpdate::Heartbeat { clients, .. } => {
-                (clients.len() > self.max_per_gateway).then_some(Refusal::TooManyClients)
+            GatewayUpdate::Heartbeat { clients, count, .. } => (clients.len()
+                > self.max_per_gateway
+                || count.is_some_and(|n| n > self.max_per_gateway as u64))
+            .then_some(Refusal::TooManyClients),
+            GatewayUpdate::Clients { clients, part, .. } => {
+                let so_far = match self.gateways.get(gateway).and_then(|g| g.assembly.as_ref()) {
+                    Some(a) if *part > 0 => a.clients.len(),
+                    _ => 0,
+                };
+                (so_far + clients.len() > self.max_per_gateway).then_some(Refusal::TooManyClients)
             }
             GatewayUpdate::Delays { .. } | GatewayUpdate::Goodbye => None,
         }
@@ -244,6 +328,11 @@ impl Roster {
             update,
         } = report;
         if let Some(refusal) = self.refusal(&gateway, &update) {
+            if let Some(state) = self.gateways.get_mut(&gateway)
+                && matches!(update, GatewayUpdate::Clients { .. })
+            {
+                state.assembly = None;
+            }
             return Outcome::Refused(refusal);
         }
         let state = self
@@ -289,9 +378,7 @@ impl Roster {
                 vec![Broadcast::Connect { client }]
             }
             GatewayUpdate::Rename { channel_name, name } => {
-                if let Some(c) = self.clients.get_mut(&channel_name) {
-                    c.name.clone_from(&name);
-                }
+                self.rename(&channel_name, &name);
                 vec![Broadcast::Rename { channel_name, name }]
             }
             GatewayUpdate::Disconnect { channel_name } => {
@@ -311,7 +398,24 @@ impl Roster {
                 }
                 Vec::new()
             }
+            GatewayUpdate::Heartbeat {
+                count: Some(count),
+                digest,
+                ..
+            } => {
+                let held = self.held.get(&gateway).copied().unwrap_or(0) as u64;
+                let ours = self.digests.get(&gateway).copied().unwrap_or(0);
+                if held != count || digest.is_some_and(|d| d != ours) {
+                    self.want_sync(&gateway, now);
+                }
+                Vec::new()
+            }
             GatewayUpdate::Heartbeat { clients, .. } => self.reconcile(&gateway, clients, now),
+            GatewayUpdate::Clients {
+                part,
+                last,
+                clients,
+            } => self.piece(&gateway, seq, part, last, clients, now),
             GatewayUpdate::Goodbye => {
                 self.gateways.remove(&gateway);
                 self.remove_gateway_clients(&gateway)
@@ -320,7 +424,65 @@ impl Roster {
         Outcome::Applied(broadcasts)
     }
 
-    /// Makes the clients of `gateway` exactly those of its heartbeat.
+    /// Asks for `gateway`'s full list unless it was asked for less than two
+    /// heartbeat intervals ago and has not come yet.
+    fn want_sync(&mut self, gateway: &str, now: Instant) {
+        let Some(state) = self.gateways.get_mut(gateway) else {
+            return;
+        };
+        if state
+            .sync_asked
+            .is_some_and(|at| now.saturating_duration_since(at) < state.interval * 2)
+        {
+            return;
+        }
+        state.sync_asked = Some(now);
+        self.wanted_syncs.push(gateway.to_owned());
+    }
+
+    /// Adds one piece of `gateway`'s full list; the last one reconciles.
+    fn piece(
+        &mut self,
+        gateway: &str,
+        seq: u64,
+        part: u32,
+        last: bool,
+        clients: Vec<RosterClient>,
+        now: Instant,
+    ) -> Vec<Broadcast> {
+        let state = self.gateways.get_mut(gateway).expect("inserted by apply");
+        let assembly = if part == 0 {
+            state.assembly.insert(Assembly {
+                next_part: 0,
+                last_seq: seq.wrapping_sub(1),
+                clients: Vec::new(),
+            })
+        } else {
+            match state.assembly.as_mut() {
+                Some(a) if a.next_part == part && a.last_seq.wrapping_add(1) == seq => a,
+                _ => {
+                    // A piece is missing: this list cannot be trusted whole.
+                    state.assembly = None;
+                    state.sync_asked = None;
+                    self.broken_pieces += 1;
+                    self.want_sync(gateway, now);
+                    return Vec::new();
+                }
+            }
+        };
+        assembly.next_part = part + 1;
+        assembly.last_seq = seq;
+        assembly.clients.extend(clients);
+        if !last {
+            return Vec::new();
+        }
+        let all = state.assembly.take().expect("assembling").clients;
+        state.sync_asked = None;
+        self.reconcile(gateway, all, now)
+    }
+
+    /// Makes the clients of `gateway` exactly those of its full list (a
+    /// legacy heartbeat, or the union of its pieces).
     fn reconcile(
         &mut self,
         gateway: &str,
@@ -347,10 +509,15 @@ impl Roster {
                 continue;
             }
             client.gateway = gateway.to_owned();
+            let renamed = self
+                .clients
+                .get(&client.channel_name)
+                .is_some_and(|known| known.name != client.name);
+            if renamed {
+                self.rename(&client.channel_name, &client.name);
+            }
             match self.clients.get_mut(&client.channel_name) {
                 Some(known) => {
-                    let renamed = known.name != client.name;
-                    known.name.clone_from(&client.name);
                     if client.stats.is_some() {
                         known.stats = client.stats;
                     }
@@ -447,28 +614,49 @@ impl Roster {
     }
 
     /// Adds or replaces a client of `client.gateway`, keeping the
-    /// per-gateway counts.
+    /// per-gateway counts and digests.
     fn insert(&mut self, client: RosterClient) {
         let gateway = client.gateway.clone();
+        let d = client_digest(&client.channel_name, &client.name);
         if let Some(old) = self.clients.insert(client.channel_name.clone(), client) {
-            self.uncount(&old.gateway);
+            self.uncount(&old);
         }
-        *self.held.entry(gateway).or_default() += 1;
+        *self.held.entry(gateway.clone()).or_default() += 1;
+        *self.digests.entry(gateway).or_default() ^= d;
+        self.digest ^= d;
     }
 
-    fn uncount(&mut self, gateway: &str) {
-        if let Some(n) = self.held.get_mut(gateway) {
+    /// Takes `old` out of its gateway's count and digest.
+    fn uncount(&mut self, old: &RosterClient) {
+        let d = client_digest(&old.channel_name, &old.name);
+        self.digest ^= d;
+        if let Some(n) = self.held.get_mut(&old.gateway) {
             *n -= 1;
             if *n == 0 {
-                self.held.remove(gateway);
+                self.held.remove(&old.gateway);
+                self.digests.remove(&old.gateway);
+            } else if let Some(g) = self.digests.get_mut(&old.gateway) {
+                *g ^= d;
             }
         }
+    }
+
+    /// Renames a known client, keeping the digests.
+    fn rename(&mut self, channel_name: &str, name: &str) {
+        let Some(c) = self.clients.get_mut(channel_name) else {
+            return;
+        };
+        let d = client_digest(channel_name, &c.name) ^ client_digest(channel_name, name);
+        c.name = name.to_owned();
+        let gateway = c.gateway.clone();
+        self.digest ^= d;
+        *self.digests.entry(gateway).or_default() ^= d;
     }
 
     fn remove(&mut self, channel_name: &str) -> Option<RosterClient> {
         self.pending.remove(channel_name);
         let gone = self.clients.remove(channel_name)?;
-        self.uncount(&gone.gateway);
+        self.uncount(&gone);
         Some(gone)
     }
 
@@ -540,6 +728,8 @@ mod tests {
             GatewayUpdate::Heartbeat {
                 clients,
                 interval_ms,
+                count: None,
+                digest: None,
             },
         )
     }
@@ -1053,5 +1243,159 @@ mod tests {
         applied(r.apply(report("old", 3, GatewayUpdate::Goodbye), t0));
         applied(r.apply(tick_report("g", 3, 1500, &[("a", 5.0)]), t0));
         assert_eq!(delays_of(r.take_closed_delays()), ["a"]);
+    }
+
+    fn digest_of(clients: &[RosterClient]) -> u64 {
+        clients
+            .iter()
+            .fold(0, |d, c| d ^ client_digest(&c.channel_name, &c.name))
+    }
+
+    fn digest_heartbeat(gw: &str, seq: u64, clients: &[RosterClient]) -> GatewayReport {
+        report(
+            gw,
+            seq,
+            GatewayUpdate::Heartbeat {
+                clients: vec![],
+                interval_ms: 1000,
+                count: Some(clients.len() as u64),
+                digest: Some(digest_of(clients)),
+            },
+        )
+    }
+
+    fn piece(gw: &str, seq: u64, part: u32, last: bool, clients: &[RosterClient]) -> GatewayReport {
+        report(
+            gw,
+            seq,
+            GatewayUpdate::Clients {
+                part,
+                last,
+                clients: clients.to_vec(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_matching_digest_heartbeat_asks_nothing_a_differing_one_asks_once() {
+        let (mut r, t0) = warm();
+        applied(r.apply(connect("g", 1, "a"), t0));
+        applied(r.apply(
+            report(
+                "g",
+                2,
+                GatewayUpdate::Rename {
+                    channel_name: "a".into(),
+                    name: "Ann".into(),
+                },
+            ),
+            t0,
+        ));
+        let a = client("a", "Ann", "g");
+        assert!(
+            applied(r.apply(digest_heartbeat("g", 3, std::slice::from_ref(&a)), t0)).is_empty()
+        );
+        assert!(r.take_sync_requests().is_empty(), "in agreement");
+        // Presence missed the connect of b.
+        let b = client("b", "b", "g");
+        let both = [a.clone(), b.clone()];
+        applied(r.apply(digest_heartbeat("g", 5, &both), t0));
+        assert_eq!(r.take_sync_requests(), ["g"]);
+        applied(r.apply(digest_heartbeat("g", 6, &both), t0 + ms(1000)));
+        assert!(r.take_sync_requests().is_empty(), "asked already");
+        // The answer, in two pieces: b is announced when the last arrives.
+        assert!(
+            applied(r.apply(
+                piece("g", 7, 0, false, std::slice::from_ref(&a)),
+                t0 + ms(1100)
+            ))
+            .is_empty()
+        );
+        let out = applied(r.apply(
+            piece("g", 8, 1, true, std::slice::from_ref(&b)),
+            t0 + ms(1100),
+        ));
+        assert_eq!(out, vec![Broadcast::Connect { client: b }]);
+        applied(r.apply(digest_heartbeat("g", 9, &both), t0 + ms(1200)));
+        assert!(r.take_sync_requests().is_empty(), "in agreement again");
+        assert_eq!(
+            r.digest(),
+            Broadcast::Digest {
+                count: 2,
+                digest: digest_of(&both)
+            }
+        );
+        // Still differing two intervals after asking: asked again.
+        let lone = [client("z", "z", "g")];
+        applied(r.apply(digest_heartbeat("g", 10, &lone), t0 + ms(1300)));
+        assert_eq!(r.take_sync_requests(), ["g"]);
+        applied(r.apply(digest_heartbeat("g", 11, &lone), t0 + ms(3400)));
+        assert_eq!(r.take_sync_requests(), ["g"]);
+    }
+
+    #[test]
+    fn a_missing_piece_drops_the_list_and_asks_again() {
+        let (mut r, t0) = warm();
+        applied(r.apply(connect("g", 1, "a"), t0));
+        applied(r.apply(piece("g", 2, 0, false, &[client("x", "x", "g")]), t0));
+        // Piece 1 was lost.
+        assert!(applied(r.apply(piece("g", 4, 2, true, &[client("y", "y", "g")]), t0)).is_empty());
+        assert_eq!(r.take_broken_pieces(), 1);
+        assert_eq!(r.take_sync_requests(), ["g"]);
+        assert!(
+            r.get("x").is_none() && r.get("a").is_some(),
+            "nothing changed"
+        );
+    }
+
+    #[test]
+    fn the_cap_applies_to_the_count_and_to_the_pieces() {
+        let (mut r, t0) = warm();
+        let mut r2 = r.clone().with_max_clients_per_gateway(2);
+        let three: Vec<RosterClient> = ["a", "b", "c"]
+            .iter()
+            .map(|id| client(id, id, "g"))
+            .collect();
+        assert_eq!(
+            r2.apply(digest_heartbeat("g", 1, &three), t0),
+            Outcome::Refused(Refusal::TooManyClients)
+        );
+        applied(r2.apply(piece("g", 2, 0, false, &three[..2]), t0));
+        assert_eq!(
+            r2.apply(piece("g", 3, 1, true, &three[2..]), t0),
+            Outcome::Refused(Refusal::TooManyClients)
+        );
+        assert!(r2.is_empty(), "nothing of a refused list is applied");
+        // Another gateway's client in a piece is skipped.
+        applied(r.apply(connect("h", 1, "b"), t0));
+        applied(r.apply(piece("g", 1, 0, true, &three), t0));
+        assert_eq!(r.take_refused_entries(), 1);
+        assert_eq!(r.get("b").unwrap().gateway, "h");
+    }
+
+    #[test]
+    fn pages_walk_the_roster_in_id_order() {
+        let (mut r, t0) = warm();
+        for (i, id) in ["c", "a", "d", "b", "e"].into_iter().enumerate() {
+            applied(r.apply(connect("g", i as u64 + 1, id), t0));
+        }
+        let (p, next) = r.page(None, 2);
+        assert_eq!(
+            p.iter()
+                .map(|c| c.channel_name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(next.as_deref(), Some("b"));
+        let (p, next) = r.page(next.as_deref(), 2);
+        assert_eq!(
+            p.iter()
+                .map(|c| c.channel_name.as_str())
+                .collect::<Vec<_>>(),
+            ["c", "d"]
+        );
+        let (p, next) = r.page(next.as_deref(), 2);
+        assert_eq!(p.len(), 1);
+        assert_eq!(next, None, "the last page says so");
     }
 }

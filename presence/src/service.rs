@@ -20,6 +20,10 @@ use crate::roster::{Outcome, Refusal, Roster};
 /// How often silent gateways are looked for.
 const EXPIRY_CHECK: Duration = Duration::from_millis(500);
 
+/// Default of the most clients in one roster reply page
+/// (`presence --max-roster-page`): some 150 KB of JSON.
+pub const DEFAULT_MAX_ROSTER_PAGE: usize = 1000;
+
 /// The queue group of the roster request subscribers.
 const QUEUE: &str = "presence";
 
@@ -38,16 +42,20 @@ pub struct PresenceConfig {
     /// The leader lease lapses this long after its last renewal; it is
     /// renewed every third of it.
     pub lease_ttl: Duration,
-    /// How often the active replica re-publishes the whole roster, so that
-    /// lost broadcasts heal.
+    /// How often the active replica publishes the roster's count and
+    /// digest ([`Broadcast::Digest`]), so that gateways whose copy missed a
+    /// broadcast fetch the roster and heal.
     pub snapshot_interval: Duration,
     /// The most public clients one gateway may hold in the roster.
     pub max_clients_per_gateway: usize,
+    /// The most clients in one roster reply page.
+    pub max_roster_page: usize,
 }
 
 impl PresenceConfig {
     /// The defaults: 500 ms roster tick, 2.5 s warm-up, 6 s lease, 30 s
-    /// snapshots, 50,000 clients per gateway, and a random replica id.
+    /// digests, 50,000 clients per gateway, 1,000 clients per roster page,
+    /// and a random replica id.
     pub fn new(subjects: Subjects) -> Self {
         Self {
             subjects,
@@ -57,6 +65,7 @@ impl PresenceConfig {
             lease_ttl: Duration::from_secs(6),
             snapshot_interval: Duration::from_secs(30),
             max_clients_per_gateway: crate::roster::DEFAULT_MAX_CLIENTS_PER_GATEWAY,
+            max_roster_page: DEFAULT_MAX_ROSTER_PAGE,
         }
     }
 }
@@ -94,6 +103,9 @@ impl Presence {
     ) -> anyhow::Result<Presence> {
         if cfg.roster_tick.is_zero() || cfg.lease_ttl.is_zero() || cfg.snapshot_interval.is_zero() {
             bail!("presence: roster tick, lease ttl and snapshot interval must be positive");
+        }
+        if cfg.max_roster_page == 0 {
+            bail!("presence: --max-roster-page must be positive");
         }
         let latch = readiness.latch("presence");
         let reports = cfg
@@ -160,6 +172,7 @@ impl Presence {
             metrics,
             roster: Roster::new(warm_until)
                 .with_max_clients_per_gateway(cfg.max_clients_per_gateway),
+            max_roster_page: cfg.max_roster_page,
             lease: lease_rx,
             active: false,
             warmed: false,
@@ -170,7 +183,7 @@ impl Presence {
         tracing::info!(
             replica = %cfg.replica_id,
             warmup_ms = cfg.warmup.as_millis() as u64,
-            "presence started; asked gateways for heartbeats"
+            "presence started; asked gateways for their client lists"
         );
 
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
@@ -276,6 +289,8 @@ struct State {
     subjects: Subjects,
     metrics: Metrics,
     roster: Roster,
+    /// The most clients in one roster reply page.
+    max_roster_page: usize,
     /// Until when this replica holds the lease.
     lease: watch::Receiver<Option<Instant>>,
     /// Whether this replica publishes broadcasts (as of the last refresh).
@@ -288,8 +303,8 @@ struct State {
 
 impl State {
     /// Re-evaluates leadership; a replica that becomes active after its
-    /// warm-up publishes a snapshot at once (during warm-up, the end of the
-    /// warm-up does).
+    /// warm-up publishes the roster's digest at once (during warm-up, the
+    /// end of the warm-up does): gateways whose copy differs fetch it.
     async fn refresh_active(&mut self, now: Instant) {
         let active = lease::holds(*self.lease.borrow_and_update(), now);
         if active == self.active {
@@ -348,6 +363,14 @@ impl State {
                 if kind == "heartbeat" {
                     self.metrics.heartbeats.inc();
                 }
+                self.metrics
+                    .broken_pieces
+                    .inc_by(self.roster.take_broken_pieces());
+                for wanted in self.roster.take_sync_requests() {
+                    self.metrics.sync_requests.inc();
+                    tracing::debug!(gateway = %wanted, "heartbeat disagrees with the roster; asking for the full list");
+                    self.publish_sync_of(Some(wanted)).await;
+                }
                 for b in &broadcasts {
                     self.publish(b).await;
                 }
@@ -382,8 +405,31 @@ impl State {
             tracing::debug!(subject = %m.subject, "roster request without a reply subject");
             return;
         }
-        let answer = RosterReply {
-            clients: self.roster.clients(),
+        let answer = match &m.message {
+            Ok(RosterRequest {
+                after,
+                limit: Some(limit),
+            }) => {
+                self.metrics.roster_pages.with_label_values(&["page"]).inc();
+                let limit = (*limit as usize).clamp(1, self.max_roster_page);
+                let (clients, next) = self.roster.page(after.as_deref(), limit);
+                RosterReply { clients, next }
+            }
+            Ok(RosterRequest { limit: None, .. }) => {
+                // An older gateway: the whole roster, O(room).
+                self.metrics
+                    .roster_pages
+                    .with_label_values(&["whole"])
+                    .inc();
+                RosterReply {
+                    clients: self.roster.clients(),
+                    next: None,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable roster request");
+                return;
+            }
         };
         if let Err(e) = m.reply(&*self.bus, &answer).await {
             tracing::warn!(error = %e, "could not answer a roster request");
@@ -433,20 +479,28 @@ impl State {
             .set(self.roster.gateway_count() as i64);
     }
 
+    /// Asks every gateway for its full client list.
     async fn publish_sync(&self) {
+        self.publish_sync_of(None).await;
+    }
+
+    /// Asks `gateway` (every gateway: `None`) for its full client list.
+    async fn publish_sync_of(&self, gateway: Option<String>) {
         if let Err(e) = self
             .subjects
             .presence_sync()
-            .publish(&*self.bus, &HeartbeatRequest)
+            .publish(&*self.bus, &HeartbeatRequest { gateway })
             .await
         {
-            tracing::warn!(error = %e, "could not ask gateways for heartbeats");
+            tracing::warn!(error = %e, "could not ask gateways for their client lists");
         }
     }
 
+    /// Publishes the roster's count and digest (O(1) bytes): gateways whose
+    /// copy differs fetch the roster in pages.
     async fn publish_snapshot(&self) {
-        let snapshot = self.roster.snapshot();
-        self.publish(&snapshot).await;
+        let digest = self.roster.digest();
+        self.publish(&digest).await;
     }
 
     /// Publishes `b` if this replica is active.

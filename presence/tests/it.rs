@@ -15,7 +15,9 @@ use services::admin::Readiness;
 use services::bus::memory::MemoryBus;
 use services::bus::nats::NatsBus;
 use services::bus::{Bus as _, BusError, Inbox, SharedBus};
-use services::messages::{Broadcast, GatewayReport, GatewayUpdate, RosterClient, RosterRequest};
+use services::messages::{
+    Broadcast, GatewayReport, GatewayUpdate, RosterClient, RosterRequest, client_digest,
+};
 use services::stats::DelayStats;
 use services::subjects::Subjects;
 use testkit::NatsServer;
@@ -147,8 +149,20 @@ struct GwState {
     clients: Vec<RosterClient>,
 }
 
+/// How a fake gateway heartbeats.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// As an older gateway: every heartbeat lists every client, and a sync
+    /// request is answered with such a heartbeat.
+    Legacy,
+    /// As a current gateway: heartbeats carry the count and digest, and a
+    /// sync request naming it (or every gateway) is answered with the full
+    /// list in pieces of this many clients.
+    Digest(usize),
+}
+
 /// A gateway as presence sees it: reports on its subject, a heartbeat
-/// every [`HEARTBEAT`] and on every sync request.
+/// every [`HEARTBEAT`], and an answer to every sync request.
 struct FakeGateway {
     id: String,
     bus: SharedBus,
@@ -159,6 +173,10 @@ struct FakeGateway {
 
 impl FakeGateway {
     async fn start(bus: SharedBus, subjects: &Subjects, id: &str) -> Self {
+        Self::start_as(bus, subjects, id, Mode::Legacy).await
+    }
+
+    async fn start_as(bus: SharedBus, subjects: &Subjects, id: &str, mode: Mode) -> Self {
         let state = Arc::new(Mutex::new(GwState {
             seq: 0,
             clients: Vec::new(),
@@ -169,23 +187,53 @@ impl FakeGateway {
         let heartbeats = tokio::spawn(async move {
             let mut every = tokio::time::interval(HEARTBEAT);
             loop {
-                tokio::select! {
-                    _ = every.tick() => {}
-                    Some(_) = sync.next() => {}
-                }
+                let asked = tokio::select! {
+                    _ = every.tick() => false,
+                    Some(m) = sync.next() => m.message.is_ok_and(|r| r.asks(&gw)),
+                };
                 let mut st = st.lock().await;
                 let clients = st.clients.clone();
-                send(
-                    &b,
-                    &s,
-                    &gw,
-                    &mut st,
-                    GatewayUpdate::Heartbeat {
-                        clients,
-                        interval_ms: HEARTBEAT.as_millis() as u64,
-                    },
-                )
-                .await;
+                let interval_ms = HEARTBEAT.as_millis() as u64;
+                match mode {
+                    Mode::Digest(piece) if asked => {
+                        let pieces: Vec<&[RosterClient]> = if clients.is_empty() {
+                            vec![&[]]
+                        } else {
+                            clients.chunks(piece).collect()
+                        };
+                        let n = pieces.len();
+                        for (part, chunk) in pieces.into_iter().enumerate() {
+                            let update = GatewayUpdate::Clients {
+                                part: part as u32,
+                                last: part + 1 == n,
+                                clients: chunk.to_vec(),
+                            };
+                            send(&b, &s, &gw, &mut st, update).await;
+                        }
+                    }
+                    Mode::Digest(_) => {
+                        let update = GatewayUpdate::Heartbeat {
+                            clients: vec![],
+                            interval_ms,
+                            count: Some(clients.len() as u64),
+                            digest: Some(digest_of(
+                                clients
+                                    .iter()
+                                    .map(|c| (c.channel_name.as_str(), c.name.as_str())),
+                            )),
+                        };
+                        send(&b, &s, &gw, &mut st, update).await;
+                    }
+                    Mode::Legacy => {
+                        let update = GatewayUpdate::Heartbeat {
+                            clients,
+                            interval_ms,
+                            count: None,
+                            digest: None,
+                        };
+                        send(&b, &s, &gw, &mut st, update).await;
+                    }
+                }
             }
         });
         Self {
@@ -235,6 +283,15 @@ impl FakeGateway {
         })
         .await;
         client
+    }
+
+    /// A client joins, but its report is lost on the way (its `seq` is
+    /// used up all the same).
+    async fn connect_lost(&self, id: &str) {
+        let client = self.client(id);
+        let mut st = self.state.lock().await;
+        st.clients.push(client);
+        st.seq += 1;
     }
 
     /// The gateway dies without a goodbye.
@@ -336,8 +393,25 @@ impl Watcher {
     }
 }
 
+/// The periodic (and warm-up, and takeover) roster digest.
 fn is_snapshot(b: &Broadcast) -> bool {
-    matches!(b, Broadcast::Snapshot { .. })
+    matches!(b, Broadcast::Digest { .. })
+}
+
+/// The XOR of the client digests of `(id, name)` pairs.
+fn digest_of<'a>(clients: impl IntoIterator<Item = (&'a str, &'a str)>) -> u64 {
+    clients
+        .into_iter()
+        .fold(0, |d, (id, name)| d ^ client_digest(id, name))
+}
+
+/// Asserts that `b` is the digest of exactly these `(id, name)` clients.
+fn assert_digest(b: &Broadcast, clients: &[(&str, &str)]) {
+    let expected = Broadcast::Digest {
+        count: clients.len() as u64,
+        digest: digest_of(clients.iter().copied()),
+    };
+    assert_eq!(b, &expected, "the digest of {clients:?}");
 }
 
 fn is_connect_of(id: &str) -> impl Fn(&Broadcast) -> bool + '_ {
@@ -348,24 +422,40 @@ fn is_disconnect_of(id: &str) -> impl Fn(&Broadcast) -> bool + '_ {
     move |b| matches!(b, Broadcast::Disconnect { channel_name } if channel_name == id)
 }
 
-fn snapshot_ids(b: &Broadcast) -> BTreeSet<String> {
-    match b {
-        Broadcast::Snapshot { clients } => clients.iter().map(|c| c.channel_name.clone()).collect(),
-        other => panic!("not a snapshot: {other:?}"),
-    }
-}
-
 fn ids(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// The whole roster, fetched in pages of two (and checked against one
+/// legacy whole-roster reply).
 async fn roster(bus: &SharedBus, subjects: &Subjects) -> BTreeSet<String> {
-    let reply = subjects
-        .roster_request()
-        .request(&**bus, &RosterRequest, Duration::from_secs(2))
+    let service = subjects.roster_request();
+    let mut all = BTreeSet::new();
+    let mut after = None;
+    loop {
+        let req = RosterRequest {
+            after,
+            limit: Some(2),
+        };
+        let reply = service
+            .request(&**bus, &req, Duration::from_secs(2))
+            .await
+            .expect("presence answers roster requests with a RosterReply");
+        assert!(reply.clients.len() <= 2, "a page holds at most its limit");
+        all.extend(reply.clients.into_iter().map(|c| c.channel_name));
+        match reply.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let whole = service
+        .request(&**bus, &RosterRequest::default(), Duration::from_secs(2))
         .await
-        .expect("presence answers roster requests with a RosterReply");
-    reply.clients.into_iter().map(|c| c.channel_name).collect()
+        .expect("presence answers an older gateway's request");
+    assert_eq!(whole.next, None);
+    let whole: BTreeSet<String> = whole.clients.into_iter().map(|c| c.channel_name).collect();
+    assert_eq!(whole, all, "pages and the whole roster agree");
+    all
 }
 
 const SOON: Duration = Duration::from_secs(3);
@@ -389,7 +479,7 @@ async fn nats_events_are_broadcast() {
     let (snap, _) = watcher
         .wait_for(SOON, "warm-up snapshot", is_snapshot)
         .await;
-    assert!(snapshot_ids(&snap).is_empty());
+    assert_digest(&snap, &[]);
     let gw = FakeGateway::start(gw_bus.clone(), &subjects, "gw-1").await;
 
     // Connect.
@@ -517,6 +607,8 @@ async fn nats_a_gateway_speaks_only_for_its_own_clients() {
     // A heartbeat of five clients, over the cap of 3: refused whole.
     let many: Vec<_> = (0..5).map(|i| evil.client(&format!("fake{i}"))).collect();
     evil.report(GatewayUpdate::Heartbeat {
+        count: None,
+        digest: None,
         clients: many,
         interval_ms: HEARTBEAT.as_millis() as u64,
     })
@@ -773,7 +865,7 @@ async fn nats_restart_is_invisible_to_pages() {
         before.is_empty(),
         "spurious broadcasts after restart: {before:?}"
     );
-    assert_eq!(snapshot_ids(&snap), ids(&["a", "b", "c", "d"]));
+    assert_digest(&snap, &[("a", "a"), ("b", "b"), ("c", "c"), ("d", "d")]);
     let later = watcher.collect(Duration::from_secs(1)).await;
     assert!(
         later
@@ -841,7 +933,7 @@ async fn nats_two_replicas_broadcast_once_and_fail_over() {
         .await;
     assert!(stopped.elapsed() < Duration::from_secs(10));
     assert!(before.is_empty(), "broadcasts during failover: {before:?}");
-    assert_eq!(snapshot_ids(&snap), ids(&["x"]));
+    assert_digest(&snap, &[("x", "Xavier")]);
     assert!(survivor.is_active());
     gw.connect("y").await;
     let seen = watcher.collect(Duration::from_secs(1)).await;
@@ -885,4 +977,158 @@ async fn memory_bus_end_to_end() {
         .await;
     assert!(roster(&bus, &subjects).await.is_empty());
     p.stop().await;
+}
+
+/// A NATS server, a watcher of the broadcasts, a connection for fake
+/// gateways, and one presence replica past its warm-up.
+struct Stage {
+    subjects: Subjects,
+    server: NatsServer,
+    admin: NatsBus,
+    watcher: Watcher,
+    gw_bus: SharedBus,
+}
+
+impl Stage {
+    async fn start(replica: &str) -> (Stage, Running) {
+        let subjects = fresh_subjects();
+        let server = NatsServer::start().await;
+        let admin = nats(&server, "admin").await;
+        let watch_bus: SharedBus = Arc::new(nats(&server, "watcher").await);
+        let gw_bus: SharedBus = Arc::new(nats(&server, "gateway").await);
+        let mut watcher = Watcher::start(&watch_bus, &subjects).await;
+        let p = Running::start(
+            test_config(&subjects, replica),
+            Arc::new(nats(&server, "presence").await),
+        )
+        .await;
+        watcher.wait_for(SOON, "warm-up digest", is_snapshot).await;
+        let stage = Stage {
+            subjects,
+            server,
+            admin,
+            watcher,
+            gw_bus,
+        };
+        (stage, p)
+    }
+}
+
+#[tokio::test]
+async fn nats_a_lost_connect_is_repaired_by_the_heartbeat_digest() {
+    let (stage, p) = Stage::start("a").await;
+    let Stage {
+        subjects,
+        admin,
+        mut watcher,
+        gw_bus,
+        ..
+    } = stage;
+    let gw = FakeGateway::start_as(gw_bus.clone(), &subjects, "gw-1", Mode::Digest(2)).await;
+    gw.connect("a").await;
+    watcher.wait_connects(&["a"]).await;
+    // In agreement: heartbeats ask for nothing.
+    watcher.collect(HEARTBEAT * 3).await;
+    assert_eq!(p.metric("pingapp_presence_sync_requests_total"), 0.0);
+
+    // Act: presence misses the connect of b.
+    gw.connect_lost("b").await;
+
+    // Assert: the next heartbeat's digest disagrees, presence asks this
+    // gateway for its list, and b is announced, within a few heartbeats.
+    let (b, before) = watcher
+        .wait_for(
+            HEARTBEAT * 5,
+            "b announced after a resync",
+            is_connect_of("b"),
+        )
+        .await;
+    assert!(matches!(b, Broadcast::Connect { client } if client.gateway == "gw-1"));
+    assert!(
+        before
+            .iter()
+            .all(|b| !matches!(b, Broadcast::Connect { .. } | Broadcast::Disconnect { .. })),
+        "only b changed: {before:?}"
+    );
+    assert_eq!(roster(&gw_bus, &subjects).await, ids(&["a", "b"]));
+    assert!(p.metric("pingapp_presence_sync_requests_total") >= 1.0);
+    // In agreement again: no more requests once the list is in.
+    watcher.collect(HEARTBEAT * 2).await;
+    let asked = p.metric("pingapp_presence_sync_requests_total");
+    watcher.collect(HEARTBEAT * 4).await;
+    assert_eq!(p.metric("pingapp_presence_sync_requests_total"), asked);
+
+    p.stop().await;
+    delete_lease_bucket(&admin, &subjects).await;
+}
+
+#[tokio::test]
+async fn nats_a_restarted_presence_rebuilds_the_roster_from_pieces() {
+    let (stage, first) = Stage::start("presence-0").await;
+    let Stage {
+        subjects,
+        server,
+        admin,
+        mut watcher,
+        gw_bus,
+    } = stage;
+    // Pieces of two clients: five clients come in three pieces.
+    let g1 = FakeGateway::start_as(
+        Arc::new(nats(&server, "g1").await),
+        &subjects,
+        "g1",
+        Mode::Digest(2),
+    )
+    .await;
+    let g2 = FakeGateway::start_as(
+        Arc::new(nats(&server, "g2").await),
+        &subjects,
+        "g2",
+        Mode::Digest(2),
+    )
+    .await;
+    for (gw, id) in [
+        (&g1, "a"),
+        (&g1, "b"),
+        (&g1, "c"),
+        (&g1, "d"),
+        (&g1, "e"),
+        (&g2, "f"),
+    ] {
+        gw.connect(id).await;
+    }
+    watcher.wait_connects(&["a", "b", "c", "d", "e", "f"]).await;
+
+    // Act: presence restarts; the gateways answer its sync request with
+    // their lists in pieces.
+    first.stop().await;
+    let second = Running::start(
+        test_config(&subjects, "presence-0"),
+        Arc::new(nats(&server, "p2").await),
+    )
+    .await;
+
+    // Assert: the digest after the warm-up is the whole roster's, no page
+    // heard of a connect or disconnect, and every piece arrived.
+    let (digest, before) = watcher
+        .wait_for(Duration::from_secs(10), "digest after restart", is_snapshot)
+        .await;
+    assert!(
+        before.is_empty(),
+        "spurious broadcasts after restart: {before:?}"
+    );
+    let all = ["a", "b", "c", "d", "e", "f"].map(|id| (id, id));
+    assert_digest(&digest, &all);
+    assert_eq!(
+        roster(&gw_bus, &subjects).await,
+        ids(&["a", "b", "c", "d", "e", "f"])
+    );
+    assert!(
+        second.metric("pingapp_presence_events_total") >= 4.0,
+        "3 pieces from g1 and 1 from g2 at least"
+    );
+    assert_eq!(second.metric("pingapp_presence_broken_pieces_total"), 0.0);
+
+    second.stop().await;
+    delete_lease_bucket(&admin, &subjects).await;
 }

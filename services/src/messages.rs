@@ -61,36 +61,89 @@ json_payload!(
     ForgetDeviceReply,
 );
 
-/// The messages without content: an empty payload, and any payload is
-/// taken as one (what travelled before they had types).
-macro_rules! empty_payload {
+/// The messages whose default value travels as an empty payload (what an
+/// older sender sends, and what an older receiver expects): an empty
+/// payload decodes as the default, anything else as JSON.
+macro_rules! empty_when_default {
     ($($t:ty),* $(,)?) => {
         $(
             impl Payload for $t {
                 fn encode(&self) -> Bytes {
-                    Bytes::new()
+                    if *self == Self::default() {
+                        Bytes::new()
+                    } else {
+                        encode(self)
+                    }
                 }
 
-                fn decode(_: &[u8]) -> Result<Self, serde_json::Error> {
-                    Ok(Self)
+                fn decode(payload: &[u8]) -> Result<Self, serde_json::Error> {
+                    if payload.is_empty() {
+                        Ok(Self::default())
+                    } else {
+                        decode(payload)
+                    }
                 }
             }
         )*
     };
 }
 
-empty_payload!(HeartbeatRequest, RosterRequest);
+empty_when_default!(HeartbeatRequest, RosterRequest);
 
-/// Presence asks every gateway for a heartbeat now, on
-/// `{prefix}.presence.sync` (after it starts, or after its bus connection
-/// came back). Empty.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HeartbeatRequest;
+/// Presence asks gateways for their full client list now, on
+/// `{prefix}.presence.sync`: every gateway (after presence starts, or after
+/// its bus connection came back: an empty payload, what older presences
+/// send) or one gateway (its heartbeat's count or digest differs from what
+/// presence holds for it). A gateway answers with its list in
+/// [`GatewayUpdate::Clients`] pieces (docs/architecture.md, "How the
+/// roster converges"); an older gateway answers any request with a
+/// heartbeat listing every client.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// The one gateway asked; `None`: every gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+}
 
-/// A request for the whole roster, on `{prefix}.presence.roster`, answered
-/// with a [`RosterReply`]. Empty.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RosterRequest;
+impl HeartbeatRequest {
+    /// Whether gateway `id` is asked.
+    pub fn asks(&self, id: &str) -> bool {
+        self.gateway.as_deref().is_none_or(|g| g == id)
+    }
+}
+
+/// A request for the roster, on `{prefix}.presence.roster`, answered with
+/// a [`RosterReply`]: one page of clients in id order, after the cursor
+/// `after`, at most `limit` of them (presence caps it with
+/// `--max-roster-page`). An empty payload (no `limit`, what older gateways
+/// send) asks for the whole roster in one reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterRequest {
+    /// Only clients whose id sorts after this one (the `next` of the
+    /// previous page); `None`: from the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// At most this many clients; `None`: the whole roster (legacy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// One client's share of an order-independent digest of a set of clients
+/// by id and name: the set's digest is the XOR of this over its clients.
+/// Kept incrementally (XOR a client in when it joins, out when it leaves,
+/// both on a rename), so a heartbeat or a periodic roster digest costs
+/// O(1) to compute and to send. The first 8 bytes (little-endian) of the
+/// SHA-256 of the id's length (8 bytes, little-endian), the id and the
+/// name: the same in every process and version.
+pub fn client_digest(channel_name: &str, name: &str) -> u64 {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    h.update((channel_name.len() as u64).to_le_bytes());
+    h.update(channel_name.as_bytes());
+    h.update(name.as_bytes());
+    let out = h.finalize();
+    u64::from_le_bytes(out[..8].try_into().expect("8 bytes"))
+}
 
 /// A public client as the roster knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,15 +207,39 @@ pub enum GatewayUpdate {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tick_ms: Option<i64>,
     },
-    /// Every public client of the gateway, sent periodically and on request;
-    /// presence rebuilds its roster from these and expires a gateway whose
-    /// heartbeats stop.
+    /// Sent periodically: the gateway is alive, with the count and the
+    /// [`client_digest`] of its public clients (O(1) bytes). Presence
+    /// expires a gateway whose heartbeats stop, and asks a gateway whose
+    /// count or digest differs from its own record for its full list
+    /// ([`HeartbeatRequest`]). An older gateway's heartbeat has no count
+    /// and lists every client instead; presence reconciles with that list.
     Heartbeat {
-        /// All public clients of the gateway.
+        /// All public clients of the gateway (older gateways only; empty
+        /// and left out when `count` is given).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         clients: Vec<RosterClient>,
         /// How often heartbeats come; presence expires the gateway after
         /// three missed ones.
         interval_ms: u64,
+        /// How many public clients the gateway holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+        /// XOR of [`client_digest`] over them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<u64>,
+    },
+    /// One piece of the gateway's full client list, sent when presence asks
+    /// ([`HeartbeatRequest`]): pieces `0, 1, …` of at most
+    /// `--presence-piece-clients` clients each, in consecutive reports, the
+    /// last one marked. Presence replaces the gateway's clients with the
+    /// pieces' union when the last arrives.
+    Clients {
+        /// The piece's number, from 0.
+        part: u32,
+        /// Whether this is the last piece.
+        last: bool,
+        /// The clients of this piece.
+        clients: Vec<RosterClient>,
     },
     /// The gateway is shutting down: all its clients are gone.
     Goodbye,
@@ -195,19 +272,35 @@ pub enum Broadcast {
         /// New statistics by client id.
         delays: BTreeMap<String, DelayStats>,
     },
-    /// The whole roster: gateways reconcile their copy with it (sent when a
-    /// presence replica takes over, and periodically).
+    /// The whole roster: gateways reconcile their copy with it. Sent by
+    /// older presences only (when a replica took over, and periodically);
+    /// a gateway now builds one itself from [`RosterReply`] pages.
     Snapshot {
         /// Every public client.
         clients: Vec<RosterClient>,
+    },
+    /// The count and digest of the whole roster (XOR of [`client_digest`]
+    /// over every client), sent periodically and when a replica takes over.
+    /// A gateway whose copy differs fetches the roster in pages
+    /// ([`RosterRequest`]) and reconciles.
+    Digest {
+        /// Number of clients.
+        count: u64,
+        /// XOR of [`client_digest`] over them.
+        digest: u64,
     },
 }
 
 /// Reply to a roster request on `{prefix}.presence.roster`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RosterReply {
-    /// Every public client.
+    /// The page's clients, in id order (the whole roster for a request
+    /// without a limit).
     pub clients: Vec<RosterClient>,
+    /// The cursor of the next page (the `after` of the next request);
+    /// `None` on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// A client as the recorder stores it: whether it is public and the digest
@@ -494,6 +587,8 @@ mod tests {
                     stats: None,
                 }],
                 interval_ms: 2000,
+                count: None,
+                digest: None,
             },
         };
         assert_eq!(decode::<GatewayReport>(&encode(&r)).unwrap(), r);
@@ -503,6 +598,52 @@ mod tests {
         assert_eq!(decode::<Broadcast>(&encode(&b)).unwrap(), b);
         let q = SamplesReply::NotFound;
         assert_eq!(decode::<SamplesReply>(&encode(&q)).unwrap(), q);
+    }
+
+    #[test]
+    fn requests_keep_their_empty_legacy_form() {
+        assert!(HeartbeatRequest::default().encode().is_empty());
+        assert!(RosterRequest::default().encode().is_empty());
+        assert_eq!(
+            HeartbeatRequest::decode(b"").unwrap(),
+            HeartbeatRequest::default()
+        );
+        let one = HeartbeatRequest {
+            gateway: Some("g".into()),
+        };
+        assert_eq!(HeartbeatRequest::decode(&one.encode()).unwrap(), one);
+        assert!(one.asks("g") && !one.asks("h"));
+        assert!(HeartbeatRequest::default().asks("h"));
+        let page = RosterRequest {
+            after: Some("a".into()),
+            limit: Some(10),
+        };
+        assert_eq!(RosterRequest::decode(&page.encode()).unwrap(), page);
+    }
+
+    #[test]
+    fn a_digest_heartbeat_has_no_list_and_a_legacy_one_still_decodes() {
+        let hb = GatewayUpdate::Heartbeat {
+            clients: vec![],
+            interval_ms: 2000,
+            count: Some(10_000),
+            digest: Some(u64::MAX),
+        };
+        let json = serde_json::to_string(&hb).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"heartbeat","interval_ms":2000,"count":10000,"digest":18446744073709551615}"#
+        );
+        let old = r#"{"type":"heartbeat","clients":[],"interval_ms":5}"#;
+        let Ok(GatewayUpdate::Heartbeat { count, .. }) = serde_json::from_str(old) else {
+            panic!("a legacy heartbeat decodes");
+        };
+        assert_eq!(count, None);
+        // The digest is order-independent and sees names.
+        let (a, b) = (client_digest("a", "A"), client_digest("b", "B"));
+        assert_eq!(a ^ b, b ^ a);
+        assert_ne!(client_digest("a", "A"), client_digest("a", "B"));
+        assert_ne!(client_digest("ab", ""), client_digest("a", "b"));
     }
 
     #[test]

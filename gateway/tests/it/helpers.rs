@@ -120,16 +120,48 @@ impl TestGateway {
         .await
     }
 
-    /// Asks for a heartbeat as presence does after it starts, and returns
-    /// it.
-    pub async fn heartbeat_now(&mut self) -> GatewayReport {
+    /// Asks for this gateway's full list as presence does, and returns
+    /// its pieces, checked to be numbered and consecutive, the last one
+    /// marked.
+    pub async fn list_now(&mut self) -> Vec<GatewayReport> {
         self.subjects
             .presence_sync()
-            .publish(&*self.bus, &HeartbeatRequest)
+            .publish(
+                &*self.bus,
+                &HeartbeatRequest {
+                    gateway: Some("gw".into()),
+                },
+            )
             .await
             .expect("publish sync request");
-        self.report(|r| matches!(r.update, GatewayUpdate::Heartbeat { .. }))
-            .await
+        let mut pieces: Vec<GatewayReport> = Vec::new();
+        loop {
+            let r = self
+                .report(|r| matches!(r.update, GatewayUpdate::Clients { .. }))
+                .await;
+            let GatewayUpdate::Clients { part, last, .. } = r.update else {
+                unreachable!()
+            };
+            assert_eq!(part as usize, pieces.len(), "pieces in order");
+            if let Some(prev) = pieces.last() {
+                assert_eq!(r.seq, prev.seq + 1, "pieces are consecutive reports");
+            }
+            pieces.push(r);
+            if last {
+                return pieces;
+            }
+        }
+    }
+
+    /// The clients of `pieces`.
+    pub fn listed(pieces: &[GatewayReport]) -> Vec<services::messages::RosterClient> {
+        pieces
+            .iter()
+            .flat_map(|p| match &p.update {
+                GatewayUpdate::Clients { clients, .. } => clients.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
     }
 
     /// Publishes a broadcast as presence would.

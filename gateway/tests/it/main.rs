@@ -59,16 +59,13 @@ async fn a_public_client_is_reported_joining_renaming_and_leaving_in_sequence() 
             name: "Ada".into()
         }
     );
-    // A heartbeat after the rename lists the new name: it never overtakes
+    // A list asked after the rename has the new name: it never overtakes
     // the event.
-    let hb = gw.heartbeat_now().await;
-    match &hb.update {
-        GatewayUpdate::Heartbeat { clients, .. } => {
-            assert_eq!(clients.len(), 1);
-            assert_eq!(clients[0].name, "Ada");
-        }
-        _ => unreachable!(),
-    }
+    let pieces = gw.list_now().await;
+    let clients = TestGateway::listed(&pieces);
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0].name, "Ada");
+    let hb = pieces.last().unwrap();
     assert!(hb.seq > renamed.seq && renamed.seq > joined.seq);
 
     drop(c);
@@ -106,13 +103,116 @@ async fn delays_reach_presence_with_the_next_tick_and_in_heartbeats() {
         }
         _ => unreachable!(),
     }
-    let hb = gw.heartbeat_now().await;
-    match hb.update {
-        GatewayUpdate::Heartbeat { clients, .. } => {
-            assert_eq!(clients[0].stats.map(|s| s.delay_time), Some(7.0));
+    let clients = TestGateway::listed(&gw.list_now().await);
+    assert_eq!(clients[0].stats.map(|s| s.delay_time), Some(7.0));
+}
+
+#[tokio::test]
+async fn heartbeats_carry_a_count_and_digest_not_the_clients() {
+    let args = GatewayArgs {
+        heartbeat_interval_ms: 100,
+        presence_piece_clients: 2,
+        ..Default::default()
+    };
+    let mut gw = TestGateway::start(args).await;
+    let mut sizes = Vec::new();
+    let mut pages = Vec::new();
+    for n in [1_u64, 5] {
+        while pages.len() < n as usize {
+            let mut c = gw.ws("/ws/public/?v=2").await;
+            c.recv().await;
+            pages.push(c);
         }
-        _ => unreachable!(),
+        let hb = gw
+            .report(
+                |r| matches!(r.update, GatewayUpdate::Heartbeat { count: Some(c), .. } if c == n),
+            )
+            .await;
+        let bytes = services::bus::Payload::encode(&hb).len();
+        let GatewayUpdate::Heartbeat {
+            clients, digest, ..
+        } = hb.update
+        else {
+            unreachable!()
+        };
+        assert!(clients.is_empty(), "no client list in a heartbeat");
+        sizes.push(bytes);
+        // The digest is that of the full list, which comes in pieces of
+        // two when asked for.
+        let pieces = gw.list_now().await;
+        assert_eq!(pieces.len(), (n as usize).div_ceil(2));
+        let listed = TestGateway::listed(&pieces);
+        assert_eq!(listed.len() as u64, n);
+        let expected = listed.iter().fold(0, |d, c| {
+            d ^ services::messages::client_digest(&c.channel_name, &c.name)
+        });
+        assert_eq!(digest, Some(expected));
     }
+    // Bytes per heartbeat do not grow with the clients (the count and the
+    // digest may take a few more digits).
+    assert!(
+        sizes.iter().all(|&b| b < 160),
+        "heartbeat sizes {sizes:?} for 1 and 5 clients"
+    );
+}
+
+#[tokio::test]
+async fn a_copy_that_missed_a_broadcast_heals_with_the_periodic_digest() {
+    let args = GatewayArgs {
+        presence_piece_clients: 1,
+        roster_tick_ms: 100,
+        ..Default::default()
+    };
+    let gw = TestGateway::start(args).await;
+    let roster = gw.subjects.roster_request();
+    let mut requests = roster.serve(&*gw.bus, "presence").await.unwrap();
+    let empty = services::messages::RosterReply {
+        clients: vec![],
+        next: None,
+    };
+    let first = tokio::time::timeout(WITHIN, requests.next())
+        .await
+        .expect("the start-up roster request")
+        .unwrap();
+    first.reply(&*gw.bus, &empty).await.unwrap();
+    gw.broadcast(Broadcast::Connect {
+        client: other("a", "Ann"),
+    })
+    .await;
+    let mut c = gw.ws("/ws/public/?v=2").await;
+    c.view_until(|v| v.row("a").is_some()).await;
+
+    // Act: the connect of b never reached this gateway; the periodic
+    // digest says the roster holds a and b.
+    let digest = [("a", "Ann"), ("b", "Bea")]
+        .iter()
+        .fold(0, |d, (id, name)| {
+            d ^ services::messages::client_digest(id, name)
+        });
+    gw.broadcast(Broadcast::Digest { count: 2, digest }).await;
+
+    // Assert: the gateway fetches the roster in pages of one client, and
+    // the page sees b.
+    let pages = [
+        (None, vec![other("a", "Ann")], Some("a")),
+        (Some("a"), vec![other("b", "Bea")], None),
+    ];
+    for (after, clients, next) in pages {
+        let req = tokio::time::timeout(WITHIN, requests.next())
+            .await
+            .expect("a roster page request")
+            .unwrap();
+        let asked = req.message.as_ref().expect("a page request").clone();
+        assert_eq!(asked.after.as_deref(), after);
+        assert_eq!(asked.limit, Some(1), "pages of --presence-piece-clients");
+        let reply = services::messages::RosterReply {
+            clients,
+            next: next.map(str::to_owned),
+        };
+        req.reply(&*gw.bus, &reply).await.unwrap();
+    }
+    c.view_until(|v| v.row("b").is_some_and(|r| r["name"] == "Bea"))
+        .await;
 }
 
 #[tokio::test]
@@ -200,6 +300,7 @@ async fn the_roster_is_fetched_from_presence_at_start() {
         .unwrap();
     let reply = services::messages::RosterReply {
         clients: vec![other("early", "Early")],
+        next: None,
     };
     req.reply(&*gw.bus, &reply).await.unwrap();
     let mut c = gw.ws("/ws/public/?v=2").await;

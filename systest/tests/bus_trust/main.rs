@@ -20,8 +20,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use helpers::{Deployment, WAIT, eventually, private_v2, public_v1};
+use services::bus::Payload as _;
 use services::messages::{
-    Broadcast, GatewayReport, GatewayUpdate, RecordBatch, RosterClient, SampleRecord, encode,
+    Broadcast, GatewayReport, GatewayUpdate, HeartbeatRequest, RecordBatch, RosterClient,
+    SampleRecord, encode,
 };
 use services::subjects::Subjects;
 
@@ -185,7 +187,8 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
         .expect("gw-b's identity connects");
 
     // Forged broadcasts: a roster entry, a rename, a disconnect, an empty
-    // snapshot. Only presence publishes there.
+    // snapshot, a roster digest (which would make every gateway fetch the
+    // roster). Only presence publishes there.
     let broadcast = subjects.broadcast();
     for forged in [
         Broadcast::Connect {
@@ -199,15 +202,36 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
             channel_name: a.id.clone(),
         },
         Broadcast::Snapshot { clients: vec![] },
+        Broadcast::Digest {
+            count: 0,
+            digest: 0,
+        },
     ] {
         evil.publish_refused(broadcast.subject(), encode(&forged))
             .await;
     }
+    // A sync request (which would make gw-a send its whole list): only
+    // presence asks.
+    let sync = HeartbeatRequest {
+        gateway: Some("gw-a".into()),
+    };
+    evil.publish_refused(subjects.presence_sync().subject(), sync.encode())
+        .await;
     // Reports in gw-a's name, on gw-a's subject: refused by the server.
     let gw_a_reports = subjects.gateway_reports("gw-a");
     evil.publish_refused(
         gw_a_reports.subject(),
         report("gw-a", 1 << 40, GatewayUpdate::Goodbye),
+    )
+    .await;
+    let empty_list = GatewayUpdate::Clients {
+        part: 0,
+        last: true,
+        clients: vec![],
+    };
+    evil.publish_refused(
+        gw_a_reports.subject(),
+        report("gw-a", 1 << 40, empty_list.clone()),
     )
     .await;
     // On its own subject in gw-a's name, and about gw-a's client in its
@@ -238,6 +262,55 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
                     .map(|i| roster_client(&format!("{i:016x}"), "fake", "gw-b"))
                     .collect(),
                 interval_ms: 400,
+                count: None,
+                digest: None,
+            },
+        ),
+        // gw-a's (empty) full list, on gw-b's subject: refused (subject).
+        report("gw-a", (1 << 40) + 3, empty_list),
+        // A count over the cap: refused (too_many_clients).
+        report(
+            "gw-b",
+            (1 << 40) + 4,
+            GatewayUpdate::Heartbeat {
+                clients: vec![],
+                interval_ms: 400,
+                count: Some(1 << 30),
+                digest: Some(0),
+            },
+        ),
+        // A list naming gw-a's client, whose last piece is over the cap:
+        // refused whole (too_many_clients), nothing of it applied.
+        report(
+            "gw-b",
+            (1 << 40) + 5,
+            GatewayUpdate::Clients {
+                part: 0,
+                last: false,
+                clients: vec![roster_client(&a.id, "SYSTEM: click here", "gw-b")],
+            },
+        ),
+        report(
+            "gw-b",
+            (1 << 40) + 6,
+            GatewayUpdate::Clients {
+                part: 1,
+                last: true,
+                clients: (0..1000)
+                    .map(|i| roster_client(&format!("{i:016x}"), "fake", "gw-b"))
+                    .collect(),
+            },
+        ),
+        // A heartbeat whose digest lies: it costs one resync of gw-b, whose
+        // honest list then comes (nothing changes).
+        report(
+            "gw-b",
+            (1 << 40) + 7,
+            GatewayUpdate::Heartbeat {
+                clients: vec![],
+                interval_ms: 400,
+                count: Some(1),
+                digest: Some(12345),
             },
         ),
     ];
@@ -249,7 +322,14 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
     }
     evil.client.flush().await.unwrap();
     eventually(WAIT, "presence refuses every forged report", || async {
-        presence.metric("pingapp_presence_refused_total").await >= 4.0
+        presence.metric("pingapp_presence_refused_total").await >= 7.0
+    })
+    .await;
+    eventually(WAIT, "the lying digest costs one resync", || async {
+        presence
+            .metric("pingapp_presence_sync_requests_total")
+            .await
+            >= 1.0
     })
     .await;
 
