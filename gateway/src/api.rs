@@ -33,6 +33,13 @@ use crate::state::Shared;
 /// Longest a query waits for the recorder.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// When this gateway stops waiting for a query asked now, Unix ms: sent
+/// with the query, so the recorder stops reading then too
+/// (docs/architecture.md, "Bounds").
+fn query_deadline() -> i64 {
+    services::unix_ms().saturating_add(QUERY_TIMEOUT.as_millis() as i64)
+}
+
 /// The API routes, each request counted against its client address's
 /// budget (`--max-api-requests-per-ip-per-second`, docs/security.md).
 pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
@@ -279,6 +286,7 @@ async fn samples(
         token_digest,
         since_us,
         limit,
+        deadline_unix_ms: Some(query_deadline()),
     };
     let span = tracing::info_span!("gateway.api.samples", channel_name = %id, limit);
     let headers = services::telemetry::context_headers(&span);
@@ -325,6 +333,7 @@ async fn stats(
     let query = StatsQuery {
         window_ms,
         bucket_ms,
+        deadline_unix_ms: Some(query_deadline()),
     };
     let span = tracing::info_span!("gateway.api.stats", window_ms, bucket_ms);
     let headers = services::telemetry::context_headers(&span);

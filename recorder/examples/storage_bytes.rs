@@ -201,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
                 token_digest: None,
                 since_us: Some(since),
                 limit: 1000,
+                deadline_unix_ms: None,
             })
             .await?;
         packed_ms.push(t.elapsed());

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use crate::DbHealth;
 use crate::metrics::Metrics;
+use crate::read_budget::ReadBudget;
 use crate::store::{Store, StoreError};
 
 /// How long a caller refused as busy should wait before asking again.
@@ -52,6 +53,8 @@ pub(crate) trait Query: Payload + Sync {
     ) -> impl Future<Output = (Self::Reply, &'static str)> + Send;
     /// The answer beyond the read budget.
     fn busy() -> Self::Reply;
+    /// When the asker stops waiting, Unix ms, if the query says.
+    fn deadline_unix_ms(&self) -> Option<i64>;
 }
 
 impl Query for SamplesQuery {
@@ -66,6 +69,9 @@ impl Query for SamplesQuery {
     fn busy() -> SamplesReply {
         samples_error(busy())
     }
+    fn deadline_unix_ms(&self) -> Option<i64> {
+        self.deadline_unix_ms
+    }
 }
 
 impl Query for StatsQuery {
@@ -79,6 +85,9 @@ impl Query for StatsQuery {
     }
     fn busy() -> StatsReply {
         stats_error(busy())
+    }
+    fn deadline_unix_ms(&self) -> Option<i64> {
+        self.deadline_unix_ms
     }
 }
 
@@ -126,7 +135,31 @@ impl Responder {
                 self.metrics.query(Q::KIND, "no_reply");
                 return;
             }
-            let (answer, outcome) = Q::answer(self, &req.message).await;
+            // Read no longer than the asker waits, and not at all when it
+            // has stopped waiting (docs/architecture.md, "Bounds").
+            let budget =
+                ReadBudget::until_unix_ms(req.message.as_ref().ok().and_then(Q::deadline_unix_ms));
+            if budget.is_spent() {
+                self.metrics.query(Q::KIND, "deadline");
+                return;
+            }
+            // Cancels the read (SQLite's progress handler) however this
+            // ends: answered, abandoned, or dropped.
+            let _cancel_on_drop = budget.cancel.clone().drop_guard();
+            let deadline = budget.clone();
+            let read = budget.run(Q::answer(self, &req.message));
+            let (answer, outcome) = tokio::select! {
+                answered = read => answered,
+                () = req.requester_gone(&*self.bus) => {
+                    self.metrics.query(Q::KIND, "abandoned");
+                    return;
+                }
+            };
+            if deadline.is_spent() {
+                // Nobody reads an answer past the deadline.
+                self.metrics.query(Q::KIND, "deadline");
+                return;
+            }
             self.metrics.query(Q::KIND, outcome);
             if let Err(e) = req.reply(&*self.bus, &answer).await {
                 tracing::warn!(error = %e, kind = Q::KIND, "could not send a query answer");
@@ -244,6 +277,7 @@ mod tests {
         let q = |window_s: u64, bucket_s: u64| StatsQuery {
             window_ms: window_s.saturating_mul(1000),
             bucket_ms: bucket_s.saturating_mul(1000),
+            deadline_unix_ms: None,
         };
         assert_eq!(
             validate_stats(&q(3600, 60)),
@@ -262,6 +296,7 @@ mod tests {
         let half = StatsQuery {
             window_ms: 2000,
             bucket_ms: 500,
+            deadline_unix_ms: None,
         };
         assert_eq!(
             validate_stats(&half),

@@ -281,6 +281,14 @@ pub struct SamplesQuery {
     pub since_us: Option<i64>,
     /// At most this many, oldest first.
     pub limit: u32,
+    /// When the asker stops waiting, Unix ms (the gateway's request
+    /// timeout from when it asked): the recorder reads no longer than this
+    /// (and its own `--read-timeout-ms`), and not at all once it has
+    /// passed (docs/architecture.md, "Bounds"). `None` (an older gateway):
+    /// the read timeout alone. Compared with the recorder's clock, so
+    /// skewed clocks shorten or lengthen it by their skew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<i64>,
 }
 
 /// One persisted sample as the API returns it.
@@ -323,6 +331,14 @@ pub struct StatsQuery {
     pub window_ms: u64,
     /// Bucket width, milliseconds.
     pub bucket_ms: u64,
+    /// When the asker stops waiting, Unix ms (the gateway's request
+    /// timeout from when it asked): the recorder reads no longer than this
+    /// (and its own `--read-timeout-ms`), and not at all once it has
+    /// passed (docs/architecture.md, "Bounds"). `None` (an older gateway):
+    /// the read timeout alone. Compared with the recorder's clock, so
+    /// skewed clocks shorten or lengthen it by their skew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<i64>,
 }
 
 /// Public samples of one time bucket.

@@ -45,6 +45,7 @@ use super::{
     StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
     minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_db, window_start,
 };
+use crate::read_budget;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -622,6 +623,8 @@ pub struct PgStore {
     pool: PgPool,
     /// History and statistics reads, with their statement timeout.
     reads: PgPool,
+    /// That statement timeout (`--read-timeout-ms`).
+    read_timeout: Duration,
 }
 
 impl PgStore {
@@ -656,6 +659,7 @@ impl PgStore {
         migrate_url: Option<&str>,
         reads: ReadLimits,
     ) -> Result<Self, StoreError> {
+        let reads_limits = reads;
         let opts = PgConnectOptions::from_str(url)?;
         migrate(migrate_url.unwrap_or(url)).await?;
         let read_opts = opts.clone().options([(
@@ -680,12 +684,34 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(read_opts)
             .await?;
-        Ok(Self { pool, reads })
+        Ok(Self {
+            pool,
+            reads,
+            read_timeout: reads_limits.statement_timeout,
+        })
     }
 
     /// The connection pool (tests and tools).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// A read transaction (one snapshot, [`SNAPSHOT`]) whose statements
+    /// stop when the read's budget does ([`crate::read_budget`]): the
+    /// earlier of the asker's deadline and the read timeout, by `SET
+    /// LOCAL statement_timeout` (no extra round trip without a deadline).
+    async fn begin_read(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let left = read_budget::time_left(self.read_timeout);
+        if left < self.read_timeout {
+            // 0 would mean no timeout at all.
+            let ms = left.as_millis().max(1);
+            sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+                .bind(ms.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
     }
 }
 
@@ -738,19 +764,23 @@ impl Store for PgStore {
     }
 
     async fn access(&self, channel_name: &str) -> Result<Option<Access>, StoreError> {
+        // In a read transaction too: it stops at the read's deadline.
+        let mut tx = self.begin_read().await?;
         let client: Option<(bool, Option<String>)> =
             sqlx::query_as("SELECT public, token_digest FROM clients WHERE channel_name = $1")
                 .bind(channel_name)
-                .fetch_optional(&self.reads)
+                .fetch_optional(&mut *tx)
                 .await?;
-        if let Some(client) = client {
-            return Ok(Some(Access::from(client)));
-        }
-        let public: Option<bool> = sqlx::query_scalar(ACCESS_BY_SAMPLES)
-            .bind(channel_name)
-            .fetch_optional(&self.reads)
-            .await?;
-        Ok(public.map(Access::without_token))
+        let access = match client {
+            Some(client) => Some(Access::from(client)),
+            None => sqlx::query_scalar(ACCESS_BY_SAMPLES)
+                .bind(channel_name)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(Access::without_token),
+        };
+        tx.commit().await?;
+        Ok(access)
     }
 
     async fn read_history(
@@ -761,7 +791,7 @@ impl Store for PgStore {
     ) -> Result<Vec<StoredSample>, StoreError> {
         let mut history = History::new(since_us, limit);
         // One snapshot: packing moves samples from staging to blocks.
-        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let mut tx = self.begin_read().await?;
         let id: Option<i32> = sqlx::query_scalar("SELECT id FROM channels WHERE channel_name = $1")
             .bind(channel_name)
             .fetch_optional(&mut *tx)
@@ -813,7 +843,7 @@ impl Store for PgStore {
     ) -> Result<Vec<StatsBucket>, StoreError> {
         let width = bucket_width(bucket)?;
         let since = window_start(now_us, window);
-        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let mut tx = self.begin_read().await?;
         if width % MINUTE_US == 0 {
             let first = bucket_start(since, MINUTE_US);
             let staged = sqlx::query_as(STATS_STAGED)

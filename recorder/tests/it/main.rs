@@ -3,6 +3,7 @@
 //! bus. Needs the machine's PostgreSQL and NATS (with JetStream) servers;
 //! see `it/helpers.rs` for the environment variables.
 
+mod deadline;
 mod helpers;
 mod migration;
 mod packing;
