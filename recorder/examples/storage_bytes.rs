@@ -19,6 +19,14 @@
 //!    random time) and of 10 of the widest statistics query (31 days in
 //!    10-minute buckets), each through the store and as the first
 //!    layout's SQL against `v1`.
+//!
+//! With `--scale 1000000,10000000,100000000` it skips the first layout and
+//! measures the reads at each size instead, on packed data generated
+//! straight into the recorder's tables (`support/scale.rs`;
+//! `bench/storage_scale.sh`).
+
+#[path = "support/scale.rs"]
+mod scale;
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +49,16 @@ struct Args {
     /// Keep the database afterwards (its name is printed).
     #[arg(long)]
     keep: bool,
+    /// Instead: the reads' cost at these sizes (ascending, cumulative, one
+    /// run), on generated packed data (`support/scale.rs`).
+    #[arg(long, value_delimiter = ',')]
+    scale: Vec<i64>,
+    /// History reads per size in `--scale` mode.
+    #[arg(long, default_value_t = 500)]
+    history_reads: usize,
+    /// Reads of each statistics query per size in `--scale` mode.
+    #[arg(long, default_value_t = 100)]
+    stats_reads: usize,
 }
 
 const FIRST_LAYOUT: &str = include_str!("../migrations/postgres/0001_init.sql");
@@ -58,6 +76,9 @@ const V1_STATS: &str = "\
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.scale.is_empty() {
+        return scale::run(&args.scale, args.history_reads, args.stats_reads).await;
+    }
     let db = testkit::fresh_database().await;
     println!(
         "database {} ({} samples, {} clients)",

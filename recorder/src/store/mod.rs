@@ -571,11 +571,16 @@ pub const MINUTE_US: i64 = 60_000_000;
 
 /// The public room's samples of one minute, or of a statistics bucket:
 /// count, extremes and a [`sketch::Sketch`] of the delays.
+/// (Public for tools that write rollups, e.g. the scale benchmark.)
 #[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Rollup {
+pub struct Rollup {
+    /// Samples.
     pub count: u64,
+    /// Smallest delay, ms.
     pub min: f64,
+    /// Largest delay, ms.
     pub max: f64,
+    /// The delays' sketch.
     pub sketch: sketch::Sketch,
 }
 
@@ -583,7 +588,8 @@ pub(crate) struct Rollup {
 pub(crate) type RollupRow = (i64, i64, f64, f64, Vec<u8>);
 
 impl Rollup {
-    fn add(&mut self, v: f64) {
+    /// Adds one delay, ms.
+    pub fn add(&mut self, v: f64) {
         self.min = if self.count == 0 { v } else { self.min.min(v) };
         self.max = if self.count == 0 { v } else { self.max.max(v) };
         self.count += 1;
