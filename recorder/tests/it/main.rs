@@ -6,6 +6,7 @@
 mod deadline;
 mod helpers;
 mod migration;
+mod pack_race;
 mod packing;
 mod roles;
 mod service;
