@@ -828,17 +828,20 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(opts)
             .await?;
-        // Every read connection is opened now and kept open: opening one
-        // on demand (a DNS lookup and a SCRAM handshake in a container)
-        // can take longer than the acquire timeout, which answered the
-        // first reads after a start 503 (seen in the compose test).
+        // The read connections are opened in the background (sqlx keeps
+        // `min_connections` open), not before the store is returned: a
+        // recorder starting against a busy server is ready sooner, and
+        // the connections are there for the first reads soon after
+        // (opening one on demand, a DNS lookup and a SCRAM handshake in a
+        // container, could take longer than the acquire timeout, which
+        // answered the first reads after a start 503 in the compose test).
+        // They stay open.
         let reads = PgPoolOptions::new()
             .max_connections(reads.connections.max(1))
             .min_connections(reads.connections.max(1))
             .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(3))
-            .connect_with(read_opts)
-            .await?;
+            .connect_lazy_with(read_opts);
         Ok(Self {
             pool,
             reads,
