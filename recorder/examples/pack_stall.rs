@@ -9,7 +9,7 @@
 //!
 //! Each packing phase starts from `--clients` × `--per-client` staged
 //! samples in the past (one a second each, delays in thousandths of a ms:
-//! 1.2M by default, 24 packing transactions of 50,000 rows), generated in
+//! 1.2M by default, 120 packing transactions of 10,000 rows), generated in
 //! SQL. While [`Store::pack`] moves them into blocks, one task inserts
 //! batches of `--batch` samples of other clients (now: staged, not late),
 //! one insert after the other, and times each; the idle phase does the

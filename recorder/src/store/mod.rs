@@ -750,9 +750,9 @@ pub(crate) fn stats_from_rollups(
 }
 
 /// Rows packed per transaction, at most.
-pub const PACK_ROWS: i64 = 50_000;
+pub const PACK_ROWS: i64 = 10_000;
 /// Clients looked at per packing transaction, at most.
-pub const PACK_CLIENTS: i64 = 256;
+pub const PACK_CLIENTS: i64 = 64;
 
 /// What one packing transaction does, from the staged rows it read: the
 /// rows of `clients` older than `before`, ordered by client, time and
