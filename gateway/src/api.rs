@@ -36,6 +36,13 @@ use crate::state::Shared;
 /// Longest a query waits for the recorder.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// When this gateway stops waiting for a query asked now, Unix ms: sent
+/// with the query, so the recorder stops reading then too
+/// (docs/architecture.md, "Bounds").
+fn query_deadline() -> i64 {
+    services::unix_ms().saturating_add(QUERY_TIMEOUT.as_millis() as i64)
+}
+
 /// The API routes, each request counted against its client address's
 /// budget (`--max-api-requests-per-ip-per-second`, docs/security.md).
 pub fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
@@ -294,6 +301,7 @@ async fn samples(
         token_digest,
         since_us,
         limit,
+        deadline_unix_ms: Some(query_deadline()),
     };
     let span = tracing::info_span!("gateway.api.samples", channel_name = %id, limit);
     match ask(&shared, &shared.subjects.query_samples(), &query, span).await? {
@@ -327,6 +335,7 @@ async fn stats(
     let query = StatsQuery {
         window_ms,
         bucket_ms,
+        deadline_unix_ms: Some(query_deadline()),
     };
     let span = tracing::info_span!("gateway.api.stats", window_ms, bucket_ms);
     match ask(&shared, &shared.subjects.query_stats(), &query, span).await? {
@@ -398,6 +407,7 @@ async fn device_history(
         device,
         window_ms,
         bucket_ms,
+        deadline_unix_ms: Some(query_deadline()),
     };
     let span = tracing::info_span!("gateway.api.device_history", window_ms, bucket_ms);
     match ask(
@@ -435,7 +445,10 @@ async fn forget_device(
 ) -> Result<Response, ApiError> {
     let device = device_of(&headers)?;
     let span = tracing::info_span!("gateway.api.forget_device");
-    let query = ForgetDeviceQuery { device };
+    let query = ForgetDeviceQuery {
+        device,
+        deadline_unix_ms: Some(query_deadline()),
+    };
     match ask(&shared, &shared.subjects.forget_device(), &query, span).await? {
         ForgetDeviceReply::Forgotten { channels } => {
             Ok(Json(json!({"forgotten": true, "channels": channels})).into_response())

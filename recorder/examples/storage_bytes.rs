@@ -29,6 +29,14 @@
 //! for every minute and every hour of 31 days (copies of one of its rows)
 //! and 20 reads of 31 days in 4-hour buckets (hour rows, and minute rows
 //! for the partial hours at both ends) and of the last hour in minutes.
+//!
+//! With `--scale 1000000,10000000,100000000` it skips the first layout and
+//! measures the reads at each size instead, on packed data generated
+//! straight into the recorder's tables (`support/scale.rs`;
+//! `bench/storage_scale.sh`).
+
+#[path = "support/scale.rs"]
+mod scale;
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +63,16 @@ struct Args {
     /// per-device minute rollups too.
     #[arg(long)]
     devices: bool,
+    /// Instead: the reads' cost at these sizes (ascending, cumulative, one
+    /// run), on generated packed data (`support/scale.rs`).
+    #[arg(long, value_delimiter = ',')]
+    scale: Vec<i64>,
+    /// History reads per size in `--scale` mode.
+    #[arg(long, default_value_t = 500)]
+    history_reads: usize,
+    /// Reads of each statistics query per size in `--scale` mode.
+    #[arg(long, default_value_t = 100)]
+    stats_reads: usize,
 }
 
 const FIRST_LAYOUT: &str = include_str!("../migrations/postgres/0001_init.sql");
@@ -72,6 +90,9 @@ const V1_STATS: &str = "\
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.scale.is_empty() {
+        return scale::run(&args.scale, args.history_reads, args.stats_reads).await;
+    }
     let db = testkit::fresh_database().await;
     println!(
         "database {} ({} samples, {} clients)",
@@ -245,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
                 token_digest: None,
                 since_us: Some(since),
                 limit: 1000,
+                deadline_unix_ms: None,
             })
             .await?;
         packed_ms.push(t.elapsed());

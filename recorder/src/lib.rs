@@ -25,6 +25,7 @@ mod config;
 mod consumer;
 mod metrics;
 pub mod queries;
+pub mod read_budget;
 pub mod store;
 
 use std::sync::Arc;

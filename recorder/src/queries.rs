@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::DbHealth;
 use crate::metrics::Metrics;
+use crate::read_budget::ReadBudget;
 use crate::store::{Store, StoreError};
 
 /// How long a caller refused as busy should wait before asking again.
@@ -57,6 +58,8 @@ pub(crate) trait Query: Payload + Sync {
     ) -> impl Future<Output = (Self::Reply, &'static str)> + Send;
     /// The answer beyond the read budget.
     fn busy() -> Self::Reply;
+    /// When the asker stops waiting, Unix ms, if the query says.
+    fn deadline_unix_ms(&self) -> Option<i64>;
 }
 
 impl Query for SamplesQuery {
@@ -71,6 +74,9 @@ impl Query for SamplesQuery {
     fn busy() -> SamplesReply {
         samples_error(busy())
     }
+    fn deadline_unix_ms(&self) -> Option<i64> {
+        self.deadline_unix_ms
+    }
 }
 
 impl Query for StatsQuery {
@@ -84,6 +90,9 @@ impl Query for StatsQuery {
     }
     fn busy() -> StatsReply {
         stats_error(busy())
+    }
+    fn deadline_unix_ms(&self) -> Option<i64> {
+        self.deadline_unix_ms
     }
 }
 
@@ -100,6 +109,9 @@ impl Query for DeviceHistoryQuery {
         let (kind, message) = busy();
         DeviceHistoryReply::Error { kind, message }
     }
+    fn deadline_unix_ms(&self) -> Option<i64> {
+        self.deadline_unix_ms
+    }
 }
 
 impl Query for ForgetDeviceQuery {
@@ -114,6 +126,9 @@ impl Query for ForgetDeviceQuery {
     fn busy() -> ForgetDeviceReply {
         let (kind, message) = busy();
         ForgetDeviceReply::Error { kind, message }
+    }
+    fn deadline_unix_ms(&self) -> Option<i64> {
+        self.deadline_unix_ms
     }
 }
 
@@ -161,7 +176,31 @@ impl Responder {
                 self.metrics.query(Q::KIND, "no_reply");
                 return;
             }
-            let (answer, outcome) = Q::answer(self, &req.message).await;
+            // Read no longer than the asker waits, and not at all when it
+            // has stopped waiting (docs/architecture.md, "Bounds").
+            let budget =
+                ReadBudget::until_unix_ms(req.message.as_ref().ok().and_then(Q::deadline_unix_ms));
+            if budget.is_spent() {
+                self.metrics.query(Q::KIND, "deadline");
+                return;
+            }
+            // Cancels the read (SQLite's progress handler) however this
+            // ends: answered, abandoned, or dropped.
+            let _cancel_on_drop = budget.cancel.clone().drop_guard();
+            let deadline = budget.clone();
+            let read = budget.run(Q::answer(self, &req.message));
+            let (answer, outcome) = tokio::select! {
+                answered = read => answered,
+                () = req.requester_gone(&*self.bus) => {
+                    self.metrics.query(Q::KIND, "abandoned");
+                    return;
+                }
+            };
+            if deadline.is_spent() {
+                // Nobody reads an answer past the deadline.
+                self.metrics.query(Q::KIND, "deadline");
+                return;
+            }
             self.metrics.query(Q::KIND, outcome);
             if let Err(e) = req.reply(&*self.bus, &answer).await {
                 tracing::warn!(error = %e, kind = Q::KIND, "could not send a query answer");
@@ -370,6 +409,7 @@ mod tests {
         let q = |window_s: u64, bucket_s: u64| StatsQuery {
             window_ms: window_s.saturating_mul(1000),
             bucket_ms: bucket_s.saturating_mul(1000),
+            deadline_unix_ms: None,
         };
         assert_eq!(
             validate_stats(&q(3600, 60)),
@@ -388,6 +428,7 @@ mod tests {
         let half = StatsQuery {
             window_ms: 2000,
             bucket_ms: 500,
+            deadline_unix_ms: None,
         };
         assert_eq!(
             validate_stats(&half),
@@ -401,6 +442,7 @@ mod tests {
             device: device.to_owned(),
             window_ms,
             bucket_ms,
+            deadline_unix_ms: None,
         };
         let d = services::ids::device_digest("0123456789abcdefghijklmnop");
         assert_eq!(

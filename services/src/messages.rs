@@ -378,6 +378,14 @@ pub struct SamplesQuery {
     pub since_us: Option<i64>,
     /// At most this many, oldest first.
     pub limit: u32,
+    /// When the asker stops waiting, Unix ms (the gateway's request
+    /// timeout from when it asked): the recorder reads no longer than this
+    /// (and its own `--read-timeout-ms`), and not at all once it has
+    /// passed (docs/architecture.md, "Bounds"). `None` (an older gateway):
+    /// the read timeout alone. Compared with the recorder's clock, so
+    /// skewed clocks shorten or lengthen it by their skew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<i64>,
 }
 
 /// One persisted sample as the API returns it.
@@ -420,6 +428,14 @@ pub struct StatsQuery {
     pub window_ms: u64,
     /// Bucket width, milliseconds.
     pub bucket_ms: u64,
+    /// When the asker stops waiting, Unix ms (the gateway's request
+    /// timeout from when it asked): the recorder reads no longer than this
+    /// (and its own `--read-timeout-ms`), and not at all once it has
+    /// passed (docs/architecture.md, "Bounds"). `None` (an older gateway):
+    /// the read timeout alone. Compared with the recorder's clock, so
+    /// skewed clocks shorten or lengthen it by their skew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<i64>,
 }
 
 /// Public samples of one time bucket.
@@ -472,6 +488,10 @@ pub struct DeviceHistoryQuery {
     pub window_ms: u64,
     /// Bucket width, milliseconds.
     pub bucket_ms: u64,
+    /// When the asker stops waiting, Unix ms: as
+    /// [`SamplesQuery::deadline_unix_ms`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<i64>,
 }
 
 /// One bucket of a browser's own history: every sample of every
@@ -528,6 +548,10 @@ pub enum DeviceHistoryReply {
 pub struct ForgetDeviceQuery {
     /// [`crate::ids::device_digest`] of the secret presented.
     pub device: String,
+    /// When the asker stops waiting, Unix ms: a forget that comes after it
+    /// is not done (the asker was told 503 and may ask again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<i64>,
 }
 
 /// Reply to a [`ForgetDeviceQuery`].

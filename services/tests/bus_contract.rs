@@ -1139,6 +1139,7 @@ async fn typed_topics_carry_their_message_types(h: Harness) {
     let query = StatsQuery {
         window_ms: 60_000,
         bucket_ms: 10_000,
+        deadline_unix_ms: None,
     };
     let reply = service
         .request(&*a, &query, WAIT)

@@ -622,11 +622,16 @@ pub const MINUTE_US: i64 = 60_000_000;
 
 /// The public room's samples of one minute, or of a statistics bucket:
 /// count, extremes and a [`sketch::Sketch`] of the delays.
+/// (Public for tools that write rollups, e.g. the scale benchmark.)
 #[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Rollup {
+pub struct Rollup {
+    /// Samples.
     pub count: u64,
+    /// Smallest delay, ms.
     pub min: f64,
+    /// Largest delay, ms.
     pub max: f64,
+    /// The delays' sketch.
     pub sketch: sketch::Sketch,
 }
 
@@ -634,7 +639,8 @@ pub(crate) struct Rollup {
 pub(crate) type RollupRow = (i64, i64, f64, f64, Vec<u8>);
 
 impl Rollup {
-    fn add(&mut self, v: f64) {
+    /// Adds one delay, ms.
+    pub fn add(&mut self, v: f64) {
         self.min = if self.count == 0 { v } else { self.min.min(v) };
         self.max = if self.count == 0 { v } else { self.max.max(v) };
         self.count += 1;
@@ -722,50 +728,82 @@ pub(crate) fn stats_from_rollups(
     staged: Vec<(i64, f64)>,
     rollups: Vec<RollupRow>,
 ) -> Result<Vec<StatsBucket>, StoreError> {
-    let mut buckets: BTreeMap<i64, (Rollup, Vec<f64>)> = BTreeMap::new();
-    for row in rollups {
-        let start = bucket_start(row.0, width);
-        buckets
-            .entry(start)
-            .or_default()
-            .0
-            .merge(&Rollup::from_row(row)?);
+    /// A bucket's packed samples (count, min, max, their sketches summed)
+    /// and its staged delays.
+    #[derive(Default)]
+    struct Bucket {
+        count: u64,
+        min: f64,
+        max: f64,
+        sketch: sketch::Accumulator,
+        raw: Vec<f64>,
+    }
+    let mut buckets: BTreeMap<i64, Bucket> = BTreeMap::new();
+    // Rows come oldest first: each bucket's rows are adjacent, so the
+    // map is looked up once per bucket, not per row.
+    let mut current: Option<(i64, Bucket)> = None;
+    for (minute, count, min, max, data) in rollups {
+        let start = bucket_start(minute, width);
+        if current.as_ref().is_none_or(|(s, _)| *s != start) {
+            if let Some((s, b)) = current.take() {
+                buckets.insert(s, b);
+            }
+            current = Some((start, buckets.remove(&start).unwrap_or_default()));
+        }
+        let Some((_, b)) = current.as_mut() else {
+            continue;
+        };
+        let count = u64::try_from(count).unwrap_or(0);
+        if count == 0 {
+            continue;
+        }
+        b.min = if b.count == 0 { min } else { b.min.min(min) };
+        b.max = if b.count == 0 { max } else { b.max.max(max) };
+        b.count += count;
+        b.sketch.add_encoded(&data)?;
+    }
+    if let Some((s, b)) = current {
+        buckets.insert(s, b);
     }
     for (at, v) in staged {
         buckets
             .entry(bucket_start(at, width))
             .or_default()
-            .1
+            .raw
             .push(v);
     }
     Ok(buckets
         .into_iter()
-        .map(|(start, (mut packed, mut raw))| {
-            raw.sort_by(f64::total_cmp);
-            if packed.count == 0 {
-                return bucket_stats(start, &raw);
+        .map(|(start, mut b)| {
+            b.raw.sort_by(f64::total_cmp);
+            if b.count == 0 {
+                return bucket_stats(start, &b.raw);
             }
-            for v in raw {
-                packed.add(v);
+            for &v in &b.raw {
+                b.min = b.min.min(v);
+                b.max = b.max.max(v);
+                b.sketch.add(v);
             }
-            let q = |q| packed.sketch.quantile(q).unwrap_or(0.0);
+            let count = b.count + b.raw.len() as u64;
+            let sketch = b.sketch.into_sketch();
+            let q = |q| sketch.quantile(q).unwrap_or(0.0);
             StatsBucket {
                 start_us: start,
-                count: packed.count,
-                min: packed.min,
+                count,
+                min: b.min,
                 p50: q(0.5),
                 p95: q(0.95),
                 p99: q(0.99),
-                max: packed.max,
+                max: b.max,
             }
         })
         .collect())
 }
 
 /// Rows packed per transaction, at most.
-pub const PACK_ROWS: i64 = 50_000;
+pub const PACK_ROWS: i64 = 10_000;
 /// Clients looked at per packing transaction, at most.
-pub const PACK_CLIENTS: i64 = 256;
+pub const PACK_CLIENTS: i64 = 64;
 
 /// What one packing transaction does, from the staged rows it read: the
 /// rows of `clients` older than `before`, ordered by client, time and

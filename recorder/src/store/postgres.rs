@@ -43,11 +43,13 @@ use sqlx::{Connection, Postgres};
 use super::block::{self, Sample};
 use super::device::{self, DeviceMinuteRow, PairDelta, StagedDeviceRow};
 use super::{
-    Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
-    PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
-    StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
-    minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_db, window_start,
+    Access, Buckets, History, InsertOutcome, MINUTE_US, Merged, PACK_CLIENTS, PACK_ROWS,
+    PRUNE_CHUNK, PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED,
+    StagedRow, Store, StoreError, block_keys, bucket_start, bucket_width, fold_blocks,
+    merge_blocks, merge_rollups, minute_rollups, staged_sample, stats_from_rollups, stored_sample,
+    to_db, window_start,
 };
+use crate::read_budget;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -543,6 +545,14 @@ async fn merge_into_blocks(
         .fetch_all(&mut *conn)
         .await?;
     let merged = merge_blocks(stored, samples)?;
+    let added = merged.added.len() as u64;
+    write_blocks(conn, merged).await?;
+    Ok(added)
+}
+
+/// Writes merged blocks and adds the samples new in them to the minute
+/// rollups (the room's and their devices'); the caller holds the fence.
+async fn write_blocks(conn: &mut PgConnection, merged: Merged) -> Result<(), StoreError> {
     let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (c, start, count, data) in merged.rows {
         cols.0.push(c);
@@ -557,8 +567,7 @@ async fn merge_into_blocks(
         .bind(cols.3)
         .execute(&mut *conn)
         .await?;
-    update_rollups(conn, &merged.added, &merged.pairs).await?;
-    Ok(merged.added.len() as u64)
+    update_rollups(conn, &merged.added, &merged.pairs).await
 }
 
 /// Adds the public ones of `added` (samples just packed) to the room's
@@ -703,45 +712,157 @@ async fn update_tier(
     Ok(())
 }
 
-/// One packing transaction over the clients after `after`; `None` when no
-/// client has staged samples there.
+/// How packing holds back staging inserts (docs/architecture.md, "Why
+/// staging and packing cannot race").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Packing {
+    /// Reads and encodes without the fence, then takes it only to check
+    /// that nothing it read changed and to write: inserts wait for the
+    /// writes alone. The default.
+    #[default]
+    FenceLast,
+    /// Under the fence from the start of each transaction (what packing
+    /// did before; kept as the fallback, and for the benchmark's baseline
+    /// in `recorder/examples/pack_stall.rs`).
+    FencedThroughout,
+}
+
+/// The staged rows of each `(client, mark)` older than the mark: count
+/// and sum of `n` (as text: the sum of bigints is a numeric).
+const STAGED_BELOW_MARKS: &str = "\
+    SELECT t.c, count(s.n), coalesce(sum(s.n), 0)::text \
+    FROM UNNEST($1::integer[], $2::bigint[]) AS t(c, b) \
+    LEFT JOIN sample_staging s ON s.channel_id = t.c AND s.at_us < t.b \
+    GROUP BY t.c";
+
+/// The blocks of these keys and their sample counts.
+const BLOCK_COUNTS: &str = "\
+    SELECT channel_id, block_start_us, samples FROM sample_blocks \
+    WHERE (channel_id, block_start_us) IN (SELECT * FROM UNNEST($1::integer[], $2::bigint[]))";
+
+/// Per client of `marks`: how many of `samples` it has and the sum of
+/// their `n`, as [`STAGED_BELOW_MARKS`] reports them.
+fn staged_fingerprint(
+    marks: &[(i32, i64)],
+    samples: &[(i32, Sample)],
+) -> BTreeMap<i32, (i64, String)> {
+    let mut sums: BTreeMap<i32, (i64, i128)> = marks.iter().map(|(c, _)| (*c, (0, 0))).collect();
+    for (c, s) in samples {
+        let e = sums.entry(*c).or_default();
+        e.0 += 1;
+        e.1 += i128::from(s.n);
+    }
+    sums.into_iter()
+        .map(|(c, (n, sum))| (c, (n, sum.to_string())))
+        .collect()
+}
+
+/// One packing step over the clients after `after`; `None` when no client
+/// has staged samples there.
+///
+/// The reading, decoding and encoding happen before the fence is taken
+/// (a snapshot of the staged rows and their blocks); then, under the
+/// fence, a check that the staged rows below the marks and the blocks'
+/// sample counts are still what was read (staging only adds rows, block
+/// writers only add samples, and both hold the fence to do so), and the
+/// writes. When anything changed meanwhile (a sample staged below a mark
+/// before its client's `packed_before_us` moved, a late merge or another
+/// replica packing the same blocks), the step is done again under the
+/// fence throughout ([`pack_step_fenced`]). Staging inserts wait only for
+/// the check and the writes.
 async fn pack_step(
+    pool: &PgPool,
+    before: i64,
+    after: i32,
+) -> Result<Option<(u64, i32)>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let Some(step) = plan_pack_step(&mut conn, before, after).await? else {
+        return Ok(None);
+    };
+    let (keys_c, keys_s) = block_keys(&step.samples);
+    let stored: Vec<(i32, i64, i32, Vec<u8>)> = sqlx::query_as(
+        "SELECT channel_id, block_start_us, samples, data FROM sample_blocks \
+         WHERE (channel_id, block_start_us) IN (SELECT * FROM UNNEST($1::integer[], $2::bigint[]))",
+    )
+    .bind(&keys_c)
+    .bind(&keys_s)
+    .fetch_all(&mut *conn)
+    .await?;
+    let counts: BTreeMap<(i32, i64), i32> =
+        stored.iter().map(|(c, b, n, _)| ((*c, *b), *n)).collect();
+    let merged = merge_blocks(
+        stored.into_iter().map(|(c, b, _, d)| (c, b, d)).collect(),
+        &step.samples,
+    )?;
+    let expected = staged_fingerprint(&step.marks, &step.samples);
+    let (marked, marks): (Vec<i32>, Vec<i64>) = step.marks.iter().copied().unzip();
+
+    let mut tx = conn.begin().await?;
+    sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+    let staged_now: BTreeMap<i32, (i64, String)> = sqlx::query_as(STAGED_BELOW_MARKS)
+        .bind(&marked)
+        .bind(&marks)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(c, n, sum): (i32, i64, String)| (c, (n, sum)))
+        .collect();
+    let counts_now: BTreeMap<(i32, i64), i32> = sqlx::query_as(BLOCK_COUNTS)
+        .bind(&keys_c)
+        .bind(&keys_s)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|(c, b, n): (i32, i64, i32)| ((c, b), n))
+        .collect();
+    if staged_now != expected || counts_now != counts {
+        tx.rollback().await?;
+        drop(conn);
+        tracing::debug!("staged rows or blocks changed while packing; packing under the fence");
+        return pack_step_fenced(pool, before, after).await;
+    }
+    if !merged.rows.is_empty() {
+        write_blocks(&mut tx, merged).await?;
+    }
+    let moved = move_marks(&mut tx, &step.marks).await?;
+    tx.commit().await?;
+    Ok(Some((moved, step.next_after)))
+}
+
+/// One packing transaction over the clients after `after`, under the
+/// fence from its start: staging inserts wait for all of it. `None` when
+/// no client has staged samples there. The fallback of [`pack_step`] (and
+/// what packing was before, [`Packing::FencedThroughout`]).
+async fn pack_step_fenced(
     pool: &PgPool,
     before: i64,
     after: i32,
 ) -> Result<Option<(u64, i32)>, StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
-    let clients: Vec<i32> = sqlx::query_scalar(STAGED_CLIENTS)
-        .bind(after)
-        .bind(PACK_CLIENTS)
-        .fetch_all(&mut *tx)
-        .await?;
-    if clients.is_empty() {
+    let Some(step) = plan_pack_step(&mut tx, before, after).await? else {
         return Ok(None);
-    }
-    let rows: Vec<StagedRow> = sqlx::query_as(
-        "SELECT channel_id, n, seq, at_us, delay_ms FROM sample_staging \
-         WHERE channel_id = ANY($1) AND at_us < $2 ORDER BY channel_id, at_us, n LIMIT $3",
-    )
-    .bind(&clients)
-    .bind(before)
-    .bind(PACK_ROWS)
-    .fetch_all(&mut *tx)
-    .await?;
-    let rows = rows.into_iter().map(staged_sample).collect();
-    let step = PackStep::plan(&clients, rows, before);
+    };
     if !step.samples.is_empty() {
         merge_into_blocks(&mut tx, &step.samples).await?;
     }
-    let (marked, marks): (Vec<i32>, Vec<i64>) = step.marks.iter().copied().unzip();
+    let moved = move_marks(&mut tx, &step.marks).await?;
+    tx.commit().await?;
+    Ok(Some((moved, step.next_after)))
+}
+
+/// Deletes the staged samples of each `(client, mark)` older than the
+/// mark (just packed) and raises the clients' `packed_before_us` to it;
+/// the caller holds the fence. Returns how many rows left staging.
+async fn move_marks(conn: &mut PgConnection, marks: &[(i32, i64)]) -> Result<u64, StoreError> {
+    let (marked, marks): (Vec<i32>, Vec<i64>) = marks.iter().copied().unzip();
     let moved = sqlx::query(
         "DELETE FROM sample_staging s USING UNNEST($1::integer[], $2::bigint[]) AS t(c, b) \
          WHERE s.channel_id = t.c AND s.at_us < t.b",
     )
     .bind(&marked)
     .bind(&marks)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?
     .rows_affected();
     sqlx::query(
@@ -750,11 +871,41 @@ async fn pack_step(
     )
     .bind(&marked)
     .bind(&marks)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
-    tx.commit().await?;
-    Ok(Some((moved, step.next_after)))
+    Ok(moved)
 }
+
+/// The next packing step after client `after` ([`PackStep::plan`]) from
+/// the staged rows; `None` when no client after `after` has any.
+async fn plan_pack_step(
+    conn: &mut PgConnection,
+    before: i64,
+    after: i32,
+) -> Result<Option<PackStep>, StoreError> {
+    let clients: Vec<i32> = sqlx::query_scalar(STAGED_CLIENTS)
+        .bind(after)
+        .bind(PACK_CLIENTS)
+        .fetch_all(&mut *conn)
+        .await?;
+    if clients.is_empty() {
+        return Ok(None);
+    }
+    let rows: Vec<StagedRow> = sqlx::query_as(SELECT_STAGED)
+        .bind(&clients)
+        .bind(before)
+        .bind(PACK_ROWS)
+        .fetch_all(&mut *conn)
+        .await?;
+    let rows = rows.into_iter().map(staged_sample).collect();
+    Ok(Some(PackStep::plan(&clients, rows, before)))
+}
+
+/// The staged rows of clients `$1` older than `$2`, in packing order, at
+/// most `$3`.
+const SELECT_STAGED: &str = "\
+    SELECT channel_id, n, seq, at_us, delay_ms FROM sample_staging \
+    WHERE channel_id = ANY($1) AND at_us < $2 ORDER BY channel_id, at_us, n LIMIT $3";
 
 /// A Postgres database.
 #[derive(Clone)]
@@ -763,6 +914,10 @@ pub struct PgStore {
     pool: PgPool,
     /// History and statistics reads, with their statement timeout.
     reads: PgPool,
+    /// That statement timeout (`--read-timeout-ms`).
+    read_timeout: Duration,
+    /// How packing takes the fence.
+    packing: Packing,
 }
 
 impl PgStore {
@@ -797,6 +952,7 @@ impl PgStore {
         migrate_url: Option<&str>,
         reads: ReadLimits,
     ) -> Result<Self, StoreError> {
+        let reads_limits = reads;
         let opts = PgConnectOptions::from_str(url)?;
         migrate(migrate_url.unwrap_or(url)).await?;
         let read_opts = opts.clone().options([(
@@ -810,23 +966,56 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(opts)
             .await?;
-        // Every read connection is opened now and kept open: opening one
-        // on demand (a DNS lookup and a SCRAM handshake in a container)
-        // can take longer than the acquire timeout, which answered the
-        // first reads after a start 503 (seen in the compose test).
+        // The read connections are opened in the background (sqlx keeps
+        // `min_connections` open), not before the store is returned: a
+        // recorder starting against a busy server is ready sooner, and
+        // the connections are there for the first reads soon after
+        // (opening one on demand, a DNS lookup and a SCRAM handshake in a
+        // container, could take longer than the acquire timeout, which
+        // answered the first reads after a start 503 in the compose test).
+        // They stay open.
         let reads = PgPoolOptions::new()
             .max_connections(reads.connections.max(1))
             .min_connections(reads.connections.max(1))
             .idle_timeout(None)
             .acquire_timeout(Duration::from_secs(3))
-            .connect_with(read_opts)
-            .await?;
-        Ok(Self { pool, reads })
+            .connect_lazy_with(read_opts);
+        Ok(Self {
+            pool,
+            reads,
+            read_timeout: reads_limits.statement_timeout,
+            packing: Packing::default(),
+        })
     }
 
     /// The connection pool (tests and tools).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// This store, packing as `packing` says (benchmarks and tests; the
+    /// recorder uses the default).
+    pub fn with_packing(mut self, packing: Packing) -> Self {
+        self.packing = packing;
+        self
+    }
+
+    /// A read transaction (one snapshot, [`SNAPSHOT`]) whose statements
+    /// stop when the read's budget does ([`crate::read_budget`]): the
+    /// earlier of the asker's deadline and the read timeout, by `SET
+    /// LOCAL statement_timeout` (no extra round trip without a deadline).
+    async fn begin_read(&self) -> Result<sqlx::Transaction<'static, Postgres>, StoreError> {
+        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let left = read_budget::time_left(self.read_timeout);
+        if left < self.read_timeout {
+            // 0 would mean no timeout at all.
+            let ms = left.as_millis().max(1);
+            sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+                .bind(ms.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
     }
 }
 
@@ -880,19 +1069,23 @@ impl Store for PgStore {
     }
 
     async fn access(&self, channel_name: &str) -> Result<Option<Access>, StoreError> {
+        // In a read transaction too: it stops at the read's deadline.
+        let mut tx = self.begin_read().await?;
         let client: Option<(bool, Option<String>)> =
             sqlx::query_as("SELECT public, token_digest FROM clients WHERE channel_name = $1")
                 .bind(channel_name)
-                .fetch_optional(&self.reads)
+                .fetch_optional(&mut *tx)
                 .await?;
-        if let Some(client) = client {
-            return Ok(Some(Access::from(client)));
-        }
-        let public: Option<bool> = sqlx::query_scalar(ACCESS_BY_SAMPLES)
-            .bind(channel_name)
-            .fetch_optional(&self.reads)
-            .await?;
-        Ok(public.map(Access::without_token))
+        let access = match client {
+            Some(client) => Some(Access::from(client)),
+            None => sqlx::query_scalar(ACCESS_BY_SAMPLES)
+                .bind(channel_name)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(Access::without_token),
+        };
+        tx.commit().await?;
+        Ok(access)
     }
 
     async fn read_history(
@@ -903,7 +1096,7 @@ impl Store for PgStore {
     ) -> Result<Vec<StoredSample>, StoreError> {
         let mut history = History::new(since_us, limit);
         // One snapshot: packing moves samples from staging to blocks.
-        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let mut tx = self.begin_read().await?;
         let id: Option<i32> = sqlx::query_scalar("SELECT id FROM channels WHERE channel_name = $1")
             .bind(channel_name)
             .fetch_optional(&mut *tx)
@@ -955,7 +1148,7 @@ impl Store for PgStore {
     ) -> Result<Vec<StatsBucket>, StoreError> {
         let width = bucket_width(bucket)?;
         let since = window_start(now_us, window);
-        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let mut tx = self.begin_read().await?;
         if width % MINUTE_US == 0 {
             let first = bucket_start(since, MINUTE_US);
             let staged = sqlx::query_as(STATS_STAGED)
@@ -989,7 +1182,10 @@ impl Store for PgStore {
         before_us: i64,
         after: i32,
     ) -> Result<Option<(u64, i32)>, StoreError> {
-        pack_step(&self.pool, before_us, after).await
+        match self.packing {
+            Packing::FenceLast => pack_step(&self.pool, before_us, after).await,
+            Packing::FencedThroughout => pack_step_fenced(&self.pool, before_us, after).await,
+        }
     }
 
     async fn device_history(
@@ -1001,7 +1197,7 @@ impl Store for PgStore {
     ) -> Result<Option<Vec<HistoryBucket>>, StoreError> {
         let (width, first, end) = device::window(now_us, window, bucket)?;
         // One snapshot: packing moves samples from staging into rollups.
-        let mut tx = self.reads.begin_with(SNAPSHOT).await?;
+        let mut tx = self.begin_read().await?;
         let id: Option<i32> = sqlx::query_scalar(device::DEVICE_ID)
             .bind(device)
             .fetch_optional(&mut *tx)

@@ -53,9 +53,7 @@ impl Sketch {
             self.zero += 1;
             return;
         }
-        let i = (x.ln() / gamma().ln()).ceil();
-        let i = i.clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32;
-        *self.buckets.entry(i).or_insert(0) += 1;
+        *self.buckets.entry(index(x)).or_insert(0) += 1;
     }
 
     /// Adds every value of `other`.
@@ -112,35 +110,117 @@ impl Sketch {
     /// # Errors
     /// Not a sketch of this format.
     pub fn decode(data: &[u8]) -> Result<Self, super::block::Corrupt> {
-        let corrupt = super::block::Corrupt::new;
-        let mut pos = 0;
-        let mut varint = || -> Result<u64, super::block::Corrupt> {
-            let mut v = 0u64;
-            for shift in (0..64).step_by(7) {
-                let b = *data.get(pos).ok_or(corrupt("truncated sketch"))?;
-                pos += 1;
-                v |= u64::from(b & 0x7f) << shift;
-                if b & 0x80 == 0 {
-                    return Ok(v);
-                }
-            }
-            Err(corrupt("sketch varint too long"))
-        };
-        let zero = varint()?;
-        let len = varint()?;
         let mut buckets = BTreeMap::new();
-        let mut prev = 0i64;
-        for _ in 0..len {
-            let z = varint()?;
-            let d = (z >> 1) as i64 ^ -((z & 1) as i64);
-            prev = prev.checked_add(d).ok_or(corrupt("sketch index"))?;
-            let i = i32::try_from(prev).map_err(|_| corrupt("sketch index"))?;
-            buckets.insert(i, varint()?);
-        }
-        if pos != data.len() {
-            return Err(corrupt("trailing bytes in sketch"));
-        }
+        let zero = parse(data, |i, c| {
+            buckets.insert(i, c);
+        })?;
         Ok(Self { zero, buckets })
+    }
+}
+
+/// The bucket of a value `x > 0`.
+fn index(x: f64) -> i32 {
+    let i = (x.ln() / gamma().ln()).ceil();
+    i.clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32
+}
+
+/// Reads an encoded sketch: calls `bucket(index, count)` for each bucket in
+/// ascending order and returns the zero count.
+fn parse(data: &[u8], mut bucket: impl FnMut(i32, u64)) -> Result<u64, super::block::Corrupt> {
+    let corrupt = super::block::Corrupt::new;
+    let mut pos = 0;
+    let mut varint = || -> Result<u64, super::block::Corrupt> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *data.get(pos).ok_or(corrupt("truncated sketch"))?;
+            pos += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(corrupt("sketch varint too long"))
+    };
+    let zero = varint()?;
+    let len = varint()?;
+    let mut prev = 0i64;
+    for _ in 0..len {
+        let z = varint()?;
+        let d = (z >> 1) as i64 ^ -((z & 1) as i64);
+        prev = prev.checked_add(d).ok_or(corrupt("sketch index"))?;
+        let i = i32::try_from(prev).map_err(|_| corrupt("sketch index"))?;
+        bucket(i, varint()?);
+    }
+    if pos != data.len() {
+        return Err(corrupt("trailing bytes in sketch"));
+    }
+    Ok(zero)
+}
+
+/// Sums many sketches quickly: the counts of the buckets between the
+/// lowest and the highest seen, in one array, so adding an encoded sketch
+/// costs a pass over its bytes (no map, no allocation per sketch). What
+/// statistics over thousands of minute rollups use; the result is the
+/// same [`Sketch`] as merging them one by one.
+#[derive(Debug, Clone, Default)]
+pub struct Accumulator {
+    zero: u64,
+    lowest: i32,
+    counts: Vec<u64>,
+}
+
+impl Accumulator {
+    /// Adds count `c` to bucket `i`.
+    fn bump(&mut self, i: i32, c: u64) {
+        if self.counts.is_empty() {
+            self.lowest = i;
+        } else if i < self.lowest {
+            let grow = (i64::from(self.lowest) - i64::from(i)) as usize;
+            self.counts.splice(0..0, std::iter::repeat_n(0, grow));
+            self.lowest = i;
+        }
+        let k = (i64::from(i) - i64::from(self.lowest)) as usize;
+        if k >= self.counts.len() {
+            self.counts.resize(k + 1, 0);
+        }
+        self.counts[k] += c;
+    }
+
+    /// Adds one value, as [`Sketch::add`].
+    pub fn add(&mut self, x: f64) {
+        if !x.is_finite() {
+            return;
+        }
+        if x <= 0.0 {
+            self.zero += 1;
+        } else {
+            self.bump(index(x), 1);
+        }
+    }
+
+    /// Adds the values of an encoded sketch ([`Sketch::encode`]).
+    ///
+    /// # Errors
+    /// Not a sketch of this format; what was read of it is added.
+    pub fn add_encoded(&mut self, data: &[u8]) -> Result<(), super::block::Corrupt> {
+        let zero = parse(data, |i, c| self.bump(i, c))?;
+        self.zero += zero;
+        Ok(())
+    }
+
+    /// The sketch of everything added.
+    pub fn into_sketch(self) -> Sketch {
+        let lowest = i64::from(self.lowest);
+        Sketch {
+            zero: self.zero,
+            buckets: self
+                .counts
+                .into_iter()
+                .enumerate()
+                .filter(|(_, c)| *c > 0)
+                .map(|(k, c)| ((lowest + k as i64) as i32, c))
+                .collect(),
+        }
     }
 }
 
@@ -201,6 +281,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_accumulator_sums_as_merging_does() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut merged = Sketch::new();
+        let mut acc = Accumulator::default();
+        for _ in 0..50 {
+            let mut one = Sketch::new();
+            for _ in 0..rng.random_range(0..40) {
+                let x = match rng.random_range(0..10) {
+                    0 => 0.0,
+                    1 => rng.random_range(0.0001..0.01),
+                    _ => rng.random_range(1.0..5000.0),
+                };
+                one.add(x);
+                if rng.random_bool(0.1) {
+                    merged.add(x);
+                    acc.add(x);
+                }
+            }
+            merged.merge(&one);
+            acc.add_encoded(&one.encode()).unwrap();
+        }
+        assert_eq!(acc.into_sketch(), merged);
+        assert!(Accumulator::default().add_encoded(&[1, 5]).is_err());
     }
 
     #[test]

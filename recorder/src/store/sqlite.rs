@@ -25,6 +25,7 @@ use super::{
     StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
     minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_sample, window_start,
 };
+use crate::read_budget;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -100,14 +101,18 @@ impl SqliteStore {
         })
     }
 
-    /// A connection for one read, interrupted once the read timeout has
-    /// passed.
+    /// A connection for one read, interrupted once the read's budget is
+    /// spent ([`crate::read_budget`]): the earlier of the asker's deadline
+    /// and the read timeout, or as soon as nobody waits for the answer.
     async fn read_conn(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        let deadline = Instant::now() + self.read_timeout;
+        let deadline = Instant::now() + read_budget::time_left(self.read_timeout);
+        let cancel = read_budget::cancellation();
         conn.lock_handle()
             .await?
-            .set_progress_handler(PROGRESS_STEPS, move || Instant::now() < deadline);
+            .set_progress_handler(PROGRESS_STEPS, move || {
+                Instant::now() < deadline && !cancel.as_ref().is_some_and(|c| c.is_cancelled())
+            });
         Ok(conn)
     }
 

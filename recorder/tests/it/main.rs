@@ -5,8 +5,10 @@
 
 #[macro_use]
 mod helpers;
+mod deadline;
 mod devices;
 mod migration;
+mod pack_race;
 mod packing;
 mod roles;
 mod service;

@@ -24,6 +24,7 @@ fn query(id: &str, token: Option<&str>, since_us: Option<i64>, limit: u32) -> Sa
         token_digest: token.map(services::ids::token_digest),
         since_us,
         limit,
+        deadline_unix_ms: None,
     }
 }
 

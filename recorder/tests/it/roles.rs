@@ -144,6 +144,7 @@ async fn the_runtime_role_reads_and_writes_but_runs_no_ddl() {
         token_digest: None,
         since_us: None,
         limit: 100,
+        deadline_unix_ms: None,
     };
     let read = store
         .samples(&q)

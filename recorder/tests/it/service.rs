@@ -88,16 +88,17 @@ async fn ask_stats(bus: &dyn Bus, subjects: &Subjects, payload: Bytes) -> StatsR
     decode(&reply).expect("a StatsReply")
 }
 
-fn history(id: &str, token: Option<&str>) -> SamplesQuery {
+pub(crate) fn history(id: &str, token: Option<&str>) -> SamplesQuery {
     SamplesQuery {
         channel_name: id.to_owned(),
         token_digest: token.map(services::ids::token_digest),
         since_us: None,
         limit: 1000,
+        deadline_unix_ms: None,
     }
 }
 
-fn found(reply: SamplesReply) -> usize {
+pub(crate) fn found(reply: SamplesReply) -> usize {
     match reply {
         SamplesReply::Found { samples } => samples.len(),
         other => panic!("expected Found, got {other:?}"),
@@ -259,6 +260,7 @@ async fn history_and_stats_are_answered_over_nats() {
     let q = encode(&StatsQuery {
         window_ms: 3600 * 1000,
         bucket_ms: 3600 * 1000,
+        deadline_unix_ms: None,
     });
     let StatsReply::Ok { buckets } = ask_stats(bus, s, q).await else {
         panic!("stats failed");
@@ -273,6 +275,7 @@ async fn history_and_stats_are_answered_over_nats() {
     let bad = encode(&StatsQuery {
         window_ms: 3600 * 1000,
         bucket_ms: 0,
+        deadline_unix_ms: None,
     });
     assert!(matches!(
         ask_stats(bus, s, bad).await,
@@ -327,6 +330,7 @@ async fn device_history_and_forget_are_answered_over_nats() {
             device: device.to_owned(),
             window_ms,
             bucket_ms,
+            deadline_unix_ms: None,
         };
         async move {
             s.query_device_history()
@@ -362,7 +366,14 @@ async fn device_history_and_forget_are_answered_over_nats() {
 
     let forget = |device: String| async move {
         s.forget_device()
-            .request(bus, &ForgetDeviceQuery { device }, Duration::from_secs(5))
+            .request(
+                bus,
+                &ForgetDeviceQuery {
+                    device,
+                    deadline_unix_ms: None,
+                },
+                Duration::from_secs(5),
+            )
             .await
             .expect("forget reply")
     };
@@ -438,6 +449,7 @@ async fn reads_beyond_the_budget_are_answered_busy_at_once() {
     let q = encode(&StatsQuery {
         window_ms: 3600 * 1000,
         bucket_ms: 60 * 1000,
+        deadline_unix_ms: None,
     });
     assert!(matches!(
         ask_stats(&*nats.bus, &nats.subjects, q).await,
@@ -553,6 +565,7 @@ async fn standalone_over_the_memory_bus_and_sqlite() {
         encode(&StatsQuery {
             window_ms: 600 * 1000,
             bucket_ms: 60 * 1000,
+            deadline_unix_ms: None,
         }),
     )
     .await
@@ -563,6 +576,7 @@ async fn standalone_over_the_memory_bus_and_sqlite() {
     let absurd = encode(&StatsQuery {
         window_ms: u64::MAX,
         bucket_ms: u64::MAX,
+        deadline_unix_ms: None,
     });
     let StatsReply::Error { kind, message } = ask_stats(&bus, &subjects, absurd).await else {
         panic!("an absurd bucket is refused");
@@ -688,6 +702,7 @@ async fn a_database_outage_loses_nothing() {
         encode(&StatsQuery {
             window_ms,
             bucket_ms,
+            deadline_unix_ms: None,
         })
     };
     for (query, expected) in [

@@ -29,6 +29,7 @@ pub(crate) fn query(id: &str, token: Option<&str>) -> SamplesQuery {
         token_digest: token.map(services::ids::token_digest),
         since_us: None,
         limit: 10_000,
+        deadline_unix_ms: None,
     }
 }
 

@@ -253,6 +253,21 @@ impl Bus for MemoryBus {
         }
     }
 
+    async fn requester_gone(&self, reply: &str) {
+        // The request's own inbox: one plain subscription on that subject.
+        let waiting = self
+            .inner
+            .subs
+            .read()
+            .expect("bus lock")
+            .iter()
+            .find(|s| s.queue.is_none() && s.pattern == reply)
+            .map(|s| s.tx.clone());
+        if let Some(tx) = waiting {
+            tx.closed().await;
+        }
+    }
+
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), BusError> {
         self.inner
             .streams

@@ -365,6 +365,17 @@ pub trait Bus: Send + Sync + 'static {
     /// publications are routed, and subscriptions made before are in place
     /// (messages published afterwards, on any connection, reach them).
     async fn flush(&self) -> Result<(), BusError>;
+
+    /// Returns once nobody waits for replies on `reply` any more (the
+    /// requester gave up or was dropped), so a responder can drop work
+    /// whose answer nobody would read. The in-memory bus knows (the
+    /// request's reply subscription is gone); NATS cannot tell, so by
+    /// default this never returns and the request's deadline bounds the
+    /// work instead (docs/architecture.md, "Bounds").
+    async fn requester_gone(&self, reply: &str) {
+        let _ = reply;
+        std::future::pending::<()>().await;
+    }
 }
 
 /// A shared handle to the bus.

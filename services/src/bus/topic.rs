@@ -304,6 +304,16 @@ impl<M, R: Payload> Incoming<M, R> {
         self.reply.is_some()
     }
 
+    /// Returns once the sender no longer waits for the answer, when the
+    /// bus can tell ([`Bus::requester_gone`]: the in-memory bus); never
+    /// for a message that is not a request, nor on NATS.
+    pub async fn requester_gone(&self, bus: &dyn Bus) {
+        match &self.reply {
+            Some(to) => bus.requester_gone(to).await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Answers the request with `answer`; fails with
     /// [`BusError::NoReplySubject`] when it named no reply subject.
     pub fn reply<'a>(&'a self, bus: &'a dyn Bus, answer: &R) -> Outgoing<'a> {
