@@ -45,6 +45,55 @@ pub(crate) type DeviceMinuteRow = (i32, i64, i64, f64, f64, f64, f64, i64, Vec<u
 /// [`DEVICE_STAGED`].
 pub(crate) const DEVICE_ID: &str = "SELECT id FROM devices WHERE digest = $1";
 
+/// A device's history read inside the read transaction `$tx` of either
+/// backend (the SQL is the same; sqlx's executor types are not, hence a
+/// macro rather than a generic function): the device's id, its rollup rows
+/// of every tier range of the window, its staged samples, then the
+/// buckets ([`history`]). Commits `$tx`; `Ok(None)` for an unknown digest.
+macro_rules! read_device_history {
+    ($tx:expr, $device:expr, $width:expr, $first:expr, $end:expr) => {{
+        let mut tx = $tx;
+        let (width, first, end): (i64, i64, i64) = ($width, $first, $end);
+        let id: Option<i32> = sqlx::query_scalar($crate::store::device::DEVICE_ID)
+            .bind($device)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match id {
+            None => {
+                tx.commit().await?;
+                Ok(None)
+            }
+            Some(id) => {
+                let mut rows: Vec<$crate::store::device::DeviceMinuteRow> = Vec::new();
+                for (tier, from, to) in $crate::store::device::ranges(width, first, end) {
+                    rows.extend(
+                        sqlx::query_as::<_, $crate::store::device::DeviceMinuteRow>(
+                            sqlx::AssertSqlSafe(tier.range_sql()),
+                        )
+                        .bind(id)
+                        .bind(from)
+                        .bind(to)
+                        .fetch_all(&mut *tx)
+                        .await?,
+                    );
+                }
+                let staged: Vec<$crate::store::device::StagedDeviceRow> =
+                    sqlx::query_as($crate::store::device::DEVICE_STAGED)
+                        .bind(id)
+                        .bind($crate::store::device::staged_from(first))
+                        .bind(end)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                tx.commit().await?;
+                Ok(Some($crate::store::device::history(
+                    width, first, rows, staged,
+                )?))
+            }
+        }
+    }};
+}
+pub(crate) use read_device_history;
+
 /// Width of an hour row.
 pub(crate) const HOUR_US: i64 = 60 * MINUTE_US;
 

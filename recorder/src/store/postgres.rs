@@ -41,7 +41,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPool
 use sqlx::{Connection, Postgres};
 
 use super::block::{self, Sample};
-use super::device::{self, DeviceMinuteRow, PairDelta, StagedDeviceRow};
+use super::device::{self, DeviceMinuteRow, PairDelta};
 use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, Merged, PACK_CLIENTS, PACK_ROWS,
     PRUNE_CHUNK, PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED,
@@ -1197,34 +1197,8 @@ impl Store for PgStore {
     ) -> Result<Option<Vec<HistoryBucket>>, StoreError> {
         let (width, first, end) = device::window(now_us, window, bucket)?;
         // One snapshot: packing moves samples from staging into rollups.
-        let mut tx = self.begin_read().await?;
-        let id: Option<i32> = sqlx::query_scalar(device::DEVICE_ID)
-            .bind(device)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(id) = id else {
-            tx.commit().await?;
-            return Ok(None);
-        };
-        let mut rows: Vec<DeviceMinuteRow> = Vec::new();
-        for (tier, from, to) in device::ranges(width, first, end) {
-            rows.extend(
-                sqlx::query_as::<_, DeviceMinuteRow>(sqlx::AssertSqlSafe(tier.range_sql()))
-                    .bind(id)
-                    .bind(from)
-                    .bind(to)
-                    .fetch_all(&mut *tx)
-                    .await?,
-            );
-        }
-        let staged: Vec<StagedDeviceRow> = sqlx::query_as(device::DEVICE_STAGED)
-            .bind(id)
-            .bind(device::staged_from(first))
-            .bind(end)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(device::history(width, first, rows, staged)?))
+        let tx = self.begin_read().await?;
+        device::read_device_history!(tx, device, width, first, end)
     }
 
     async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError> {

@@ -18,7 +18,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::block::{self, Sample};
-use super::device::{self, DeviceMinuteRow, PairDelta, StagedDeviceRow};
+use super::device::{self, DeviceMinuteRow, PairDelta};
 use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
     PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
@@ -599,34 +599,8 @@ impl Store for SqliteStore {
         let (width, first, end) = device::window(now_us, window, bucket)?;
         // One read transaction, one snapshot: packing moves samples.
         let mut conn = self.read_conn().await?;
-        let mut tx = conn.begin().await?;
-        let id: Option<i32> = sqlx::query_scalar(device::DEVICE_ID)
-            .bind(device)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(id) = id else {
-            tx.commit().await?;
-            return Ok(None);
-        };
-        let mut rows: Vec<DeviceMinuteRow> = Vec::new();
-        for (tier, from, to) in device::ranges(width, first, end) {
-            rows.extend(
-                sqlx::query_as::<_, DeviceMinuteRow>(sqlx::AssertSqlSafe(tier.range_sql()))
-                    .bind(id)
-                    .bind(from)
-                    .bind(to)
-                    .fetch_all(&mut *tx)
-                    .await?,
-            );
-        }
-        let staged: Vec<StagedDeviceRow> = sqlx::query_as(device::DEVICE_STAGED)
-            .bind(id)
-            .bind(device::staged_from(first))
-            .bind(end)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(device::history(width, first, rows, staged)?))
+        let tx = conn.begin().await?;
+        device::read_device_history!(tx, device, width, first, end)
     }
 
     async fn forget_device(&self, device: &str) -> Result<Option<u64>, StoreError> {
