@@ -353,7 +353,14 @@ async fn churn_recycles_clients_and_renames_go_round_robin() {
         40 - (churn.closed - churn.reconnected),
         "{events:?}"
     );
-    assert!(count("gone").is_empty(), "{events:?}");
+    // A replacement whose handshake the run's end overtook may have been
+    // upgraded by the server just before loadgen dropped it: the server
+    // sees it go without a close. Only such a one (not counted as
+    // reconnected) may; every counted client closes with 1000.
+    assert!(
+        count("gone").len() as u64 <= churn.closed - churn.reconnected,
+        "{churn:?} {events:?}"
+    );
     // 40 first welcomes and one per replacement.
     assert_eq!(
         summary.frames_by_command["welcome"],
