@@ -35,49 +35,16 @@ OUT="${OUT:-$(mktemp -d /tmp/pingapp-presence-bus.XXXXXX)}"
 BIN="${BIN:-target/release}"
 mkdir -p "$OUT"
 
-for b in gateway presence loadgen; do
-    if [[ ! -x "$BIN/$b" ]]; then
-        echo "building release binaries..." >&2
-        nice -n 10 cargo build --release -p pingapp-gateway -p pingapp-presence -p pingapp-loadgen --bins >&2
-        break
-    fi
-done
-for tool in nats-server python3 curl; do
-    command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 2; }
-done
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+need_release_binaries "$BIN" gateway presence loadgen
+need_tools nats-server curl
 max_clients=$(for c in $CASES; do echo "$c" | cut -d: -f3; done | sort -n | tail -1)
-if (( $(ulimit -n) < max_clients + 1000 )); then
-    echo "ulimit -n is $(ulimit -n); need at least $((max_clients + 1000))" >&2
-    exit 2
-fi
+need_open_files $((max_clients + 1000))
 
 PREFIX="bench$$"
-PIDS=()
-GW_PIDS=()
-cleanup() {
-    set +e
-    stop_pids "${GW_PIDS[@]}"
-    local i
-    for (( i=${#PIDS[@]}-1; i>=0; i-- )); do stop_pids "${PIDS[i]}"; done
-    rm -rf "$OUT/js"
-}
-trap cleanup EXIT
+trap 'set +e; stop_stack' EXIT
 trap 'exit 130' INT TERM
-NATS_PORT=$(free_port); NATS_MON=$(free_port)
-nats-server -js -sd "$OUT/js" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" >"$OUT/nats.log" 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$NATS_MON/healthz"
-NATS_URL="nats://127.0.0.1:$NATS_PORT"
-PRES_ADMIN=$(free_port)
-"$BIN/presence" --admin-listen "127.0.0.1:$PRES_ADMIN" --nats-url "$NATS_URL" \
-    --subject-prefix "$PREFIX" >"$OUT/presence.log" 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$PRES_ADMIN/readyz"
-for _ in $(seq 200); do
-    curl -fs "http://127.0.0.1:$PRES_ADMIN/metrics" | grep -Eq '^pingapp_presence_active 1' && break
-    sleep 0.1
-done
+start_nats
+start_presence
 echo "nats $NATS_URL (monitor $NATS_MON); output in $OUT" >&2
 
 # varz FILE: the time and nats-server's counters, as JSON.
@@ -87,15 +54,10 @@ run_case() { # name gateways clients mode
     local name=$1 ngw=$2 clients=$3 mode=$4 i urls=() flags=()
     GW_PIDS=()
     for (( i=0; i<ngw; i++ )); do
-        local port admin
-        port=$(free_port); admin=$(free_port)
-        "$BIN/gateway" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+        start_server gateway "$OUT/$name-gw$i.log" \
             --nats-url "$NATS_URL" --subject-prefix "$PREFIX" --gateway-id "$name-gw$i" \
-            --max-connections-per-ip 0 --max-connects-per-ip-per-second 0 \
-            >"$OUT/$name-gw$i.log" 2>&1 &
-        GW_PIDS+=($!)
-        wait_http "http://127.0.0.1:$admin/readyz"
-        urls+=("ws://127.0.0.1:$port")
+            --max-connections-per-ip 0 --max-connects-per-ip-per-second 0
+        urls+=("$SERVER_URL")
     done
     case $mode in
         rest) ;;

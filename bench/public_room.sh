@@ -17,7 +17,14 @@
 #   - delay-update latency p99 (`--measure-delays`: from a client's
 #     delay_time to the moment 16 observers see it in a view frame);
 #   - ping RTT p99 (loadgen, every client, the whole window);
-#   - loadgen's own CPU and RSS per client (it shares the machine).
+#   - loadgen's own CPU and RSS per client (it shares the machine);
+#   - errors: loadgen's by kind (error frames by `code`, closes by code,
+#     ping timeouts), and the gateways' own count from their /metrics at
+#     the run's end (`pingapp_gateway_errors_total` by code,
+#     `pingapp_gateway_samples_refused_total` by reason, closes, outbound
+#     drops, persist errors), with a timeline of those series every 2 s
+#     in OUT/why-N.txt ("TIME GATEWAY SERIES VALUE") that says when they
+#     first grew.
 # Then the targets (docs/benchmarks.md, "Public room"): each per-client
 # figure at the largest N within 1.25x of its value at the smallest N,
 # <= 16 KiB RSS per connection at the largest N, delay-update p99 <=
@@ -64,68 +71,42 @@ mkdir -p "$OUT"
 [[ $STACK == distributed || $GATEWAYS == 1 ]] || { echo "GATEWAYS > 1 needs STACK=distributed" >&2; exit 2; }
 (( WARM + SLICE < DURATION )) || { echo "WARM + SLICE must be below DURATION" >&2; exit 2; }
 
-need_release_binaries "$BIN"
+if [[ $STACK == distributed ]]; then
+    need_release_binaries "$BIN" gateway presence recorder loadgen
+    need_tools nats-server psql curl
+else
+    need_release_binaries "$BIN" pingapp loadgen
+    need_tools curl
+fi
 max_n=$(printf '%s\n' $NS | sort -n | tail -1)
 need_open_files $((max_n + 1000))
 
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 HZ=$(getconf CLK_TCK)
 # sum_of FUNC PID...: FUNC summed over the processes.
 sum_of() { local f=$1 t=0 pid; shift; for pid in "$@"; do t=$((t + $($f "$pid"))); done; echo "$t"; }
+# each_of FUNC PID...: FUNC of each process, as a JSON list.
+each_of() { local f=$1 l="" pid; shift; for pid in "$@"; do l+="${l:+,}$($f "$pid")"; done; echo "[$l]"; }
 
-DB="bench_room_$$"; PREFIX="room$$"
-PIDS=()      # the stack of a distributed run (nats, recorder, presence)
-GW_PIDS=()   # the server(s) under test of the current N
-cleanup() {
-    set +e
-    stop_pids "${GW_PIDS[@]}"
-    local i
-    for (( i=${#PIDS[@]}-1; i>=0; i-- )); do stop_pids "${PIDS[i]}"; done
-    if [[ $STACK == distributed ]]; then
-        psql "$PG_URL/postgres" -qc "drop database if exists $DB" >/dev/null 2>&1
-        rm -rf "$OUT/js"
-    fi
-}
-trap cleanup EXIT
+PREFIX="room$$"
+SAMPLER=""   # the metrics sampler of the current N
+trap 'set +e; [[ -n $SAMPLER ]] && stop_pids "$SAMPLER"; stop_stack' EXIT
 trap 'exit 130' INT TERM
 
 caps=()
 server_bin=pingapp; [[ $STACK == distributed ]] && server_bin=gateway
-if [[ -x "$BIN/$server_bin" ]] && "$BIN/$server_bin" --help | grep -q -- '--max-public-clients'; then
+if "$BIN/$server_bin" --help | grep -q -- '--max-public-clients'; then
     caps=(yes)
 fi
 common_flags=(--roster-tick-ms "$TICK_MS" --max-connections-per-ip 0
     --max-connects-per-ip-per-second 0 --max-delay-excess-ms 60000)
 
 if [[ $STACK == distributed ]]; then
-    for tool in nats-server psql curl; do
-        command -v "$tool" >/dev/null || { echo "$tool is needed for STACK=distributed" >&2; exit 2; }
-    done
-    for b in gateway presence recorder; do
-        [[ -x "$BIN/$b" ]] || nice -n 10 cargo build --release --workspace --bins >&2
-    done
+    DB="bench_room_$$"
     psql "$PG_URL/postgres" -qc "create database $DB" >/dev/null
-    NATS_PORT=$(free_port); NATS_MON=$(free_port)
-    nats-server -js -sd "$OUT/js" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" >"$OUT/nats.log" 2>&1 &
-    NATS_PID=$!; PIDS+=("$NATS_PID")
-    wait_http "http://127.0.0.1:$NATS_MON/healthz"
-    NATS_URL="nats://127.0.0.1:$NATS_PORT"
-    REC_ADMIN=$(free_port)
-    "$BIN/recorder" --admin-listen "127.0.0.1:$REC_ADMIN" --nats-url "$NATS_URL" \
-        --subject-prefix "$PREFIX" --database-url "$PG_URL/$DB" >"$OUT/recorder.log" 2>&1 &
-    REC_PID=$!; PIDS+=("$REC_PID")
-    PRES_ADMIN=$(free_port)
-    "$BIN/presence" --admin-listen "127.0.0.1:$PRES_ADMIN" --nats-url "$NATS_URL" \
-        --subject-prefix "$PREFIX" --roster-tick-ms "$TICK_MS" \
-        --max-clients-per-gateway $((max_n + 1000)) >"$OUT/presence.log" 2>&1 &
-    PRES_PID=$!; PIDS+=("$PRES_PID")
-    wait_http "http://127.0.0.1:$REC_ADMIN/readyz"
-    wait_http "http://127.0.0.1:$PRES_ADMIN/readyz"
-    for _ in $(seq 300); do
-        curl -fs "http://127.0.0.1:$PRES_ADMIN/metrics" | grep -Eq '^pingapp_presence_active 1' && break
-        sleep 0.1
-    done
+    start_nats
+    start_recorder "$PG_URL/$DB"
+    start_presence --roster-tick-ms "$TICK_MS" --max-clients-per-gateway $((max_n + 1000))
 fi
 # stack_json: CPU ticks of the stack's processes and nats-server's byte
 # counters (distributed), else {}.
@@ -136,28 +117,45 @@ stack_json() {
         echo "{}"
     fi
 }
+# The gateway series that say why a client got an error frame or lost a
+# sample (docs/metrics.md): error frames by code, samples refused by
+# reason, the persist buffer, outbound drops, closes by code.
+WHY='^pingapp_gateway_(errors_total|samples_refused_total|persist_buffer_bytes|persist_errors_total|samples_pending|outbound_drops_total|disconnects_total)'
+# why_metrics FILE ADMIN...: those series of every gateway, one
+# "TIME GATEWAY SERIES VALUE" line each, appended to FILE.
+why_metrics() {
+    local file=$1 i=0 admin t
+    shift
+    t=$(date +%s.%N)
+    for admin in "$@"; do
+        curl -fs --max-time 2 "http://$admin/metrics" | grep -E "$WHY" | sed "s/^/$t $i /" >>"$file" || true
+        i=$((i + 1))
+    done
+}
 
 for n in $NS; do
-    GW_PIDS=(); urls=()
+    GW_PIDS=(); urls=(); admins=()
     per_gw=$(( (n + GATEWAYS - 1) / GATEWAYS + 1000 ))
     for (( i=0; i<GATEWAYS; i++ )); do
-        port=$(free_port); admin=$(free_port)
-        flags=(--listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" "${common_flags[@]}")
+        flags=("${common_flags[@]}")
         if [[ -n "${caps[*]}" ]]; then
             flags+=(--max-connections "$per_gw" --max-public-clients "$per_gw")
         fi
         if [[ $STACK == distributed ]]; then
-            "$BIN/gateway" "${flags[@]}" --nats-url "$NATS_URL" --subject-prefix "$PREFIX" \
-                --gateway-id "n$n-gw$i" >"$OUT/gateway-$n-$i.log" 2>&1 &
+            start_server gateway "$OUT/gateway-$n-$i.log" "${flags[@]}" --nats-url "$NATS_URL" \
+                --subject-prefix "$PREFIX" --gateway-id "n$n-gw$i"
         else
-            "$BIN/pingapp" "${flags[@]}" --database-url "sqlite://$OUT/room-$n.db" \
-                >"$OUT/pingapp-$n.log" 2>&1 &
+            start_server pingapp "$OUT/pingapp-$n.log" "${flags[@]}" \
+                --database-url "sqlite://$OUT/room-$n.db"
         fi
-        GW_PIDS+=($!)
-        wait_http "http://127.0.0.1:$admin/readyz"
-        urls+=("ws://127.0.0.1:$port")
+        urls+=("$SERVER_URL"); admins+=("$SERVER_ADMIN")
     done
     rss0=$(sum_of rss_kib "${GW_PIDS[@]}")
+    # Every 2 s through the run, the gateways' error and overflow series
+    # (the timeline that says when error frames started, and why).
+    rm -f "$OUT/why-$n.txt"
+    ( while true; do why_metrics "$OUT/why-$n.txt" "${admins[@]}"; sleep 2; done ) &
+    SAMPLER=$!
 
     "$BIN/loadgen" "${urls[@]}" --page public --clients "$n" --ramp "$RAMP" \
         --threads 1 --churn 20 --renames 10 --measure-delays --duration "${DURATION}s" --json \
@@ -168,21 +166,25 @@ for n in $NS; do
         sleep 0.2
     done
     sleep "$WARM"
-    c0=$(sum_of cpu_ticks "${GW_PIDS[@]}"); s0=$(stack_json); t0=$(date +%s.%N)
+    c0=$(each_of cpu_ticks "${GW_PIDS[@]}"); s0=$(stack_json); t0=$(date +%s.%N)
     sleep "$SLICE"
-    c1=$(sum_of cpu_ticks "${GW_PIDS[@]}"); s1=$(stack_json); t1=$(date +%s.%N)
-    rss1=$(sum_of rss_kib "${GW_PIDS[@]}")
+    c1=$(each_of cpu_ticks "${GW_PIDS[@]}"); s1=$(stack_json); t1=$(date +%s.%N)
+    rss1=$(each_of rss_kib "${GW_PIDS[@]}")
     wait "$lg" || true
+    stop_pids "$SAMPLER"; SAMPLER=""
+    # The gateways' own count at the end of the run, before they stop.
+    why_metrics "$OUT/why-$n.end.txt" "${admins[@]}"
     stop_pids "${GW_PIDS[@]}"
     GW_PIDS=()
-    echo "{\"n\":$n,\"gateways\":$GATEWAYS,\"cpu_ticks\":$((c1 - c0)),\"hz\":$HZ,\"t0\":$t0,\"t1\":$t1,\"rss0\":$rss0,\"rss1\":$rss1,\"stack0\":$s0,\"stack1\":$s1}" \
+    echo "{\"n\":$n,\"gateways\":$GATEWAYS,\"cpu0\":$c0,\"cpu1\":$c1,\"hz\":$HZ,\"t0\":$t0,\"t1\":$t1,\"rss0\":$rss0,\"rss1\":$rss1,\"stack0\":$s0,\"stack1\":$s1}" \
         >"$OUT/gw-$n.json"
     echo "N=$n done" >&2
     [[ $STACK == distributed ]] && sleep 3   # presence settles the goodbyes
 done
 
 python3 - "$OUT" "$TICK_MS" $NS <<'EOF'
-import json, sys
+import json, re, sys
+GREW = r"pingapp_gateway_(errors_total|samples_refused_total|outbound_drops_total)"
 out, tick, ns = sys.argv[1], int(sys.argv[2]), [int(x) for x in sys.argv[3:]]
 def stack_row(gw, secs, n):
     """Distributed runs: CPU of presence, recorder and nats-server (% of a
@@ -197,21 +199,76 @@ def stack_row(gw, secs, n):
                 in_msgs=d("in_msgs"), out_msgs=d("out_msgs"),
                 in_b=d("in_bytes") / n, out_b=d("out_bytes") / n)
 
+def why(path):
+    """The gateways' error and overflow series in a why-N file: the last
+    value of each series per gateway, summed over the gateways, and the
+    time (s since the file's first line) each error or refusal series
+    first grew."""
+    last, first_seen, t_start = {}, {}, None
+    try:
+        lines = open(path).read().split("\n")
+    except OSError:
+        return {}, {}
+    for line in lines:
+        parts = line.split(" ")
+        if len(parts) < 4:
+            continue
+        t, gw, series, value = float(parts[0]), parts[1], parts[2], float(parts[-1])
+        t_start = t if t_start is None else t_start
+        if value > last.get((gw, series), 0) and re.match(GREW, series):
+            first_seen.setdefault(series, t - t_start)
+        last[(gw, series)] = value
+    total = {}
+    for (gw, series), value in last.items():
+        total[series] = total.get(series, 0) + value
+    return total, first_seen
+
+def by_label(total, family, label):
+    """{label value: n} of a family's non-zero series."""
+    out = {}
+    for series, value in total.items():
+        if series.startswith(family + "{") and value:
+            out[series.split(f'{label}="', 1)[1].split('"', 1)[0]] = int(value)
+    return out
+
+def tally(d):
+    return " ".join(f"{k} {v:,}" for k, v in sorted(d.items())) or "none"
+
 rows = []
 for n in ns:
     gw = json.load(open(f"{out}/gw-{n}.json"))
     lg = json.load(open(f"{out}/loadgen-{n}.json"))
     secs = gw["t1"] - gw["t0"]
     own = lg.get("loadgen") or {}
+    cpu_each = [(b - a) / gw["hz"] for a, b in zip(gw["cpu0"], gw["cpu1"])]
+    e = lg["errors"]
+    lg_errors = {f"error:{k}": v for k, v in (e.get("server_error_codes") or {}).items()}
+    lg_errors.update({f"close:{k}": v for k, v in e["closed_by_server"].items()})
+    for k in ("connect_failed", "timeouts", "unexpected_pongs"):
+        if e[k]:
+            lg_errors[k] = e[k]
+    if e["server_errors"] and not e.get("server_error_codes"):
+        lg_errors["error:(code not recorded)"] = e["server_errors"]
+    total, first_seen = why(f"{out}/why-{n}.end.txt")
+    _, timeline = why(f"{out}/why-{n}.txt")
     rows.append(dict(
         n=n,
         connected=lg["clients_connected"],
         errors=lg["errors_total"],
-        cpu=gw["cpu_ticks"] / gw["hz"] * 1e6 / secs / n,
-        cpu_pct=gw["cpu_ticks"] / gw["hz"] * 100 / secs,
-        rss=gw["rss1"] / n,
-        rss_marginal=(gw["rss1"] - gw["rss0"]) / n,
-        rss_mib=gw["rss1"] / 1024,
+        lg_errors=lg_errors,
+        gw_errors=by_label(total, "pingapp_gateway_errors_total", "code"),
+        gw_refused=by_label(total, "pingapp_gateway_samples_refused_total", "reason"),
+        gw_closes=by_label(total, "pingapp_gateway_disconnects_total", "code"),
+        gw_drops=int(total.get("pingapp_gateway_outbound_drops_total", 0)),
+        gw_persist_errors=int(total.get("pingapp_gateway_persist_errors_total", 0)),
+        first_seen=timeline,
+        cpu=sum(cpu_each) * 1e6 / secs / n,
+        cpu_pct=sum(cpu_each) * 100 / secs,
+        cpu_each=[c * 100 / secs for c in cpu_each],
+        rss_each=[r / 1024 for r in gw["rss1"]],
+        rss=sum(gw["rss1"]) / n,
+        rss_marginal=(sum(gw["rss1"]) - gw["rss0"]) / n,
+        rss_mib=sum(gw["rss1"]) / 1024,
         bytes=lg["bytes_received"] / lg["duration_secs"] / n,
         delay_p99=(lg["delays"]["latency_us"]["p99"] or 0) / 1000,
         delay_n=lg["delays"]["latency_us"]["samples"],
@@ -227,6 +284,20 @@ print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 for r in rows:
     c = r["churn"]
     print(f"| {r['n']:,} | {r['connected']:,} | {r['errors']} | {r['cpu_pct']:.1f} | {r['cpu']:.1f} | {r['rss_mib']:.0f} | {r['rss']:.1f} ({r['rss_marginal']:.1f}) | {r['bytes']:.0f} | {r['delay_p99']:.1f} ({r['delay_n']}) | {r['rtt_p50']:.2f} / {r['rtt_p99']:.2f} | {c.get('closed', 0)}/{c.get('renames', 0)} | {r['lg_cpu'] or 0:.1f}, {r['lg_rss'] or 0:.1f} |")
+if len(rows[0]["cpu_each"]) > 1:
+    print()
+    print("| N | CPU % per gateway | RSS MiB per gateway |")
+    print("| --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['n']:,} | {' / '.join(f'{x:.1f}' for x in r['cpu_each'])} | {' / '.join(f'{x:.0f}' for x in r['rss_each'])} |")
+print()
+print("Errors, as loadgen saw them and as the gateways counted them (/metrics at the run's end, summed over the gateways; first grew: seconds into the 2 s timeline in why-N.txt):")
+print()
+print("| N | loadgen: errors by kind and code | gateway: error frames by code | gateway: samples refused by reason | gateway: closes by code | outbound drops | persist errors | first grew (s) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for r in rows:
+    first = " ".join(f"{k.removeprefix('pingapp_gateway_')} {v:.0f}" for k, v in sorted(r["first_seen"].items(), key=lambda kv: kv[1])) or "-"
+    print(f"| {r['n']:,} | {tally(r['lg_errors'])} | {tally(r['gw_errors'])} | {tally(r['gw_refused'])} | {tally(r['gw_closes'])} | {r['gw_drops']:,} | {r['gw_persist_errors']:,} | {first} |")
 if rows[0]["stack"]:
     print()
     print("| N | presence CPU % | recorder CPU % | nats-server CPU % | NATS msgs/s in / out | NATS bytes/s per client in / out |")

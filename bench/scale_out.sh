@@ -47,70 +47,22 @@ OUT="${OUT:-$(mktemp -d /tmp/pingapp-scale.XXXXXX)}"
 BIN="${BIN:-target/release}"
 mkdir -p "$OUT"
 
-for b in gateway presence recorder loadgen; do
-    if [[ ! -x "$BIN/$b" ]]; then
-        echo "building release binaries..." >&2
-        nice -n 10 cargo build --release --workspace --bins >&2
-        break
-    fi
-done
-for tool in nats-server psql python3 curl; do
-    command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 2; }
-done
-
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+need_release_binaries "$BIN" gateway presence recorder loadgen
+need_tools nats-server psql curl
 max_clients=$(for c in $CASES; do echo "$c" | cut -d: -f3; done | sort -n | tail -1)
 # Per process: loadgen holds every client's socket, a lone gateway too.
-if (( $(ulimit -n) < max_clients + 1000 )); then
-    echo "ulimit -n is $(ulimit -n); need at least $((max_clients + 1000))" >&2
-    exit 2
-fi
+need_open_files $((max_clients + 1000))
 
 DB="bench_scale_$$"
 PREFIX="bench$$"
-PIDS=()
-GW_PIDS=()
-cleanup() {
-    set +e
-    stop_pids "${GW_PIDS[@]}"
-    # reverse order: recorder, presence, nats
-    local i
-    for (( i=${#PIDS[@]}-1; i>=0; i-- )); do stop_pids "${PIDS[i]}"; done
-    psql "$PG_URL/postgres" -qc "drop database if exists $DB" >/dev/null 2>&1
-    rm -rf "$OUT/js"
-}
-trap cleanup EXIT
+trap 'set +e; stop_stack' EXIT
 trap 'exit 130' INT TERM
 
 psql "$PG_URL/postgres" -qc "create database $DB" >/dev/null
-
-NATS_PORT=$(free_port); NATS_MON=$(free_port)
-nats-server -js -sd "$OUT/js" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" >"$OUT/nats.log" 2>&1 &
-PIDS+=($!); NATS_PID=$!
-wait_http "http://127.0.0.1:$NATS_MON/healthz"
-NATS_URL="nats://127.0.0.1:$NATS_PORT"
-
-REC_ADMIN=$(free_port)
-"$BIN/recorder" --admin-listen "127.0.0.1:$REC_ADMIN" --nats-url "$NATS_URL" \
-    --subject-prefix "$PREFIX" --database-url "$PG_URL/$DB" >"$OUT/recorder.log" 2>&1 &
-PIDS+=($!); REC_PID=$!
-PRES_ADMIN=$(free_port)
-"$BIN/presence" --admin-listen "127.0.0.1:$PRES_ADMIN" --nats-url "$NATS_URL" \
-    --subject-prefix "$PREFIX" --roster-tick-ms "$TICK_MS" >"$OUT/presence.log" 2>&1 &
-PIDS+=($!); PRES_PID=$!
-wait_http "http://127.0.0.1:$REC_ADMIN/readyz"
-wait_http "http://127.0.0.1:$PRES_ADMIN/readyz"
-# Presence broadcasts only once it holds the lease (after its warm-up).
-for _ in $(seq 200); do
-    curl -fs "http://127.0.0.1:$PRES_ADMIN/metrics" | grep -Eq '^pingapp_presence_active 1' && break
-    sleep 0.1
-done
-curl -fs "http://127.0.0.1:$PRES_ADMIN/metrics" | grep -Eq '^pingapp_presence_active 1' \
-    || { echo "presence never became active" >&2; exit 1; }
+start_nats
+start_recorder "$PG_URL/$DB"
+start_presence --roster-tick-ms "$TICK_MS"
 echo "nats $NATS_URL (monitor $NATS_MON), presence pid $PRES_PID, recorder pid $REC_PID; output in $OUT" >&2
-
-# cpu_ticks PID: utime+stime in clock ticks.
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
 # snapshot FILE: counters of every process and service, as JSON.
 snapshot() {
@@ -131,17 +83,12 @@ run_case() { # name gateways clients mode
     local name=$1 ngw=$2 clients=$3 mode=$4 i urls=() flags
     GW_PIDS=()
     for (( i=0; i<ngw; i++ )); do
-        local port admin
-        port=$(free_port); admin=$(free_port)
-        "$BIN/gateway" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+        start_server gateway "$OUT/$name-gw$i.log" \
             --nats-url "$NATS_URL" --subject-prefix "$PREFIX" --gateway-id "$name-gw$i" \
             --roster-tick-ms "$TICK_MS" --max-delay-excess-ms 60000 \
             --max-renames-per-minute 600 \
-            --max-connections-per-ip 0 --max-connects-per-ip-per-second 0 \
-            >"$OUT/$name-gw$i.log" 2>&1 &
-        GW_PIDS+=($!)
-        wait_http "http://127.0.0.1:$admin/readyz"
-        urls+=("ws://127.0.0.1:$port")
+            --max-connections-per-ip 0 --max-connects-per-ip-per-second 0
+        urls+=("$SERVER_URL")
     done
     # Renames are measured on v1 pages, which get every roster event; a v2
     # page sees a rename only if the renamed row is in its view

@@ -44,7 +44,7 @@ const KNOWN_COMMANDS: [&str; 12] = [
 ];
 /// Distinct unknown commands tracked per client before lumping into `_other`,
 /// so a misbehaving server cannot grow our memory without bound.
-const MAX_OTHER_COMMANDS: usize = 32;
+pub(crate) const MAX_OTHER_COMMANDS: usize = 32;
 /// Prefix of the names the renamer sets; the rest is the send time in µs.
 const RENAME_PREFIX: &str = "lg-";
 /// Fractional part of the golden ratio: spreads the clients' first pings
@@ -81,6 +81,26 @@ struct Incoming<'a> {
     #[serde(borrow)]
     channel_name: Option<Cow<'a, str>>,
 }
+
+/// The one field of an `error` frame loadgen reads (docs/protocol.md,
+/// "Errors"); error frames are rare, so parsing them costs nothing.
+#[derive(Deserialize)]
+struct ErrorFrame<'a> {
+    #[serde(borrow)]
+    code: Option<Cow<'a, str>>,
+}
+
+/// The `code` of an `error` frame; [`NO_CODE`] when it has no string code
+/// or is not JSON.
+fn error_code(text: &str) -> Cow<'_, str> {
+    serde_json::from_str::<ErrorFrame<'_>>(text)
+        .ok()
+        .and_then(|frame| frame.code)
+        .unwrap_or(Cow::Borrowed(NO_CODE))
+}
+
+/// How an `error` frame without a string `code` is counted.
+pub(crate) const NO_CODE: &str = "_none";
 
 /// The frames that carry other clients' delays, parsed only by delay
 /// observers: `delays` (`delay_times`: id -> entry), `view` (`rows`: a
@@ -141,14 +161,24 @@ struct FrameCounts {
     other: BTreeMap<String, u64>,
 }
 
+/// Adds `n` to `key`'s count in `map`, or to `_other`'s once `map` holds
+/// `max` other keys: a misbehaving server cannot grow it without bound.
+pub(crate) fn count_bounded(map: &mut BTreeMap<String, u64>, key: &str, n: u64, max: usize) {
+    if let Some(count) = map.get_mut(key) {
+        *count += n;
+    } else if map.len() < max {
+        map.insert(key.to_owned(), n);
+    } else {
+        *map.entry("_other".to_owned()).or_default() += n;
+    }
+}
+
 impl FrameCounts {
     fn add(&mut self, command: &str) {
         if let Some(i) = KNOWN_COMMANDS.iter().position(|known| *known == command) {
             self.known[i] += 1;
-        } else if self.other.len() < MAX_OTHER_COMMANDS || self.other.contains_key(command) {
-            *self.other.entry(command.to_owned()).or_default() += 1;
         } else {
-            *self.other.entry("_other".to_owned()).or_default() += 1;
+            count_bounded(&mut self.other, command, 1, MAX_OTHER_COMMANDS);
         }
     }
 
@@ -518,7 +548,7 @@ impl Client {
             }
             Some("error") => {
                 self.frames.add("error");
-                self.shared.counters.server_errors.fetch_add(1, Relaxed);
+                self.shared.server_error(&error_code(text));
                 return ControlFlow::Continue(());
             }
             Some(carrier @ ("delays" | "view" | "view_update")) => {
@@ -567,9 +597,7 @@ impl Client {
                     self.shared.add_id(id);
                 }
             }
-            "error" => {
-                self.shared.counters.server_errors.fetch_add(1, Relaxed);
-            }
+            "error" => self.shared.server_error(&error_code(text)),
             _ => {}
         }
         ControlFlow::Continue(())
@@ -766,6 +794,25 @@ mod tests {
         );
         assert_eq!(pong_seq(r#"{"command":"pong","seq":9}"#), Some(9));
         assert_eq!(pong_seq(r#"{"command":"pong"}"#), None);
+    }
+
+    #[test]
+    fn error_frames_are_counted_by_code() {
+        assert_eq!(
+            error_code(r#"{"command":"error","code":"busy","detail":"x"}"#),
+            "busy"
+        );
+        assert_eq!(error_code(r#"{"command":"error","detail":"x"}"#), NO_CODE);
+        assert_eq!(error_code(r#"{"command":"error","code":7}"#), NO_CODE);
+        assert_eq!(error_code(r#"{"command":"error""#), NO_CODE);
+        let mut codes = BTreeMap::new();
+        for i in 0..5 {
+            count_bounded(&mut codes, &format!("c{i}"), 1, 3);
+        }
+        count_bounded(&mut codes, "c0", 2, 3);
+        assert_eq!(codes["c0"], 3);
+        assert_eq!(codes["_other"], 2);
+        assert_eq!(codes.len(), 4);
     }
 
     #[test]

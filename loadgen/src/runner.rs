@@ -136,8 +136,14 @@ pub(crate) struct Shared {
     /// One per client with `--churn` or `--renames`, else empty.
     pub(crate) pokes: Vec<Poke>,
     closed_by_server: Mutex<BTreeMap<u16, u64>>,
+    /// `error` frames by `code`, at most [`MAX_ERROR_CODES`] codes.
+    server_error_codes: Mutex<BTreeMap<String, u64>>,
     frames: Mutex<BTreeMap<String, u64>>,
 }
+
+/// Distinct `error` frame codes counted before the rest are lumped into
+/// `_other` (the gateway has about ten; docs/protocol.md, "Errors").
+const MAX_ERROR_CODES: usize = 32;
 
 /// Locks a mutex that only guards counters, ignoring poisoning (a panicked
 /// holder cannot leave a tally inconsistent).
@@ -172,6 +178,7 @@ impl Shared {
             ids: Mutex::new(Vec::new()),
             pokes,
             closed_by_server: Mutex::new(BTreeMap::new()),
+            server_error_codes: Mutex::new(BTreeMap::new()),
             frames: Mutex::new(BTreeMap::new()),
         }
     }
@@ -241,6 +248,17 @@ impl Shared {
     pub(crate) fn closed_by_server(&self, code: u16) {
         self.counters.closed_by_server.fetch_add(1, Relaxed);
         *lock(&self.closed_by_server).entry(code).or_default() += 1;
+    }
+
+    /// Counts an `error` frame with its `code`.
+    pub(crate) fn server_error(&self, code: &str) {
+        self.counters.server_errors.fetch_add(1, Relaxed);
+        client::count_bounded(
+            &mut lock(&self.server_error_codes),
+            code,
+            1,
+            MAX_ERROR_CODES,
+        );
     }
 
     pub(crate) fn record_rtt(&self, micros: u64) {
@@ -502,6 +520,7 @@ fn summarize(
         timeouts: c.timeouts.load(Relaxed),
         unexpected_pongs: c.unexpected_pongs.load(Relaxed),
         server_errors: c.server_errors.load(Relaxed),
+        server_error_codes: lock(&shared.server_error_codes).clone(),
     };
     let pings = c.pings.load(Relaxed);
     Summary {

@@ -94,6 +94,10 @@ pub struct ErrorCounts {
     pub unexpected_pongs: u64,
     /// `{"command":"error"}` frames received.
     pub server_errors: u64,
+    /// The same by their `code` (docs/protocol.md, "Errors"): `_none` for
+    /// a frame without a string `code`, `_other` for codes beyond the
+    /// first 32 distinct ones. Sums to `server_errors`.
+    pub server_error_codes: BTreeMap<String, u64>,
 }
 
 impl ErrorCounts {
@@ -202,7 +206,9 @@ impl SelfUsage {
 /// - `rtt_us`: `{samples, min, mean, p50, p90, p99, p999, max}` in µs,
 ///   `null` values without samples
 /// - `errors_total` and `errors`: `{connect_failed, closed_by_server:
-///   {CODE: n}, timeouts, unexpected_pongs, server_errors}`
+///   {CODE: n}, timeouts, unexpected_pongs, server_errors,
+///   server_error_codes: {CODE: n}}` (`server_error_codes`: the `error`
+///   frames by their `code`, summing to `server_errors`)
 /// - `broadcast`: `null`, or with `--measure-broadcast`
 ///   `{renames_sent, latency_us, same_target_us, other_target_us}`, each
 ///   latency with the same keys as `rtt_us`
@@ -300,6 +306,12 @@ impl fmt::Display for LatencyStats {
     }
 }
 
+/// `N×KEY` for every entry, separated by spaces.
+fn tally<K: fmt::Display>(counts: &BTreeMap<K, u64>) -> String {
+    let parts: Vec<String> = counts.iter().map(|(key, n)| format!("{n}×{key}")).collect();
+    parts.join(" ")
+}
+
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mode = if self.idle {
@@ -336,20 +348,19 @@ impl fmt::Display for Summary {
             self.pings_sent, self.pings, self.pings_per_sec
         )?;
         writeln!(f, "rtt µs     {}", self.rtt_us)?;
+        let codes = if self.errors.server_error_codes.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", tally(&self.errors.server_error_codes))
+        };
         let closed = if self.errors.closed_by_server.is_empty() {
             "none".to_owned()
         } else {
-            let codes: Vec<String> = self
-                .errors
-                .closed_by_server
-                .iter()
-                .map(|(code, n)| format!("{n}×{code}"))
-                .collect();
-            codes.join(" ")
+            tally(&self.errors.closed_by_server)
         };
         writeln!(
             f,
-            "errors     {} ({} connect failed, {} timeouts, {} unexpected pongs, {} server errors, closed by server: {closed})",
+            "errors     {} ({} connect failed, {} timeouts, {} unexpected pongs, {} server errors{codes}, closed by server: {closed})",
             self.errors_total,
             self.errors.connect_failed,
             self.errors.timeouts,
@@ -480,6 +491,7 @@ mod tests {
             timeouts: 4,
             unexpected_pongs: 5,
             server_errors: 6,
+            server_error_codes: BTreeMap::from([("busy".into(), 6)]),
         };
         assert_eq!(errors.total(), 21);
         assert_eq!(ErrorCounts::default().total(), 0);
@@ -505,6 +517,8 @@ mod tests {
             errors_total: 1,
             errors: ErrorCounts {
                 closed_by_server: BTreeMap::from([(1012, 1)]),
+                server_errors: 3,
+                server_error_codes: BTreeMap::from([("bad_sample".into(), 2), ("busy".into(), 1)]),
                 ..ErrorCounts::default()
             },
             broadcast: Some(BroadcastStats {
@@ -541,6 +555,11 @@ mod tests {
         let text = summary.to_string();
         assert!(text.contains("closed loop"), "{text}");
         assert!(text.contains("closed by server: 1×1012"), "{text}");
+        assert!(
+            text.contains("3 server errors: 2×bad_sample 1×busy,"),
+            "{text}"
+        );
+        assert_eq!(json["errors"]["server_error_codes"]["bad_sample"], 2);
         assert!(text.contains("broadcast  1 renames"), "{text}");
         assert_eq!(json["broadcast"]["other_target_us"]["max"], 400);
         assert_eq!(json["delays"]["latency_us"]["p50"], 500);

@@ -7,6 +7,7 @@ use std::process::ExitStatus;
 use futures_util::{SinkExt, StreamExt};
 use loadgen::{Args, Config};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_tungstenite::accept_async;
@@ -24,6 +25,67 @@ pub fn config(url: &str, flags: &[&str]) -> Config {
         .expect("flags are valid");
     config.progress = false;
     config
+}
+
+/// The real `pingapp` binary (standalone: gateway, presence and recorder
+/// in one, SQLite in a temporary folder) on random ports, with `extra`
+/// flags; killed on drop.
+pub struct PingApp {
+    _service: testkit::Service,
+    /// Public listener.
+    pub addr: SocketAddr,
+    /// Admin listener (`/metrics`).
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl PingApp {
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let db = format!("sqlite://{}/pingapp.db", dir.path().display());
+        let (service, line) = testkit::Service::command("pingapp")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--database-url", &db])
+            .args(extra)
+            .spawn_announced();
+        // "pingapp listening on http://ADDR (admin http://ADDR)"
+        let addrs: Vec<SocketAddr> = line
+            .split("http://")
+            .skip(1)
+            .filter_map(|s| s.split([' ', ')']).next()?.parse().ok())
+            .collect();
+        let [addr, admin] = addrs[..] else {
+            panic!("no addresses in {line:?}");
+        };
+        Self {
+            _service: service,
+            addr,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    /// The value of the sample `series` (name and labels, exactly as
+    /// exported) in `/metrics`; 0 when it is not there.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let mut stream = tokio::net::TcpStream::connect(self.admin)
+            .await
+            .expect("admin listener");
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin
+        );
+        stream.write_all(request.as_bytes()).await.expect("request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("response");
+        response
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
 }
 
 /// The `echo-server` binary (the test kit's [`testkit::Service`]),

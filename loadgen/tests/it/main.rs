@@ -7,7 +7,7 @@ use std::process::Command;
 
 use futures_util::StreamExt;
 use helpers::{
-    EMPTY_DELAYS, EchoProcess, Watches, config, start_fake_public, start_fake_public_full,
+    EMPTY_DELAYS, EchoProcess, PingApp, Watches, config, start_fake_public, start_fake_public_full,
     start_fake_public_recording,
 };
 use loadgen::Summary;
@@ -505,6 +505,69 @@ async fn counts_connections_closed_by_the_server() {
         summary.errors
     );
     assert_eq!(summary.errors_total, 2);
+}
+
+/// Error frames are counted by their `code`, against the real gateway:
+/// two clients renaming 10 times a second between them go over the
+/// gateway's rename budget (docs/protocol.md, "Limits": a burst of 3, then
+/// 10 a minute) and get `too_many_renames`, and the gateway's own count of
+/// the error frames it sent agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_error_frames_by_code_from_the_gateway() {
+    let server = PingApp::start(&[]);
+    let summary = loadgen::run(
+        config(
+            &format!("ws://{}", server.addr),
+            &[
+                "--clients",
+                "2",
+                "--duration",
+                "3s",
+                "--page",
+                "public",
+                "--renames",
+                "10",
+            ],
+        ),
+        never(),
+    )
+    .await;
+
+    let errors = &summary.errors;
+    let refused = errors.server_errors;
+    let renames = summary.churn.as_ref().expect("renames counted").renames;
+    // 30 renames; each client has 3 at once and a sixth a second more.
+    assert!(renames >= 28, "{summary:?}");
+    assert!(refused >= renames - 8, "{renames} renames: {errors:?}");
+    assert_eq!(
+        errors.server_error_codes,
+        std::collections::BTreeMap::from([("too_many_renames".to_owned(), refused)]),
+        "{errors:?}"
+    );
+    assert_eq!(summary.frames_by_command["error"], refused);
+    assert_eq!(summary.errors_total, refused, "{errors:?}");
+    let text = summary.to_string();
+    assert!(
+        text.contains(&format!(
+            "{refused} server errors: {refused}×too_many_renames,"
+        )),
+        "{text}"
+    );
+    // The gateway sent every one loadgen counted; at most one more per
+    // client, answering a rename sent as the run stopped, may have come
+    // after that client's close.
+    let sent = server
+        .metric(r#"pingapp_gateway_errors_total{code="too_many_renames"}"#)
+        .await as u64;
+    assert!(
+        (refused..=refused + 2).contains(&sent),
+        "the gateway sent {sent}, loadgen counted {refused}"
+    );
+    let json = serde_json::to_value(&summary).unwrap();
+    assert_eq!(
+        json["errors"]["server_error_codes"]["too_many_renames"],
+        refused
+    );
 }
 
 #[test]
