@@ -95,7 +95,7 @@ impl GatewayMetrics {
         ] {
             m.refused.with_label_values(&[reason]);
         }
-        for reason in ["no_pong", "implausible", "buffer_full"] {
+        for reason in ["no_pong", "implausible", "buffer_full", "queue_full"] {
             m.samples_refused.with_label_values(&[reason]);
         }
         m.ping_duration.with_label_values(none);

@@ -78,17 +78,20 @@ impl Records {
         sample: SampleRecord,
         client: &mut Option<ClientRecord>,
     ) -> Result<(), Refused> {
-        let refused = || {
+        // Two bounds, told apart in the metric: the bytes of records not
+        // yet stored (`buffer_full`), and the channel to the batcher
+        // (`queue_full`: the batcher task got too little CPU to keep up).
+        let refused = |reason: &str| {
             self.metrics
                 .samples_refused
-                .with_label_values(&["buffer_full"])
+                .with_label_values(&[reason])
                 .inc();
             Refused
         };
         let sample = RecordItem::Sample(sample);
         let bytes = item_bytes(&sample);
         if !self.buffer.try_reserve(bytes) {
-            return Err(refused());
+            return Err(refused("buffer_full"));
         }
         if let Some(record) = client.take() {
             // Always taken once its sample is: one per client.
@@ -100,7 +103,7 @@ impl Records {
                 if let RecordItem::Client(record) = e.into_inner() {
                     *client = Some(record);
                 }
-                return Err(refused());
+                return Err(refused("queue_full"));
             }
         }
         match self.tx.try_send(sample) {
@@ -109,7 +112,7 @@ impl Records {
                 // The channel filled between the two sends: the client
                 // record went alone, which costs one row and loses nothing.
                 self.buffer.release(bytes);
-                Err(refused())
+                Err(refused("queue_full"))
             }
         }
     }
@@ -284,26 +287,33 @@ impl Batcher {
         let mut tick = tokio::time::interval(BATCH_WAIT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
+        let mut received = Vec::with_capacity(BATCH_MAX_SAMPLES);
         loop {
             tokio::select! {
                 // Closing the receiver refuses new records; those already
                 // queued still come out below.
                 _ = close.cancelled(), if open && !rx.is_closed() => rx.close(),
-                item = rx.recv(), if open => match item {
-                    Some(item) => {
-                        current_bytes += item_bytes(&item);
-                        match item {
-                            RecordItem::Client(c) => current.clients.push(c),
-                            RecordItem::Sample(s) => {
-                                current.samples.push(s);
-                                this.metrics.samples_pending.with_label_values(&[] as &[&str]).inc();
+                // Everything queued (up to a batch's worth) per wake: one
+                // task keeps up with every connection of the gateway.
+                n = rx.recv_many(&mut received, BATCH_MAX_SAMPLES), if open => match n {
+                    1.. => {
+                        let mut samples = 0;
+                        for item in received.drain(..) {
+                            current_bytes += item_bytes(&item);
+                            match item {
+                                RecordItem::Client(c) => current.clients.push(c),
+                                RecordItem::Sample(s) => {
+                                    current.samples.push(s);
+                                    samples += 1;
+                                }
+                            }
+                            if current.samples.len() >= BATCH_MAX_SAMPLES {
+                                seal(&mut current, &mut current_bytes, &mut queue, &boot, &mut counter);
                             }
                         }
-                        if current.samples.len() >= BATCH_MAX_SAMPLES {
-                            seal(&mut current, &mut current_bytes, &mut queue, &boot, &mut counter);
-                        }
+                        this.metrics.samples_pending.with_label_values(&[] as &[&str]).add(samples);
                     }
-                    None => {
+                    0 => {
                         open = false;
                         seal(&mut current, &mut current_bytes, &mut queue, &boot, &mut counter);
                         let _ = deadline.set(Instant::now() + this.drain_timeout);
