@@ -276,17 +276,62 @@ impl WireMeter {
     }
 }
 
+/// Most bytes a connection's socket may owe before its writes wait: the
+/// bytes the kernel did not take yet, held in [`Metered`]'s spill buffer.
+pub const MAX_SPILL_BYTES: usize = 64 * 1024;
+
 /// A byte stream whose reads are charged to a [`WireMeter`].
+///
+/// Its writes take every byte at once while the socket owes fewer than
+/// [`MAX_SPILL_BYTES`]: what the kernel does not take yet waits in a spill
+/// buffer that is released as soon as it is written out. The WebSocket
+/// library keeps the capacity of the largest data it ever had to hold
+/// back, per connection and for good; with the spill it only ever holds
+/// one frame (docs/benchmarks.md, "Memory per public connection").
 #[derive(Debug)]
 pub struct Metered<S> {
     inner: S,
     meter: Arc<WireMeter>,
+    /// Bytes accepted from the writer that the socket has not taken yet;
+    /// empty (no allocation) whenever the socket keeps up.
+    spill: Vec<u8>,
 }
 
 impl<S> Metered<S> {
     /// Wraps `inner`; `meter` should come from [`WireMeter::wired`].
     pub fn new(inner: S, meter: Arc<WireMeter>) -> Self {
-        Self { inner, meter }
+        Self {
+            inner,
+            meter,
+            spill: Vec::new(),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Metered<S> {
+    /// Writes the spill out; ready once it is empty (and released).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.spill.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.spill) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.spill.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.spill = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Keeps `rest` in the spill if it fits; how many bytes it took.
+    fn spill(&mut self, rest: &[u8]) -> usize {
+        if self.spill.len() + rest.len() > MAX_SPILL_BYTES {
+            return 0;
+        }
+        self.spill.extend_from_slice(rest);
+        rest.len()
     }
 }
 
@@ -320,15 +365,43 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // Bytes go out in order: the spill first.
+        match this.poll_drain(cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                return match this.spill(buf) {
+                    0 => Poll::Pending,
+                    n => Poll::Ready(Ok(n)),
+                };
+            }
+            Poll::Ready(Ok(())) => {}
+        }
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) if n > 0 && n < buf.len() => {
+                Poll::Ready(Ok(n + this.spill(&buf[n..])))
+            }
+            Poll::Pending => match this.spill(buf) {
+                0 => Poll::Pending,
+                n => Poll::Ready(Ok(n)),
+            },
+            other => other,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        std::task::ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        std::task::ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -336,7 +409,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        if self.spill.is_empty() {
+            // The HTTP server's vectored writes before the upgrade: as is.
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        }
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &**b);
+        self.poll_write(cx, first)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -496,5 +577,47 @@ mod tests {
             }
         }
         assert!(accepted > 500_000, "only {accepted} valid streams accepted");
+    }
+
+    /// A socket that takes nothing yet: the writer's bytes wait in the
+    /// spill up to its bound, then the writer waits; the reader gets every
+    /// byte in order; once written out the spill holds no memory.
+    #[tokio::test]
+    async fn writes_spill_up_to_the_bound_in_order_and_release_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut w = Metered::new(near, WireMeter::unwired());
+        let data: Vec<u8> = (0..3 * MAX_SPILL_BYTES).map(|i| (i % 251) as u8).collect();
+        // 1 KiB goes to the pipe, then the spill fills: a write of a
+        // chunk that does not fit waits.
+        let chunk = 4096;
+        let mut sent = 0;
+        loop {
+            let end = (sent + chunk).min(data.len());
+            let step = tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                w.write(&data[sent..end]),
+            )
+            .await;
+            match step {
+                Ok(n) => sent += n.expect("write"),
+                Err(_) => break,
+            }
+        }
+        assert!(sent <= 1024 + MAX_SPILL_BYTES, "bounded: {sent}");
+        assert!(sent >= MAX_SPILL_BYTES, "the spill took what fits: {sent}");
+        assert!(!w.spill.is_empty());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            far.read_to_end(&mut got).await.map(|_| got)
+        });
+        w.write_all(&data[sent..]).await.expect("the rest");
+        w.flush().await.expect("flush");
+        assert_eq!(w.spill.capacity(), 0, "released once written out");
+        w.shutdown().await.expect("shutdown");
+        drop(w);
+        let got = reader.await.expect("reader").expect("read");
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "every byte, in order");
     }
 }
