@@ -32,8 +32,8 @@ if [[ $HEAPTRACK == 1 ]] && ! command -v heaptrack >/dev/null; then
 fi
 
 rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
-SERVER=""
-cleanup() { set +e; [[ -n $SERVER ]] && stop_pids "$SERVER"; }
+SERVER=""; pid=""
+cleanup() { set +e; [[ -n $SERVER ]] && stop_pids $pid "$SERVER"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -61,7 +61,8 @@ lg=$!
 sleep $((DURATION - 2))
 rss1=$(rss_kib "$pid")
 wait "$lg" || true
-stop_pids "$SERVER"
+# heaptrack's wrapper does not pass SIGTERM on: the server first.
+stop_pids "$pid" "$SERVER"
 SERVER=""
 echo "N=$N rss0=${rss0} KiB rss1=${rss1} KiB per client $(( (rss1 - rss0) / N )) KiB marginal, $(( rss1 / N )) KiB total/N"
 if [[ $HEAPTRACK == 1 ]]; then
