@@ -118,6 +118,18 @@ pub struct GatewayArgs {
           value_parser = clap::value_parser!(u32).range(4..=1_000_000))]
     pub outbound_queue: u32,
 
+    /// Bytes of outgoing frames the WebSocket library gathers before it
+    /// writes them to the socket (v1 public pages: 16 KiB, always). Its
+    /// buffer keeps the largest capacity it ever reached, per connection,
+    /// so 0 (each frame written as it is sent) keeps it at the size of the
+    /// largest single frame; larger values save write calls when frames
+    /// queue up, at up to twice that value in every connection's memory
+    /// (docs/benchmarks.md, "Memory per public connection"). At most
+    /// 512 KiB (below the 1 MiB write buffer cap).
+    #[arg(long, env = "PINGAPP_WS_WRITE_BUFFER_BYTES", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=(1 << 19)))]
+    pub ws_write_buffer_bytes: u32,
+
     /// How often the gateway tells presence the count and digest of its
     /// public clients (a heartbeat).
     #[arg(long, env = "PINGAPP_HEARTBEAT_INTERVAL_MS", default_value_t = 2000,
@@ -231,6 +243,7 @@ impl Default for GatewayArgs {
             keepalive_interval_ms: 5000,
             idle_timeout_ms: 30_000,
             outbound_queue: 1024,
+            ws_write_buffer_bytes: 0,
             heartbeat_interval_ms: 2000,
             presence_piece_clients: 1000,
             drain_timeout_ms: 10_000,
@@ -327,5 +340,14 @@ mod tests {
         };
         assert_eq!(proxies("10.0.0.0/8,192.0.2.7").unwrap(), 2);
         assert!(proxies("ingress").is_err(), "not an address");
+        // The write threshold: 0 by default, and never up to the write
+        // buffer's cap (the WebSocket library would panic on it).
+        assert_eq!(cfg.args.ws_write_buffer_bytes, 0);
+        let threshold = |v: &str| {
+            GatewayCli::try_parse_from(nats.iter().copied().chain(["--ws-write-buffer-bytes", v]))
+                .map(|cli| cli.gateway.ws_write_buffer_bytes)
+        };
+        assert_eq!(threshold("16384").unwrap(), 16_384);
+        assert!(threshold("1048576").is_err(), "over 512 KiB");
     }
 }

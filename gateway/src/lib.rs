@@ -474,6 +474,10 @@ const MAX_WRITE_BUFFER_V1: usize = 256 << 20;
 /// 100 KB with the longest names).
 const MAX_WRITE_BUFFER: usize = 1 << 20;
 
+/// Bytes a v1 public connection gathers before writing: its event frames
+/// are small and many.
+const V1_WRITE_THRESHOLD: usize = 16 * 1024;
+
 fn upgrade(
     ws: WebSocketUpgrade,
     shared: Arc<Shared>,
@@ -498,10 +502,16 @@ fn upgrade(
     // roster (`delay_times`, about 60 bytes per client), which is why v1
     // public connections have a cap of their own. Slow readers are bounded
     // by the outbound queue and the write timeout, not by this cap.
-    let max_write = if page == Page::Public && version == Version::V1 {
-        MAX_WRITE_BUFFER_V1
+    // Frames gathered before a write (`--ws-write-buffer-bytes`, default
+    // 0) are what made that capacity grow past the largest frame: with a
+    // 16 KiB threshold, a few ~6.5 KB view frames queued behind each other
+    // left a 26 KiB buffer in every connection (docs/benchmarks.md,
+    // "Memory per public connection"). v1 public pages receive many small
+    // event frames and keep 16 KiB: their buffer is roster-sized anyway.
+    let (max_write, write_threshold) = if page == Page::Public && version == Version::V1 {
+        (MAX_WRITE_BUFFER_V1, V1_WRITE_THRESHOLD)
     } else {
-        MAX_WRITE_BUFFER
+        (MAX_WRITE_BUFFER, shared.args.ws_write_buffer_bytes as usize)
     };
     let args = &shared.args;
     let max_ws_frame = (max_frame * 4).max(64 * 1024);
@@ -515,7 +525,7 @@ fn upgrade(
         max_ws_frame as u64,
     );
     ws.read_buffer_size(1024)
-        .write_buffer_size(16 * 1024)
+        .write_buffer_size(write_threshold)
         .max_write_buffer_size(max_write)
         .max_frame_size(max_ws_frame)
         .max_message_size(max_ws_frame)

@@ -324,6 +324,39 @@ async fn a_tick_brings_every_change_in_one_frame_holding_only_the_window() {
     assert_eq!(mine.me.unwrap()["channel_name"], id.as_str());
 }
 
+/// The WebSocket write threshold (`--ws-write-buffer-bytes`) changes when
+/// bytes reach the socket, never what arrives: at 0 (each frame written
+/// as it is sent) and at its largest, several pages get the same full
+/// ~6 KB views of a 120-client room, whole and in order.
+#[tokio::test]
+async fn full_views_arrive_whole_at_any_write_threshold() {
+    for threshold in [0, 1 << 19] {
+        let gw = TestGateway::start(GatewayArgs {
+            ws_write_buffer_bytes: threshold,
+            ..Default::default()
+        })
+        .await;
+        gw.broadcast(Broadcast::Snapshot {
+            clients: crowd("w", 120),
+        })
+        .await;
+        let mut pages = Vec::new();
+        for _ in 0..3 {
+            pages.push(page(&gw).await.0);
+        }
+        for c in &mut pages {
+            let view = next_view_frame(c).await;
+            assert_eq!(view["command"], "view", "{view}");
+            let rows = names(&view["rows"]);
+            assert_eq!(rows.len(), 50, "threshold {threshold}: {view}");
+            assert!(view.to_string().len() > 4096, "a full view is several KB");
+            let mut sorted = rows.clone();
+            sorted.sort_by_key(|n| n.to_lowercase());
+            assert_eq!(rows, sorted, "threshold {threshold}");
+        }
+    }
+}
+
 /// The next `view` or `view_update` frame (keepalive reports skipped).
 async fn next_view_frame(c: &mut Client) -> Value {
     loop {
