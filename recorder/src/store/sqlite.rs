@@ -293,28 +293,7 @@ async fn backfill_room_tiers(pool: &SqlitePool) -> Result<(), StoreError> {
         tx.commit().await?;
         return Ok(());
     }
-    let mut backfill = tier::Backfill::default();
-    let mut after = i64::MIN;
-    loop {
-        let rows: Vec<RollupRow> = sqlx::query_as(tier::BACKFILL_MINUTES)
-            .bind(after)
-            .bind(tier::BACKFILL_PAGE)
-            .fetch_all(&mut *tx)
-            .await?;
-        let Some(last) = rows.last().map(|r| r.0) else {
-            break;
-        };
-        for row in rows {
-            backfill.add(row)?;
-        }
-        for (t, rows) in backfill.take_complete(last) {
-            upsert_room_rows(&mut tx, t, rows).await?;
-        }
-        after = last;
-    }
-    for (t, rows) in backfill.take_complete(i64::MAX) {
-        upsert_room_rows(&mut tx, t, rows).await?;
-    }
+    tier::backfill_pages!(tx, upsert_room_rows);
     tx.commit().await?;
     Ok(())
 }

@@ -191,6 +191,40 @@ pub(crate) const BACKFILL_MINUTES: &str = "\
     SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes \
     WHERE minute_us > $1 ORDER BY minute_us LIMIT $2";
 
+/// The backfill's pages inside the write transaction `$tx` (holding the
+/// fence, the marker claimed) of either backend: every minute row through
+/// [`Backfill`], the complete coarse rows written by the backend's
+/// `$upsert(conn, tier, rows)` as they come (a macro for the same reason
+/// as [`read_room_rollups`]).
+macro_rules! backfill_pages {
+    ($tx:expr, $upsert:path) => {{
+        let mut backfill = $crate::store::tier::Backfill::default();
+        let mut after = i64::MIN;
+        loop {
+            let rows: Vec<$crate::store::RollupRow> =
+                sqlx::query_as($crate::store::tier::BACKFILL_MINUTES)
+                    .bind(after)
+                    .bind($crate::store::tier::BACKFILL_PAGE)
+                    .fetch_all(&mut *$tx)
+                    .await?;
+            let Some(last) = rows.last().map(|r| r.0) else {
+                break;
+            };
+            for row in rows {
+                backfill.add(row)?;
+            }
+            for (t, rows) in backfill.take_complete(last) {
+                $upsert(&mut $tx, t, rows).await?;
+            }
+            after = last;
+        }
+        for (t, rows) in backfill.take_complete(i64::MAX) {
+            $upsert(&mut $tx, t, rows).await?;
+        }
+    }};
+}
+pub(crate) use backfill_pages;
+
 /// The coarse room tiers recomputed from the minute rows, read a page at a
 /// time oldest first: a coarse row is handed out once no later minute can
 /// add to it, so memory stays at a page and an hour.
