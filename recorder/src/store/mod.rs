@@ -692,10 +692,14 @@ impl Rollup {
     }
 }
 
-/// The minute rollups of `samples` (the new public samples of a commit).
-pub(crate) fn minute_rollups(samples: &[block::Sample]) -> BTreeMap<i64, Rollup> {
+/// The room's minute rollups of the samples of `added` (the new samples
+/// of a commit) whose connection is in `public`.
+pub(crate) fn minute_rollups(
+    added: &[ClientSample],
+    public: &BTreeSet<i32>,
+) -> BTreeMap<i64, Rollup> {
     let mut minutes: BTreeMap<i64, Rollup> = BTreeMap::new();
-    for s in samples {
+    for (_, s) in added.iter().filter(|(c, _)| public.contains(c)) {
         minutes
             .entry(bucket_start(s.at_us, MINUTE_US))
             .or_default()

@@ -602,12 +602,7 @@ async fn update_rollups(
         update_tier(conn, device::HOURS, device::hour_deltas(&minutes)).await?;
         update_tier(conn, device::MINUTES, minutes).await?;
     }
-    let samples: Vec<Sample> = added
-        .iter()
-        .filter(|(c, _)| public.contains(c))
-        .map(|(_, s)| *s)
-        .collect();
-    let minutes = minute_rollups(&samples);
+    let minutes = minute_rollups(added, &public);
     for t in tier::ROOM {
         update_room_tier(conn, t, tier::coarsen(&minutes, t.width)).await?;
     }
