@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# p50/p99 of a client's history read (limit=1000) and of the widest
-# /api/stats (31 days in 10-minute buckets; and 1 hour in 1-minute buckets)
-# through the store's own read functions, at 1M, 10M and 100M samples in
+# p50/p99 of a client's history read (limit=1000), of a device's month
+# (31 days in 4-hour buckets) and of /api/stats in the shapes
+# recorder/examples/support/scale.rs lists (the widest allowed, 31 days in
+# hourly buckets; and as the baseline the minute rows 31 days in 10-minute
+# buckets read before the coarser tiers) through the store's own read
+# functions, at 1M, 10M and 100M samples in
 # ONE run: each size adds clients to the previous size's data. The data is
 # generated straight into the recorder's packed layout (blocks encoded by
-# the store's encoder, minute rollups by its sketch, binary COPY into the
+# the store's encoder, rollups of every tier by its sketch, binary COPY into the
 # day partitions); see recorder/examples/support/scale.rs for the spread
 # (one-hour sessions at one sample a second over 31 days).
 #

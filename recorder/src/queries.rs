@@ -418,7 +418,19 @@ mod tests {
         assert!(validate_stats(&q(0, 60)).is_err());
         assert!(validate_stats(&q(60, 0)).is_err());
         assert!(validate_stats(&q(u64::MAX, 1)).is_err());
-        assert!(validate_stats(&q(MAX_BUCKETS, 1)).is_ok());
+        assert!(
+            validate_stats(&q(900, 1)).is_ok(),
+            "raw blocks up to 15 min"
+        );
+        assert!(
+            validate_stats(&q(MAX_BUCKETS, 1)).is_err(),
+            "raw blocks over 15 min"
+        );
+        assert!(validate_stats(&q(31 * 86_400, 3600)).is_ok());
+        assert!(
+            validate_stats(&q(31 * 86_400, 600)).is_err(),
+            "over the row budget"
+        );
         assert!(validate_stats(&q(MAX_BUCKETS + 1, 1)).is_err());
         assert!(validate_stats(&q(10_000, 1)).is_err());
         assert!(

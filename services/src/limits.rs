@@ -96,13 +96,93 @@ pub fn parse_stats(
     Ok((window, bucket))
 }
 
+/// The public room's rollup tiers, coarsest first: hours, ten minutes,
+/// minutes (`room_hours`, `room_ten_minutes`, `room_minutes`;
+/// docs/architecture.md, "Rollups"). Each width divides the one before.
+/// Statistics in buckets of whole minutes read the coarsest tier whose
+/// width divides the bucket, and the finer tiers only for the partial
+/// rows at the window's start.
+pub const ROLLUP_TIERS: [Duration; 3] = [
+    Duration::from_secs(3600),
+    Duration::from_secs(600),
+    Duration::from_secs(60),
+];
+
+/// The most rollup rows one statistics request may read
+/// ([`stats_rollup_rows`]): 31 days need hourly buckets (759 rows),
+/// 7 days 10-minute ones (1,018), a day fits minute buckets (1,441).
+/// Measured in docs/benchmarks.md ("Rollup tiers").
+pub const MAX_STATS_ROWS: u64 = 1_500;
+
+/// The longest statistics window whose buckets may be other than whole
+/// minutes: those are summed from the raw packed blocks of the window (and
+/// the staged samples), whose cost is the room's samples in it, so only
+/// short windows may read them.
+pub const MAX_RAW_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+/// At most how many rollup rows statistics over `window` in buckets of
+/// `bucket` read, up to the present: the rows of the coarsest tier of
+/// [`ROLLUP_TIERS`] whose width divides the bucket over the window (one
+/// more for the partial row at each end), and the finer rows of the
+/// window's start up to the first whole row of that tier. `None` when the
+/// bucket is not whole minutes (those read raw blocks).
+pub fn stats_rollup_rows(window: Duration, bucket: Duration) -> Option<u64> {
+    let b = bucket.as_micros();
+    if b == 0 {
+        return None;
+    }
+    let tier = ROLLUP_TIERS
+        .iter()
+        .position(|t| b.is_multiple_of(t.as_micros()))?;
+    let width = ROLLUP_TIERS[tier].as_micros();
+    let edges: u128 = ROLLUP_TIERS[tier..]
+        .windows(2)
+        .map(|w| w[0].as_micros() / w[1].as_micros() - 1)
+        .sum();
+    let rows = window.as_micros().div_ceil(width) + 1 + edges;
+    Some(u64::try_from(rows).unwrap_or(u64::MAX))
+}
+
 /// Checks a statistics window and bucket width: a window from 1 ms to
 /// [`MAX_WINDOW`], a bucket from 1 ms to the window, at most
-/// [`MAX_BUCKETS`] buckets.
+/// [`MAX_BUCKETS`] buckets, at most [`MAX_STATS_ROWS`] rollup rows
+/// ([`stats_rollup_rows`]), and a bucket of whole minutes unless the
+/// window is at most [`MAX_RAW_WINDOW`]. A request over the row budget is
+/// told a bucket that is accepted for its window.
 ///
 /// # Errors
 /// Which bound the request breaks.
 pub fn check_stats(window: Duration, bucket: Duration) -> Result<(), BadRequest> {
+    check_stats_shape(window, bucket)?;
+    let over = match stats_rollup_rows(window, bucket) {
+        None if window <= MAX_RAW_WINDOW => return Ok(()),
+        None => format!(
+            "a bucket that is not whole minutes is only allowed for windows up to {}",
+            format_duration(MAX_RAW_WINDOW)
+        ),
+        Some(rows) if rows <= MAX_STATS_ROWS => return Ok(()),
+        Some(rows) => format!(
+            "this window in buckets of {} reads up to {rows} rollup rows, more than {MAX_STATS_ROWS}",
+            format_duration(bucket)
+        ),
+    };
+    let accepted = ROLLUP_TIERS
+        .iter()
+        .rev()
+        .copied()
+        .find(|b| {
+            check_stats_shape(window, *b).is_ok()
+                && stats_rollup_rows(window, *b).is_some_and(|r| r <= MAX_STATS_ROWS)
+        })
+        .map_or_else(
+            || "a shorter window".to_owned(),
+            |b| format!("bucket={}", format_duration(b)),
+        );
+    Err(BadRequest(format!("{over}: ask for {accepted}")))
+}
+
+/// The bounds of [`check_stats`] that do not depend on the storage.
+fn check_stats_shape(window: Duration, bucket: Duration) -> Result<(), BadRequest> {
     let (window_ms, bucket_ms) = (window.as_millis(), bucket.as_millis());
     if window_ms == 0 || window > MAX_WINDOW {
         return Err(BadRequest("window must be between 1ms and 31d".into()));
@@ -118,6 +198,23 @@ pub fn check_stats(window: Duration, bucket: Duration) -> Result<(), BadRequest>
         )));
     }
     Ok(())
+}
+
+/// A duration in the API's grammar: whole days, hours, minutes or seconds
+/// as `7d`, `1h`, `10m`, `90s`, else milliseconds (`500ms`).
+fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, name) in [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ] {
+        if ms >= unit && ms.is_multiple_of(unit) {
+            return format!("{}{name}", ms / unit);
+        }
+    }
+    format!("{ms}ms")
 }
 
 /// The longest window of a browser's own history (docs/protocol.md, "Your
@@ -212,14 +309,62 @@ mod tests {
 
     #[test]
     fn statistics_bounds() {
-        assert!(check_stats(S(5_000), S(1)).is_ok());
-        assert!(check_stats(S(5_001), S(1)).is_err(), "5,001 buckets");
+        assert!(check_stats(S(900), Duration::from_millis(180)).is_ok());
+        assert!(
+            check_stats(S(900), Duration::from_millis(179)).is_err(),
+            "5,028 buckets"
+        );
         assert!(check_stats(S(10_000), S(1)).is_err(), "10,000 buckets");
         assert!(check_stats(MAX_WINDOW, MAX_WINDOW).is_ok());
         assert!(check_stats(MAX_WINDOW + S(1), S(86_400)).is_err());
+        assert!(
+            check_stats(S(5_000 * 60), S(60)).is_err(),
+            "5,001 minute rows"
+        );
         assert!(check_stats(S(60), S(61)).is_err());
         assert!(check_stats(S(60), Duration::ZERO).is_err());
         assert!(check_stats(Duration::from_micros(999), Duration::from_micros(999)).is_err());
+    }
+
+    #[test]
+    fn statistics_row_budget() {
+        let (h, d) = (3600, 86_400);
+        assert_eq!(stats_rollup_rows(S(31 * d), S(h)), Some(744 + 1 + 5 + 9));
+        assert_eq!(stats_rollup_rows(S(31 * d), S(600)), Some(4_464 + 1 + 9));
+        assert_eq!(stats_rollup_rows(S(7 * d), S(600)), Some(1_008 + 1 + 9));
+        assert_eq!(stats_rollup_rows(S(d), S(60)), Some(1_441));
+        assert_eq!(stats_rollup_rows(S(31 * d), S(4 * h)), Some(759));
+        assert_eq!(stats_rollup_rows(S(31 * d), S(61 * 60)), Some(44_641));
+        assert_eq!(stats_rollup_rows(S(600), S(601)), None);
+        assert_eq!(stats_rollup_rows(S(600), Duration::from_millis(500)), None);
+        // The widest window needs hourly buckets; 7 days 10-minute ones.
+        assert!(check_stats(MAX_WINDOW, S(h)).is_ok());
+        assert!(check_stats(S(7 * d), S(600)).is_ok());
+        assert!(check_stats(S(d), S(60)).is_ok());
+        assert!(check_stats(S(d + 3600), S(60)).is_err());
+        let refused = check_stats(MAX_WINDOW, S(600)).unwrap_err().0;
+        assert!(refused.contains("bucket=1h"), "{refused}");
+        let refused = check_stats(S(2 * d), S(60)).unwrap_err().0;
+        assert!(refused.contains("bucket=10m"), "{refused}");
+        // Raw blocks only for short windows.
+        assert!(check_stats(MAX_RAW_WINDOW, S(1)).is_ok());
+        assert!(
+            check_stats(S(600), S(601)).is_err(),
+            "bucket over the window"
+        );
+        let refused = check_stats(MAX_WINDOW, S(601)).unwrap_err().0;
+        assert!(refused.contains("bucket=1h"), "{refused}");
+        let refused = check_stats(S(3600), S(30)).unwrap_err().0;
+        assert!(refused.contains("bucket=1m"), "{refused}");
+        // Every window from the shortest to the widest has an accepted
+        // whole-minute bucket once it is over the raw bound.
+        for w in (15..=31 * 24 * 60).step_by(7) {
+            let w = S(w * 60);
+            assert!(
+                ROLLUP_TIERS.iter().any(|b| check_stats(w, *b).is_ok()),
+                "{w:?}"
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod device;
 mod fuzz;
 mod helpers;
 mod room;
+mod stats;
 mod trust;
 
 use std::collections::BTreeMap;

@@ -463,7 +463,9 @@ async fn connection_caps_refuse_with_503_before_the_upgrade_and_free_their_place
 }
 
 /// `GET path` on its own connection: the status and the JSON body.
-async fn get_json(gw: &TestGateway, path: &str) -> (u16, Value) {
+/// `GET path` of the gateway: the status and the JSON body (`null` when
+/// the body is not JSON).
+pub(crate) async fn get_json(gw: &TestGateway, path: &str) -> (u16, Value) {
     let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     tcp.write_all(req.as_bytes()).await.unwrap();

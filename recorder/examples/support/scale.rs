@@ -26,11 +26,25 @@
 //! by the store's [`Rollup`] (its sketch), `COPY`ed into `room_minutes`; staged
 //! samples into `sample_staging`. Then `VACUUM ANALYZE`.
 //!
+//! Every client is a browser with a device of its own
+//! (docs/architecture.md, "Devices"): its `devices` row, its connection
+//! linked to it, and its `device_minutes` and `device_hours` rows
+//! computed as packing does (count, sum, extremes, jitter pairs within a
+//! block, sketch) from its packed samples. The room's coarser tiers
+//! (`room_ten_minutes`, `room_hours`) are the merges of its minutes.
+//!
 //! # The reads, through the store's own read functions
 //! - history: [`Store::samples`] of a random client, `limit=1000`, from a
 //!   random time within its session (the access check included);
-//! - `/api/stats` over 31 days in 10-minute buckets (the widest), and over
-//!   1 hour in 1-minute buckets: [`Store::stats`].
+//! - `/api/stats` ([`Store::stats`]) in every shape [`STATS`] lists: the
+//!   widest the API allows (31 days in hourly buckets), the widest in
+//!   10-minute and 1-minute buckets, 1 hour in 1-minute buckets, the
+//!   widest raw-block read (15 minutes in 10-second buckets), and as the
+//!   baseline the plan before the coarser tiers: 31 days from the minute
+//!   rows (61-minute buckets divide no coarser tier: 44,640 rows, as
+//!   31 days in 10-minute buckets read before);
+//! - a device's month: [`Store::device_history`] of a random client's
+//!   device over 31 days in 4-hour buckets (the page's month).
 //!
 //! Each size adds its clients to the previous size's data and measures
 //! again, so one run gives every size on the same machine state.
@@ -79,6 +93,11 @@ impl Client {
 
     fn name(&self) -> String {
         format!("client{}", self.id)
+    }
+
+    /// Its device's digest (a device per client).
+    fn device(&self) -> String {
+        services::ids::device_digest(&format!("device{}", self.id))
     }
 
     fn end_us(&self) -> i64 {
@@ -166,14 +185,26 @@ fn percentiles(d: &mut [Duration]) -> (f64, f64) {
     (p(0.5), p(0.99))
 }
 
-/// One size's figures.
+/// The statistics reads timed at each size: label, window and bucket
+/// (seconds), and whether the API accepts it
+/// ([`services::limits::check_stats`]).
+const STATS: [(&str, u64, u64); 6] = [
+    ("31 d / 1 h (widest allowed)", 31 * 86_400, 3_600),
+    ("7 d / 10 min", 7 * 86_400, 600),
+    ("1 d / 1 min", 86_400, 60),
+    ("1 h / 1 min", 3_600, 60),
+    ("15 min / 10 s (raw blocks)", 900, 10),
+    ("31 d / 61 min (minute rows: before)", 31 * 86_400, 61 * 60),
+];
+
+/// One size's figures: p50 and p99 (ms) of each read.
 struct Figures {
     samples: i64,
     clients: usize,
     bytes: i64,
     history: (f64, f64),
-    stats_31d: (f64, f64),
-    stats_1h: (f64, f64),
+    stats: Vec<(f64, f64)>,
+    device: (f64, f64),
 }
 
 /// Runs the scale mode for the cumulative `sizes` (ascending).
@@ -240,10 +271,21 @@ pub async fn run(sizes: &[i64], history_reads: usize, stats_reads: usize) -> any
         let bytes: i64 = sqlx::query_scalar(
             "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c WHERE c.oid IN ( \
                SELECT relid FROM pg_partition_tree('sample_blocks') \
-               UNION SELECT unnest(ARRAY['sample_staging', 'channels', 'clients', 'room_minutes'])::regclass)",
+               UNION SELECT unnest(ARRAY['sample_staging', 'channels', 'clients', 'room_minutes', \
+                 'room_ten_minutes', 'room_hours'])::regclass)",
         )
         .fetch_one(&pool)
         .await?;
+        let device_bytes: i64 = sqlx::query_scalar(
+            "SELECT sum(pg_total_relation_size(c))::bigint FROM \
+             unnest(ARRAY['devices', 'device_minutes', 'device_hours']::regclass[]) c",
+        )
+        .fetch_one(&pool)
+        .await?;
+        println!(
+            "  devices (one per client): {:.2} bytes/sample more",
+            device_bytes as f64 / total as f64
+        );
         // Reads.
         let mut history = Vec::new();
         for _ in 0..history_reads {
@@ -269,70 +311,97 @@ pub async fn run(sizes: &[i64], history_reads: usize, stats_reads: usize) -> any
                 got.len()
             );
         }
-        let stats = |window: Duration, bucket: Duration| {
-            let store = &store;
-            async move {
-                let mut took = Vec::new();
-                let mut buckets = 0;
-                for _ in 0..stats_reads {
-                    let t = Instant::now();
-                    buckets = store.stats(window, bucket, NOW_US).await?.len();
-                    took.push(t.elapsed());
-                }
-                anyhow::Ok((took, buckets))
+        let mut stats = Vec::new();
+        for (label, window, bucket) in STATS {
+            let (window, bucket) = (Duration::from_secs(window), Duration::from_secs(bucket));
+            let allowed = services::limits::check_stats(window, bucket).is_ok();
+            let mut took = Vec::new();
+            let mut buckets = 0;
+            for _ in 0..stats_reads {
+                let t = Instant::now();
+                buckets = store.stats(window, bucket, NOW_US).await?.len();
+                took.push(t.elapsed());
             }
-        };
-        let (mut wide, wide_buckets) = stats(
-            Duration::from_secs(SPAN_DAYS as u64 * 86_400),
-            Duration::from_secs(600),
-        )
-        .await?;
-        let (mut hour, hour_buckets) =
-            stats(Duration::from_secs(3600), Duration::from_secs(60)).await?;
+            let (p50, p99) = percentiles(&mut took);
+            println!(
+                "  stats {label} ({buckets} buckets, {}): p50 {p50:.2} p99 {p99:.2} ms",
+                if allowed {
+                    "allowed"
+                } else {
+                    "refused by the API"
+                }
+            );
+            stats.push((p50, p99));
+        }
+        let mut device = Vec::new();
+        let month = Duration::from_secs(31 * 86_400);
+        for _ in 0..history_reads {
+            let c = clients[(next_random() % clients.len() as u64) as usize];
+            let t = Instant::now();
+            let got = store
+                .device_history(
+                    &c.device(),
+                    month,
+                    services::limits::default_device_bucket(month),
+                    NOW_US,
+                )
+                .await?
+                .context("a generated device is not found")?;
+            device.push(t.elapsed());
+            let count: u64 = got.iter().map(|b| b.count).sum();
+            anyhow::ensure!(
+                count == c.samples_in(NOW_US - SPAN_DAYS * DAY_US, i64::MAX).len() as u64,
+                "device history of {}: {count} samples",
+                c.name()
+            );
+        }
         let f = Figures {
             samples: total,
             clients: clients.len(),
             bytes,
             history: percentiles(&mut history),
-            stats_31d: percentiles(&mut wide),
-            stats_1h: percentiles(&mut hour),
+            stats,
+            device: percentiles(&mut device),
         };
         println!(
             "{total} samples, {} clients, {:.2} bytes/sample: history p50 {:.2} p99 {:.2} ms; \
-             stats 31d/10m ({wide_buckets} buckets) p50 {:.2} p99 {:.2} ms; \
-             stats 1h/1m ({hour_buckets} buckets) p50 {:.2} p99 {:.2} ms",
+             device month p50 {:.2} p99 {:.2} ms",
             f.clients,
             f.bytes as f64 / total as f64,
             f.history.0,
             f.history.1,
-            f.stats_31d.0,
-            f.stats_31d.1,
-            f.stats_1h.0,
-            f.stats_1h.1
+            f.device.0,
+            f.device.1,
         );
         figures.push(f);
     }
     let base = &figures[0];
-    println!(
-        "\n| samples | clients | bytes/sample | history p50 / p99 (ms) | stats 31 d / 10 min p50 / p99 (ms) | stats 1 h / 1 min p50 / p99 (ms) | p99 ratios to the first size (history, 31 d, 1 h) |"
-    );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut head = "| samples | clients | bytes/sample | history | device month".to_owned();
+    for (label, _, _) in STATS {
+        head.push_str(&format!(" | stats {label}"));
+    }
+    println!("\np50 / p99, ms; then p99 / the first size's p99\n{head} |");
+    println!("{}|", "| ---: ".repeat(5 + STATS.len()));
     for f in &figures {
-        println!(
-            "| {} | {} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2}, {:.2}, {:.2} |",
+        let mut line = format!(
+            "| {} | {} | {:.2} | {:.2} / {:.2} ({:.2}) | {:.2} / {:.2} ({:.2})",
             f.samples,
             f.clients,
             f.bytes as f64 / f.samples as f64,
             f.history.0,
             f.history.1,
-            f.stats_31d.0,
-            f.stats_31d.1,
-            f.stats_1h.0,
-            f.stats_1h.1,
             f.history.1 / base.history.1,
-            f.stats_31d.1 / base.stats_31d.1,
-            f.stats_1h.1 / base.stats_1h.1,
+            f.device.0,
+            f.device.1,
+            f.device.1 / base.device.1,
         );
+        for (i, (p50, p99)) in f.stats.iter().enumerate() {
+            line.push_str(&format!(
+                " | {p50:.2} / {p99:.2} ({:.2})",
+                p99 / base.stats[i].1
+            ));
+        }
+        println!("{line} |");
     }
     pool.close().await;
     Ok(())
@@ -350,18 +419,34 @@ async fn write(
     // Channels and clients.
     let mut rows = CopyRows::new();
     for c in new {
-        rows.row(4);
+        rows.row(3);
+        rows.field(&c.id.to_be_bytes());
+        rows.field(c.device().as_bytes());
+        rows.field(&c.start_us.to_be_bytes());
+    }
+    copy(
+        pool,
+        "COPY devices (id, digest, created_at_us) FROM STDIN (FORMAT binary)",
+        rows.finish(),
+    )
+    .await?;
+    let mut rows = CopyRows::new();
+    for c in new {
+        rows.row(5);
         rows.field(&c.id.to_be_bytes());
         rows.field(c.name().as_bytes());
         rows.field(&[u8::from(c.public())]);
         rows.field(&PACKED_BEFORE_US.to_be_bytes());
+        rows.field(&c.id.to_be_bytes());
     }
     copy(
         pool,
-        "COPY channels (id, channel_name, public, packed_before_us) FROM STDIN (FORMAT binary)",
+        "COPY channels (id, channel_name, public, packed_before_us, device_id) \
+         FROM STDIN (FORMAT binary)",
         rows.finish(),
     )
     .await?;
+    write_devices(pool, new).await?;
     sqlx::query(
         "INSERT INTO clients (channel_name, public, token_digest, gateway, connected_at_us) \
          SELECT channel_name, public, $3, 'bench', $1 FROM channels WHERE id >= $2",
@@ -446,12 +531,7 @@ async fn write(
         if m.count == 0 {
             continue;
         }
-        rows.row(5);
-        rows.field(&(BASE_US + i as i64 * MINUTE_US).to_be_bytes());
-        rows.field(&i64::try_from(m.count)?.to_be_bytes());
-        rows.field(&m.min.to_be_bytes());
-        rows.field(&m.max.to_be_bytes());
-        rows.field(&m.sketch.encode());
+        rollup_row(&mut rows, BASE_US + i as i64 * MINUTE_US, m)?;
     }
     copy(
         pool,
@@ -459,5 +539,131 @@ async fn write(
         rows.finish(),
     )
     .await?;
+    // The coarser tiers: merges of the minutes.
+    for (table, column, per) in [
+        ("room_ten_minutes", "ten_minute_us", 10),
+        ("room_hours", "hour_us", 60),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("TRUNCATE {table}")))
+            .execute(pool)
+            .await?;
+        let mut rows = CopyRows::new();
+        for (i, group) in minutes.chunks(per).enumerate() {
+            let mut r = Rollup::default();
+            for m in group {
+                r.merge(m);
+            }
+            if r.count == 0 {
+                continue;
+            }
+            rollup_row(&mut rows, BASE_US + (i * per) as i64 * MINUTE_US, &r)?;
+        }
+        copy(
+            pool,
+            &format!(
+                "COPY {table} ({column}, samples, min_ms, max_ms, sketch) FROM STDIN (FORMAT binary)"
+            ),
+            rows.finish(),
+        )
+        .await?;
+    }
     Ok((packed, staged))
+}
+
+/// A room rollup row of `r` starting at `start`.
+fn rollup_row(rows: &mut CopyRows, start: i64, r: &Rollup) -> anyhow::Result<()> {
+    rows.row(5);
+    rows.field(&start.to_be_bytes());
+    rows.field(&i64::try_from(r.count)?.to_be_bytes());
+    rows.field(&r.min.to_be_bytes());
+    rows.field(&r.max.to_be_bytes());
+    rows.field(&r.sketch.encode());
+    Ok(())
+}
+
+/// One device's packed samples of a minute or an hour, as
+/// `device_minutes` and `device_hours` keep them.
+#[derive(Default)]
+struct DeviceRow {
+    rollup: Rollup,
+    sum: f64,
+    jitter_sum: f64,
+    pairs: i64,
+}
+
+/// Writes the device rollups of the `new` clients (a device each): per
+/// minute and per hour, from their packed samples; a jitter pair is two
+/// consecutive samples within one block, in the minute of the later one
+/// (recorder/src/store/device.rs).
+async fn write_devices(pool: &PgPool, new: &[Client]) -> anyhow::Result<()> {
+    let (mut minute_rows, mut hour_rows) = (CopyRows::new(), CopyRows::new());
+    for c in new {
+        let mut minutes: std::collections::BTreeMap<i64, DeviceRow> = Default::default();
+        let mut period = block::block_of(c.start_us - 25_000);
+        while period < PACKED_BEFORE_US.min(c.end_us() + 25_000) {
+            let samples = c.samples_in(period, period + BLOCK_US);
+            for (i, s) in samples.iter().enumerate() {
+                let m = minutes
+                    .entry(s.at_us - s.at_us.rem_euclid(MINUTE_US))
+                    .or_default();
+                m.rollup.add(s.delay_ms);
+                m.sum += s.delay_ms;
+                if i > 0 {
+                    m.jitter_sum += (s.delay_ms - samples[i - 1].delay_ms).abs();
+                    m.pairs += 1;
+                }
+            }
+            period += BLOCK_US;
+        }
+        let mut hours: std::collections::BTreeMap<i64, DeviceRow> = Default::default();
+        for (minute, m) in &minutes {
+            let h = hours
+                .entry(minute - minute.rem_euclid(60 * MINUTE_US))
+                .or_default();
+            h.rollup.merge(&m.rollup);
+            h.sum += m.sum;
+            h.jitter_sum += m.jitter_sum;
+            h.pairs += m.pairs;
+        }
+        for (rows, tier) in [(&mut minute_rows, &minutes), (&mut hour_rows, &hours)] {
+            for (start, r) in tier {
+                rows.row(9);
+                rows.field(&c.id.to_be_bytes());
+                rows.field(&start.to_be_bytes());
+                rows.field(&i64::try_from(r.rollup.count)?.to_be_bytes());
+                rows.field(&r.sum.to_be_bytes());
+                rows.field(&r.rollup.min.to_be_bytes());
+                rows.field(&r.rollup.max.to_be_bytes());
+                rows.field(&r.jitter_sum.to_be_bytes());
+                rows.field(&r.pairs.to_be_bytes());
+                rows.field(&r.rollup.sketch.encode());
+            }
+        }
+        if minute_rows.0.len() > 32 << 20 {
+            copy_device_rows(pool, "device_minutes", "minute_us", &mut minute_rows).await?;
+        }
+    }
+    copy_device_rows(pool, "device_minutes", "minute_us", &mut minute_rows).await?;
+    copy_device_rows(pool, "device_hours", "hour_us", &mut hour_rows).await?;
+    Ok(())
+}
+
+/// `COPY`s `rows` into a device tier and starts them over.
+async fn copy_device_rows(
+    pool: &PgPool,
+    table: &str,
+    column: &str,
+    rows: &mut CopyRows,
+) -> anyhow::Result<()> {
+    let data = std::mem::replace(rows, CopyRows::new()).finish();
+    copy(
+        pool,
+        &format!(
+            "COPY {table} (device_id, {column}, samples, sum_ms, min_ms, max_ms, jitter_sum_ms, \
+             jitter_pairs, sketch) FROM STDIN (FORMAT binary)"
+        ),
+        data,
+    )
+    .await?;
+    Ok(())
 }

@@ -35,6 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use services::messages::HistoryBucket;
 
 use super::block::{self, Sample};
+pub(crate) use super::tier::Tier;
 use super::{MINUTE_US, Rollup, StoreError, bucket_start};
 
 /// A `device_minutes` row: `(device_id, minute_us, samples, sum_ms,
@@ -65,7 +66,9 @@ macro_rules! read_device_history {
             }
             Some(id) => {
                 let mut rows: Vec<$crate::store::device::DeviceMinuteRow> = Vec::new();
-                for (tier, from, to) in $crate::store::device::ranges(width, first, end) {
+                for (tier, from, to) in
+                    $crate::store::tier::ranges(&$crate::store::device::TIERS, width, first, end)
+                {
                     rows.extend(
                         sqlx::query_as::<_, $crate::store::device::DeviceMinuteRow>(
                             sqlx::AssertSqlSafe(tier.range_sql()),
@@ -97,17 +100,8 @@ pub(crate) use read_device_history;
 /// Width of an hour row.
 pub(crate) const HOUR_US: i64 = 60 * MINUTE_US;
 
-/// A table of per-device rollups: `device_minutes` or `device_hours`,
-/// the same columns but the time's name.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Tier {
-    /// The table.
-    pub table: &'static str,
-    /// Its time column (a row's start, Unix µs).
-    pub column: &'static str,
-    /// A row's width.
-    pub width: i64,
-}
+/// A device's tiers, coarsest first.
+pub(crate) const TIERS: [Tier; 2] = [HOURS, MINUTES];
 
 /// Per device and minute.
 pub(crate) const MINUTES: Tier = Tier {
@@ -144,16 +138,6 @@ impl Tier {
         )
     }
 
-    /// Deletes the rows that ended by `$1` (a range of the time index).
-    pub(crate) fn prune_sql(&self) -> String {
-        format!(
-            "DELETE FROM {} WHERE {} < $1 - {}",
-            self.table,
-            self.column,
-            self.width - 1
-        )
-    }
-
     /// Deletes a device's rows (`$1`).
     pub(crate) fn forget_sql(&self) -> String {
         format!("DELETE FROM {} WHERE device_id = $1", self.table)
@@ -169,23 +153,6 @@ impl Tier {
             self.column
         )
     }
-}
-
-/// What a history read from `first` to `end` in buckets of `width` reads:
-/// `(tier, from, to)` ranges. Whole-hour buckets read the hour rows of the
-/// window's whole hours, and minute rows for the partial hours at its start
-/// and end (the current hour); other widths read minute rows only.
-pub(crate) fn ranges(width: i64, first: i64, end: i64) -> Vec<(Tier, i64, i64)> {
-    let first_hour = bucket_start(first.saturating_add(HOUR_US - 1), HOUR_US);
-    let last_hour = bucket_start(end, HOUR_US);
-    if width % HOUR_US != 0 || first_hour >= last_hour {
-        return vec![(MINUTES, first, end)];
-    }
-    vec![
-        (MINUTES, first, first_hour),
-        (HOURS, first_hour, last_hour),
-        (MINUTES, last_hour, end),
-    ]
 }
 
 /// The per-device hour changes of the minute changes `minutes`.
@@ -489,9 +456,10 @@ mod tests {
 
     #[test]
     fn whole_hour_buckets_read_hours_between_minute_edges() {
+        use super::super::tier::ranges;
         let h = HOUR_US;
         let (first, end) = (10 * h + 7 * MINUTE_US, 13 * h + 21 * MINUTE_US);
-        let got: Vec<(&str, i64, i64)> = ranges(2 * h, first, end)
+        let got: Vec<(&str, i64, i64)> = ranges(&TIERS, 2 * h, first, end)
             .into_iter()
             .map(|(t, a, b)| (t.table, a, b))
             .collect();
@@ -503,8 +471,16 @@ mod tests {
                 ("device_minutes", 13 * h, end),
             ]
         );
-        assert_eq!(ranges(10 * MINUTE_US, first, end).len(), 1, "minutes only");
-        assert_eq!(ranges(h, first, first + h).len(), 1, "no whole hour");
+        assert_eq!(
+            ranges(&TIERS, 10 * MINUTE_US, first, end).len(),
+            1,
+            "minutes only"
+        );
+        assert_eq!(
+            ranges(&TIERS, h, first, first + h).len(),
+            1,
+            "no whole hour"
+        );
     }
 
     #[test]

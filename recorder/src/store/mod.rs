@@ -23,6 +23,7 @@ pub(crate) mod device;
 pub mod postgres;
 pub mod sketch;
 pub mod sqlite;
+pub(crate) mod tier;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -246,9 +247,9 @@ pub trait Store: Send + Sync {
         Ok(0)
     }
 
-    /// Deletes the minute rollups (the room's and the devices') older than
-    /// `older_than_us`, each a range of a `minute_us` index, then the
-    /// devices left without connections and rollups; returns how many
+    /// Deletes the rollup rows (the room's and the devices', every tier)
+    /// that ended by `older_than_us`, each a range of a time index, then
+    /// the devices left without connections and rollups; returns how many
     /// rollup rows were deleted.
     ///
     /// # Errors
@@ -647,7 +648,8 @@ impl Rollup {
         self.sketch.add(v);
     }
 
-    fn merge(&mut self, other: &Rollup) {
+    /// Adds every sample of `other`.
+    pub fn merge(&mut self, other: &Rollup) {
         if other.count == 0 {
             return;
         }
@@ -665,7 +667,11 @@ impl Rollup {
         self.sketch.merge(&other.sketch);
     }
 
-    fn from_row((_, count, min, max, data): RollupRow) -> Result<Self, StoreError> {
+    /// The rollup of a row.
+    ///
+    /// # Errors
+    /// Its sketch does not decode.
+    pub(crate) fn from_row((_, count, min, max, data): RollupRow) -> Result<Self, StoreError> {
         Ok(Self {
             count: u64::try_from(count).unwrap_or(0),
             min,
@@ -673,12 +679,27 @@ impl Rollup {
             sketch: sketch::Sketch::decode(&data)?,
         })
     }
+
+    /// Its row starting at `start`.
+    pub(crate) fn to_row(&self, start: i64) -> RollupRow {
+        (
+            start,
+            i64::try_from(self.count).unwrap_or(i64::MAX),
+            self.min,
+            self.max,
+            self.sketch.encode(),
+        )
+    }
 }
 
-/// The minute rollups of `samples` (the new public samples of a commit).
-pub(crate) fn minute_rollups(samples: &[block::Sample]) -> BTreeMap<i64, Rollup> {
+/// The room's minute rollups of the samples of `added` (the new samples
+/// of a commit) whose connection is in `public`.
+pub(crate) fn minute_rollups(
+    added: &[ClientSample],
+    public: &BTreeSet<i32>,
+) -> BTreeMap<i64, Rollup> {
     let mut minutes: BTreeMap<i64, Rollup> = BTreeMap::new();
-    for s in samples {
+    for (_, s) in added.iter().filter(|(c, _)| public.contains(c)) {
         minutes
             .entry(bucket_start(s.at_us, MINUTE_US))
             .or_default()
@@ -687,7 +708,8 @@ pub(crate) fn minute_rollups(samples: &[block::Sample]) -> BTreeMap<i64, Rollup>
     minutes
 }
 
-/// The rows to write: `stored` rows (of the same minutes) with `new` added.
+/// The rows of a room tier to write: `stored` rows (of the same keys) with
+/// `new` added.
 ///
 /// # Errors
 /// A stored sketch does not decode.
@@ -701,23 +723,17 @@ pub(crate) fn merge_rollups(
         .collect::<Result<_, StoreError>>()?;
     Ok(new
         .into_iter()
-        .map(|(minute, r)| {
-            let total = stored.entry(minute).or_default();
+        .map(|(start, r)| {
+            let total = stored.entry(start).or_default();
             total.merge(&r);
-            (
-                minute,
-                i64::try_from(total.count).unwrap_or(i64::MAX),
-                total.min,
-                total.max,
-                total.sketch.encode(),
-            )
+            total.to_row(start)
         })
         .collect())
 }
 
-/// Statistics from minute rollups (the packed samples, `rollups` oldest
-/// first) and the staged samples, for buckets of `width` (a multiple of
-/// [`MINUTE_US`]). A bucket with staged samples only gets exact
+/// Statistics from rollup rows of any tiers whose width divides `width`
+/// (the packed samples, `rollups` oldest first, [`tier::ranges`]) and the
+/// staged samples, for buckets of `width` (a multiple of [`MINUTE_US`]). A bucket with staged samples only gets exact
 /// percentiles; one with packed samples the sketch's
 /// ([`sketch`]'s bound). Count, min and max are exact.
 ///
@@ -916,12 +932,6 @@ pub(crate) const STATS_STAGED: &str = "\
 pub(crate) const STATS_BLOCKS: &str = "\
     SELECT b.block_start_us, b.data FROM sample_blocks b JOIN channels c ON c.id = b.channel_id \
     WHERE c.public AND b.block_start_us >= $1 ORDER BY b.block_start_us";
-
-/// The minute rollups of a statistics window, oldest first (`$1`: its
-/// first minute).
-pub(crate) const STATS_ROLLUPS: &str = "\
-    SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes \
-    WHERE minute_us >= $1 ORDER BY minute_us";
 
 /// The statistics of `buckets` once the `blocks` of [`STATS_BLOCKS`] are
 /// added.

@@ -42,12 +42,13 @@ use sqlx::{Connection, Postgres};
 
 use super::block::{self, Sample};
 use super::device::{self, DeviceMinuteRow, PairDelta};
+use super::tier;
 use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, Merged, PACK_CLIENTS, PACK_ROWS,
-    PRUNE_CHUNK, PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED,
-    StagedRow, Store, StoreError, block_keys, bucket_start, bucket_width, fold_blocks,
-    merge_blocks, merge_rollups, minute_rollups, staged_sample, stats_from_rollups, stored_sample,
-    to_db, window_start,
+    PRUNE_CHUNK, PackStep, ReadLimits, Rollup, RollupRow, STATS_BLOCKS, STATS_STAGED, StagedRow,
+    Store, StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks,
+    merge_rollups, minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_db,
+    window_start,
 };
 use crate::read_budget;
 
@@ -601,38 +602,61 @@ async fn update_rollups(
         update_tier(conn, device::HOURS, device::hour_deltas(&minutes)).await?;
         update_tier(conn, device::MINUTES, minutes).await?;
     }
-    let samples: Vec<Sample> = added
-        .iter()
-        .filter(|(c, _)| public.contains(c))
-        .map(|(_, s)| *s)
-        .collect();
-    let new = minute_rollups(&samples);
+    let minutes = minute_rollups(added, &public);
+    for t in tier::ROOM {
+        update_room_tier(conn, t, tier::coarsen(&minutes, t.width)).await?;
+    }
+    Ok(())
+}
+
+/// Adds `new` to the stored rows of the same keys in the room's `tier`.
+async fn update_room_tier(
+    conn: &mut PgConnection,
+    tier: tier::Tier,
+    new: BTreeMap<i64, Rollup>,
+) -> Result<(), StoreError> {
     if new.is_empty() {
         return Ok(());
     }
-    let minutes: Vec<i64> = new.keys().copied().collect();
-    let stored: Vec<RollupRow> = sqlx::query_as(
-        "SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes \
-         WHERE minute_us = ANY($1)",
-    )
-    .bind(&minutes)
+    let keys: Vec<i64> = new.keys().copied().collect();
+    let stored: Vec<RollupRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM {} WHERE {} = ANY($1)",
+        tier.room_columns(),
+        tier.table,
+        tier.column
+    )))
+    .bind(&keys)
     .fetch_all(&mut *conn)
     .await?;
+    upsert_room_rows(conn, tier, merge_rollups(stored, new)?).await
+}
+
+/// Writes `rows` into the room's `tier`, replacing the rows of the same
+/// keys.
+async fn upsert_room_rows(
+    conn: &mut PgConnection,
+    tier: tier::Tier,
+    rows: Vec<RollupRow>,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
     let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (m, n, min, max, sketch) in merge_rollups(stored, new)? {
+    for (m, n, min, max, sketch) in rows {
         cols.0.push(m);
         cols.1.push(n);
         cols.2.push(min);
         cols.3.push(max);
         cols.4.push(sketch);
     }
-    sqlx::query(
-        "INSERT INTO room_minutes (minute_us, samples, min_ms, max_ms, sketch) \
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {} ({}) \
          SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::double precision[], \
-                              $4::double precision[], $5::bytea[]) \
-         ON CONFLICT (minute_us) DO UPDATE SET samples = excluded.samples, \
-             min_ms = excluded.min_ms, max_ms = excluded.max_ms, sketch = excluded.sketch",
-    )
+                              $4::double precision[], $5::bytea[]){}",
+        tier.table,
+        tier.room_columns(),
+        tier.room_on_conflict()
+    )))
     .bind(cols.0)
     .bind(cols.1)
     .bind(cols.2)
@@ -640,6 +664,36 @@ async fn update_rollups(
     .bind(cols.4)
     .execute(&mut *conn)
     .await?;
+    Ok(())
+}
+
+/// The backfill of the coarse room tiers from the minute rows stored
+/// before migration 0007 ([`tier::Backfill`]), once: under the packing
+/// fence, claimed by deleting the migration's marker in the same
+/// transaction, so of several recorders starting together one does it and
+/// the others find it done. Every coarse row is recomputed from its
+/// minutes (replacing what is there), so it is right whatever packing
+/// wrote before.
+async fn backfill_room_tiers(pool: &PgPool) -> Result<(), StoreError> {
+    let pending: i64 = sqlx::query_scalar(tier::BACKFILL_PENDING)
+        .fetch_one(pool)
+        .await?;
+    if pending == 0 {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+    if sqlx::query(tier::CLAIM_BACKFILL)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 0
+    {
+        tx.commit().await?;
+        return Ok(());
+    }
+    tier::backfill_pages!(tx, upsert_room_rows);
+    tx.commit().await?;
     Ok(())
 }
 
@@ -974,6 +1028,7 @@ impl PgStore {
         // container, could take longer than the acquire timeout, which
         // answered the first reads after a start 503 in the compose test).
         // They stay open.
+        backfill_room_tiers(&pool).await?;
         let reads = PgPoolOptions::new()
             .max_connections(reads.connections.max(1))
             .min_connections(reads.connections.max(1))
@@ -1155,10 +1210,7 @@ impl Store for PgStore {
                 .bind(first)
                 .fetch_all(&mut *tx)
                 .await?;
-            let rollups = sqlx::query_as(STATS_ROLLUPS)
-                .bind(first)
-                .fetch_all(&mut *tx)
-                .await?;
+            let rollups = tier::read_room_rollups!(tx, width, first);
             tx.commit().await?;
             return stats_from_rollups(width, staged, rollups);
         }
@@ -1250,7 +1302,9 @@ impl Store for PgStore {
     async fn prune_rollups(&self, older_than_us: i64) -> Result<u64, StoreError> {
         let mut deleted = 0;
         for sql in [
-            "DELETE FROM room_minutes WHERE minute_us < $1".to_owned(),
+            tier::ROOM[0].prune_sql(),
+            tier::ROOM[1].prune_sql(),
+            tier::ROOM[2].prune_sql(),
             device::MINUTES.prune_sql(),
             device::HOURS.prune_sql(),
         ] {

@@ -19,9 +19,10 @@ use sqlx::{Connection as _, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::block::{self, Sample};
 use super::device::{self, DeviceMinuteRow, PairDelta};
+use super::tier;
 use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
-    PackStep, ReadLimits, RollupRow, STATS_BLOCKS, STATS_ROLLUPS, STATS_STAGED, StagedRow, Store,
+    PackStep, ReadLimits, Rollup, RollupRow, STATS_BLOCKS, STATS_STAGED, StagedRow, Store,
     StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
     minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_sample, window_start,
 };
@@ -95,6 +96,7 @@ impl SqliteStore {
             .connect_with(opts)
             .await?;
         MIGRATOR.run(&pool).await?;
+        backfill_room_tiers(&pool).await?;
         Ok(Self {
             pool,
             read_timeout: reads.statement_timeout,
@@ -209,21 +211,31 @@ async fn update_rollups(
         update_tier(conn, device::HOURS, device::hour_deltas(&minutes)).await?;
         update_tier(conn, device::MINUTES, minutes).await?;
     }
-    let samples: Vec<Sample> = added
-        .iter()
-        .filter(|(c, _)| public.contains(c))
-        .map(|(_, s)| *s)
-        .collect();
-    let new = minute_rollups(&samples);
-    let minutes: Vec<i64> = new.keys().copied().collect();
+    let minutes = minute_rollups(added, &public);
+    for t in tier::ROOM {
+        update_room_tier(conn, t, tier::coarsen(&minutes, t.width)).await?;
+    }
+    Ok(())
+}
+
+/// Adds `new` to the stored rows of the same keys in the room's `tier`.
+async fn update_room_tier(
+    conn: &mut SqliteConnection,
+    tier: tier::Tier,
+    new: BTreeMap<i64, Rollup>,
+) -> Result<(), StoreError> {
+    let keys: Vec<i64> = new.keys().copied().collect();
     let mut stored: Vec<RollupRow> = Vec::new();
-    for chunk in minutes.chunks(INSERT_CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minutes WHERE minute_us IN (",
-        );
+    for chunk in keys.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {} FROM {} WHERE {} IN (",
+            tier.room_columns(),
+            tier.table,
+            tier.column
+        ));
         let mut list = qb.separated(", ");
-        for m in chunk {
-            list.push_bind(*m);
+        for k in chunk {
+            list.push_bind(*k);
         }
         qb.push(")");
         stored.extend(
@@ -232,11 +244,22 @@ async fn update_rollups(
                 .await?,
         );
     }
-    let rows = merge_rollups(stored, new)?;
+    upsert_room_rows(conn, tier, merge_rollups(stored, new)?).await
+}
+
+/// Writes `rows` into the room's `tier`, replacing the rows of the same
+/// keys.
+async fn upsert_room_rows(
+    conn: &mut SqliteConnection,
+    tier: tier::Tier,
+    rows: Vec<RollupRow>,
+) -> Result<(), StoreError> {
     for chunk in rows.chunks(INSERT_CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO room_minutes (minute_us, samples, min_ms, max_ms, sketch) ",
-        );
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "INSERT INTO {} ({}) ",
+            tier.table,
+            tier.room_columns()
+        ));
         qb.push_values(chunk, |mut row, (m, n, min, max, sketch)| {
             row.push_bind(*m)
                 .push_bind(*n)
@@ -244,12 +267,29 @@ async fn update_rollups(
                 .push_bind(*max)
                 .push_bind(sketch.clone());
         });
-        qb.push(
-            " ON CONFLICT (minute_us) DO UPDATE SET samples = excluded.samples, \
-             min_ms = excluded.min_ms, max_ms = excluded.max_ms, sketch = excluded.sketch",
-        );
+        qb.push(tier.room_on_conflict());
         qb.build().execute(&mut *conn).await?;
     }
+    Ok(())
+}
+
+/// The backfill of the coarse room tiers from the minute rows stored
+/// before migration 0007 ([`tier::Backfill`]), once, in one write
+/// transaction (one writer at a time: no packing meanwhile) that deletes
+/// the migration's marker.
+async fn backfill_room_tiers(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut tx = begin_write(pool).await?;
+    if sqlx::query(tier::CLAIM_BACKFILL)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 0
+    {
+        tx.commit().await?;
+        return Ok(());
+    }
+    tier::backfill_pages!(tx, upsert_room_rows);
+    tx.commit().await?;
     Ok(())
 }
 
@@ -559,10 +599,7 @@ impl Store for SqliteStore {
                 .bind(first)
                 .fetch_all(&mut *tx)
                 .await?;
-            let rollups = sqlx::query_as(STATS_ROLLUPS)
-                .bind(first)
-                .fetch_all(&mut *tx)
-                .await?;
+            let rollups = tier::read_room_rollups!(tx, width, first);
             tx.commit().await?;
             return stats_from_rollups(width, staged, rollups);
         }
@@ -647,7 +684,9 @@ impl Store for SqliteStore {
         let mut tx = begin_write(&self.pool).await?;
         let mut deleted = 0;
         for sql in [
-            "DELETE FROM room_minutes WHERE minute_us < $1".to_owned(),
+            tier::ROOM[0].prune_sql(),
+            tier::ROOM[1].prune_sql(),
+            tier::ROOM[2].prune_sql(),
             device::MINUTES.prune_sql(),
             device::HOURS.prune_sql(),
         ] {

@@ -13,4 +13,5 @@ mod packing;
 mod roles;
 mod service;
 mod store;
+mod tiers;
 mod tls;

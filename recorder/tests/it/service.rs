@@ -714,9 +714,9 @@ async fn a_database_outage_loses_nothing() {
         };
         assert_eq!(kind, expected, "{message}");
     }
-    let StatsReply::Error { kind, .. } = ask_stats(&bus, &subjects, stats(5_000_000, 1_000)).await
+    let StatsReply::Error { kind, .. } = ask_stats(&bus, &subjects, stats(900_000, 180)).await
     else {
-        panic!("5,000 buckets are within bounds, but the database is down");
+        panic!("5,000 buckets of 15 minutes are within bounds, but the database is down");
     };
     assert_eq!(kind, ReplyErrorKind::Unavailable);
     assert_eq!(

@@ -325,6 +325,8 @@ async fn statistics_beyond_the_shared_bounds_are_a_bad_request_not_unavailable()
         "window=6000s&bucket=1s",
         "window=10000s&bucket=1s",
         "window=1h&bucket=500ms",
+        "window=5000s&bucket=1s",
+        "window=31d&bucket=10m",
     ] {
         let (status, body) = gw.get_json(&format!("/api/stats?{query}"), None).await;
         assert_eq!(status, 400, "{query}: {body}");
@@ -333,9 +335,10 @@ async fn statistics_beyond_the_shared_bounds_are_a_bad_request_not_unavailable()
     // Within the bounds, in any unit of the duration grammar: the recorder
     // answers.
     for query in [
-        "window=5000s&bucket=1s",
+        "window=15m&bucket=180ms",
         "window=2s&bucket=500ms",
-        "window=1h30m&bucket=90",
+        "window=1h30m&bucket=120",
+        "window=31d&bucket=1h",
     ] {
         let (status, body) = gw.get_json(&format!("/api/stats?{query}"), None).await;
         assert_eq!(status, 200, "{query}: {body}");
