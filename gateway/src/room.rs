@@ -46,10 +46,6 @@ pub struct Seat {
 struct Member {
     outbox: Outbox,
     channel_name: String,
-    /// The roster version of the window its `view` frame carried when it
-    /// entered the group: a tick's frame of that version or older is not
-    /// for it.
-    seated: u64,
 }
 
 /// How a tick's frames are queued: `slice` pages at a time, the slices
@@ -67,8 +63,6 @@ pub struct Pacing {
 /// One view's frame of a tick.
 struct TickFrame {
     spec: ViewSpec,
-    /// The roster version of the window the frame brings its pages to.
-    version: u64,
     /// The frame; `None` when only some pages' `me` changed.
     frame: Option<Utf8Bytes>,
     total: usize,
@@ -342,9 +336,10 @@ impl Room {
     /// The frames are queued `pacing.slice` pages at a time, the slices
     /// spread evenly over `pacing.spread` (docs/architecture.md, "The
     /// tick's fan-out"): the same shared bytes handed to every page at
-    /// once wake every connection task in one burst. A page seated or
-    /// moved to another view meanwhile already has the new window and is
-    /// skipped.
+    /// once wake every connection task in one burst. A page that left or
+    /// moved to another view meanwhile is skipped; one seated in the view
+    /// meanwhile already has the new window, and the tick's frame brings
+    /// it nothing new.
     pub async fn tick(&self, pacing: Pacing) {
         let started = Instant::now();
         let Some(plan) = self.plan_tick() else {
@@ -435,7 +430,7 @@ impl Room {
             } else if frame.is_some() {
                 group.full = None;
             }
-            let (total, matched, version) = (w.total, w.matched, w.version);
+            let (total, matched) = (w.total, w.matched);
             group.last = w;
             let index = plan.frames.len();
             let before = plan.sends.len();
@@ -449,7 +444,6 @@ impl Room {
             if plan.sends.len() > before {
                 plan.frames.push(TickFrame {
                     spec,
-                    version,
                     frame,
                     total,
                     matched,
@@ -460,7 +454,7 @@ impl Room {
     }
 
     /// Queues a tick's frame for the pages of `slice` that are still in
-    /// the view the frame was computed for and were seated before it, with
+    /// the view the frame was computed for, with
     /// `me` for those whose own row joined or was renamed (a `view_update`
     /// of the counts and `me` alone when the view has no frame this tick).
     /// Slow pages are kicked and removed.
@@ -475,9 +469,6 @@ impl Room {
             let Some(m) = group.members.get(&key) else {
                 continue;
             };
-            if m.seated >= f.version {
-                continue;
-            }
             let me = plan.mine.get(&m.channel_name);
             let out = match (&f.frame, me) {
                 (None, None) => continue,
@@ -532,7 +523,6 @@ impl Room {
                 Member {
                     outbox,
                     channel_name: channel_name.to_owned(),
-                    seated: group.last.version,
                 },
             );
         } else {
