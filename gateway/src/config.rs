@@ -102,6 +102,20 @@ pub struct GatewayArgs {
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub roster_tick_ms: u64,
 
+    /// Time over which one roster tick's view frames are queued, in slices
+    /// of `--view-fanout-slice` pages (at most a quarter of the roster
+    /// tick; 0 queues them all at once). Handing the same frame to every
+    /// page at once wakes every connection in one burst
+    /// (docs/architecture.md, "The tick's fan-out").
+    #[arg(long, env = "PINGAPP_VIEW_FANOUT_SPREAD_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(0..=15_000))]
+    pub view_fanout_spread_ms: u64,
+
+    /// Pages given a tick's frame per slice of the fan-out.
+    #[arg(long, env = "PINGAPP_VIEW_FANOUT_SLICE", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub view_fanout_slice: u32,
+
     /// How often the gateway sends WebSocket Ping frames.
     #[arg(long, env = "PINGAPP_KEEPALIVE_INTERVAL_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
@@ -240,6 +254,8 @@ impl Default for GatewayArgs {
             max_renames_per_minute: 10,
             ping_interval_ms: 1000,
             roster_tick_ms: 500,
+            view_fanout_spread_ms: 50,
+            view_fanout_slice: 64,
             keepalive_interval_ms: 5000,
             idle_timeout_ms: 30_000,
             outbound_queue: 1024,
@@ -277,6 +293,14 @@ impl GatewayArgs {
     /// Roster tick.
     pub fn roster_tick(&self) -> Duration {
         Duration::from_millis(self.roster_tick_ms)
+    }
+
+    /// How a roster tick's view frames are queued.
+    pub fn view_fanout(&self) -> crate::room::Pacing {
+        crate::room::Pacing {
+            spread: Duration::from_millis(self.view_fanout_spread_ms),
+            slice: self.view_fanout_slice as usize,
+        }
     }
 
     /// Heartbeat interval.

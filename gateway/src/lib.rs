@@ -169,7 +169,8 @@ impl Gateway {
             let room = room.clone();
             let stop = stop.clone();
             let period = cfg.args.roster_tick();
-            async move { room.run_ticks(period, stop).await }
+            let pacing = cfg.args.view_fanout();
+            async move { room.run_ticks(period, pacing, stop).await }
         };
         let source = feed::RosterSource {
             bus: bus.clone(),

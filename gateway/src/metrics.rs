@@ -53,6 +53,9 @@ pub struct GatewayMetrics {
     pub views: IntGaugeVec,
     /// Time to compute, serialize and queue one tick's view frames.
     pub view_tick: HistogramVec,
+    /// Time from a tick's start to its last page's frame queued (the
+    /// paced fan-out, `--view-fanout-spread-ms`).
+    pub view_fanout: HistogramVec,
     /// The connection caps, by kind (`connections`, `public`,
     /// `v1_public`).
     pub connection_cap: IntGaugeVec,
@@ -103,6 +106,7 @@ impl GatewayMetrics {
         m.broadcast_fanout.with_label_values(none);
         m.views.with_label_values(none);
         m.view_tick.with_label_values(none);
+        m.view_fanout.with_label_values(none);
         for code in ["1000", "1001", "1008", "1009", "1012", "1013"] {
             m.disconnects.with_label_values(&[code]);
         }
@@ -278,7 +282,14 @@ impl GatewayMetrics {
             view_tick: histogram(
                 r,
                 "pingapp_gateway_view_tick_seconds",
-                "Time to compute, serialize and queue one roster tick's view frames.",
+                "Time to compute and serialize one roster tick's view frames (queueing them is pingapp_gateway_view_fanout_seconds).",
+                &[],
+                FAST_SECONDS,
+            ),
+            view_fanout: histogram(
+                r,
+                "pingapp_gateway_view_fanout_seconds",
+                "Time from a roster tick's start to its last page's view frame queued (paced over --view-fanout-spread-ms).",
                 &[],
                 FAST_SECONDS,
             ),

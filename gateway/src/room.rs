@@ -48,6 +48,36 @@ struct Member {
     channel_name: String,
 }
 
+/// How a tick's frames are queued: `slice` pages at a time, the slices
+/// spread evenly over `spread` (`--view-fanout-spread-ms`,
+/// `--view-fanout-slice`; docs/architecture.md, "The tick's fan-out").
+#[derive(Clone, Copy, Debug)]
+pub struct Pacing {
+    /// The time over which one tick's slices are queued; zero queues them
+    /// all at once.
+    pub spread: Duration,
+    /// Pages per slice.
+    pub slice: usize,
+}
+
+/// One view's frame of a tick.
+struct TickFrame {
+    spec: ViewSpec,
+    /// The frame; `None` when only some pages' `me` changed.
+    frame: Option<Utf8Bytes>,
+    total: usize,
+    matched: usize,
+}
+
+/// A tick's frames and the pages they go to, queued slice by slice.
+struct TickPlan {
+    frames: Vec<TickFrame>,
+    /// Each page's key and the index of its frame in `frames`.
+    sends: Vec<(u64, usize)>,
+    /// Own rows that joined or were renamed, as JSON, by id.
+    mine: HashMap<String, String>,
+}
+
 /// The v2 pages that share one view, and what they were last sent.
 struct Group {
     members: HashMap<u64, Member>,
@@ -270,8 +300,14 @@ impl Room {
     /// Runs a tick ([`Room::tick`]) when presence's `Delays` broadcast of
     /// a tick arrives, or one `period` after the last tick if none comes
     /// (no delay changed anywhere), until `stop`. Ticks are at least half
-    /// a period apart, so a page gets at most one frame per tick.
-    pub async fn run_ticks(&self, period: Duration, stop: CancellationToken) {
+    /// a period apart, so a page gets at most one frame per tick. Each
+    /// tick's frames are queued over `spread` (at most a quarter of the
+    /// period) in slices of `slice` pages ([`Room::tick`]).
+    pub async fn run_ticks(&self, period: Duration, pacing: Pacing, stop: CancellationToken) {
+        let pacing = Pacing {
+            spread: pacing.spread.min(period / 4),
+            slice: pacing.slice.max(1),
+        };
         let mut last = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -286,7 +322,7 @@ impl Room {
                 _ = tokio::time::sleep_until(last + period) => {}
             }
             last = tokio::time::Instant::now();
-            self.tick();
+            self.tick(pacing).await;
         }
     }
 
@@ -296,8 +332,42 @@ impl Room {
     /// joined or was renamed gets it as `me` in the same frame. O(view) per
     /// distinct view, O(1) per page: the room's delays never make a page's
     /// frame its own copy.
-    pub fn tick(&self) {
+    ///
+    /// The frames are queued `pacing.slice` pages at a time, the slices
+    /// spread evenly over `pacing.spread` (docs/architecture.md, "The
+    /// tick's fan-out"): the same shared bytes handed to every page at
+    /// once wake every connection task in one burst. A page that left or
+    /// moved to another view meanwhile is skipped; one seated in the view
+    /// meanwhile already has the new window, and the tick's frame brings
+    /// it nothing new.
+    pub async fn tick(&self, pacing: Pacing) {
         let started = Instant::now();
+        let Some(plan) = self.plan_tick() else {
+            return;
+        };
+        self.metrics
+            .view_tick
+            .with_label_values(&[] as &[&str])
+            .observe(started.elapsed().as_secs_f64());
+        let slices = plan.sends.len().div_ceil(pacing.slice);
+        let begun = tokio::time::Instant::now();
+        for (i, slice) in plan.sends.chunks(pacing.slice).enumerate() {
+            if i > 0 && !pacing.spread.is_zero() {
+                let at = begun + pacing.spread.mul_f64(i as f64 / slices as f64);
+                tokio::time::sleep_until(at).await;
+            }
+            self.offer_slice(&plan, slice);
+        }
+        self.metrics
+            .view_fanout
+            .with_label_values(&[] as &[&str])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Computes a tick's frames (one per view whose window changed) and
+    /// the pages to send them to, and moves every group to its new window.
+    /// `None` when the roster did not change since the last tick.
+    fn plan_tick(&self) -> Option<TickPlan> {
         self.ticks.fetch_add(1, Ordering::Relaxed);
         let (specs, ticked) = {
             let views = self.views();
@@ -314,7 +384,7 @@ impl Room {
             }
             let version = mirror.version();
             if ticked == Some(version) {
-                return;
+                return None;
             }
             let renamed = mirror.take_renamed();
             let windows: Vec<(ViewSpec, Window)> = specs
@@ -335,48 +405,95 @@ impl Room {
                 .collect();
             (version, windows, mine)
         };
-        let mut kicked = Vec::new();
-        {
-            let mut views = self.views();
-            views.ticked = Some(version);
-            for (spec, w) in windows {
-                let Some(group) = views.groups.get_mut(&spec) else {
-                    continue;
-                };
-                if group.last.version > w.version {
-                    // Seated after this tick's windows were taken: it
-                    // already has a newer one.
-                    continue;
-                }
-                let frame = view::diff_frame(&spec, &group.last, &w).map(Utf8Bytes::from);
-                if frame
-                    .as_ref()
-                    .is_some_and(|f| f.as_str().starts_with(r#"{"command":"view","#))
-                {
-                    group.full = frame.clone();
-                } else if frame.is_some() {
-                    group.full = None;
-                }
-                group.last = w;
-                kicked.extend(send_tick(group, frame, &mine));
+        let mut plan = TickPlan {
+            frames: Vec::new(),
+            sends: Vec::new(),
+            mine,
+        };
+        let mut views = self.views();
+        views.ticked = Some(version);
+        for (spec, w) in windows {
+            let Some(group) = views.groups.get_mut(&spec) else {
+                continue;
+            };
+            if group.last.version > w.version {
+                // Seated after this tick's windows were taken: it
+                // already has a newer one.
+                continue;
             }
-            for k in &kicked {
-                views.of.remove(k);
+            let frame = view::diff_frame(&spec, &group.last, &w).map(Utf8Bytes::from);
+            if frame
+                .as_ref()
+                .is_some_and(|f| f.as_str().starts_with(r#"{"command":"view","#))
+            {
+                group.full = frame.clone();
+            } else if frame.is_some() {
+                group.full = None;
             }
-            let count = views.groups.len();
-            views.groups.retain(|_, g| !g.members.is_empty());
-            if count != views.groups.len() || !kicked.is_empty() {
-                self.metrics
-                    .views
-                    .with_label_values(&[] as &[&str])
-                    .set(views.groups.len() as i64);
+            let (total, matched) = (w.total, w.matched);
+            group.last = w;
+            let index = plan.frames.len();
+            let before = plan.sends.len();
+            plan.sends.extend(
+                group
+                    .members
+                    .iter()
+                    .filter(|(_, m)| frame.is_some() || plan.mine.contains_key(&m.channel_name))
+                    .map(|(key, _)| (*key, index)),
+            );
+            if plan.sends.len() > before {
+                plan.frames.push(TickFrame {
+                    spec,
+                    frame,
+                    total,
+                    matched,
+                });
             }
         }
+        Some(plan)
+    }
+
+    /// Queues a tick's frame for the pages of `slice` that are still in
+    /// the view the frame was computed for, with
+    /// `me` for those whose own row joined or was renamed (a `view_update`
+    /// of the counts and `me` alone when the view has no frame this tick).
+    /// Slow pages are kicked and removed.
+    fn offer_slice(&self, plan: &TickPlan, slice: &[(u64, usize)]) {
+        let mut kicked = Vec::new();
+        let mut views = self.views();
+        for &(key, index) in slice {
+            let f = &plan.frames[index];
+            let Some(group) = views.groups.get(&f.spec) else {
+                continue;
+            };
+            let Some(m) = group.members.get(&key) else {
+                continue;
+            };
+            let me = plan.mine.get(&m.channel_name);
+            let out = match (&f.frame, me) {
+                (None, None) => continue,
+                (Some(frame), None) => frame.clone(),
+                (Some(frame), Some(me)) => Utf8Bytes::from(view::with_me(frame.as_str(), me)),
+                (None, Some(me)) => Utf8Bytes::from(view::with_me(
+                    &view::update_frame(f.total, f.matched, &[]),
+                    me,
+                )),
+            };
+            if !m.outbox.offer(out) {
+                kicked.push(key);
+            }
+        }
+        for k in &kicked {
+            views.remove(*k);
+        }
+        if !kicked.is_empty() {
+            self.metrics
+                .views
+                .with_label_values(&[] as &[&str])
+                .set(views.groups.len() as i64);
+        }
+        drop(views);
         self.count_drops(kicked.len());
-        self.metrics
-            .view_tick
-            .with_label_values(&[] as &[&str])
-            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Puts a v2 page in the group of `spec` (creating it with the current
@@ -462,40 +579,4 @@ fn group_frame(spec: &ViewSpec, group: &mut Group, me: Option<&str>) -> Utf8Byte
         Some(me) => Utf8Bytes::from(view::with_me(full.as_str(), me)),
         None => full.clone(),
     }
-}
-
-/// Queues a tick's frame for every member of `group`, with `me` for those
-/// whose own row changed (a `view_update` of the counts and `me` alone when
-/// the group has no frame this tick). Slow members are kicked and removed;
-/// returns their keys.
-fn send_tick(
-    group: &mut Group,
-    frame: Option<Utf8Bytes>,
-    mine: &HashMap<String, String>,
-) -> Vec<u64> {
-    let mut kicked = Vec::new();
-    if frame.is_none() && mine.is_empty() {
-        return kicked;
-    }
-    let mut counts_only: Option<String> = None;
-    let (total, matched) = (group.last.total, group.last.matched);
-    group.members.retain(|key, m| {
-        let me = mine.get(&m.channel_name);
-        let out = match (&frame, me) {
-            (None, None) => return true,
-            (Some(f), None) => f.clone(),
-            (Some(f), Some(me)) => Utf8Bytes::from(view::with_me(f.as_str(), me)),
-            (None, Some(me)) => {
-                let base =
-                    counts_only.get_or_insert_with(|| view::update_frame(total, matched, &[]));
-                Utf8Bytes::from(view::with_me(base, me))
-            }
-        };
-        let kept = m.outbox.offer(out);
-        if !kept {
-            kicked.push(*key);
-        }
-        kept
-    });
-    kicked
 }

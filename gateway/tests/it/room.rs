@@ -357,6 +357,61 @@ async fn full_views_arrive_whole_at_any_write_threshold() {
     }
 }
 
+/// A tick's frames are queued a slice of pages at a time over
+/// `--view-fanout-spread-ms` (docs/architecture.md, "The tick's fan-out"):
+/// every page gets the tick's frame, once; a page that moves to another
+/// view while the slices go out never gets the old view's frame after its
+/// new one, and a page seated meanwhile starts from the new window.
+#[tokio::test]
+async fn a_paced_tick_reaches_every_page_once_and_never_after_a_newer_view() {
+    let gw = TestGateway::start(GatewayArgs {
+        roster_tick_ms: 2000,
+        view_fanout_spread_ms: 500,
+        view_fanout_slice: 2,
+        ..Default::default()
+    })
+    .await;
+    gw.broadcast(Broadcast::Snapshot {
+        clients: crowd("p", 300),
+    })
+    .await;
+    let mut pages = Vec::new();
+    for _ in 0..12 {
+        pages.push(page(&gw).await.0);
+    }
+    for c in &mut pages {
+        c.view_until(|v| v.total == 312).await;
+    }
+    // Every row's delay changes: one frame per page (6 slices, 100 ms
+    // apart).
+    let delays: BTreeMap<String, DelayStats> = crowd("p", 300)
+        .into_iter()
+        .map(|c| (c.channel_name, stats(500.0)))
+        .collect();
+    let shown =
+        |v: &testkit::ws::ViewState| v.row("p-id-001").is_some_and(|r| r["delay_time"] == 500.0);
+    let frames: Vec<usize> = pages.iter().map(|c| c.view.frames).collect();
+    gw.broadcast(Broadcast::Delays { delays }).await;
+    pages[0].view_until(shown).await;
+    // While the other slices go out, one page moves to a view that
+    // matches nobody (a frame of the old window after its new `view`
+    // would name rows it does not have, and `ViewState::apply` panics),
+    // and a new page is seated.
+    let mut mover = pages.pop().expect("pages");
+    let moved = mover.set_view(json!({"filter": "nobody"})).await;
+    assert_eq!(moved["rows"], json!([]), "{moved}");
+    let (mut late, _) = page(&gw).await;
+    for (c, before) in pages.iter_mut().zip(frames) {
+        let v = c.view_until(shown).await;
+        assert_eq!(v.frames, before + 1, "one frame for the tick");
+    }
+    late.view_until(shown).await;
+    // The next tick brings the late page's join; nothing stale comes.
+    let after = mover.collect_for(Duration::from_millis(2500)).await;
+    assert!(mover.view.rows.is_empty(), "{after:?}");
+    assert_eq!(mover.view.total, 313, "{after:?}");
+}
+
 /// The next `view` or `view_update` frame (keepalive reports skipped).
 async fn next_view_frame(c: &mut Client) -> Value {
     loop {
