@@ -91,6 +91,7 @@ async fn history_across_reloads(origin: &str) {
             "the panel to show this browser's samples",
             &format!(
                 "document.getElementById('device-status').dataset.state === 'ok' && \
+                 Number(document.getElementById('device-chart').dataset.points) > 0 && \
                  {COUNT} > 0 && {COUNT}"
             ),
             PANEL_WAIT,

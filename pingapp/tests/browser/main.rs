@@ -172,8 +172,12 @@ async fn public_pages_see_each_others_rows_renames_and_leaving() {
     eprintln!("the rename reached the other page after {took} ms");
     // Two browser processes read the same clock, but Chromium coarsens and
     // jitters Date.now(): a rename faster than that can come out at -1 ms.
+    // Not a speed check (bench/scale_out.sh measures rename latency): the
+    // bound only tells the roster tick's delivery (within a tick, 500 ms,
+    // plus the fan-out) from a rename that waited for the 30 s roster
+    // digest, with room for a loaded CI machine.
     assert!(
-        (-5.0..1000.0).contains(&took),
+        (-5.0..5000.0).contains(&took),
         "the rename took {took} ms to reach the other page"
     );
     let kept = a
