@@ -282,12 +282,23 @@ async fn sqlite_reads_are_dropped_when_the_asker_leaves() {
         || async { queries(&rec, "stats", "abandoned") == 1.0 },
     )
     .await;
-    // The budget is free again, and the dropped read never finished.
-    eventually(Duration::from_secs(30), "the budget is free", || async {
-        !busy(&probe().await)
-    })
-    .await;
-    assert_eq!(crate::service::found(probe().await), 1);
+    // The budget is free again (the first probe it admits is answered;
+    // a second probe could meet the budget still held for a moment by the
+    // dropped read's last step on a loaded machine: CI saw that once), and
+    // the dropped read never finished.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let admitted = loop {
+        let r = probe().await;
+        if !busy(&r) {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the budget is never free: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(crate::service::found(admitted), 1);
     assert_eq!(queries(&rec, "stats", "ok"), 0.0, "the read never finished");
     assert_eq!(queries(&rec, "stats", "abandoned"), 1.0);
     rec.stop().await;
