@@ -313,9 +313,10 @@ struct Retention {
 /// meantime and are staged, not merged into a packed block.
 pub const PACK_DELAY: Duration = Duration::from_secs(60);
 
-/// Every `interval`: creates the partitions the next days need, packs the
-/// staged samples of blocks that ended [`PACK_DELAY`] ago, and deletes
-/// samples older than the retention (zero: none).
+/// Every `interval`: creates the partitions the next days need, folds the
+/// room's partial minute rollups into its tiers, packs the staged samples
+/// of blocks that ended [`PACK_DELAY`] ago, and deletes samples older than
+/// the retention (zero: none).
 async fn maintenance_loop(
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
@@ -344,6 +345,10 @@ async fn maintenance_loop(
             Ok(0) => {}
             Ok(n) => tracing::info!(partitions = n, "created partitions of packed samples"),
             Err(e) => tracing::warn!(error = %e, "creating partitions failed; trying again later"),
+        }
+        match store.fold_room_parts().await {
+            Ok(n) => metrics.room_parts_folded.inc_by(n),
+            Err(e) => tracing::warn!(error = %e, "folding room rollups failed; trying again later"),
         }
         let before = store::block::block_of(now.saturating_sub(us(PACK_DELAY)));
         let started = std::time::Instant::now();

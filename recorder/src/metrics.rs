@@ -31,6 +31,9 @@ pub(crate) struct Metrics {
     pub pruned: IntCounter,
     /// Samples moved from staging into packed blocks.
     pub packed: IntCounter,
+    /// The room's partial minute rollups folded into its tiers
+    /// (docs/architecture.md, "Rollups").
+    pub room_parts_folded: IntCounter,
     /// Minute rollup rows (the room's and the devices') deleted by
     /// `--rollup-retention`.
     pub rollups_pruned: IntCounter,
@@ -115,6 +118,10 @@ impl Metrics {
             packed: c(
                 "packed_total",
                 "Samples moved from staging rows into packed blocks.",
+            ),
+            room_parts_folded: c(
+                "room_parts_folded_total",
+                "Partial minute rollups of the public room (one per insert and minute) folded into its rollup tiers.",
             ),
             rollups_pruned: c(
                 "rollups_pruned_total",

@@ -24,7 +24,10 @@
 //! them) by a binary `COPY` into the day partitions of `sample_blocks`,
 //! created by the store's own function; the public room's minute rollups
 //! by the store's [`Rollup`] (its sketch), `COPY`ed into `room_minutes`; staged
-//! samples into `sample_staging`. Then `VACUUM ANALYZE`.
+//! samples into `sample_staging`, and the partial minute rollups of the
+//! public ones into `room_minute_parts` as a recorder inserting once a
+//! second appends them (a row per second of each size's new clients).
+//! Then `VACUUM ANALYZE`.
 //!
 //! Every client is a browser with a device of its own
 //! (docs/architecture.md, "Devices"): its `devices` row, its connection
@@ -44,7 +47,10 @@
 //!   rows (61-minute buckets divide no coarser tier: 44,640 rows, as
 //!   31 days in 10-minute buckets read before);
 //! - a device's month: [`Store::device_history`] of a random client's
-//!   device over 31 days in 4-hour buckets (the page's month).
+//!   device over 31 days in 4-hour buckets (the page's month);
+//! - as the baseline of the room's partial rollups (migration 0008), the
+//!   query every statistics read in whole minutes ran before them on top
+//!   of its tier rows: the window's staged public samples.
 //!
 //! Each size adds its clients to the previous size's data and measures
 //! again, so one run gives every size on the same machine state.
@@ -197,6 +203,10 @@ const STATS: [(&str, u64, u64); 6] = [
     ("31 d / 61 min (minute rows: before)", 31 * 86_400, 61 * 60),
 ];
 
+/// The baseline read of the room's partial rollups: the staged public
+/// samples every whole-minute statistics read took before them.
+const STAGED_LABEL: &str = "staged public samples (read before 0008)";
+
 /// One size's figures: p50 and p99 (ms) of each read.
 struct Figures {
     samples: i64,
@@ -272,7 +282,7 @@ pub async fn run(sizes: &[i64], history_reads: usize, stats_reads: usize) -> any
             "SELECT sum(pg_total_relation_size(c.oid))::bigint FROM pg_class c WHERE c.oid IN ( \
                SELECT relid FROM pg_partition_tree('sample_blocks') \
                UNION SELECT unnest(ARRAY['sample_staging', 'channels', 'clients', 'room_minutes', \
-                 'room_ten_minutes', 'room_hours'])::regclass)",
+                 'room_ten_minutes', 'room_hours', 'room_minute_parts'])::regclass)",
         )
         .fetch_one(&pool)
         .await?;
@@ -316,11 +326,28 @@ pub async fn run(sizes: &[i64], history_reads: usize, stats_reads: usize) -> any
             let (window, bucket) = (Duration::from_secs(window), Duration::from_secs(bucket));
             let allowed = services::limits::check_stats(window, bucket).is_ok();
             let mut took = Vec::new();
-            let mut buckets = 0;
+            let mut got = Vec::new();
             for _ in 0..stats_reads {
                 let t = Instant::now();
-                buckets = store.stats(window, bucket, NOW_US).await?.len();
+                got = store.stats(window, bucket, NOW_US).await?;
                 took.push(t.elapsed());
+            }
+            let buckets = got.len();
+            if bucket.as_secs() % 60 == 0 {
+                // Every public sample of the window counted once: the
+                // packed ones from the tiers, the staged ones from parts.
+                let from = NOW_US - window.as_micros() as i64;
+                let from = from - from.rem_euclid(MINUTE_US);
+                let expected: u64 = clients
+                    .iter()
+                    .filter(|c| c.public())
+                    .map(|c| c.samples_in(from, i64::MAX).len() as u64)
+                    .sum();
+                let count: u64 = got.iter().map(|b| b.count).sum();
+                anyhow::ensure!(
+                    count == expected,
+                    "stats {label}: {count} samples, {expected} expected"
+                );
             }
             let (p50, p99) = percentiles(&mut took);
             println!(
@@ -333,6 +360,28 @@ pub async fn run(sizes: &[i64], history_reads: usize, stats_reads: usize) -> any
             );
             stats.push((p50, p99));
         }
+        // The baseline of the parts (migration 0008): what every statistics
+        // read in whole minutes took before them on top of its tier rows,
+        // the window's staged public samples, by the query it ran.
+        let mut took = Vec::new();
+        let from = NOW_US - 31 * DAY_US;
+        let mut staged_rows = 0;
+        for _ in 0..stats_reads {
+            let t = Instant::now();
+            let rows: Vec<(i64, f64)> = sqlx::query_as(
+                "SELECT s.at_us, s.delay_ms FROM sample_staging s \
+                 JOIN channels c ON c.id = s.channel_id \
+                 WHERE c.public AND s.at_us >= $1 ORDER BY s.at_us",
+            )
+            .bind(from - from.rem_euclid(MINUTE_US))
+            .fetch_all(&pool)
+            .await?;
+            took.push(t.elapsed());
+            staged_rows = rows.len();
+        }
+        let (p50, p99) = percentiles(&mut took);
+        println!("  {STAGED_LABEL} ({staged_rows} rows): p50 {p50:.2} p99 {p99:.2} ms");
+        stats.push((p50, p99));
         let mut device = Vec::new();
         let month = Duration::from_secs(31 * 86_400);
         for _ in 0..history_reads {
@@ -380,8 +429,9 @@ pub async fn run(sizes: &[i64], history_reads: usize, stats_reads: usize) -> any
     for (label, _, _) in STATS {
         head.push_str(&format!(" | stats {label}"));
     }
+    head.push_str(&format!(" | {STAGED_LABEL}"));
     println!("\np50 / p99, ms; then p99 / the first size's p99\n{head} |");
-    println!("{}|", "| ---: ".repeat(5 + STATS.len()));
+    println!("{}|", "| ---: ".repeat(6 + STATS.len()));
     for f in &figures {
         let mut line = format!(
             "| {} | {} | {:.2} | {:.2} / {:.2} ({:.2}) | {:.2} / {:.2} ({:.2})",
@@ -502,10 +552,20 @@ async fn write(
         period = end;
     }
     copy(pool, blocks_sql, rows.finish()).await?;
-    // Staged: the samples from PACKED_BEFORE_US on.
+    // Staged: the samples from PACKED_BEFORE_US on, and the room's partial
+    // minute rollups their inserts appended: one insert a second (a
+    // recorder's batching), so a part per second of the new clients'
+    // public samples.
     let mut rows = CopyRows::new();
+    let mut parts: std::collections::BTreeMap<i64, Rollup> = std::collections::BTreeMap::new();
     for c in new {
         for s in c.samples_in(PACKED_BEFORE_US, i64::MAX) {
+            if c.public() {
+                parts
+                    .entry(s.at_us - s.at_us.rem_euclid(SECOND_US))
+                    .or_default()
+                    .add(s.delay_ms);
+            }
             staged += 1;
             rows.row(5);
             rows.field(&c.id.to_be_bytes());
@@ -521,6 +581,17 @@ async fn write(
     copy(
         pool,
         "COPY sample_staging (channel_id, n, seq, at_us, delay_ms) FROM STDIN (FORMAT binary)",
+        rows.finish(),
+    )
+    .await?;
+    let mut rows = CopyRows::new();
+    for (second, r) in &parts {
+        rollup_row(&mut rows, second - second.rem_euclid(MINUTE_US), r)?;
+    }
+    copy(
+        pool,
+        "COPY room_minute_parts (minute_us, samples, min_ms, max_ms, sketch) \
+         FROM STDIN (FORMAT binary)",
         rows.finish(),
     )
     .await?;

@@ -231,6 +231,16 @@ pub trait Store: Send + Sync {
     async fn pack_step(&self, before_us: i64, after: i32)
     -> Result<Option<(u64, i32)>, StoreError>;
 
+    /// Folds the room's partial minute rollups (appended by inserts,
+    /// docs/architecture.md "Rollups") into its rollup tiers and deletes
+    /// them, [`tier::FOLD_PAGE`] a transaction under the packing fence, so
+    /// each counts once however many recorders fold at once. Returns how
+    /// many it folded.
+    ///
+    /// # Errors
+    /// The database failed; what was folded so far stays folded.
+    async fn fold_room_parts(&self) -> Result<u64, StoreError>;
+
     /// Creates the time partitions of packed samples the next days need,
     /// and those of past days within `retention` (zero: none) that have
     /// blocks waiting in the default partition. Returns how many it
@@ -618,6 +628,18 @@ pub(crate) fn merge_blocks(
     Ok(merged)
 }
 
+/// Whether the new samples of a block write are in the room's rollups
+/// already (docs/architecture.md, "Rollups").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RoomCount {
+    /// Packing: they were counted when staged (the parts their insert
+    /// appended).
+    Staged,
+    /// Late samples, merged straight into their blocks: the write appends
+    /// their parts.
+    Late,
+}
+
 /// Width of a rollup: one minute.
 pub const MINUTE_US: i64 = 60_000_000;
 
@@ -698,12 +720,24 @@ pub(crate) fn minute_rollups(
     added: &[ClientSample],
     public: &BTreeSet<i32>,
 ) -> BTreeMap<i64, Rollup> {
+    room_parts(
+        added
+            .iter()
+            .filter(|(c, _)| public.contains(c))
+            .map(|(_, s)| (s.at_us, s.delay_ms)),
+    )
+}
+
+/// The minute rollups of public `(at_us, delay_ms)` samples: the rows of
+/// `room_minute_parts` an insert appends for the samples it stored for
+/// the first time (docs/architecture.md, "Rollups").
+pub(crate) fn room_parts(samples: impl IntoIterator<Item = (i64, f64)>) -> BTreeMap<i64, Rollup> {
     let mut minutes: BTreeMap<i64, Rollup> = BTreeMap::new();
-    for (_, s) in added.iter().filter(|(c, _)| public.contains(c)) {
+    for (at_us, delay_ms) in samples {
         minutes
-            .entry(bucket_start(s.at_us, MINUTE_US))
+            .entry(bucket_start(at_us, MINUTE_US))
             .or_default()
-            .add(s.delay_ms);
+            .add(delay_ms);
     }
     minutes
 }
@@ -731,32 +765,30 @@ pub(crate) fn merge_rollups(
         .collect())
 }
 
-/// Statistics from rollup rows of any tiers whose width divides `width`
-/// (the packed samples, `rollups` oldest first, [`tier::ranges`]) and the
-/// staged samples, for buckets of `width` (a multiple of [`MINUTE_US`]). A bucket with staged samples only gets exact
-/// percentiles; one with packed samples the sketch's
-/// ([`sketch`]'s bound). Count, min and max are exact.
+/// Statistics from room rollup rows for buckets of `width` (a multiple of
+/// [`MINUTE_US`]): rows of any tiers whose width divides `width` and the
+/// partial minute rows not folded yet ([`tier::read_room_rollups`]), in
+/// any order. Count, min and max are exact; the percentiles are the
+/// sketch's ([`sketch`]'s bound).
 ///
 /// # Errors
 /// A stored sketch does not decode.
 pub(crate) fn stats_from_rollups(
     width: i64,
-    staged: Vec<(i64, f64)>,
     rollups: Vec<RollupRow>,
 ) -> Result<Vec<StatsBucket>, StoreError> {
-    /// A bucket's packed samples (count, min, max, their sketches summed)
-    /// and its staged delays.
+    /// A bucket's samples: count, min, max, their sketches summed.
     #[derive(Default)]
     struct Bucket {
         count: u64,
         min: f64,
         max: f64,
         sketch: sketch::Accumulator,
-        raw: Vec<f64>,
     }
     let mut buckets: BTreeMap<i64, Bucket> = BTreeMap::new();
-    // Rows come oldest first: each bucket's rows are adjacent, so the
-    // map is looked up once per bucket, not per row.
+    // Tier rows come oldest first, then the parts oldest first: a
+    // bucket's rows are mostly adjacent, so the map is looked up about
+    // once per bucket, not per row.
     let mut current: Option<(i64, Bucket)> = None;
     for (minute, count, min, max, data) in rollups {
         let start = bucket_start(minute, width);
@@ -781,31 +813,14 @@ pub(crate) fn stats_from_rollups(
     if let Some((s, b)) = current {
         buckets.insert(s, b);
     }
-    for (at, v) in staged {
-        buckets
-            .entry(bucket_start(at, width))
-            .or_default()
-            .raw
-            .push(v);
-    }
     Ok(buckets
         .into_iter()
-        .map(|(start, mut b)| {
-            b.raw.sort_by(f64::total_cmp);
-            if b.count == 0 {
-                return bucket_stats(start, &b.raw);
-            }
-            for &v in &b.raw {
-                b.min = b.min.min(v);
-                b.max = b.max.max(v);
-                b.sketch.add(v);
-            }
-            let count = b.count + b.raw.len() as u64;
+        .map(|(start, b)| {
             let sketch = b.sketch.into_sketch();
             let q = |q| sketch.quantile(q).unwrap_or(0.0);
             StatsBucket {
                 start_us: start,
-                count,
+                count: b.count,
                 min: b.min,
                 p50: q(0.5),
                 p95: q(0.95),

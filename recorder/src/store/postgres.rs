@@ -45,10 +45,10 @@ use super::device::{self, DeviceMinuteRow, PairDelta};
 use super::tier;
 use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, Merged, PACK_CLIENTS, PACK_ROWS,
-    PRUNE_CHUNK, PackStep, ReadLimits, Rollup, RollupRow, STATS_BLOCKS, STATS_STAGED, StagedRow,
-    Store, StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks,
-    merge_rollups, minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_db,
-    window_start,
+    PRUNE_CHUNK, PackStep, ReadLimits, Rollup, RollupRow, RoomCount, STATS_BLOCKS, STATS_STAGED,
+    StagedRow, Store, StoreError, block_keys, bucket_start, bucket_width, fold_blocks,
+    merge_blocks, merge_rollups, minute_rollups, room_parts, staged_sample, stats_from_rollups,
+    stored_sample, to_db, window_start,
 };
 use crate::read_budget;
 
@@ -73,10 +73,12 @@ const INSERT_CLIENTS: &str = "\
 
 /// Stages the samples newer than their client's `packed_before_us` and
 /// returns the others (late: their block is packed) with a first row
-/// `(-1, staged count)`, and a row with a NULL client for a sample whose
-/// client row is missing. The no-op `UPDATE` of the fence takes its ROW
-/// EXCLUSIVE lock before the statement's snapshot, so packing (SHARE ROW
-/// EXCLUSIVE) never runs between reading `packed_before_us` and staging.
+/// `(-1, staged count)`, a row `(-2, 0, NULL, at_us, delay_ms)` per newly
+/// staged sample of a public client (for the room's partial rollups), and
+/// a row with a NULL client for a sample whose client row is missing. The
+/// no-op `UPDATE` of the fence takes its ROW EXCLUSIVE lock before the
+/// statement's snapshot, so packing (SHARE ROW EXCLUSIVE) never runs
+/// between reading `packed_before_us` and staging.
 const STAGE_SAMPLES: &str = "\
     WITH fence AS (UPDATE sample_pack_fence SET id = id WHERE FALSE RETURNING 1), \
     input AS ( \
@@ -88,9 +90,12 @@ const STAGE_SAMPLES: &str = "\
         INSERT INTO sample_staging (channel_id, n, seq, at_us, delay_ms) \
         SELECT channel_id, n, seq, at_us, delay_ms FROM input \
         WHERE channel_id IS NOT NULL AND at_us >= packed_before_us \
-        ON CONFLICT DO NOTHING RETURNING 1) \
+        ON CONFLICT DO NOTHING RETURNING channel_id, at_us, delay_ms) \
     SELECT -1 AS channel_id, (SELECT count(*) FROM staged) AS n, NULL::bigint AS seq, \
            0::bigint AS at_us, 0::double precision AS delay_ms \
+    UNION ALL \
+    SELECT -2, 0, NULL, s.at_us, s.delay_ms FROM staged s JOIN channels c ON c.id = s.channel_id \
+    WHERE c.public \
     UNION ALL \
     SELECT channel_id, n, seq, at_us, delay_ms FROM input \
     WHERE channel_id IS NULL OR at_us < packed_before_us";
@@ -494,11 +499,14 @@ fn sample_clients(samples: &[&SampleRecord]) -> (Vec<String>, Vec<bool>) {
 /// A row of [`STAGE_SAMPLES`]: a [`StagedRow`] whose client may be missing.
 type StageRow = (Option<i32>, i64, Option<i64>, i64, f64);
 
-/// Stages one chunk; returns how many were staged and the late samples.
+/// Stages one chunk and appends the room's partial minute rollups of its
+/// newly staged public samples, in one transaction; returns how many were
+/// staged and the late samples.
 async fn stage(
     conn: &mut PgConnection,
     samples: &[&SampleRecord],
 ) -> Result<(u64, Vec<(i32, Sample)>), StoreError> {
+    let mut tx = conn.begin().await?;
     let rows: Vec<StageRow> = sqlx::query_as(STAGE_SAMPLES)
         .bind(
             samples
@@ -510,13 +518,15 @@ async fn stage(
         .bind(samples.iter().map(|s| s.seq.map(to_db)).collect::<Vec<_>>())
         .bind(samples.iter().map(|s| s.at_us).collect::<Vec<_>>())
         .bind(samples.iter().map(|s| s.delay_ms).collect::<Vec<_>>())
-        .fetch_all(conn)
+        .fetch_all(&mut *tx)
         .await?;
     let mut staged = 0;
     let mut late = Vec::new();
+    let mut public = Vec::new();
     for (channel_id, n, seq, at_us, delay_ms) in rows {
         match channel_id {
             Some(-1) => staged = u64::try_from(n).unwrap_or(0),
+            Some(-2) => public.push((at_us, delay_ms)),
             Some(c) => late.push((
                 c,
                 Sample {
@@ -529,15 +539,27 @@ async fn stage(
             None => return Err(StoreError::ClientVanished),
         }
     }
+    append_parts(&mut tx, room_parts(public)).await?;
+    tx.commit().await?;
     Ok((staged, late))
 }
 
-/// Merges `samples` into their blocks and the new public ones into the
-/// room's minute rollups; the caller holds the fence. Returns how many
-/// were new.
+/// Appends the room's partial minute rollups `minutes` ([`tier::PARTS`]).
+async fn append_parts(
+    conn: &mut PgConnection,
+    minutes: BTreeMap<i64, Rollup>,
+) -> Result<(), StoreError> {
+    let rows = minutes.iter().map(|(m, r)| r.to_row(*m)).collect();
+    upsert_room_rows(conn, tier::PARTS, rows).await
+}
+
+/// Merges `samples` into their blocks (and their rollups, see
+/// [`update_rollups`]); the caller holds the fence. Returns how many were
+/// new.
 async fn merge_into_blocks(
     conn: &mut PgConnection,
     samples: &[(i32, Sample)],
+    room: RoomCount,
 ) -> Result<u64, StoreError> {
     let (clients, starts) = block_keys(samples);
     let stored: Vec<(i32, i64, Vec<u8>)> = sqlx::query_as(SELECT_BLOCKS)
@@ -547,13 +569,18 @@ async fn merge_into_blocks(
         .await?;
     let merged = merge_blocks(stored, samples)?;
     let added = merged.added.len() as u64;
-    write_blocks(conn, merged).await?;
+    write_blocks(conn, merged, room).await?;
     Ok(added)
 }
 
 /// Writes merged blocks and adds the samples new in them to the minute
-/// rollups (the room's and their devices'); the caller holds the fence.
-async fn write_blocks(conn: &mut PgConnection, merged: Merged) -> Result<(), StoreError> {
+/// rollups (their devices', and the room's for late samples); the caller
+/// holds the fence.
+async fn write_blocks(
+    conn: &mut PgConnection,
+    merged: Merged,
+    room: RoomCount,
+) -> Result<(), StoreError> {
     let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (c, start, count, data) in merged.rows {
         cols.0.push(c);
@@ -568,17 +595,18 @@ async fn write_blocks(conn: &mut PgConnection, merged: Merged) -> Result<(), Sto
         .bind(cols.3)
         .execute(&mut *conn)
         .await?;
-    update_rollups(conn, &merged.added, &merged.pairs).await
+    update_rollups(conn, &merged.added, &merged.pairs, room).await
 }
 
-/// Adds the public ones of `added` (samples just packed) to the room's
-/// minute rollups, and those of connections with a device, with the
-/// `pairs` changes, to their devices' minutes; the caller holds the fence,
-/// so each sample is added once.
+/// Adds the samples of `added` (new in their blocks) of connections with
+/// a device, with the `pairs` changes, to their devices' minutes, and,
+/// for [`RoomCount::Late`], the public ones to the room's partial
+/// rollups; the caller holds the fence, so each sample is added once.
 async fn update_rollups(
     conn: &mut PgConnection,
     added: &[(i32, Sample)],
     pairs: &[PairDelta],
+    room: RoomCount,
 ) -> Result<(), StoreError> {
     let mut ids: Vec<i32> = added.iter().map(|(c, _)| *c).collect();
     ids.sort_unstable();
@@ -602,14 +630,14 @@ async fn update_rollups(
         update_tier(conn, device::HOURS, device::hour_deltas(&minutes)).await?;
         update_tier(conn, device::MINUTES, minutes).await?;
     }
-    let minutes = minute_rollups(added, &public);
-    for t in tier::ROOM {
-        update_room_tier(conn, t, tier::coarsen(&minutes, t.width)).await?;
+    match room {
+        RoomCount::Staged => Ok(()),
+        RoomCount::Late => append_parts(conn, minute_rollups(added, &public)).await,
     }
-    Ok(())
 }
 
-/// Adds `new` to the stored rows of the same keys in the room's `tier`.
+/// Adds `new` to the stored rows of the same keys in the room's `tier`;
+/// the caller holds the fence (the only writer of the tiers is the fold).
 async fn update_room_tier(
     conn: &mut PgConnection,
     tier: tier::Tier,
@@ -693,6 +721,25 @@ async fn backfill_room_tiers(pool: &PgPool) -> Result<(), StoreError> {
         return Ok(());
     }
     tier::backfill_pages!(tx, upsert_room_rows);
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The parts of the public samples staged before migration 0008
+/// (`room_parts_backfill`, [`tier::backfill_parts`]), once: under the
+/// packing fence, the rows deleted and their parts appended in one
+/// transaction, so of several recorders starting together one does it and
+/// the others find the table empty.
+async fn backfill_parts(pool: &PgPool) -> Result<(), StoreError> {
+    let pending: bool = sqlx::query_scalar(tier::PARTS_BACKFILL_PENDING)
+        .fetch_one(pool)
+        .await?;
+    if !pending {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+    tier::backfill_parts!(tx, upsert_room_rows);
     tx.commit().await?;
     Ok(())
 }
@@ -876,7 +923,7 @@ async fn pack_step(
         return pack_step_fenced(pool, before, after).await;
     }
     if !merged.rows.is_empty() {
-        write_blocks(&mut tx, merged).await?;
+        write_blocks(&mut tx, merged, RoomCount::Staged).await?;
     }
     let moved = move_marks(&mut tx, &step.marks).await?;
     tx.commit().await?;
@@ -898,7 +945,7 @@ async fn pack_step_fenced(
         return Ok(None);
     };
     if !step.samples.is_empty() {
-        merge_into_blocks(&mut tx, &step.samples).await?;
+        merge_into_blocks(&mut tx, &step.samples, RoomCount::Staged).await?;
     }
     let moved = move_marks(&mut tx, &step.marks).await?;
     tx.commit().await?;
@@ -1029,6 +1076,7 @@ impl PgStore {
         // answered the first reads after a start 503 in the compose test).
         // They stay open.
         backfill_room_tiers(&pool).await?;
+        backfill_parts(&pool).await?;
         let reads = PgPoolOptions::new()
             .max_connections(reads.connections.max(1))
             .min_connections(reads.connections.max(1))
@@ -1114,7 +1162,7 @@ impl Store for PgStore {
             if found != clients.len() as i64 {
                 return Err(StoreError::ClientVanished);
             }
-            inserted += merge_into_blocks(&mut tx, &late).await?;
+            inserted += merge_into_blocks(&mut tx, &late, RoomCount::Late).await?;
             tx.commit().await?;
         }
         Ok(InsertOutcome {
@@ -1206,13 +1254,9 @@ impl Store for PgStore {
         let mut tx = self.begin_read().await?;
         if width % MINUTE_US == 0 {
             let first = bucket_start(since, MINUTE_US);
-            let staged = sqlx::query_as(STATS_STAGED)
-                .bind(first)
-                .fetch_all(&mut *tx)
-                .await?;
             let rollups = tier::read_room_rollups!(tx, width, first);
             tx.commit().await?;
-            return stats_from_rollups(width, staged, rollups);
+            return stats_from_rollups(width, rollups);
         }
         let staged: Vec<(i64, f64)> = sqlx::query_as(STATS_STAGED)
             .bind(since)
@@ -1227,6 +1271,20 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         Ok(stats)
+    }
+
+    async fn fold_room_parts(&self) -> Result<u64, StoreError> {
+        let mut folded = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(LOCK_FENCE).execute(&mut *tx).await?;
+            let n = tier::fold_page!(tx, update_room_tier);
+            tx.commit().await?;
+            folded += n;
+            if n < tier::FOLD_PAGE as u64 {
+                return Ok(folded);
+            }
+        }
     }
 
     async fn pack_step(
@@ -1305,6 +1363,7 @@ impl Store for PgStore {
             tier::ROOM[0].prune_sql(),
             tier::ROOM[1].prune_sql(),
             tier::ROOM[2].prune_sql(),
+            tier::PARTS.prune_sql(),
             device::MINUTES.prune_sql(),
             device::HOURS.prune_sql(),
         ] {

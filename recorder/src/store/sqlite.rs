@@ -22,9 +22,10 @@ use super::device::{self, DeviceMinuteRow, PairDelta};
 use super::tier;
 use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
-    PackStep, ReadLimits, Rollup, RollupRow, STATS_BLOCKS, STATS_STAGED, StagedRow, Store,
-    StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks, merge_rollups,
-    minute_rollups, staged_sample, stats_from_rollups, stored_sample, to_sample, window_start,
+    PackStep, ReadLimits, Rollup, RollupRow, RoomCount, STATS_BLOCKS, STATS_STAGED, StagedRow,
+    Store, StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks,
+    merge_rollups, minute_rollups, room_parts, staged_sample, stats_from_rollups, stored_sample,
+    to_sample, window_start,
 };
 use crate::read_budget;
 
@@ -97,6 +98,7 @@ impl SqliteStore {
             .await?;
         MIGRATOR.run(&pool).await?;
         backfill_room_tiers(&pool).await?;
+        backfill_parts(&pool).await?;
         Ok(Self {
             pool,
             read_timeout: reads.statement_timeout,
@@ -131,10 +133,12 @@ async fn begin_write(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, Sql
     Ok(pool.begin_with("BEGIN IMMEDIATE").await?)
 }
 
-/// Merges `samples` into their blocks; returns how many were new.
+/// Merges `samples` into their blocks (and their rollups, see
+/// [`update_rollups`]); returns how many were new.
 async fn merge_into_blocks(
     conn: &mut SqliteConnection,
     samples: &[(i32, Sample)],
+    room: RoomCount,
 ) -> Result<u64, StoreError> {
     let (clients, starts) = block_keys(samples);
     let keys: Vec<(i32, i64)> = clients.into_iter().zip(starts).collect();
@@ -171,18 +175,19 @@ async fn merge_into_blocks(
         );
         qb.build().execute(&mut *conn).await?;
     }
-    update_rollups(conn, &merged.added, &merged.pairs).await?;
+    update_rollups(conn, &merged.added, &merged.pairs, room).await?;
     Ok(merged.added.len() as u64)
 }
 
-/// Adds the public ones of `added` (samples just packed) to the room's
-/// minute rollups, and those of connections with a device, with the
-/// `pairs` changes, to their devices' minutes, in the caller's write
-/// transaction.
+/// Adds the samples of `added` (new in their blocks) of connections with
+/// a device, with the `pairs` changes, to their devices' minutes, and,
+/// for [`RoomCount::Late`], the public ones to the room's partial
+/// rollups, in the caller's write transaction.
 async fn update_rollups(
     conn: &mut SqliteConnection,
     added: &[(i32, Sample)],
     pairs: &[PairDelta],
+    room: RoomCount,
 ) -> Result<(), StoreError> {
     let ids: BTreeSet<i32> = added.iter().map(|(c, _)| *c).collect();
     let mut public = BTreeSet::new();
@@ -211,11 +216,19 @@ async fn update_rollups(
         update_tier(conn, device::HOURS, device::hour_deltas(&minutes)).await?;
         update_tier(conn, device::MINUTES, minutes).await?;
     }
-    let minutes = minute_rollups(added, &public);
-    for t in tier::ROOM {
-        update_room_tier(conn, t, tier::coarsen(&minutes, t.width)).await?;
+    match room {
+        RoomCount::Staged => Ok(()),
+        RoomCount::Late => append_parts(conn, minute_rollups(added, &public)).await,
     }
-    Ok(())
+}
+
+/// Appends the room's partial minute rollups `minutes` ([`tier::PARTS`]).
+async fn append_parts(
+    conn: &mut SqliteConnection,
+    minutes: BTreeMap<i64, Rollup>,
+) -> Result<(), StoreError> {
+    let rows = minutes.iter().map(|(m, r)| r.to_row(*m)).collect();
+    upsert_room_rows(conn, tier::PARTS, rows).await
 }
 
 /// Adds `new` to the stored rows of the same keys in the room's `tier`.
@@ -289,6 +302,15 @@ async fn backfill_room_tiers(pool: &SqlitePool) -> Result<(), StoreError> {
         return Ok(());
     }
     tier::backfill_pages!(tx, upsert_room_rows);
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The parts of the public samples staged before migration 0008
+/// ([`tier::backfill_parts`]), once, in one write transaction.
+async fn backfill_parts(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut tx = begin_write(pool).await?;
+    tier::backfill_parts!(tx, upsert_room_rows);
     tx.commit().await?;
     Ok(())
 }
@@ -375,17 +397,18 @@ async fn link_devices(
 }
 
 /// The ids and `packed_before_us` of the clients of `samples`, creating
-/// the missing ones.
+/// the missing ones, and which of those ids are public.
 async fn channel_ids(
     conn: &mut SqliteConnection,
     samples: &[&SampleRecord],
-) -> Result<HashMap<String, (i32, i64)>, StoreError> {
+) -> Result<(HashMap<String, (i32, i64)>, BTreeSet<i32>), StoreError> {
     let mut public: BTreeMap<&str, bool> = BTreeMap::new();
     for s in samples {
         *public.entry(&s.channel_name).or_insert(true) &= s.public;
     }
     let names: Vec<(&str, bool)> = public.into_iter().collect();
     let mut ids = HashMap::with_capacity(names.len());
+    let mut public_ids = BTreeSet::new();
     for chunk in names.chunks(INSERT_CHUNK) {
         let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO channels (channel_name, public) ");
         qb.push_values(chunk, |mut row, (name, public)| {
@@ -394,17 +417,22 @@ async fn channel_ids(
         qb.push(" ON CONFLICT (channel_name) DO NOTHING");
         qb.build().execute(&mut *conn).await?;
         let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT channel_name, id, packed_before_us FROM channels WHERE channel_name IN (",
+            "SELECT channel_name, id, packed_before_us, public FROM channels WHERE channel_name IN (",
         );
         let mut list = qb.separated(", ");
         for (name, _) in chunk {
             list.push_bind(name.to_string());
         }
         qb.push(")");
-        let rows: Vec<(String, i32, i64)> = qb.build_query_as().fetch_all(&mut *conn).await?;
-        ids.extend(rows.into_iter().map(|(name, id, mark)| (name, (id, mark))));
+        let rows: Vec<(String, i32, i64, bool)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+        for (name, id, mark, public) in rows {
+            if public {
+                public_ids.insert(id);
+            }
+            ids.insert(name, (id, mark));
+        }
     }
-    Ok(ids)
+    Ok((ids, public_ids))
 }
 
 /// One packing transaction over the clients after `after`; `None` when no
@@ -441,7 +469,7 @@ async fn pack_step(
     let rows = rows.into_iter().map(staged_sample).collect();
     let step = PackStep::plan(&clients, rows, before);
     if !step.samples.is_empty() {
-        merge_into_blocks(&mut tx, &step.samples).await?;
+        merge_into_blocks(&mut tx, &step.samples, RoomCount::Staged).await?;
     }
     let mut moved = 0;
     for (c, mark) in &step.marks {
@@ -481,7 +509,7 @@ impl Store for SqliteStore {
             qb.build().execute(&mut *tx).await?;
         }
         let samples: Vec<&SampleRecord> = batches.iter().flat_map(|b| &b.samples).collect();
-        let ids = channel_ids(&mut tx, &samples).await?;
+        let (ids, public_ids) = channel_ids(&mut tx, &samples).await?;
         link_devices(&mut tx, &clients).await?;
         let mut staged = Vec::with_capacity(samples.len());
         let mut late = Vec::new();
@@ -494,6 +522,7 @@ impl Store for SqliteStore {
             }
         }
         let mut inserted = 0;
+        let mut public = Vec::new();
         for chunk in staged.chunks(INSERT_CHUNK) {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO sample_staging (channel_id, n, seq, at_us, delay_ms) ",
@@ -505,11 +534,18 @@ impl Store for SqliteStore {
                     .push_bind(s.at_us)
                     .push_bind(s.delay_ms);
             });
-            qb.push(" ON CONFLICT DO NOTHING");
-            inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+            qb.push(" ON CONFLICT DO NOTHING RETURNING channel_id, at_us, delay_ms");
+            let new: Vec<(i32, i64, f64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+            inserted += new.len() as u64;
+            public.extend(
+                new.into_iter()
+                    .filter(|(c, _, _)| public_ids.contains(c))
+                    .map(|(_, at, d)| (at, d)),
+            );
         }
+        append_parts(&mut tx, room_parts(public)).await?;
         if !late.is_empty() {
-            inserted += merge_into_blocks(&mut tx, &late).await?;
+            inserted += merge_into_blocks(&mut tx, &late, RoomCount::Late).await?;
         }
         tx.commit().await?;
         Ok(InsertOutcome {
@@ -595,13 +631,9 @@ impl Store for SqliteStore {
         let mut tx = conn.begin().await?;
         if width % MINUTE_US == 0 {
             let first = bucket_start(since, MINUTE_US);
-            let staged = sqlx::query_as(STATS_STAGED)
-                .bind(first)
-                .fetch_all(&mut *tx)
-                .await?;
             let rollups = tier::read_room_rollups!(tx, width, first);
             tx.commit().await?;
-            return stats_from_rollups(width, staged, rollups);
+            return stats_from_rollups(width, rollups);
         }
         let staged: Vec<(i64, f64)> = sqlx::query_as(STATS_STAGED)
             .bind(since)
@@ -616,6 +648,19 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(stats)
+    }
+
+    async fn fold_room_parts(&self) -> Result<u64, StoreError> {
+        let mut folded = 0;
+        loop {
+            let mut tx = begin_write(&self.pool).await?;
+            let n = tier::fold_page!(tx, update_room_tier);
+            tx.commit().await?;
+            folded += n;
+            if n < tier::FOLD_PAGE as u64 {
+                return Ok(folded);
+            }
+        }
     }
 
     async fn pack_step(
@@ -687,6 +732,7 @@ impl Store for SqliteStore {
             tier::ROOM[0].prune_sql(),
             tier::ROOM[1].prune_sql(),
             tier::ROOM[2].prune_sql(),
+            tier::PARTS.prune_sql(),
             device::MINUTES.prune_sql(),
             device::HOURS.prune_sql(),
         ] {

@@ -4,12 +4,14 @@
 //!
 //! The public room has three tiers, [`ROOM`]: `room_minutes`,
 //! `room_ten_minutes` and `room_hours` (widths from
-//! [`services::limits::ROLLUP_TIERS`], the API's row budget); a device two,
-//! [`super::device::TIERS`]: `device_minutes` and `device_hours`. Every
-//! tier is added to in the transaction that packs samples or merges late
-//! ones, from the same new samples, so a coarse row is always the exact
-//! sum of its finer rows (sketches merge by adding counts,
-//! [`super::sketch`]). A read in buckets of width `w` takes the coarsest
+//! [`services::limits::ROLLUP_TIERS`], the API's row budget), fed by the
+//! partial minute rows inserts append ([`PARTS`]): every tier is added to
+//! in the transaction that folds them ([`fold_page`]), from the same
+//! parts. A device has two, [`super::device::TIERS`]: `device_minutes`
+//! and `device_hours`, both added to in the transaction that packs
+//! samples or merges late ones, from the same new samples. So a coarse
+//! row is always the exact sum of its finer rows (sketches merge by
+//! adding counts, [`super::sketch`]). A read in buckets of width `w` takes the coarsest
 //! tier whose width divides `w` for the whole rows of that tier in its
 //! range, and finer tiers for the partial rows at the range's ends
 //! ([`ranges`]), so its row count is bounded by the window's length over
@@ -57,6 +59,41 @@ pub(crate) const ROOM: [Tier; 3] = [
 
 const _: () = assert!(ROOM[2].width == MINUTE_US);
 
+/// The public room's partial minute rollups (migration 0008): one row per
+/// insert transaction and minute of the public samples it stored for the
+/// first time, appended (never upserted: concurrent inserts do not
+/// contend), folded into [`ROOM`] by [`fold_parts`].
+pub(crate) const PARTS: Tier = Tier {
+    table: "room_minute_parts",
+    column: "minute_us",
+    width: MINUTE_US,
+};
+
+/// Parts folded per transaction, at most.
+pub(crate) const FOLD_PAGE: i64 = 10_000;
+
+/// The oldest parts (by id), at most `$1`, deleted and returned as rollup
+/// rows: a page of [`fold_parts`]. Both backends take this SQL.
+pub(crate) const TAKE_PARTS: &str = "\
+    DELETE FROM room_minute_parts WHERE id IN \
+        (SELECT id FROM room_minute_parts ORDER BY id LIMIT $1) \
+    RETURNING minute_us, samples, min_ms, max_ms, sketch";
+
+/// The parts of a statistics window from the minute `$1` on, oldest
+/// first: a range of their minute index.
+pub(crate) const PARTS_FROM: &str = "\
+    SELECT minute_us, samples, min_ms, max_ms, sketch FROM room_minute_parts \
+    WHERE minute_us >= $1 ORDER BY minute_us";
+
+/// Whether public samples staged before migration 0008 still wait for
+/// their parts (read before taking the fence).
+pub(crate) const PARTS_BACKFILL_PENDING: &str = "SELECT EXISTS (SELECT 1 FROM room_parts_backfill)";
+
+/// Those samples, deleted and returned `(at_us, delay_ms)`: whoever deletes
+/// them writes their parts in the same transaction.
+pub(crate) const TAKE_PARTS_BACKFILL: &str =
+    "DELETE FROM room_parts_backfill RETURNING at_us, delay_ms";
+
 impl Tier {
     /// Deletes the rows that ended by `$1` (a range of the time index).
     pub(crate) fn prune_sql(&self) -> String {
@@ -85,8 +122,11 @@ impl Tier {
     }
 
     /// `ON CONFLICT` of a room tier's upsert: the new totals replace the
-    /// row.
+    /// row. None for [`PARTS`], which are appended.
     pub(crate) fn room_on_conflict(&self) -> String {
+        if *self == PARTS {
+            return String::new();
+        }
         format!(
             " ON CONFLICT ({}) DO UPDATE SET samples = excluded.samples, \
              min_ms = excluded.min_ms, max_ms = excluded.max_ms, sketch = excluded.sketch",
@@ -152,7 +192,8 @@ pub(crate) fn coarsen(minutes: &BTreeMap<i64, Rollup>, width: i64) -> BTreeMap<i
 /// The room's rollup rows of a statistics read from `$first` (a whole
 /// minute) on, in buckets of `$width`, inside the read transaction `$tx`
 /// of either backend (the SQL is the same; the executor types are not,
-/// hence a macro): the ranges of [`ranges`] over [`ROOM`], oldest first.
+/// hence a macro): the ranges of [`ranges`] over [`ROOM`], oldest first,
+/// then the [`PARTS`] of the window not folded yet.
 macro_rules! read_room_rollups {
     ($tx:expr, $width:expr, $first:expr) => {{
         let mut rows: Vec<$crate::store::RollupRow> = Vec::new();
@@ -169,10 +210,81 @@ macro_rules! read_room_rollups {
                 .await?,
             );
         }
+        rows.extend(
+            sqlx::query_as::<_, $crate::store::RollupRow>($crate::store::tier::PARTS_FROM)
+                .bind($first)
+                .fetch_all(&mut *$tx)
+                .await?,
+        );
         rows
     }};
 }
 pub(crate) use read_room_rollups;
+
+/// One page of [`fold_parts`] inside the write transaction `$tx` of either
+/// backend, which holds the packing fence: takes the oldest
+/// [`FOLD_PAGE`] parts and adds them to every tier of [`ROOM`] through the
+/// backend's `$update(conn, tier, rollups)` (adds to the stored rows of
+/// the same keys). Evaluates to the number of parts folded.
+macro_rules! fold_page {
+    ($tx:expr, $update:path) => {{
+        let rows: Vec<$crate::store::RollupRow> = sqlx::query_as($crate::store::tier::TAKE_PARTS)
+            .bind($crate::store::tier::FOLD_PAGE)
+            .fetch_all(&mut *$tx)
+            .await?;
+        let folded = rows.len() as u64;
+        let minutes = $crate::store::tier::merge_parts(rows)?;
+        for t in $crate::store::tier::ROOM {
+            $update(&mut $tx, t, $crate::store::tier::coarsen(&minutes, t.width)).await?;
+        }
+        folded
+    }};
+}
+pub(crate) use fold_page;
+
+/// The parts' rows summed per minute.
+///
+/// # Errors
+/// A stored sketch does not decode.
+pub(crate) fn merge_parts(rows: Vec<RollupRow>) -> Result<BTreeMap<i64, Rollup>, StoreError> {
+    let mut minutes: BTreeMap<i64, Rollup> = BTreeMap::new();
+    for row in rows {
+        let minute = row.0;
+        minutes
+            .entry(minute)
+            .or_default()
+            .merge(&Rollup::from_row(row)?);
+    }
+    Ok(minutes)
+}
+
+/// The parts of the public samples staged before migration 0008, inside
+/// the write transaction `$tx` of either backend (holding the fence):
+/// takes every row of `room_parts_backfill`, streamed (memory stays at one
+/// rollup a minute), and appends their minute rollups as parts through
+/// `$append(conn, PARTS, rows)`. A no-op once done.
+macro_rules! backfill_parts {
+    ($tx:expr, $append:path) => {{
+        use futures_util::TryStreamExt as _;
+        let mut minutes: std::collections::BTreeMap<i64, $crate::store::Rollup> =
+            std::collections::BTreeMap::new();
+        {
+            let mut rows =
+                sqlx::query_as::<_, (i64, f64)>($crate::store::tier::TAKE_PARTS_BACKFILL)
+                    .fetch(&mut *$tx);
+            while let Some((at_us, delay_ms)) = rows.try_next().await? {
+                minutes
+                    .entry($crate::store::bucket_start(at_us, $crate::store::MINUTE_US))
+                    .or_default()
+                    .add(delay_ms);
+            }
+        }
+        let rows: Vec<$crate::store::RollupRow> =
+            minutes.iter().map(|(m, r)| r.to_row(*m)).collect();
+        $append(&mut $tx, $crate::store::tier::PARTS, rows).await?;
+    }};
+}
+pub(crate) use backfill_parts;
 
 /// The backfill marker of migration 0007: a row while the coarse room
 /// tiers are still to be computed from the stored minutes. Deleting it

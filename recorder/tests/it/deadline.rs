@@ -188,7 +188,9 @@ async fn big_sqlite(n: i64, now_us: i64) -> (SqliteStore, tempfile::TempDir) {
 async fn sqlite_reads_stop_at_the_deadline_or_when_cancelled() {
     let now = services::unix_us();
     let (store, _dir) = big_sqlite(20_000, now).await;
-    let stats = || store.stats(Duration::from_secs(3600), Duration::from_secs(60), now);
+    // Sub-minute buckets: the read that takes the samples themselves (a
+    // statistics read in whole minutes reads rollup rows only).
+    let stats = || store.stats(Duration::from_secs(900), Duration::from_secs(10), now);
 
     let past = ReadBudget::until_unix_ms(Some(services::unix_ms() - 1));
     let err = past.run(stats()).await.expect_err("past its deadline");
@@ -224,9 +226,10 @@ async fn sqlite_reads_are_dropped_when_the_asker_leaves() {
 
     let ask = |deadline_ms: i64, timeout: Duration| {
         let (bus, subjects) = (bus.clone(), subjects.clone());
+        // The widest raw read (sub-minute buckets take the samples).
         let q = encode(&StatsQuery {
-            window_ms: 3_600_000,
-            bucket_ms: 60_000,
+            window_ms: 900_000,
+            bucket_ms: 10_000,
             deadline_unix_ms: Some(services::unix_ms() + deadline_ms),
         });
         async move {

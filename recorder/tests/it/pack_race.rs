@@ -1,7 +1,7 @@
 //! Staging and packing at the same time, on Postgres (docs/architecture.md,
 //! "Why staging and packing cannot race"): two inserters (new samples,
-//! late ones and redeliveries) and two packing replicas run concurrently;
-//! packing reads without the fence and takes it only to check and write
+//! late ones and redeliveries) and two packing replicas (which also fold
+//! the room's partial rollups) run concurrently; packing reads without the fence and takes it only to check and write
 //! ([`recorder::store::postgres::Packing::FenceLast`]). Afterwards every
 //! sample is stored exactly once and counted once in the room's rollups.
 
@@ -99,6 +99,8 @@ async fn concurrent_staging_and_packing_store_each_sample_once() {
                 // before) the packed boundary.
                 let before = block_of(until.load(Ordering::Relaxed)) - BLOCK_US / 5;
                 packed += store.pack(before).await.unwrap();
+                // Both replicas fold the room's parts too, at once.
+                store.fold_room_parts().await.unwrap();
                 tokio::task::yield_now().await;
             }
             packed
@@ -114,6 +116,7 @@ async fn concurrent_staging_and_packing_store_each_sample_once() {
     }
     assert!(packed > 0, "packing ran while staging");
     pg.store.pack(i64::MAX).await.unwrap();
+    pg.store.fold_room_parts().await.unwrap();
 
     // Every sample once: each client's whole history is its n's.
     for c in 0..CLIENTS {

@@ -218,7 +218,7 @@ async fn check_reads(store: &dyn Store, model: &Model, rng: &mut StdRng) {
     }
     let now = BASE_US + 40 * BLOCK_US;
     let window = Duration::from_micros((now - BASE_US) as u64);
-    // Whole minutes: from the rollups (packed) and staged samples.
+    // Whole minutes: from the room's rollups (tiers and parts).
     let width = 7 * 60_000_000;
     let got = store
         .stats(window, Duration::from_micros(width as u64), now)
@@ -283,6 +283,9 @@ pub async fn redelivery_and_packing_store_each_sample_once(store: Arc<dyn Store>
                 inserted += o.inserted;
                 duplicates += o.duplicates;
             }
+            if rng.random_bool(0.2) {
+                store.fold_room_parts().await.expect("fold");
+            }
             if rng.random_bool(0.15) {
                 let at = batches[i].samples[0].at_us + rng.random_range(-2 * BLOCK_US..BLOCK_US);
                 store
@@ -296,8 +299,11 @@ pub async fn redelivery_and_packing_store_each_sample_once(store: Arc<dyn Store>
         }
         assert_eq!(inserted, model.samples.len() as u64, "seed {seed}");
         check_reads(&*store, &model, &mut rng).await;
-        // Everything packed, then every batch delivered again: nothing new.
+        // Everything packed and folded, then every batch delivered again:
+        // nothing new.
         store.pack(i64::MAX).await.expect("pack all");
+        check_reads(&*store, &model, &mut rng).await;
+        store.fold_room_parts().await.expect("fold all");
         check_reads(&*store, &model, &mut rng).await;
         for b in &batches {
             let o = store

@@ -631,6 +631,9 @@ impl Store for Flaky {
     ) -> Result<Option<(u64, i32)>, StoreError> {
         self.inner.pack_step(before_us, after).await
     }
+    async fn fold_room_parts(&self) -> Result<u64, StoreError> {
+        self.inner.fold_room_parts().await
+    }
     async fn prune(&self, older_than_us: i64) -> Result<u64, StoreError> {
         self.inner.prune(older_than_us).await
     }

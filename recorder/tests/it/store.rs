@@ -279,9 +279,9 @@ async fn stats_cover_public_samples_per_bucket(store: Arc<dyn Store>) {
         public,
     };
     let mut s = Vec::new();
-    // Bucket t0: 1..=200 ms, shuffled in time within the minute.
+    // Bucket t0: 1..=200 ms, shuffled in time within its first 10 s.
     for i in 1..=200u64 {
-        let at = t0 + ((i * 7919) % 200) as i64 * 250_000;
+        let at = t0 + ((i * 7919) % 200) as i64 * 50_000;
         s.push(sample("p", i, at, i as f64, true));
     }
     // Bucket t0 + 2 min: three samples.
@@ -301,10 +301,10 @@ async fn stats_cover_public_samples_per_bucket(store: Arc<dyn Store>) {
         .await
         .unwrap();
 
-    // Act
+    // Act: sub-minute buckets read the samples themselves.
     let window = Duration::from_secs(3 * 60);
     let buckets = store
-        .stats(window, Duration::from_secs(60), now)
+        .stats(window, Duration::from_secs(10), now)
         .await
         .unwrap();
 
@@ -339,6 +339,21 @@ async fn stats_cover_public_samples_per_bucket(store: Arc<dyn Store>) {
             },
         ]
     );
+    // Minute buckets read the room's rollups: the same buckets, count,
+    // min and max exact, percentiles within the sketch's bound.
+    let minutes = store
+        .stats(window, Duration::from_secs(60), now)
+        .await
+        .unwrap();
+    assert_eq!(minutes.len(), 2);
+    let values: [Vec<f64>; 2] = [(1..=200).map(f64::from).collect(), vec![10.0, 20.0, 30.0]];
+    for ((m, b), values) in minutes.iter().zip(&buckets).zip(&values) {
+        assert_eq!(
+            (m.start_us, m.count, m.min, m.max),
+            (b.start_us, b.count, b.min, b.max)
+        );
+        crate::packing::assert_percentiles_within_bound([m.p50, m.p95, m.p99], values, m);
+    }
     // A wider window reaches the old sample; the window start need not be
     // aligned, the buckets are.
     let wide = store
@@ -572,8 +587,15 @@ async fn sqlite_reads_are_cut_off_by_the_read_timeout() {
         .unwrap();
     let window = Duration::from_secs(86_400);
     let now = 10_000_000_000;
+    // Sub-minute buckets: the read that takes the samples themselves
+    // (900 of them here; minute buckets read a few rollup rows).
+    let raw = (
+        Duration::from_secs(900),
+        Duration::from_secs(10),
+        5_000_000_000,
+    );
     let err = strict
-        .stats(window, Duration::from_secs(60), now)
+        .stats(raw.0, raw.1, raw.2)
         .await
         .expect_err("a read past its deadline is interrupted");
     assert!(err.to_string().contains("interrupt"), "{err}");
@@ -591,4 +613,6 @@ async fn sqlite_reads_are_cut_off_by_the_read_timeout() {
         .await
         .unwrap();
     assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 6000);
+    let buckets = patient.stats(raw.0, raw.1, raw.2).await.unwrap();
+    assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 1900);
 }

@@ -1,10 +1,12 @@
 //! The public room's rollup tiers (docs/architecture.md, "Rollups"):
 //! `room_ten_minutes` and `room_hours` hold exactly the sums of their
 //! minutes whatever the order of deliveries, redeliveries and packing;
-//! statistics read from them equal statistics read from the minutes; a
-//! populated database of migration 0006 gets both tiers backfilled by 0007
-//! and answers every figure as before, on both backends, also when several
-//! recorders open it at once.
+//! statistics read from them equal statistics read from the minutes, and
+//! do not change when the inserts' partial minute rows are folded into
+//! them; a populated database of migration 0006 gets both tiers backfilled
+//! by 0007 and its staged samples counted by 0008, and answers every figure
+//! as before, on both backends, also when several recorders open it at
+//! once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -247,12 +249,15 @@ async fn tiers_sum_their_samples_once(store: Arc<dyn Store>, db: Db) {
             store.insert(&batches[j..=j]).await.expect("redeliver");
         }
         if rng.random_bool(0.2) {
+            store.fold_room_parts().await.expect("fold");
+            assert_coarse_rows_sum_minutes(&db).await;
+        }
+        if rng.random_bool(0.2) {
             let at = batches[i].samples[0].at_us;
             store
                 .pack(at - rng.random_range(0..3_600_000_000))
                 .await
                 .expect("pack");
-            assert_coarse_rows_sum_minutes(&db).await;
         }
     }
     store.pack(i64::MAX).await.expect("pack all");
@@ -264,6 +269,26 @@ async fn tiers_sum_their_samples_once(store: Arc<dyn Store>, db: Db) {
         assert_eq!(o.inserted, 0);
     }
     store.pack(i64::MAX).await.expect("pack again");
+    // Statistics read the parts not folded yet as they read the tiers.
+    let now = all.iter().map(|s| s.at_us).max().unwrap() + 5 * MINUTE;
+    let window = Duration::from_secs(6 * 3600);
+    let mut before = Vec::new();
+    for width in [60, 10, 1, 7] {
+        let bucket = Duration::from_secs(width * 60);
+        before.push(store.stats(window, bucket, now).await.expect("stats"));
+    }
+    let parts: i64 = db.count("room_minute_parts").await;
+    assert!(parts > 0, "parts left to fold");
+    assert_eq!(store.fold_room_parts().await.expect("fold"), parts as u64);
+    assert_eq!(db.count("room_minute_parts").await, 0);
+    for (width, before) in [60, 10, 1, 7].into_iter().zip(before) {
+        let bucket = Duration::from_secs(width * 60);
+        assert_eq!(
+            store.stats(window, bucket, now).await.expect("stats"),
+            before,
+            "{width} min buckets, parts folded"
+        );
+    }
     // The first copy of every (client, n) is the stored one.
     let mut distinct: BTreeMap<(String, u64), (bool, i64, f64)> = BTreeMap::new();
     for s in &all {
@@ -353,16 +378,58 @@ async fn insert_minutes(db: &Db, rows: &[Row], blob: fn(&[u8]) -> String) {
     }
 }
 
+/// Samples staged before migration 0008, inserted as literal SQL: 300
+/// public ones over the last 5 minutes of `samples` and the 5 minutes
+/// after (some in minutes with rows, some not), and 50 private ones.
+/// Returns the public ones.
+async fn stage_old_samples(db: &Db, samples: &[(i64, f64)]) -> Vec<(i64, f64)> {
+    let mut rng = StdRng::seed_from_u64(8);
+    let end = samples.iter().map(|s| s.0).max().unwrap();
+    db.execute(
+        "INSERT INTO channels (id, channel_name, public) VALUES (1, 'pub', TRUE), (2, 'priv', FALSE)"
+            .into(),
+    )
+    .await;
+    let mut public = Vec::new();
+    let mut values = Vec::new();
+    for n in 0..350 {
+        let at = end - 5 * MINUTE + rng.random_range(0..10 * MINUTE);
+        let v = (rng.random_range(1_000..300_000) as f64) / 1000.0;
+        let channel = if n < 300 { 1 } else { 2 };
+        if channel == 1 {
+            public.push((at, v));
+        }
+        values.push(format!("({channel}, {n}, NULL, {at}, {v:?})"));
+    }
+    db.execute(format!(
+        "INSERT INTO sample_staging (channel_id, n, seq, at_us, delay_ms) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
+    public
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// What a migrated 0006 database must show: its minutes untouched, both
-/// coarse tiers backfilled, the backfill marked done, and the same
-/// statistics as the minutes give.
-async fn assert_upgraded(store: &dyn Store, db: &Db, minutes: &[Row], samples: &[(i64, f64)]) {
-    assert_eq!(db.rows("room_minutes", "minute_us").await, minutes);
+/// What a migrated 0006 database must show: both coarse tiers backfilled
+/// (0007), the samples staged before 0008 counted in the room's rollups
+/// once folded (their parts written by 0008's backfill), every tier the
+/// sums of the old minutes' samples and those, both backfills marked done,
+/// and the same statistics as the minutes give.
+async fn assert_upgraded(store: &dyn Store, db: &Db, samples: &[(i64, f64)]) {
+    store.fold_room_parts().await.expect("fold");
+    assert_eq!(
+        db.rows("room_minutes", "minute_us").await,
+        model_rows(samples, MINUTE)
+    );
     assert_tiers(db, samples).await;
+    assert_eq!(
+        db.count("room_parts_backfill").await,
+        0,
+        "0008 backfill done"
+    );
     let now = samples.iter().map(|s| s.0).max().unwrap() + MINUTE;
     // Not in minute buckets: 12,500 of them take long in a debug build.
     assert_stats_match_minutes(store, db, samples, now, &[60, 180, 10, 30]).await;
@@ -384,6 +451,7 @@ async fn a_populated_0006_postgres_database_gets_its_tiers_backfilled() {
     let (minutes, samples) = old_minutes();
     let db = Db::Pg(pool);
     insert_minutes(&db, &minutes, |b| format!("'\\x{}'::bytea", hex(b))).await;
+    let samples = [samples.clone(), stage_old_samples(&db, &samples).await].concat();
     // Three recorders start at once (each on a thread of its own, as
     // processes would): one migrates and backfills, the others wait for it
     // and find it done.
@@ -401,7 +469,7 @@ async fn a_populated_0006_postgres_database_gets_its_tiers_backfilled() {
     }
     let stores = [PgStore::connect(&pg.url).await.expect("opens again")];
     for store in &stores {
-        assert_upgraded(store, &db, &minutes, &samples).await;
+        assert_upgraded(store, &db, &samples).await;
     }
 }
 
@@ -420,10 +488,11 @@ async fn a_populated_0006_sqlite_database_gets_its_tiers_backfilled() {
     let (minutes, samples) = old_minutes();
     let db = Db::Lite(pool);
     insert_minutes(&db, &minutes, |b| format!("X'{}'", hex(b))).await;
+    let samples = [samples.clone(), stage_old_samples(&db, &samples).await].concat();
     let store = SqliteStore::connect(&url).await.expect("migrates");
-    assert_upgraded(&store, &db, &minutes, &samples).await;
+    assert_upgraded(&store, &db, &samples).await;
     // Opened again: nothing to do, nothing changes.
     drop(store);
     let store = SqliteStore::connect(&url).await.expect("opens again");
-    assert_upgraded(&store, &db, &minutes, &samples).await;
+    assert_upgraded(&store, &db, &samples).await;
 }
