@@ -816,8 +816,7 @@ pub(crate) fn stats_from_rollups(
     Ok(buckets
         .into_iter()
         .map(|(start, b)| {
-            let sketch = b.sketch.into_sketch();
-            let q = |q| sketch.quantile(q).unwrap_or(0.0);
+            let q = |q| b.sketch.quantile(q).unwrap_or(0.0);
             StatsBucket {
                 start_us: start,
                 count: b.count,

@@ -71,23 +71,7 @@ impl Sketch {
 
     /// The estimate of quantile `q` (0 to 1); `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let n = self.count();
-        if n == 0 {
-            return None;
-        }
-        let rank = (q.clamp(0.0, 1.0) * (n - 1) as f64).round() as u64;
-        if rank < self.zero {
-            return Some(0.0);
-        }
-        let mut seen = self.zero;
-        for (i, c) in &self.buckets {
-            seen += c;
-            if rank < seen {
-                let g = gamma();
-                return Some(2.0 * g.powi(*i) / (g + 1.0));
-            }
-        }
-        None
+        quantile(self.zero, self.buckets.iter().map(|(i, c)| (*i, *c)), q)
     }
 
     /// The sketch as bytes (see the module's "Encoding").
@@ -157,6 +141,29 @@ fn parse(data: &[u8], mut bucket: impl FnMut(i32, u64)) -> Result<u64, super::bl
     Ok(zero)
 }
 
+/// The estimate of quantile `q` of the values counted by `zero` and
+/// `buckets` (ascending `(index, count)`): the representative of the
+/// bucket holding rank `round(q × (n − 1))`; `None` when empty.
+fn quantile(zero: u64, buckets: impl Iterator<Item = (i32, u64)> + Clone, q: f64) -> Option<f64> {
+    let n = zero + buckets.clone().map(|(_, c)| c).sum::<u64>();
+    if n == 0 {
+        return None;
+    }
+    let rank = (q.clamp(0.0, 1.0) * (n - 1) as f64).round() as u64;
+    if rank < zero {
+        return Some(0.0);
+    }
+    let mut seen = zero;
+    for (i, c) in buckets {
+        seen += c;
+        if rank < seen {
+            let g = gamma();
+            return Some(2.0 * g.powi(i) / (g + 1.0));
+        }
+    }
+    None
+}
+
 /// Sums many sketches quickly: the counts of the buckets between the
 /// lowest and the highest seen, in one array, so adding an encoded sketch
 /// costs a pass over its bytes (no map, no allocation per sketch). What
@@ -206,6 +213,22 @@ impl Accumulator {
         let zero = parse(data, |i, c| self.bump(i, c))?;
         self.zero += zero;
         Ok(())
+    }
+
+    /// The estimate of quantile `q` of everything added, as
+    /// [`Sketch::quantile`] of [`Accumulator::into_sketch`] gives it,
+    /// without building the sketch (statistics take three per bucket).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let lowest = i64::from(self.lowest);
+        quantile(
+            self.zero,
+            self.counts
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(move |(k, c)| ((lowest + k as i64) as i32, *c)),
+            q,
+        )
     }
 
     /// The sketch of everything added.
@@ -305,7 +328,11 @@ mod tests {
             merged.merge(&one);
             acc.add_encoded(&one.encode()).unwrap();
         }
+        for q in [0.0, 0.01, 0.5, 0.95, 0.99, 1.0] {
+            assert_eq!(acc.quantile(q), merged.quantile(q), "q {q}");
+        }
         assert_eq!(acc.into_sketch(), merged);
+        assert_eq!(Accumulator::default().quantile(0.5), None);
         assert!(Accumulator::default().add_encoded(&[1, 5]).is_err());
     }
 
