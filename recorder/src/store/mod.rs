@@ -233,7 +233,7 @@ pub trait Store: Send + Sync {
 
     /// Folds the room's partial minute rollups (appended by inserts,
     /// docs/architecture.md "Rollups") into its rollup tiers and deletes
-    /// them, [`tier::FOLD_PAGE`] a transaction under the packing fence, so
+    /// them, 10,000 a transaction under the packing fence, so
     /// each counts once however many recorders fold at once. Returns how
     /// many it folded.
     ///
