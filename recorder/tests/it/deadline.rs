@@ -83,10 +83,13 @@ async fn postgres_reads_stop_at_the_askers_deadline() {
     let mut q = crate::service::history("a", None);
     q.deadline_unix_ms = Some(services::unix_ms() + 1_000);
     let (bus, subjects) = (nats.bus.clone(), nats.subjects.clone());
+    // The asker waits well past its deadline: had it left first, the read
+    // would be counted `abandoned` (a CI run on a loaded machine once took
+    // more than the 2 s between deadline and leaving that this had).
     let asked = tokio::spawn(async move {
         subjects
             .query_samples()
-            .request(&*bus, &q, Duration::from_secs(3))
+            .request(&*bus, &q, Duration::from_secs(8))
             .await
     });
     eventually(
