@@ -38,6 +38,7 @@ use futures_util::future::join_all;
 use services::bus::{BusError, Consumed, Delivered, Delivery, DurableStream, SharedBus};
 use services::messages::RecordBatch;
 use services::retry::Backoff;
+use services::subjects::Subjects;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,8 @@ const MAX_STREAM_ERRORS: u32 = 10;
 /// Consumes the durable stream into the store.
 pub(crate) struct Consumer {
     pub bus: SharedBus,
+    /// Where each gateway publishes its batches.
+    pub subjects: Subjects,
     pub stream: DurableStream<RecordBatch>,
     pub durable: String,
     pub store: Arc<dyn Store>,
@@ -193,6 +196,21 @@ impl Consumer {
             self.metrics.redeliveries.inc();
         }
         match message {
+            Ok(b) if d.subject != self.subjects.samples(&b.gateway).subject() => {
+                // NATS lets a gateway publish on its own samples subject
+                // only: a batch naming another gateway is forged.
+                tracing::warn!(
+                    subject = %d.subject,
+                    gateway = %b.gateway,
+                    samples = b.samples.len(),
+                    "dropping a record batch that names another gateway than its subject"
+                );
+                self.metrics
+                    .foreign
+                    .with_label_values(&["batch"])
+                    .inc_by(b.samples.len() as u64);
+                self.ack(std::slice::from_ref(&d)).await;
+            }
             Ok(b) => {
                 let span = tracing::info_span!(
                     "recorder.record_batch",
@@ -301,6 +319,19 @@ impl Consumer {
         let m = &self.metrics;
         m.samples_persisted.inc_by(outcome.inserted);
         m.duplicates.inc_by(outcome.duplicates);
+        if outcome.foreign_samples + outcome.foreign_clients > 0 {
+            tracing::warn!(
+                samples = outcome.foreign_samples,
+                clients = outcome.foreign_clients,
+                "refused records that speak for another gateway's clients"
+            );
+            m.foreign
+                .with_label_values(&["sample"])
+                .inc_by(outcome.foreign_samples);
+            m.foreign
+                .with_label_values(&["client"])
+                .inc_by(outcome.foreign_clients);
+        }
         m.batches.inc_by(batches as u64);
         m.batch_size.observe(samples as f64);
     }

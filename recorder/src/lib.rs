@@ -224,6 +224,7 @@ impl Recorder {
         ));
         let consumer = Arc::new(Consumer {
             bus: self.bus,
+            subjects: self.cfg.subjects.clone(),
             stream: self.cfg.subjects.samples_stream(),
             durable: self.cfg.subjects.recorder_durable(),
             store: self.store,

@@ -29,6 +29,9 @@ pub(crate) struct Metrics {
     pub consumer_pending: IntGauge,
     /// Samples deleted by retention.
     pub pruned: IntCounter,
+    /// Records refused because they name another gateway than the one
+    /// that published them, by reason (docs/security.md, "The bus").
+    pub foreign: IntCounterVec,
     /// Samples moved from staging into packed blocks.
     pub packed: IntCounter,
     /// The room's partial minute rollups folded into its tiers
@@ -126,6 +129,12 @@ impl Metrics {
             rollups_pruned: c(
                 "rollups_pruned_total",
                 "Minute rollup rows (public room and devices) deleted by --rollup-retention.",
+            ),
+            foreign: counter(
+                registry,
+                "pingapp_recorder_foreign_records_total",
+                "Records refused because they speak for another gateway's clients: `batch` (samples of a batch naming another gateway than its subject), `client` (client records naming another gateway than their batch), `sample` (samples of another gateway's client).",
+                &["kind"],
             ),
             queries: counter(
                 registry,

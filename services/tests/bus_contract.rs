@@ -400,6 +400,12 @@ async fn durable_stream_delivers_until_acknowledged(h: Harness) {
     for _ in 0..10 {
         let delivery = next_delivery(&mut d).await;
         assert_eq!(delivery.redeliveries, 0, "first delivery");
+        let i = got.len();
+        assert_eq!(
+            delivery.subject,
+            h.subject(&format!("durable.gw{}", i % 2)),
+            "a delivery names the subject it was published on"
+        );
         got.push(text(&delivery.payload));
         delivery.ack().await.unwrap();
     }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use services::messages::{
-    HistoryBucket, RecordBatch, SampleRecord, SamplesQuery, StatsBucket, StoredSample,
+    ClientRecord, HistoryBucket, RecordBatch, SampleRecord, SamplesQuery, StatsBucket, StoredSample,
 };
 
 /// The most samples one history read returns (the shared API bound).
@@ -48,6 +48,53 @@ pub struct InsertOutcome {
     pub inserted: u64,
     /// Samples already stored (a redelivered or re-sent batch).
     pub duplicates: u64,
+    /// Samples refused because their client's record names another
+    /// gateway than the batch carrying them ([`own_clients`]).
+    pub foreign_samples: u64,
+    /// Client records refused because they name another gateway than the
+    /// batch carrying them.
+    pub foreign_clients: u64,
+}
+
+/// The trust rule between gateways (docs/security.md, "The bus"): a
+/// gateway speaks for its own clients only. A client record is stored
+/// only when it names the gateway of the batch carrying it (the recorder
+/// has checked that the batch's gateway is the one whose subject it was
+/// published on, which NATS's permissions reserve to that gateway); a
+/// sample is stored only when its client has no stored record or one
+/// naming its batch's gateway. Returns the records to store and how many
+/// were refused.
+pub(crate) fn own_clients(batches: &[RecordBatch]) -> (Vec<&ClientRecord>, u64) {
+    let mut refused = 0;
+    let mut own = Vec::new();
+    for b in batches {
+        for c in &b.clients {
+            if c.gateway == b.gateway {
+                own.push(c);
+            } else {
+                refused += 1;
+            }
+        }
+    }
+    (own, refused)
+}
+
+/// The gateway of each sample of `batches` (in their order) as an index
+/// into the list of the batches' gateways, and that list.
+pub(crate) fn sample_gateways(batches: &[RecordBatch]) -> (Vec<i32>, Vec<String>) {
+    let mut names: Vec<String> = Vec::new();
+    let mut of_sample = Vec::new();
+    for b in batches {
+        let i = match names.iter().position(|g| *g == b.gateway) {
+            Some(i) => i,
+            None => {
+                names.push(b.gateway.clone());
+                names.len() - 1
+            }
+        };
+        of_sample.extend(std::iter::repeat_n(i as i32, b.samples.len()));
+    }
+    (of_sample, names)
 }
 
 /// What can go wrong in a store.

@@ -47,8 +47,8 @@ use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, Merged, PACK_CLIENTS, PACK_ROWS,
     PRUNE_CHUNK, PackStep, ReadLimits, Rollup, RollupRow, RoomCount, STATS_BLOCKS, STATS_STAGED,
     StagedRow, Store, StoreError, block_keys, bucket_start, bucket_width, fold_blocks,
-    merge_blocks, merge_rollups, minute_rollups, room_parts, staged_sample, stats_from_rollups,
-    stored_sample, to_db, window_start,
+    merge_blocks, merge_rollups, minute_rollups, own_clients, room_parts, sample_gateways,
+    staged_sample, stats_from_rollups, stored_sample, to_db, window_start,
 };
 use crate::read_budget;
 
@@ -73,32 +73,38 @@ const INSERT_CLIENTS: &str = "\
 
 /// Stages the samples newer than their client's `packed_before_us` and
 /// returns the others (late: their block is packed) with a first row
-/// `(-1, staged count)`, a row `(-2, 0, NULL, at_us, delay_ms)` per newly
-/// staged sample of a public client (for the room's partial rollups), and
-/// a row with a NULL client for a sample whose client row is missing. The
-/// no-op `UPDATE` of the fence takes its ROW EXCLUSIVE lock before the
-/// statement's snapshot, so packing (SHARE ROW EXCLUSIVE) never runs
-/// between reading `packed_before_us` and staging.
+/// `(-1, staged count)`, a row `(-3, refused count)` for the samples
+/// whose client's record names another gateway than theirs (`$6`, an
+/// index into `$7`, [`super::own_clients`]), a row `(-2, 0, NULL, at_us,
+/// delay_ms)` per newly staged sample of a public client (for the room's
+/// partial rollups), and a row with a NULL client for a sample whose
+/// client row is missing. The no-op `UPDATE` of the fence takes its ROW
+/// EXCLUSIVE lock before the statement's snapshot, so packing (SHARE ROW
+/// EXCLUSIVE) never runs between reading `packed_before_us` and staging.
 const STAGE_SAMPLES: &str = "\
     WITH fence AS (UPDATE sample_pack_fence SET id = id WHERE FALSE RETURNING 1), \
     input AS ( \
-        SELECT c.id AS channel_id, c.packed_before_us, t.n, t.seq, t.at_us, t.delay_ms \
-        FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::double precision[]) \
-             AS t(name, n, seq, at_us, delay_ms) \
-        LEFT JOIN channels c ON c.channel_name = t.name), \
+        SELECT c.id AS channel_id, c.packed_before_us, t.n, t.seq, t.at_us, t.delay_ms, \
+               coalesce(cl.gateway <> ($7::text[])[t.gw + 1], FALSE) AS other_gateway \
+        FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::double precision[], \
+                    $6::integer[]) AS t(name, n, seq, at_us, delay_ms, gw) \
+        LEFT JOIN channels c ON c.channel_name = t.name \
+        LEFT JOIN clients cl ON cl.channel_name = t.name), \
     staged AS ( \
         INSERT INTO sample_staging (channel_id, n, seq, at_us, delay_ms) \
         SELECT channel_id, n, seq, at_us, delay_ms FROM input \
-        WHERE channel_id IS NOT NULL AND at_us >= packed_before_us \
+        WHERE channel_id IS NOT NULL AND NOT other_gateway AND at_us >= packed_before_us \
         ON CONFLICT DO NOTHING RETURNING channel_id, at_us, delay_ms) \
     SELECT -1 AS channel_id, (SELECT count(*) FROM staged) AS n, NULL::bigint AS seq, \
            0::bigint AS at_us, 0::double precision AS delay_ms \
+    UNION ALL \
+    SELECT -3, (SELECT count(*) FROM input WHERE other_gateway), NULL, 0, 0 \
     UNION ALL \
     SELECT -2, 0, NULL, s.at_us, s.delay_ms FROM staged s JOIN channels c ON c.id = s.channel_id \
     WHERE c.public \
     UNION ALL \
     SELECT channel_id, n, seq, at_us, delay_ms FROM input \
-    WHERE channel_id IS NULL OR at_us < packed_before_us";
+    WHERE NOT other_gateway AND (channel_id IS NULL OR at_us < packed_before_us)";
 
 /// Upserts the devices of client records (`$1` channel names, `$2` device
 /// digests, `$3` connection times) and links their `channels` rows that
@@ -499,13 +505,25 @@ fn sample_clients(samples: &[&SampleRecord]) -> (Vec<String>, Vec<bool>) {
 /// A row of [`STAGE_SAMPLES`]: a [`StagedRow`] whose client may be missing.
 type StageRow = (Option<i32>, i64, Option<i64>, i64, f64);
 
-/// Stages one chunk and appends the room's partial minute rollups of its
-/// newly staged public samples, in one transaction; returns how many were
-/// staged and the late samples.
+/// What [`stage`] did with a chunk.
+struct Staged {
+    /// Samples staged.
+    staged: u64,
+    /// Samples refused: their client's record names another gateway.
+    foreign: u64,
+    /// The late samples, for their blocks.
+    late: Vec<(i32, Sample)>,
+}
+
+/// Stages one chunk (`gateways`: each sample's gateway, an index into
+/// `names`) and appends the room's partial minute rollups of its newly
+/// staged public samples, in one transaction.
 async fn stage(
     conn: &mut PgConnection,
     samples: &[&SampleRecord],
-) -> Result<(u64, Vec<(i32, Sample)>), StoreError> {
+    gateways: &[i32],
+    names: &[String],
+) -> Result<Staged, StoreError> {
     let mut tx = conn.begin().await?;
     let rows: Vec<StageRow> = sqlx::query_as(STAGE_SAMPLES)
         .bind(
@@ -518,14 +536,17 @@ async fn stage(
         .bind(samples.iter().map(|s| s.seq.map(to_db)).collect::<Vec<_>>())
         .bind(samples.iter().map(|s| s.at_us).collect::<Vec<_>>())
         .bind(samples.iter().map(|s| s.delay_ms).collect::<Vec<_>>())
+        .bind(gateways)
+        .bind(names)
         .fetch_all(&mut *tx)
         .await?;
-    let mut staged = 0;
+    let (mut staged, mut foreign) = (0, 0);
     let mut late = Vec::new();
     let mut public = Vec::new();
     for (channel_id, n, seq, at_us, delay_ms) in rows {
         match channel_id {
             Some(-1) => staged = u64::try_from(n).unwrap_or(0),
+            Some(-3) => foreign = u64::try_from(n).unwrap_or(0),
             Some(-2) => public.push((at_us, delay_ms)),
             Some(c) => late.push((
                 c,
@@ -541,7 +562,11 @@ async fn stage(
     }
     append_parts(&mut tx, room_parts(public)).await?;
     tx.commit().await?;
-    Ok((staged, late))
+    Ok(Staged {
+        staged,
+        foreign,
+        late,
+    })
 }
 
 /// Appends the room's partial minute rollups `minutes` ([`tier::PARTS`]).
@@ -1125,8 +1150,9 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn insert(&self, batches: &[RecordBatch]) -> Result<InsertOutcome, StoreError> {
-        let clients: Vec<&ClientRecord> = batches.iter().flat_map(|b| &b.clients).collect();
+        let (clients, foreign_clients) = own_clients(batches);
         let samples: Vec<&SampleRecord> = batches.iter().flat_map(|b| &b.samples).collect();
+        let (gateways, gateway_names) = sample_gateways(batches);
         let mut conn = self.pool.acquire().await?;
         // Client rows first, in statements (transactions) of their own: a
         // row stored twice is harmless, a later failure retries the batch.
@@ -1143,12 +1169,16 @@ impl Store for PgStore {
                 .await?;
         }
         link_devices(&mut conn, &clients).await?;
-        let mut inserted = 0;
+        let (mut inserted, mut foreign_samples) = (0, 0);
         let mut late = Vec::new();
-        for chunk in samples.chunks(INSERT_CHUNK) {
-            let (staged, l) = stage(&mut conn, chunk).await?;
-            inserted += staged;
-            late.extend(l);
+        for (chunk, gateways) in samples
+            .chunks(INSERT_CHUNK)
+            .zip(gateways.chunks(INSERT_CHUNK))
+        {
+            let staged = stage(&mut conn, chunk, gateways, &gateway_names).await?;
+            inserted += staged.staged;
+            foreign_samples += staged.foreign;
+            late.extend(staged.late);
         }
         if !late.is_empty() {
             let mut tx = conn.begin().await?;
@@ -1167,7 +1197,9 @@ impl Store for PgStore {
         }
         Ok(InsertOutcome {
             inserted,
-            duplicates: samples.len() as u64 - inserted,
+            duplicates: samples.len() as u64 - inserted - foreign_samples,
+            foreign_samples,
+            foreign_clients,
         })
     }
 

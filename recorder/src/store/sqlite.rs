@@ -24,8 +24,8 @@ use super::{
     Access, Buckets, History, InsertOutcome, MINUTE_US, PACK_CLIENTS, PACK_ROWS, PRUNE_CHUNK,
     PackStep, ReadLimits, Rollup, RollupRow, RoomCount, STATS_BLOCKS, STATS_STAGED, StagedRow,
     Store, StoreError, block_keys, bucket_start, bucket_width, fold_blocks, merge_blocks,
-    merge_rollups, minute_rollups, room_parts, staged_sample, stats_from_rollups, stored_sample,
-    to_sample, window_start,
+    merge_rollups, minute_rollups, own_clients, room_parts, staged_sample, stats_from_rollups,
+    stored_sample, to_sample, window_start,
 };
 use crate::read_budget;
 
@@ -396,12 +396,17 @@ async fn link_devices(
     Ok(())
 }
 
-/// The ids and `packed_before_us` of the clients of `samples`, creating
-/// the missing ones, and which of those ids are public.
+/// By client id: its `channels` id, `packed_before_us`, and the gateway
+/// its stored record names (none without a record).
+type ChannelIds = HashMap<String, (i32, i64, Option<String>)>;
+
+/// The ids, `packed_before_us` and stored records' gateways of the
+/// clients of `samples`, creating the missing `channels` rows, and which
+/// of those ids are public.
 async fn channel_ids(
     conn: &mut SqliteConnection,
     samples: &[&SampleRecord],
-) -> Result<(HashMap<String, (i32, i64)>, BTreeSet<i32>), StoreError> {
+) -> Result<(ChannelIds, BTreeSet<i32>), StoreError> {
     let mut public: BTreeMap<&str, bool> = BTreeMap::new();
     for s in samples {
         *public.entry(&s.channel_name).or_insert(true) &= s.public;
@@ -417,19 +422,22 @@ async fn channel_ids(
         qb.push(" ON CONFLICT (channel_name) DO NOTHING");
         qb.build().execute(&mut *conn).await?;
         let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT channel_name, id, packed_before_us, public FROM channels WHERE channel_name IN (",
+            "SELECT ch.channel_name, ch.id, ch.packed_before_us, ch.public, cl.gateway \
+             FROM channels ch LEFT JOIN clients cl ON cl.channel_name = ch.channel_name \
+             WHERE ch.channel_name IN (",
         );
         let mut list = qb.separated(", ");
         for (name, _) in chunk {
             list.push_bind(name.to_string());
         }
         qb.push(")");
-        let rows: Vec<(String, i32, i64, bool)> = qb.build_query_as().fetch_all(&mut *conn).await?;
-        for (name, id, mark, public) in rows {
+        let rows: Vec<(String, i32, i64, bool, Option<String>)> =
+            qb.build_query_as().fetch_all(&mut *conn).await?;
+        for (name, id, mark, public, gateway) in rows {
             if public {
                 public_ids.insert(id);
             }
-            ids.insert(name, (id, mark));
+            ids.insert(name, (id, mark, gateway));
         }
     }
     Ok((ids, public_ids))
@@ -493,7 +501,7 @@ async fn pack_step(
 impl Store for SqliteStore {
     async fn insert(&self, batches: &[RecordBatch]) -> Result<InsertOutcome, StoreError> {
         let mut tx = begin_write(&self.pool).await?;
-        let clients: Vec<_> = batches.iter().flat_map(|b| &b.clients).collect();
+        let (clients, foreign_clients) = own_clients(batches);
         for chunk in clients.chunks(INSERT_CHUNK) {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO clients (channel_name, public, token_digest, gateway, connected_at_us) ",
@@ -513,12 +521,17 @@ impl Store for SqliteStore {
         link_devices(&mut tx, &clients).await?;
         let mut staged = Vec::with_capacity(samples.len());
         let mut late = Vec::new();
-        for s in &samples {
-            let (id, mark) = ids[s.channel_name.as_str()];
-            if s.at_us >= mark {
-                staged.push((id, to_sample(s)));
-            } else {
-                late.push((id, to_sample(s)));
+        let mut foreign_samples = 0;
+        for b in batches {
+            for s in &b.samples {
+                let (id, mark, gateway) = &ids[s.channel_name.as_str()];
+                if gateway.as_ref().is_some_and(|g| *g != b.gateway) {
+                    foreign_samples += 1;
+                } else if s.at_us >= *mark {
+                    staged.push((*id, to_sample(s)));
+                } else {
+                    late.push((*id, to_sample(s)));
+                }
             }
         }
         let mut inserted = 0;
@@ -550,7 +563,9 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(InsertOutcome {
             inserted,
-            duplicates: samples.len() as u64 - inserted,
+            duplicates: samples.len() as u64 - inserted - foreign_samples,
+            foreign_samples,
+            foreign_clients,
         })
     }
 

@@ -25,13 +25,11 @@ const LONG_READ_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A labelled sample of the recorder's queries counter.
 fn queries(rec: &Running, kind: &str, outcome: &str) -> f64 {
-    let want = [format!("kind=\"{kind}\""), format!("outcome=\"{outcome}\"")];
-    services::metrics::render(&rec.registry)
-        .lines()
-        .filter(|l| l.starts_with("pingapp_recorder_queries_total{"))
-        .filter(|l| want.iter().all(|w| l.contains(w.as_str())))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    crate::helpers::labelled_metric(
+        &rec.registry,
+        "pingapp_recorder_queries_total",
+        &[("kind", kind), ("outcome", outcome)],
+    )
 }
 
 /// Backends of this database running a history read's first statement,

@@ -270,6 +270,18 @@ pub fn metric(registry: &Registry, name: &str) -> f64 {
         .sum()
 }
 
+/// The sum of `name`'s samples carrying every one of `labels`.
+pub fn labelled_metric(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let prefix = format!("{name}{{");
+    services::metrics::render(registry)
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| want.iter().all(|w| l.contains(w.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A client record.
 pub fn client(id: &str, public: bool, token: Option<&str>) -> ClientRecord {
     ClientRecord {
@@ -310,10 +322,10 @@ pub fn batch(clients: Vec<ClientRecord>, samples: Vec<SampleRecord>) -> RecordBa
     }
 }
 
-/// Persists `batch` on the stream under `msg_id`.
+/// Persists `batch` on the stream under `msg_id`, on its gateway's subject.
 pub async fn persist(bus: &dyn Bus, subjects: &Subjects, batch: &RecordBatch, msg_id: &str) {
     subjects
-        .samples("gw1")
+        .samples(&batch.gateway)
         .persist(bus, batch, msg_id)
         .await
         .expect("persist");

@@ -815,3 +815,60 @@ async fn shutdown_commits_the_batch_in_hand() {
         0.0
     );
 }
+
+/// `pingapp_recorder_foreign_records_total{kind}`.
+fn foreign(rec: &Running, kind: &str) -> f64 {
+    crate::helpers::labelled_metric(
+        &rec.registry,
+        "pingapp_recorder_foreign_records_total",
+        &[("kind", kind)],
+    )
+}
+
+/// A gateway speaks for its own clients only (docs/security.md, "The
+/// bus"), through the real stream: a batch published on gw2's subject
+/// that names gw1 is dropped whole; gw2's samples for gw1's client are
+/// refused while its own client's are stored; both are counted, and the
+/// client's history is gw1's alone.
+#[tokio::test]
+async fn a_gateway_cannot_write_for_another_gateways_clients() {
+    let nats = TestNats::new().await;
+    let pg = TestPg::new().await;
+    let rec = Running::start(
+        test_config(nats.subjects.clone()),
+        nats.shared(),
+        pg.dyn_store(),
+    )
+    .await;
+    let now = services::unix_us();
+    let first = batch(vec![client("a", true, None)], samples("a", true, 0..5, now));
+    persist(&*nats.bus, &nats.subjects, &first, "a").await;
+    wait_for_count(&nats, &pg, 5).await;
+
+    // gw2, on its own subject, claims to be gw1.
+    let claim = batch(vec![], samples("a", true, 5..10, now));
+    nats.subjects
+        .samples("gw2")
+        .persist(&*nats.bus, &claim, "claim")
+        .await
+        .expect("persist");
+    // gw2 in its own name: samples for gw1's client a, and for its own c.
+    let mut own = client("c", true, None);
+    own.gateway = "gw2".into();
+    let mut forged = batch(vec![own], samples("a", true, 10..15, now));
+    forged.gateway = "gw2".into();
+    forged.samples.extend(samples("c", true, 0..1, now));
+    persist(&*nats.bus, &nats.subjects, &forged, "forged").await;
+
+    wait_for_count(&nats, &pg, 6).await;
+    eventually(WAIT, "the refusals counted", || async {
+        foreign(&rec, "batch") == 5.0 && foreign(&rec, "sample") == 5.0
+    })
+    .await;
+    assert_eq!(foreign(&rec, "client"), 0.0);
+    let reply = ask_samples(&*nats.bus, &nats.subjects, &history("a", None)).await;
+    assert_eq!(found(reply), 5, "a's history is gw1's alone");
+    let reply = ask_samples(&*nats.bus, &nats.subjects, &history("c", None)).await;
+    assert_eq!(found(reply), 1);
+    rec.stop().await;
+}

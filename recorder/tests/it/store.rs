@@ -20,6 +20,7 @@ contract!(
     prune_deletes_old_samples_and_clients,
     redelivery_and_packing_store_each_sample_once,
     packing_keeps_reads_and_prunes_whole_blocks,
+    a_gateway_speaks_for_its_own_clients_only,
 );
 
 /// A history query for all of `id`'s samples (up to the API's limit).
@@ -50,7 +51,8 @@ async fn inserts_are_idempotent(store: Arc<dyn Store>) {
         o,
         InsertOutcome {
             inserted: 100,
-            duplicates: 0
+            duplicates: 0,
+            ..Default::default()
         }
     );
     let o = store.insert(std::slice::from_ref(&first)).await.unwrap();
@@ -58,7 +60,8 @@ async fn inserts_are_idempotent(store: Arc<dyn Store>) {
         o,
         InsertOutcome {
             inserted: 0,
-            duplicates: 100
+            duplicates: 100,
+            ..Default::default()
         }
     );
     // Overlapping batches in one call, and a duplicate inside one batch.
@@ -76,7 +79,8 @@ async fn inserts_are_idempotent(store: Arc<dyn Store>) {
         o,
         InsertOutcome {
             inserted: 70,
-            duplicates: 55
+            duplicates: 55,
+            ..Default::default()
         }
     );
     assert_eq!(count(&*store, "a").await, 160);
@@ -137,7 +141,8 @@ async fn large_inserts_span_several_statements(store: Arc<dyn Store>) {
         o,
         InsertOutcome {
             inserted: 12_000,
-            duplicates: 0
+            duplicates: 0,
+            ..Default::default()
         }
     );
     let o = store
@@ -148,7 +153,8 @@ async fn large_inserts_span_several_statements(store: Arc<dyn Store>) {
         o,
         InsertOutcome {
             inserted: 13_000,
-            duplicates: 12_000
+            duplicates: 12_000,
+            ..Default::default()
         }
     );
     assert_eq!(count(&*store, "a").await, 10_000, "capped at MAX_SAMPLES");
@@ -615,4 +621,68 @@ async fn sqlite_reads_are_cut_off_by_the_read_timeout() {
     assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 6000);
     let buckets = patient.stats(raw.0, raw.1, raw.2).await.unwrap();
     assert_eq!(buckets.iter().map(|b| b.count).sum::<u64>(), 1900);
+}
+
+/// The trust rule between gateways (docs/security.md, "The bus"): a
+/// client record naming another gateway than its batch is not stored; a
+/// sample is not stored when its client's record names another gateway
+/// than the sample's batch; both are counted, and redelivery changes
+/// nothing.
+async fn a_gateway_speaks_for_its_own_clients_only(store: Arc<dyn Store>) {
+    // Arrange: gw1's client a with three samples.
+    store
+        .insert(&[batch(
+            vec![client("a", true, None)],
+            samples("a", true, 0..3, 0),
+        )])
+        .await
+        .unwrap();
+    // gw2 sends a record claiming to be gw1's client b, a record of its
+    // own client c, samples for gw1's client a, and samples for c and for
+    // d (no record anywhere: accepted, as a client whose record is lost).
+    let mut claimed = client("b", true, None);
+    claimed.gateway = "gw1".into();
+    let mut own = client("c", true, None);
+    own.gateway = "gw2".into();
+    let mut forged = batch(vec![claimed, own], samples("a", true, 3..6, 0));
+    forged.gateway = "gw2".into();
+    forged.samples.extend(samples("c", true, 0..2, 0));
+    forged.samples.extend(samples("d", true, 0..1, 0));
+
+    // Act
+    let o = store.insert(std::slice::from_ref(&forged)).await.unwrap();
+
+    // Assert
+    assert_eq!(
+        o,
+        InsertOutcome {
+            inserted: 3,
+            duplicates: 0,
+            foreign_samples: 3,
+            foreign_clients: 1,
+        }
+    );
+    assert_eq!(count(&*store, "a").await, 3, "a's history is gw1's alone");
+    assert_eq!(count(&*store, "c").await, 2);
+    assert_eq!(count(&*store, "d").await, 1);
+    assert_eq!(store.samples(&query("b", None)).await.unwrap(), None);
+    // The same batch again: nothing new, the same refusals.
+    let o = store.insert(std::slice::from_ref(&forged)).await.unwrap();
+    assert_eq!(
+        o,
+        InsertOutcome {
+            inserted: 0,
+            duplicates: 3,
+            foreign_samples: 3,
+            foreign_clients: 1,
+        }
+    );
+    // Together with gw1's own batch in one insert: each batch is judged by
+    // its own gateway.
+    let o = store
+        .insert(&[batch(vec![], samples("a", true, 3..6, 0)), forged.clone()])
+        .await
+        .unwrap();
+    assert_eq!((o.inserted, o.foreign_samples), (3, 3));
+    assert_eq!(count(&*store, "a").await, 6);
 }

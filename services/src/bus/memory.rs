@@ -60,6 +60,7 @@ struct Sub {
 
 /// A stored message waiting for (re)delivery.
 struct Queued {
+    subject: String,
     payload: Bytes,
     headers: Headers,
     /// Times delivered before.
@@ -341,6 +342,7 @@ impl Bus for MemoryBus {
         stream.bytes.fetch_add(size, Ordering::Relaxed);
         drop(recent);
         stream.queue.lock().expect("bus lock").push_back(Queued {
+            subject: subject.to_owned(),
             payload,
             headers,
             redeliveries: 0,
@@ -416,7 +418,8 @@ impl MemAcker {
     /// Hands `item` out as a delivery, and puts it back in the queue if
     /// neither ack nor nak came within `ack_wait`.
     fn deliver(stream: &Arc<MemStream>, item: Queued, ack_wait: Duration) -> Delivery {
-        let (payload, headers, redeliveries) = (
+        let (subject, payload, headers, redeliveries) = (
+            item.subject.clone(),
             item.payload.clone(),
             item.headers.clone(),
             item.redeliveries,
@@ -436,7 +439,7 @@ impl MemAcker {
             stream: stream.clone(),
             pending,
         };
-        Delivery::new(payload, redeliveries, headers, Box::new(acker))
+        Delivery::new(subject, payload, redeliveries, headers, Box::new(acker))
     }
 
     fn take(&self) -> Option<Queued> {

@@ -182,6 +182,10 @@ pub trait Acker: Send + Sync {
 /// A message of the durable stream. Neither acknowledged nor refused (nak)
 /// within the ack wait, it is delivered again.
 pub struct Delivery {
+    /// The subject it was published on (e.g. `{prefix}.samples.{gateway}`:
+    /// NATS's permissions decide who may publish there, so it names the
+    /// publisher).
+    pub subject: String,
     /// Its payload.
     pub payload: Bytes,
     /// How often it was delivered before (0 the first time).
@@ -192,9 +196,17 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// A delivery acknowledged through `acker`.
-    pub fn new(payload: Bytes, redeliveries: u64, headers: Headers, acker: Box<dyn Acker>) -> Self {
+    /// A delivery of a message published on `subject`, acknowledged
+    /// through `acker`.
+    pub fn new(
+        subject: String,
+        payload: Bytes,
+        redeliveries: u64,
+        headers: Headers,
+        acker: Box<dyn Acker>,
+    ) -> Self {
         Self {
+            subject,
             payload,
             redeliveries,
             headers,

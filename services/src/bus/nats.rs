@@ -592,6 +592,7 @@ impl Bus for NatsBus {
             let payload = m.payload.clone();
             let headers = from_header_map(m.headers.as_ref());
             Ok(Delivery::new(
+                m.subject.to_string(),
                 payload,
                 redeliveries,
                 headers,
