@@ -4,8 +4,9 @@
 //! service and per gateway, subject permissions, TLS), each service with
 //! its own identity. Attackers are a connection without credentials and
 //! one holding another gateway's credentials; each attack of issue 12 is
-//! tried and must be refused by the server (a permissions violation) or by
-//! presence, and the honest clients' view must not change.
+//! tried and must be refused by the server (a permissions violation), by
+//! presence or by the recorder, and the honest clients' view must not
+//! change.
 //!
 //! Run with `cargo test -p pingapp-systest --test bus_trust` (python3 and
 //! openssl generate the keys).
@@ -136,7 +137,7 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
         .with_env("PINGAPP_MAX_CLIENTS_PER_GATEWAY", "1000");
     let subjects = Subjects::new(&d.prefix);
     // The recorder creates the stream (gateways may only read its state).
-    let _recorder = d.recorder().await;
+    let recorder = d.recorder().await;
     let (presence, gw_a, gw_b) = tokio::join!(d.presence(), d.gateway("gw-a"), d.gateway("gw-b"));
 
     // Honest clients: a public one on each gateway, a private one with a
@@ -368,6 +369,26 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
     };
     evil.publish_refused(subjects.samples("gw-a").subject(), encode(&forged))
         .await;
+    // On gw-b's own subject (allowed): the same batch naming gw-a is
+    // dropped whole, and in gw-b's name its sample for gw-a's client is
+    // refused; the recorder counts both.
+    let mut as_b = forged.clone();
+    as_b.gateway = "gw-b".into();
+    as_b.samples[0].n += 1;
+    for batch in [&forged, &as_b] {
+        evil.client
+            .publish(subjects.samples("gw-b").subject().to_owned(), encode(batch))
+            .await
+            .expect("gw-b may publish on its own samples subject");
+    }
+    evil.client.flush().await.expect("flush");
+    eventually(WAIT, "the recorder refuses both", || async {
+        recorder
+            .metric("pingapp_recorder_foreign_records_total")
+            .await
+            == 2.0
+    })
+    .await;
     for api in [
         format!("$JS.API.STREAM.DELETE.{}", stream.name()),
         format!("$JS.API.STREAM.PURGE.{}", stream.name()),
@@ -417,7 +438,7 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
 async fn history_queries_carry_a_digest_not_the_token() {
     let d = Deployment::secured(&["gw-a"]).await;
     let subjects = Subjects::new(&d.prefix);
-    let _recorder = d.recorder().await;
+    let recorder = d.recorder().await;
     let gw = d.gateway("gw-a").await;
     let tap = Attacker::connect(&d, Some("recorder"))
         .await
