@@ -438,7 +438,7 @@ async fn forged_and_sniffed_bus_traffic_is_refused() {
 async fn history_queries_carry_a_digest_not_the_token() {
     let d = Deployment::secured(&["gw-a"]).await;
     let subjects = Subjects::new(&d.prefix);
-    let recorder = d.recorder().await;
+    let _recorder = d.recorder().await;
     let gw = d.gateway("gw-a").await;
     let tap = Attacker::connect(&d, Some("recorder"))
         .await
