@@ -81,7 +81,7 @@ impl Metrics {
             )
             .with_label_values(NO_LABELS)
         };
-        Self {
+        let metrics = Self {
             samples_persisted: c(
                 "samples_persisted_total",
                 "New samples committed to the database.",
@@ -154,7 +154,12 @@ impl Metrics {
                 "stream_max_bytes",
                 "The durable stream's byte cap; at the cap it refuses new batches.",
             ),
+        };
+        // Exposed at zero from the start, as every documented family is.
+        for kind in ["batch", "client", "sample"] {
+            metrics.foreign.with_label_values(&[kind]);
         }
+        metrics
     }
 
     /// Counts one query.

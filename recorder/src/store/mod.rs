@@ -49,7 +49,7 @@ pub struct InsertOutcome {
     /// Samples already stored (a redelivered or re-sent batch).
     pub duplicates: u64,
     /// Samples refused because their client's record names another
-    /// gateway than the batch carrying them ([`own_clients`]).
+    /// gateway than the batch carrying them (docs/security.md, "The bus").
     pub foreign_samples: u64,
     /// Client records refused because they name another gateway than the
     /// batch carrying them.
