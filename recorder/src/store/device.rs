@@ -108,6 +108,7 @@ pub(crate) const MINUTES: Tier = Tier {
     table: "device_minutes",
     column: "minute_us",
     width: MINUTE_US,
+    appended: false,
 };
 
 /// Per device and hour.
@@ -115,6 +116,7 @@ pub(crate) const HOURS: Tier = Tier {
     table: "device_hours",
     column: "hour_us",
     width: HOUR_US,
+    appended: false,
 };
 
 impl Tier {

@@ -31,6 +31,9 @@ pub(crate) struct Tier {
     pub column: &'static str,
     /// A row's width, µs.
     pub width: i64,
+    /// Whether rows are appended (several per start, no key to upsert on)
+    /// rather than upserted by their start.
+    pub appended: bool,
 }
 
 /// A width of [`services::limits::ROLLUP_TIERS`] in µs.
@@ -44,16 +47,19 @@ pub(crate) const ROOM: [Tier; 3] = [
         table: "room_hours",
         column: "hour_us",
         width: tier_width(0),
+        appended: false,
     },
     Tier {
         table: "room_ten_minutes",
         column: "ten_minute_us",
         width: tier_width(1),
+        appended: false,
     },
     Tier {
         table: "room_minutes",
         column: "minute_us",
         width: tier_width(2),
+        appended: false,
     },
 ];
 
@@ -67,6 +73,7 @@ pub(crate) const PARTS: Tier = Tier {
     table: "room_minute_parts",
     column: "minute_us",
     width: MINUTE_US,
+    appended: true,
 };
 
 /// Parts folded per transaction, at most.
@@ -122,9 +129,9 @@ impl Tier {
     }
 
     /// `ON CONFLICT` of a room tier's upsert: the new totals replace the
-    /// row. None for [`PARTS`], which are appended.
+    /// row. None for an appended tier ([`PARTS`]).
     pub(crate) fn room_on_conflict(&self) -> String {
-        if *self == PARTS {
+        if self.appended {
             return String::new();
         }
         format!(
